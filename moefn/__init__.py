@@ -1,0 +1,1 @@
+"""moefn: plan Mixture-of-Experts parallelism as data, apply it once."""
