@@ -1,0 +1,1 @@
+"""Runtime pieces installed into a model by `realize`: token dispatch, attention, checkpointing."""
