@@ -1,0 +1,5 @@
+import sys
+
+from moefn.cli import main
+
+sys.exit(main())

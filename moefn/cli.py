@@ -1,0 +1,99 @@
+"""Command line: ``moefn plan`` (pure, meta device) and ``moefn demo`` (trains on local ranks).
+
+Exit codes: 0 valid, 1 the plan has problems, 2 usage errors.
+
+>>> main(["plan", "--model", "tiny", "--mesh", "dp_shard=4,ep=2"])     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from moefn.errors import PlanError
+from moefn.mesh import MeshSpec
+from moefn.models import PRESETS, MoETransformer, get_preset
+from moefn.stage import Stage, compose
+from moefn.stages import plan_ep, plan_fsdp
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moefn", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    plan = sub.add_parser("plan", help="print the plan of a preset on a mesh (no GPU needed)")
+    plan.add_argument("--model", required=True, help=f"preset: {', '.join(PRESETS)}")
+    plan.add_argument("--mesh", required=True, help="e.g. dp_shard=1024,ep=64")
+    plan.add_argument("--dispatch", choices=("all_to_all", "all_gather"), default="all_to_all")
+    plan.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    plan.add_argument("--no-fsdp", action="store_true", help="leave plan_fsdp out")
+    plan.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    demo = sub.add_parser("demo", help="train the small preset on N local ranks vs one process")
+    demo.add_argument("--nproc", type=int, default=4)
+    demo.add_argument("--steps", type=int, default=5)
+    demo.add_argument("--dispatch", choices=("all_to_all", "all_gather"), default="all_to_all")
+    demo.add_argument("--json", action="store_true")
+    return parser
+
+
+def _plan_command(args: argparse.Namespace) -> int:
+    problems: list[dict[str, str]] = []
+    steps: list[object] = []
+    text = ""
+    world = 0
+    try:
+        mesh = MeshSpec.parse(args.mesh)
+        world = mesh.world_size
+        with torch.device("meta"):
+            model = MoETransformer(get_preset(args.model))
+        stages: list[Stage] = [plan_ep(dispatch=args.dispatch)] if mesh.ep > 1 else []
+        if not args.no_fsdp:
+            stages.append(plan_fsdp(precision=args.precision))
+        plan = compose(*stages)(model, mesh).unwrap()
+        steps = json.loads(plan.to_json())["plan"]["steps"]
+        text = plan.diff()
+    except PlanError as err:
+        problems = [{"path": p.path, "message": p.message, "value": p.value, "fix": p.fix}
+                    for p in err.problems]
+        text = str(err)
+    if args.json:
+        print(json.dumps({"world_size": world, "steps": steps, "problems": problems}))
+    else:
+        print(text)
+    return 1 if problems else 0
+
+
+def _demo_command(args: argparse.Namespace) -> int:
+    from moefn.demo import DemoOptions, demo_mesh, demo_plan, run_demo
+
+    options = DemoOptions(nproc=args.nproc, steps=args.steps, dispatch=args.dispatch)
+    if not args.json:
+        print(demo_plan(options, demo_mesh(options.nproc)).diff(), flush=True)
+        print(f"training {options.steps} steps on {options.nproc} ranks (gloo) ...", flush=True)
+    result = run_demo(options)
+    if result is None:
+        return 0
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{'step':>4}  {'moefn':>12}  {'one process':>12}  {'|diff|':>9}")
+        for i, (a, b) in enumerate(zip(result["losses"], result["reference_losses"],
+                                       strict=True)):
+            print(f"{i + 1:>4}  {a:>12.7f}  {b:>12.7f}  {abs(a - b):>9.2e}")
+        print(f"max |loss diff| = {result['max_abs_loss_diff']:.2e} on mesh {result['mesh']} "
+              f"in {result['seconds']} s")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "plan":
+        return _plan_command(args)
+    return _demo_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

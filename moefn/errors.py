@@ -1,0 +1,62 @@
+"""Typed errors: every problem names the module path, what is wrong, the value and the fix.
+
+>>> err = PlanError.single("layers.0.mlp.experts", "experts not divisible by ep", "8 vs 3",
+...                        "use ep in (1, 2, 4, 8)")
+>>> print(err)  # doctest: +NORMALIZE_WHITESPACE
+1 problem:
+  layers.0.mlp.experts: experts not divisible by ep (value: 8 vs 3) -- fix: use ep in (1, 2, 4, 8)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from attrs import frozen
+
+
+@frozen(kw_only=True)
+class Problem:
+    path: str
+    message: str
+    value: str
+    fix: str
+
+    def __str__(self) -> str:
+        where = self.path or "(model)"
+        return f"{where}: {self.message} (value: {self.value}) -- fix: {self.fix}"
+
+
+class PlanError(ValueError):
+    """One or more problems found while planning or checking a plan; lists all of them."""
+
+    def __init__(self, problems: Iterable[Problem]) -> None:
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        if not self.problems:
+            raise ValueError("PlanError needs at least one problem")
+        super().__init__(self._text())
+
+    @classmethod
+    def single(cls, path: str, message: str, value: object, fix: str) -> PlanError:
+        return cls([Problem(path=path, message=message, value=str(value), fix=fix)])
+
+    def _text(self) -> str:
+        count = len(self.problems)
+        head = f"{count} problem{'s' if count != 1 else ''}:"
+        return "\n".join([head, *(f"  {p}" for p in self.problems)])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PlanError) and other.problems == self.problems
+
+    def __hash__(self) -> int:
+        return hash(self.problems)
+
+    def __reduce__(self) -> tuple[type[PlanError], tuple[tuple[Problem, ...]]]:
+        return (type(self), (self.problems,))
+
+
+class PlanFormatError(PlanError):
+    """A plan file that is malformed, from a newer format version, or carries unexpected types."""
+
+
+class RealizeError(PlanError):
+    """A plan that does not fit the model or mesh it is realized on (nothing was changed)."""

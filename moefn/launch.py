@@ -1,0 +1,75 @@
+"""Start local ranks (fork + gloo) or join a torchrun launch (NCCL on CUDA, gloo otherwise).
+
+>>> results = run_local(4, my_rank_fn, arg)      # doctest: +SKIP  (my_rank_fn(rank, world, arg))
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import tempfile
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_from_env() -> torch.device:
+    """Join a torchrun group; returns this rank's device (cuda:LOCAL_RANK when available)."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+        return device
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+def _rank_main(rank: int, world: int, store_path: str, fn: Callable[..., Any],
+               args: tuple[Any, ...], queue: Any) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    try:
+        dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank,
+                                world_size=world)
+        result = fn(rank, world, *args)
+        queue.put((rank, "ok", result))
+    except BaseException:  # noqa: BLE001 - every failure goes back to the parent
+        queue.put((rank, "err", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_local(nproc: int, fn: Callable[..., Any], *args: Any, timeout: float = 1800) -> list[Any]:
+    """Fork ``nproc`` CPU ranks running ``fn(rank, world, *args)``; per-rank results in order."""
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    store = tempfile.mktemp(prefix="moefn-")
+    procs = [ctx.Process(target=_rank_main, args=(r, nproc, store, fn, args, queue))
+             for r in range(nproc)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    try:
+        for _ in range(nproc):
+            rank, status, value = queue.get(timeout=timeout)
+            if status == "ok":
+                results[rank] = value
+            else:
+                errors.append(f"rank {rank}:\n{value}")
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else None)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("a rank failed:\n" + "\n".join(errors))
+    return [results[r] for r in range(nproc)]

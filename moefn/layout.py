@@ -1,0 +1,100 @@
+"""Where each parameter ends up: its placements per mesh axis and per-rank local shapes.
+
+Computed symbolically from the plan — ranks with the same local shape are counted together, so
+a 4096-rank layout costs the same as a 4-rank one. Sharding follows ``torch.chunk`` (as DTensor
+and FSDP2 do): ``ceil(n / k)`` rows per shard, the last shards short or empty.
+
+>>> chunk_sizes(10, 4)
+{3: 3, 1: 1}
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from attrs import frozen
+
+from moefn.mesh import MeshSpec
+from moefn.plan import DistributeParams, FullyShard, Shard, ShardPlan
+
+
+def chunk_sizes(size: int, parts: int) -> dict[int, int]:
+    """Local sizes of a dim of ``size`` split in ``parts`` by torch.chunk → number of shards."""
+    if parts == 1:
+        return {size: 1}
+    step = -(-size // parts)
+    counts: Counter[int] = Counter()
+    full = size // step if step else 0
+    if full:
+        counts[step] = min(full, parts)
+    rest = size - full * step
+    used = counts[step]
+    if rest and used < parts:
+        counts[rest] += 1
+        used += 1
+    if used < parts:
+        counts[0] += parts - used
+    return dict(counts)
+
+
+@frozen(kw_only=True)
+class ParamLayout:
+    """Final layout of one parameter: the axes it is sharded over, in application order."""
+
+    name: str
+    shape: tuple[int, ...]
+    shards: tuple[tuple[str, int], ...]  # (mesh axis, tensor dim), EP first, then FSDP
+    unit: str | None
+
+    def local_shapes(self, mesh: MeshSpec) -> tuple[tuple[tuple[int, ...], int], ...]:
+        """((local shape, number of ranks), ...) over the whole world, largest count first."""
+        per_dim: list[dict[int, int]] = [{n: 1} for n in self.shape]
+        for axis, dim in self.shards:
+            nxt: Counter[int] = Counter()
+            for size, count in per_dim[dim].items():
+                for local, shards in chunk_sizes(size, mesh.size(axis)).items():
+                    nxt[local] += count * shards
+            per_dim[dim] = dict(nxt)
+        shapes: Counter[tuple[int, ...]] = Counter({(): 1})
+        for dim_counts in per_dim:
+            grown: Counter[tuple[int, ...]] = Counter()
+            for shape, count in shapes.items():
+                for size, n in dim_counts.items():
+                    grown[(*shape, size)] += count * n
+            shapes = grown
+        sharded_ranks = 1
+        for axis, _ in self.shards:
+            sharded_ranks *= mesh.size(axis)
+        scale = mesh.world_size // sharded_ranks
+        return tuple(sorted(((s, c * scale) for s, c in shapes.items()),
+                            key=lambda item: (-item[1], item[0])))
+
+
+def param_layouts(plan: ShardPlan) -> dict[str, ParamLayout]:
+    """Full parameter name → its layout (every trainable or frozen parameter, once)."""
+    distributed = plan.distributed_params()
+    units = sorted(plan.steps_of(FullyShard), key=lambda s: -len(s.path))
+    layouts: dict[str, ParamLayout] = {}
+    for info in plan.model.tensors:
+        if info.is_buffer:
+            continue
+        shards: list[tuple[str, int]] = []
+        step = distributed.get(info.name)
+        if isinstance(step, DistributeParams):
+            for axis, placement in zip(step.mesh_dims, step.placements, strict=True):
+                if isinstance(placement, Shard):
+                    shards.append((axis, placement.dim))
+        unit = owning_unit(info.name, units)
+        if isinstance(unit, FullyShard):
+            shards += [(axis, unit.shard_dim) for axis in unit.mesh_dims if axis != "dp_replicate"]
+        layouts[info.name] = ParamLayout(name=info.name, shape=info.shape, shards=tuple(shards),
+                                         unit=None if unit is None else unit.path)
+    return layouts
+
+
+def owning_unit(name: str, units_deepest_first: list[FullyShard]) -> FullyShard | None:
+    """The innermost FSDP unit whose module contains parameter ``name``."""
+    for unit in units_deepest_first:
+        if unit.path == "" or name.startswith(unit.path + "."):
+            return unit
+    return None

@@ -1,0 +1,133 @@
+"""MeshSpec: the pure description of the device mesh and its one fixed rank layout.
+
+Dense parameters see the ranks as ``dp_replicate × dp_shard × cp`` (outer to inner). Experts see
+the same ranks with ``dp_shard × cp`` re-split as ``ep_shard × ep``, ep innermost, so an EP group is
+a run of adjacent ranks. Named groups: ``dp_shard_cp`` (dp_shard × cp flattened, the dense
+data-parallel group) and ``ep_shard`` (ranks holding the same experts).
+
+>>> m = MeshSpec.parse("dp_shard=4,ep=2")
+>>> m.world_size, m.ep_shard, m.size("dp_shard_cp")
+(4, 2, 4)
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from attrs import frozen
+
+from moefn.errors import PlanError, Problem
+
+BASE_AXES: Final = ("dp_replicate", "dp_shard", "cp", "ep")
+DENSE_DIMS: Final = ("dp_replicate", "dp_shard", "cp")
+EXPERT_DIMS: Final = ("dp_replicate", "ep_shard", "ep")
+#: Every axis name a plan may refer to, with the base dimensions it spans (outer to inner).
+AXIS_SPANS: Final[dict[str, tuple[str, ...]]] = {
+    "dp_replicate": ("dp_replicate",),
+    "dp_shard": ("dp_shard",),
+    "cp": ("cp",),
+    "dp_shard_cp": ("dp_shard", "cp"),
+    "ep_shard": ("ep_shard",),
+    "ep": ("ep",),
+}
+
+
+def _mesh_problems(dp_replicate: int, dp_shard: int, cp: int, ep: int) -> list[Problem]:
+    problems = [
+        Problem(path="mesh", message=f"axis {name} must be a positive integer", value=str(size),
+                fix=f"set {name}=1 or larger")
+        for name, size in zip(BASE_AXES, (dp_replicate, dp_shard, cp, ep), strict=True)
+        if size < 1
+    ]
+    if not problems and (dp_shard * cp) % ep:
+        valid = [d for d in range(1, dp_shard * cp + 1) if (dp_shard * cp) % d == 0]
+        problems.append(Problem(
+            path="mesh", message="ep must divide dp_shard × cp (experts re-split those ranks)",
+            value=f"ep={ep}, dp_shard×cp={dp_shard * cp}", fix=f"use ep in {tuple(valid)}"))
+    return problems
+
+
+@frozen(kw_only=True)
+class MeshSpec:
+    """Axis sizes of the one fixed layout; construction validates (raises PlanError)."""
+
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    cp: int = 1
+    ep: int = 1
+
+    def __attrs_post_init__(self) -> None:
+        problems = _mesh_problems(self.dp_replicate, self.dp_shard, self.cp, self.ep)
+        if problems:
+            raise PlanError(problems)
+
+    @classmethod
+    def parse(cls, text: str, world_size: int | None = None) -> MeshSpec:
+        """Parse ``"dp_shard=8,ep=4"``; when ``world_size`` is given the sizes must multiply to it."""
+        sizes: dict[str, int] = {}
+        problems: list[Problem] = []
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            name, sep, value = item.partition("=")
+            name = name.strip()
+            if not sep or name not in BASE_AXES or not value.strip().isdigit():
+                problems.append(Problem(path="mesh", message="not an axis=size item",
+                                        value=repr(item),
+                                        fix=f"write axis=size with axis in {BASE_AXES}"))
+            elif name in sizes:
+                problems.append(Problem(path="mesh", message=f"axis {name} given twice",
+                                        value=repr(text), fix="give each axis once"))
+            else:
+                sizes[name] = int(value)
+        if problems:
+            raise PlanError(problems)
+        spec = cls(**sizes)
+        if world_size is not None and spec.world_size != world_size:
+            raise PlanError.single(
+                "mesh", "mesh does not cover the world", f"{spec.world_size} ranks in the mesh, "
+                f"world size {world_size}", "make dp_replicate × dp_shard × cp equal the world size")
+        return spec
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.cp
+
+    @property
+    def ep_shard(self) -> int:
+        return self.dp_shard * self.cp // self.ep
+
+    def base_size(self, dim: str) -> int:
+        sizes = {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "cp": self.cp,
+                 "ep": self.ep, "ep_shard": self.ep_shard}
+        return sizes[dim]
+
+    def size(self, axis: str) -> int:
+        """Size of a named axis (base or flattened); raises PlanError for an unknown name."""
+        if axis not in AXIS_SPANS:
+            raise PlanError.single("mesh", "unknown mesh axis", repr(axis),
+                                   f"use one of {tuple(AXIS_SPANS)}")
+        size = 1
+        for dim in AXIS_SPANS[axis]:
+            size *= self.base_size(dim)
+        return size
+
+    def coordinate(self, rank: int, axis: str) -> int:
+        """This rank's index along ``axis`` (row-major, outer to inner, as the DeviceMesh lays it)."""
+        dims = EXPERT_DIMS if axis in ("ep", "ep_shard") else DENSE_DIMS
+        coords: dict[str, int] = {}
+        rest = rank
+        for dim in reversed(dims):
+            coords[dim] = rest % self.base_size(dim)
+            rest //= self.base_size(dim)
+        index = 0
+        for dim in AXIS_SPANS[axis]:
+            index = index * self.base_size(dim) + coords[dim]
+        return index
+
+    def describe(self) -> str:
+        text = (f"dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} cp={self.cp} "
+                f"ep={self.ep}")
+        return f"{text} (world {self.world_size}, ep_shard={self.ep_shard})"
+
+    def as_text(self) -> str:
+        """Round-trips through `parse`."""
+        return ",".join(f"{d}={self.base_size(d)}" for d in BASE_AXES)

@@ -1,0 +1,56 @@
+"""realize: the only effectful step — apply a ShardPlan to a model on a device mesh.
+
+>>> meshes = build_device_meshes(plan.mesh, "cuda")      # doctest: +SKIP
+>>> model = realize(plan, model, meshes)                 # doctest: +SKIP
+
+Order: check everything on every rank, agree across ranks, then mutate CP → EP → AC → FSDP
+(inner FSDP units before outer ones). A failed check raises RealizeError on every rank and
+leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moefn.plan import (
+    ContextParallelAttention,
+    DistributeParams,
+    FullyShard,
+    InstallDispatch,
+    ShardPlan,
+    SyncGradients,
+)
+from moefn.realize.agree import agree
+from moefn.realize.apply import (
+    apply_context_parallel,
+    apply_dispatch,
+    apply_distribute,
+    apply_fully_shard,
+    apply_sync,
+)
+from moefn.realize.checks import fingerprint, local_problems
+from moefn.realize.meshes import DeviceMeshes, build_device_meshes
+
+
+def realize(plan: ShardPlan, model: nn.Module, meshes: DeviceMeshes) -> nn.Module:
+    """Apply ``plan`` to ``model`` in place and return it (works on meta-device models too)."""
+    agree(fingerprint(plan), local_problems(plan, model, meshes))
+    modules = dict(model.named_modules())
+    for step in plan.steps:
+        if isinstance(step, ContextParallelAttention):
+            apply_context_parallel(step, modules[step.path], meshes)
+    for step in plan.steps:
+        if isinstance(step, DistributeParams):
+            apply_distribute(step, modules[step.path], meshes)
+        elif isinstance(step, InstallDispatch):
+            apply_dispatch(step, modules[step.path], meshes)
+    sync = tuple(s for s in plan.steps if isinstance(s, SyncGradients))
+    if sync:
+        apply_sync(sync, model, meshes)
+    units = [s for s in plan.steps if isinstance(s, FullyShard)]
+    for unit in sorted(units, key=lambda s: (-s.path.count(".") - bool(s.path), s.path)):
+        apply_fully_shard(unit, modules[unit.path], meshes)
+    return model
+
+
+__all__ = ["realize", "build_device_meshes", "DeviceMeshes"]

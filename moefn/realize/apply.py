@@ -1,0 +1,104 @@
+"""Appliers: one per step kind, executed generically from the plan's records (effectful)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import Replicate as DReplicate
+from torch.distributed.tensor import Shard as DShard
+from torch.distributed.tensor.placement_types import Placement as DPlacement
+
+from moefn.plan import (
+    ContextParallelAttention,
+    DistributeParams,
+    FullyShard,
+    InstallDispatch,
+    Placement,
+    Shard,
+    SyncGradients,
+)
+from moefn.realize.meshes import DeviceMeshes
+
+
+def to_dtensor_placement(placement: Placement) -> DPlacement:
+    return DShard(placement.dim) if isinstance(placement, Shard) else DReplicate()
+
+
+def apply_context_parallel(step: ContextParallelAttention, module: nn.Module,
+                           meshes: DeviceMeshes) -> None:
+    from moefn.runtime.context_parallel import AllGatherKVAttention
+
+    module.impl = AllGatherKVAttention(meshes.get(step.mesh_dims).get_group())
+
+
+def apply_distribute(step: DistributeParams, module: nn.Module, meshes: DeviceMeshes) -> None:
+    """Each rank keeps its slice; every rank holds the same full tensor, so no data moves."""
+    mesh = meshes.get(step.mesh_dims)
+    placements = [to_dtensor_placement(p) for p in step.placements]
+    for name in step.params:
+        old = module.get_parameter(name)
+        new = distribute_tensor(old.detach(), mesh, placements, src_data_rank=None)
+        module.register_parameter(name, nn.Parameter(new, requires_grad=old.requires_grad))
+
+
+def apply_dispatch(step: InstallDispatch, module: nn.Module, meshes: DeviceMeshes) -> None:
+    from moefn.runtime.ep_dispatch import AllGatherDispatch, AllToAllDispatch
+
+    group = meshes.get(step.mesh_dims).get_group()
+    kind = AllToAllDispatch if step.kind == "all_to_all" else AllGatherDispatch
+    module.dispatcher = kind(step.num_experts, group)
+
+
+def _sum_over(group: dist.ProcessGroup) -> Callable[[Tensor], Tensor]:
+    def hook(grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        local = grad.to_local() if isinstance(grad, DTensor) else grad
+        dist.all_reduce(local, group=group)
+        return grad
+
+    return hook
+
+
+def apply_sync(steps: tuple[SyncGradients, ...], model: nn.Module, meshes: DeviceMeshes) -> None:
+    """Register gradient hooks that all-reduce (sum) over each step's axes; the deepest path
+    covering a parameter wins, so expert parameters sync over the expert data-parallel axes."""
+    by_depth = sorted(steps, key=lambda s: -len(s.path))
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        step = next(s for s in by_depth if s.path == "" or name.startswith(s.path + "."))
+        hook = _sum_over(meshes.get(step.mesh_dims).get_group())
+        param.register_hook(hook)  # type: ignore[no-untyped-call]
+
+
+def apply_fully_shard(step: FullyShard, module: nn.Module, meshes: DeviceMeshes) -> None:
+    """One FSDP2 unit; reductions are sums (each rank's loss is already a global-batch share)."""
+    dtype = {None: None, "bfloat16": torch.bfloat16, "float32": torch.float32,
+             "float16": torch.float16}
+    policy = MixedPrecisionPolicy(param_dtype=dtype[step.param_dtype],
+                                  reduce_dtype=dtype[step.reduce_dtype])
+    offload: OffloadPolicy = (CPUOffloadPolicy(pin_memory=meshes.device_type == "cuda")
+                              if step.offload else OffloadPolicy())
+    shard_dim = step.shard_dim
+
+    def placement(_: nn.Parameter) -> DShard:
+        return DShard(shard_dim)
+
+    fully_shard(module, mesh=meshes.get(step.mesh_dims),
+                reshard_after_forward=step.reshard_after_forward, mp_policy=policy,
+                offload_policy=offload, shard_placement_fn=placement if shard_dim else None)
+    unit = module if isinstance(module, FSDPModule) else None
+    if unit is not None:
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)

@@ -1,0 +1,102 @@
+"""Everything realize verifies before it changes anything (reads only)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch.distributed as dist
+from torch import nn
+
+from moefn.errors import PlanError, Problem
+from moefn.plan import (
+    ContextParallelAttention,
+    DistributeParams,
+    InstallDispatch,
+    ShardPlan,
+)
+from moefn.realize.meshes import DeviceMeshes
+from moefn.spec import ModelSpec, inspect_model
+
+
+def _structure_problems(planned: ModelSpec, actual: ModelSpec) -> list[Problem]:
+    want = {t.name: t for t in planned.tensors}
+    have = {t.name: t for t in actual.tensors}
+    problems = [Problem(path=n, message="tensor in the plan is missing from the model", value=n,
+                        fix="realize the plan on the model it was made for")
+                for n in sorted(set(want) - set(have))]
+    problems += [Problem(path=n, message="tensor in the model is not in the plan", value=n,
+                         fix="re-plan this model")
+                 for n in sorted(set(have) - set(want))]
+    for name in sorted(set(want) & set(have)):
+        a, b = want[name], have[name]
+        if (a.shape, a.dtype, a.requires_grad) != (b.shape, b.dtype, b.requires_grad):
+            problems.append(Problem(
+                path=name, message="tensor differs from the plan",
+                value=f"planned {list(a.shape)} {a.dtype} requires_grad={a.requires_grad}, "
+                      f"model {list(b.shape)} {b.dtype} requires_grad={b.requires_grad}",
+                fix="re-plan this model"))
+    if planned.tied != actual.tied and not problems:
+        problems.append(Problem(path="", message="tied parameters differ from the plan",
+                                value=f"planned {planned.tied}, model {actual.tied}",
+                                fix="re-plan this model"))
+    return problems
+
+
+def _module_problems(plan: ShardPlan, model: nn.Module) -> list[Problem]:
+    modules = dict(model.named_modules())
+    problems: list[Problem] = []
+    for step in plan.steps:
+        module = modules.get(step.path)
+        if module is None:
+            problems.append(Problem(path=step.path, message="module in the plan is missing",
+                                    value=type(step).__name__, fix="re-plan this model"))
+        elif isinstance(step, InstallDispatch) and not hasattr(module, "dispatcher"):
+            problems.append(Problem(path=step.path, message="module has no token dispatcher",
+                                    value=type(module).__name__,
+                                    fix="plan EP only for recognised experts modules"))
+        elif isinstance(step, ContextParallelAttention) and not hasattr(module, "impl"):
+            problems.append(Problem(path=step.path, message="module has no attention impl",
+                                    value=type(module).__name__,
+                                    fix="plan CP only for recognised core attention modules"))
+        elif isinstance(step, DistributeParams):
+            own = dict(module.named_parameters(recurse=False))
+            problems += [Problem(path=f"{step.path}.{p}", message="parameter missing", value=p,
+                                 fix="re-plan this model") for p in step.params if p not in own]
+    return problems
+
+
+def _device_problems(model: nn.Module, meshes: DeviceMeshes) -> list[Problem]:
+    kinds = {p.device.type for p in model.parameters()} - {"meta"}
+    wrong = sorted(kinds - {meshes.device_type})
+    return [Problem(path="", message="parameters are on a device the mesh does not use",
+                    value=f"{wrong} vs mesh {meshes.device_type}",
+                    fix=f"move the model to {meshes.device_type} (or build it on meta)")] if wrong \
+        else []
+
+
+def local_problems(plan: ShardPlan, model: nn.Module, meshes: DeviceMeshes) -> list[Problem]:
+    """Every reason this rank cannot realize ``plan`` on ``model`` (empty when it can)."""
+    try:
+        actual = inspect_model(model)
+    except PlanError as err:
+        return list(err.problems)
+    problems = [Problem(path=item.partition(":")[0], message="model is already parallelized",
+                        value=item.partition(": ")[2], fix="realize on a fresh model")
+                for item in actual.already_parallel]
+    if meshes.spec != plan.mesh:
+        problems.append(Problem(path="mesh", message="device mesh differs from the plan's mesh",
+                                value=f"plan {plan.mesh.as_text()}, mesh {meshes.spec.as_text()}",
+                                fix="build the device mesh from plan.mesh"))
+    if dist.is_initialized() and dist.get_world_size() != plan.mesh.world_size:
+        problems.append(Problem(path="mesh", message="world size differs from the plan",
+                                value=f"plan {plan.mesh.world_size}, world "
+                                      f"{dist.get_world_size()}",
+                                fix="launch as many ranks as the plan's mesh has"))
+    problems += _structure_problems(plan.model, actual)
+    if not problems:
+        problems += _module_problems(plan, model) + _device_problems(model, meshes)
+    return problems
+
+
+def fingerprint(plan: ShardPlan) -> str:
+    return hashlib.sha256(plan.to_json().encode()).hexdigest()[:16]

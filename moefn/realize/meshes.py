@@ -1,0 +1,52 @@
+"""Build the real DeviceMesh views of a MeshSpec (effectful: creates process groups).
+
+One 1-D world mesh is unflattened three times — dense ``(dp_replicate, dp_shard, cp)``, data
+``(dp_replicate, dp_shard_cp)`` and expert ``(dp_replicate, ep_shard, ep)`` — so every named group comes from adjacent dimensions of one
+parent and the submeshes of the two views agree (FSDP can then shard ep-placed DTensors).
+
+>>> meshes = build_device_meshes(MeshSpec(dp_shard=4, ep=2), "cpu")   # doctest: +SKIP
+>>> meshes.get(("ep_shard",)).size()                                   # doctest: +SKIP
+2
+"""
+
+from __future__ import annotations
+
+from attrs import frozen
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from moefn.errors import RealizeError
+from moefn.mesh import DENSE_DIMS, EXPERT_DIMS, MeshSpec
+
+
+@frozen
+class DeviceMeshes:
+    spec: MeshSpec
+    world: DeviceMesh
+    dense: DeviceMesh
+    expert: DeviceMesh
+    data: DeviceMesh
+
+    @property
+    def device_type(self) -> str:
+        return self.world.device_type
+
+    def get(self, dims: tuple[str, ...]) -> DeviceMesh:
+        """The (sub)mesh over named axes, e.g. ``("dp_replicate", "dp_shard_cp")`` or ``("ep",)``."""
+        if "dp_shard_cp" in dims:
+            return self.data[dims]
+        if all(d in EXPERT_DIMS for d in dims) and any(d in ("ep", "ep_shard") for d in dims):
+            return self.expert[dims]
+        if all(d in DENSE_DIMS for d in dims):
+            return self.dense[dims]
+        raise RealizeError.single("mesh", "no such mesh axes", dims,
+                                  "use axes of one view: dense or expert")
+
+
+def build_device_meshes(spec: MeshSpec, device_type: str) -> DeviceMeshes:
+    """Create the meshes for ``spec`` on ``device_type`` ("cpu" with gloo, "cuda" with NCCL)."""
+    world = init_device_mesh(device_type, (spec.world_size,), mesh_dim_names=("world",))
+    dense = world._unflatten(0, (spec.dp_replicate, spec.dp_shard, spec.cp), DENSE_DIMS)
+    expert = world._unflatten(0, (spec.dp_replicate, spec.ep_shard, spec.ep), EXPERT_DIMS)
+    data = world._unflatten(0, (spec.dp_replicate, spec.dp_shard * spec.cp),
+                            ("dp_replicate", "dp_shard_cp"))
+    return DeviceMeshes(spec, world, dense, expert, data)

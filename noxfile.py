@@ -1,0 +1,46 @@
+"""Sessions: tests, typecheck, lint, demo, demo_cuda (torchrun on GPUs), bench."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["typecheck", "lint", "tests"]
+INSTALL = ("-c", "constraints.txt", "-e")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    session.install(*INSTALL, ".[dev,hf]")
+    session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    session.install(*INSTALL, ".[dev]")
+    session.run("mypy")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "moefn", "tests", "benchmarks")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    session.install(*INSTALL, ".")
+    session.run("moefn", "demo", *session.posargs)
+
+
+@nox.session
+def demo_cuda(session: nox.Session) -> None:
+    """The same demo on one node's GPUs with NCCL: ``nox -s demo_cuda -- 8``."""
+    nproc = session.posargs[0] if session.posargs else "8"
+    session.install("torch", "-e", ".")
+    session.run("torchrun", f"--nproc-per-node={nproc}", "-m", "moefn", "demo")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    session.install(*INSTALL, ".[dev,hf]")
+    session.run("python", "-m", "benchmarks.run", *session.posargs)

@@ -1,0 +1,9 @@
+# Minimal stub for the toolz functions moefn uses (toolz ships no types).
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
+
+def compose_left(*funcs: Callable[[Any], Any]) -> Callable[[Any], Any]: ...
+def pipe(data: Any, *funcs: Callable[[Any], Any]) -> Any: ...
+def groupby(key: Callable[[_T], Any], seq: Any) -> dict[Any, list[_T]]: ...
