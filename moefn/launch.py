@@ -35,7 +35,7 @@ def _rank_main(rank: int, world: int, store_path: str, fn: Callable[..., Any],
                args: tuple[Any, ...], queue: Any) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
-        dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank,
+        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
                                 world_size=world)
         result = fn(rank, world, *args)
         queue.put((rank, "ok", result))

@@ -80,9 +80,12 @@ class SyncGradients:
 
 @frozen(kw_only=True)
 class Checkpoint:
+    """Activation checkpointing of a block; ``saves`` names what recompute reuses."""
+
     stage: StageName
     path: str
     mode: Literal["full", "router", "selective"]
+    saves: tuple[str, ...] = ()
 
 
 @frozen(kw_only=True)

@@ -23,7 +23,7 @@ VERSION = 1
 
 def _encode(value: Any) -> Any:
     if attrs.has(type(value)):
-        out: dict[str, Any] = {"kind": type(value).__name__}
+        out: dict[str, Any] = {"record": type(value).__name__}
         for f in attrs.fields(type(value)):
             out[f.name] = _encode(getattr(value, f.name))
         return out
@@ -84,11 +84,11 @@ def _decode(tp: Any, data: Any, where: str) -> Any:
 
 
 def _decode_record(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict) or data.get("kind") != cls.__name__:
+    if not isinstance(data, dict) or data.get("record") != cls.__name__:
         raise _Bad(where, f"expected a {cls.__name__} object", _short(data))
     hints = typing.get_type_hints(cls)
     names = {f.name for f in attrs.fields(cls)}
-    extra = set(data) - names - {"kind"}
+    extra = set(data) - names - {"record"}
     missing = names - set(data)
     if extra or missing:
         raise _Bad(where, f"fields differ (unexpected {sorted(extra)}, missing {sorted(missing)})",

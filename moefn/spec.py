@@ -52,6 +52,9 @@ class ModuleInfo:
     roles: tuple[str, ...]
     facts: tuple[Fact, ...] = ()
 
+    def get(self, key: str, default: int | str | bool) -> int | str | bool:
+        return next((value for name, value in self.facts if name == key), default)
+
     def fact(self, key: str) -> int | str | bool:
         for name, value in self.facts:
             if name == key:
@@ -114,6 +117,8 @@ def _already_parallel(model: nn.Module) -> Iterator[str]:
         kind = type(module).__name__
         if "FSDP" in kind or kind == "CheckpointWrapper":
             yield f"{path or '(root)'}: {kind}"
+        elif getattr(module, "_moefn_checkpoint", None):
+            yield f"{path or '(root)'}: checkpointed block"
     for name, param in model.named_parameters():
         if isinstance(param, DTensor):
             yield f"{name}: DTensor parameter"

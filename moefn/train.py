@@ -71,7 +71,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
     optimizer.zero_grad(set_to_none=True)
     outputs = model(batch.input_ids, batch.position_ids)
     loss = causal_lm_loss(outputs, batch.labels, num_valid)
-    loss.backward()
+    loss.backward()  # type: ignore[no-untyped-call]
     optimizer.step()
     total = loss.detach().clone()
     if distributed and dist.is_initialized() and dist.get_world_size() > 1:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from moefn.plan import (
+    Checkpoint,
     ContextParallelAttention,
     DistributeParams,
     FullyShard,
@@ -22,6 +23,7 @@ from moefn.plan import (
 )
 from moefn.realize.agree import agree
 from moefn.realize.apply import (
+    apply_checkpoint,
     apply_context_parallel,
     apply_dispatch,
     apply_distribute,
@@ -47,6 +49,11 @@ def realize(plan: ShardPlan, model: nn.Module, meshes: DeviceMeshes) -> nn.Modul
     sync = tuple(s for s in plan.steps if isinstance(s, SyncGradients))
     if sync:
         apply_sync(sync, model, meshes)
+    routers = plan.model.paths_with("router")
+    for step in plan.steps:
+        if isinstance(step, Checkpoint):
+            inside = [modules[r] for r in routers if r.startswith(step.path + ".")]
+            apply_checkpoint(step, modules[step.path], inside)
     units = [s for s in plan.steps if isinstance(s, FullyShard)]
     for unit in sorted(units, key=lambda s: (-s.path.count(".") - bool(s.path), s.path)):
         apply_fully_shard(unit, modules[unit.path], meshes)

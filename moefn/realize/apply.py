@@ -20,6 +20,7 @@ from torch.distributed.tensor import Shard as DShard
 from torch.distributed.tensor.placement_types import Placement as DPlacement
 
 from moefn.plan import (
+    Checkpoint,
     ContextParallelAttention,
     DistributeParams,
     FullyShard,
@@ -58,6 +59,12 @@ def apply_dispatch(step: InstallDispatch, module: nn.Module, meshes: DeviceMeshe
     group = meshes.get(step.mesh_dims).get_group()
     kind = AllToAllDispatch if step.kind == "all_to_all" else AllGatherDispatch
     module.dispatcher = kind(step.num_experts, group)
+
+
+def apply_checkpoint(step: Checkpoint, block: nn.Module, routers: list[nn.Module]) -> None:
+    from moefn.runtime.checkpointing import install_checkpoint
+
+    install_checkpoint(block, step.mode, routers if step.mode == "router" else [])
 
 
 def _sum_over(group: dist.ProcessGroup) -> Callable[[Tensor], Tensor]:

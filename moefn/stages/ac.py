@@ -1,22 +1,59 @@
-"""plan_ac: not available yet — it fails with a clear PlanError instead of doing nothing."""
+"""plan_ac: activation checkpointing of decoder and MTP blocks.
+
+Modes: ``"router"`` (default) — full recompute except the router's ops, which are saved so
+recompute cannot pick different experts; ``"full"`` — recompute everything; ``"selective"`` —
+save matmuls, attention, collectives and top-k, recompute the rest; ``"none"``.
+
+>>> plan_ac(mode="selective", skip=("layers.0",), every=2).name
+'ac'
+"""
 
 from __future__ import annotations
 
-from returns.result import Failure
+import fnmatch
+from typing import Literal
 
-from moefn.errors import PlanError
+from returns.result import Failure, Success
+
+from moefn.errors import PlanError, Problem
 from moefn.mesh import MeshSpec
-from moefn.plan import ShardPlan
+from moefn.plan import Checkpoint, ShardPlan
 from moefn.stage import PlanResult, Stage
+from moefn.stages.common import already_parallel_problems
+
+Mode = Literal["router", "full", "selective", "none"]
+SAVES: dict[str, tuple[str, ...]] = {
+    "full": (),
+    "router": ("router ops (projection, scores, top-k)",),
+    "selective": ("matmul", "grouped_mm", "attention", "collectives", "top-k",
+                  "device-to-host copies"),
+}
 
 
-def plan_ac(mesh: MeshSpec | None = None) -> Stage:
-    """>>> plan_ac().name
-    'ac'
-    """
+def plan_ac(mode: Mode = "router", skip: tuple[str, ...] = (), every: int = 1,
+            mesh: MeshSpec | None = None) -> Stage:
+    """Checkpoint every ``every``-th block (and MTP blocks) not matching a ``skip`` glob."""
 
     def run(plan: ShardPlan) -> PlanResult:
-        return Failure(PlanError.single("", "stage ac is not available yet", "plan_ac",
-                                        "leave plan_ac out of the composition for now"))
+        problems = already_parallel_problems(plan)
+        if mode not in (*SAVES, "none"):
+            problems.append(Problem(path="", message="unknown checkpoint mode", value=repr(mode),
+                                    fix=f"use one of {(*SAVES, 'none')}"))
+        if every < 1:
+            problems.append(Problem(path="", message="every must be at least 1",
+                                    value=str(every), fix="use every=1 for all blocks"))
+        blocks = plan.model.paths_with("block")
+        problems += [Problem(path=glob, message="skip pattern matches no block", value=glob,
+                             fix=f"use block paths such as {blocks[:2]}")
+                     for glob in skip if not any(fnmatch.fnmatchcase(b, glob) for b in blocks)]
+        if problems:
+            return Failure(PlanError(problems))
+        if mode == "none":
+            return Success(plan.with_stage("ac"))
+        chosen = [b for i, b in enumerate(blocks) if i % every == 0]
+        chosen += list(plan.model.paths_with("mtp"))
+        steps = [Checkpoint(stage="ac", path=p, mode=mode, saves=SAVES[mode]) for p in chosen
+                 if not any(fnmatch.fnmatchcase(p, glob) for glob in skip)]
+        return Success(plan.add_steps(steps).with_stage("ac"))
 
     return Stage(name="ac", run=run, mesh=mesh)

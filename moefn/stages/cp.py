@@ -1,22 +1,57 @@
-"""plan_cp: not available yet — it fails with a clear PlanError instead of doing nothing."""
+"""plan_cp: every core attention keeps its own queries and all-gathers keys/values over ``cp``.
+
+The sequence is split head-tail (cp rank i holds chunks i and 2·cp−1−i of 2·cp) so causal work
+is even; `moefn.train.local_batch` cuts a batch that way.
+
+>>> plan_cp(seq_len=4096).name
+'cp'
+"""
 
 from __future__ import annotations
 
-from returns.result import Failure
+from returns.result import Failure, Success
 
-from moefn.errors import PlanError
+from moefn.errors import PlanError, Problem
 from moefn.mesh import MeshSpec
-from moefn.plan import ShardPlan
+from moefn.plan import ContextParallelAttention, ShardPlan, Step
 from moefn.stage import PlanResult, Stage
+from moefn.stages.common import already_parallel_problems, gradient_sync, without_gradient_sync
 
 
-def plan_cp(mesh: MeshSpec | None = None) -> Stage:
-    """>>> plan_cp().name
-    'cp'
-    """
+def _valid_lengths(seq_len: int, multiple: int) -> str:
+    lower = seq_len // multiple * multiple
+    options = [n for n in (lower, lower + multiple) if n > 0]
+    return " or ".join(str(n) for n in options)
+
+
+def plan_cp(seq_len: int | None = None, mesh: MeshSpec | None = None) -> Stage:
+    """Context parallel attention on the ``cp`` axis; ``seq_len`` (if known) is checked now."""
 
     def run(plan: ShardPlan) -> PlanResult:
-        return Failure(PlanError.single("", "stage cp is not available yet", "plan_cp",
-                                        "leave plan_cp out of the composition for now"))
+        problems = already_parallel_problems(plan)
+        cp = plan.mesh.cp
+        if cp == 1:
+            problems.append(Problem(path="mesh", message="plan_cp needs a cp axis larger than 1",
+                                    value="cp=1", fix="set cp in the mesh or leave plan_cp out"))
+        if seq_len is not None and seq_len % (2 * cp):
+            problems.append(Problem(
+                path="", message="sequence length not divisible by 2·cp (head-tail layout)",
+                value=f"seq_len={seq_len}, cp={cp}",
+                fix=f"use seq_len {_valid_lengths(seq_len, 2 * cp)}"))
+        targets = plan.model.paths_with("core_attention")
+        if not targets:
+            problems.append(Problem(path="", message="no attention module to make context-parallel",
+                                    value=plan.model.root_class,
+                                    fix="use a model whose attention moefn recognises"))
+        problems += [Problem(path=p, message="attention cannot be context-parallel",
+                             value=str(plan.model.module(p).get("kind", "unknown")),
+                             fix="leave plan_cp out for this model")
+                     for p in targets if plan.model.module(p).get("cp_supported", True) is False]
+        if problems:
+            return Failure(PlanError(problems))
+        steps: list[Step] = [ContextParallelAttention(stage="cp", path=p, mesh_dims=("cp",),
+                                                      seq_len=seq_len) for p in targets]
+        placed = without_gradient_sync(plan).add_steps(steps)
+        return Success(placed.add_steps(gradient_sync(placed, "cp")).with_stage("cp"))
 
     return Stage(name="cp", run=run, mesh=mesh)

@@ -1,0 +1,106 @@
+"""Building blocks: RMSNorm, rotary positions, attention with a swappable core, SwiGLU MLP.
+
+>>> attn = Attention(get_preset("tiny"))                               # doctest: +SKIP
+>>> y = attn(x, position_ids)  # x[B,S,H], global position ids[B,S]    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moefn.models.config import MoEConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+
+def rotary(x: Tensor, position_ids: Tensor, theta: float) -> Tensor:
+    """Rotate-half RoPE on ``x[B,heads,S,D]`` from global ``position_ids[B,S]`` (fp32 angles)."""
+    dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32)
+                                / dim))
+    angles = position_ids.float()[:, None, :, None] * inv_freq  # [B,1,S,D/2]
+    cos = torch.cat((angles.cos(), angles.cos()), dim=-1)
+    sin = torch.cat((angles.sin(), angles.sin()), dim=-1)
+    first, second = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((-second, first), dim=-1)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+class AttentionImpl(Protocol):
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor,
+                 causal: bool) -> Tensor: ...
+
+
+def local_attention(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor,
+                    causal: bool) -> Tensor:
+    """Single-rank attention: expand grouped KV heads, then SDPA."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+class CoreAttention(nn.Module):
+    """The only place that runs scaled-dot-product attention; ``impl`` is swappable (CP)."""
+
+    def __init__(self, causal: bool) -> None:
+        super().__init__()
+        self.causal = causal
+        self.impl: AttentionImpl = local_attention
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor) -> Tensor:
+        return self.impl(q, k, v, position_ids, self.causal)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads
+        self.head_dim, self.theta = config.head_dim, config.rope_theta
+        self.q_proj = nn.Linear(config.hidden, config.n_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden, config.n_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden, config.n_kv_heads * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.hidden, bias=False)
+        self.core = CoreAttention(config.causal)
+
+    def forward(self, x: Tensor, position_ids: Tensor) -> Tensor:
+        b, s, _ = x.shape
+
+        def heads(t: Tensor, n: int) -> Tensor:
+            return t.view(b, s, n, self.head_dim).transpose(1, 2)
+
+        q = rotary(heads(self.q_proj(x), self.n_heads), position_ids, self.theta)
+        k = rotary(heads(self.k_proj(x), self.n_kv_heads), position_ids, self.theta)
+        v = heads(self.v_proj(x), self.n_kv_heads)
+        out = self.core(q, k, v, position_ids)
+        projected: Tensor = self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        return projected
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU feed-forward."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return out

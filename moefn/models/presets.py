@@ -1,0 +1,43 @@
+"""Named model shapes: tiny ones for tests, a small one for the demo, full-size meta shapes.
+
+>>> get_preset("tiny").n_experts
+8
+"""
+
+from __future__ import annotations
+
+from attrs import evolve
+
+from moefn.models.config import MoEConfig
+
+_TINY = MoEConfig(vocab_size=64, hidden=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                  n_experts=8, top_k=2, moe_intermediate=16, n_shared_experts=1)
+
+PRESETS: dict[str, MoEConfig] = {
+    "tiny": _TINY,
+    # every optional feature: leading dense layer, expert bias, sigmoid, fp32 router, MTP, ties
+    "tiny-full": evolve(_TINY, n_layers=3, n_dense_layers=1, dense_intermediate=64,
+                        score_func="sigmoid", expert_bias=True, router_fp32=True, mtp=True,
+                        tie_embeddings=True),
+    # fewer local experts than expert-data-parallel shards at 4 ranks with ep=2
+    "tiny-2experts": evolve(_TINY, n_experts=2, top_k=1),
+    "small": MoEConfig(vocab_size=256, hidden=64, n_layers=4, n_heads=4, n_kv_heads=2,
+                       head_dim=16, n_experts=8, top_k=2, moe_intermediate=32,
+                       n_shared_experts=1),
+    # DeepSeek-V3 671B-like (GQA attention in place of MLA)
+    "deepseek-v3": MoEConfig(vocab_size=129280, hidden=7168, n_layers=61, n_heads=128,
+                             n_kv_heads=128, head_dim=128, n_experts=256, top_k=8,
+                             moe_intermediate=2048, n_shared_experts=1, n_dense_layers=3,
+                             dense_intermediate=18432, score_func="sigmoid", expert_bias=True,
+                             router_fp32=True, mtp=True),
+    "qwen3-30b-a3b": MoEConfig(vocab_size=151936, hidden=2048, n_layers=48, n_heads=32,
+                               n_kv_heads=4, head_dim=128, n_experts=128, top_k=8,
+                               moe_intermediate=768),
+}
+
+
+def get_preset(name: str) -> MoEConfig:
+    """The preset called ``name``; ValueError lists the valid names."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
