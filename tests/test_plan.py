@@ -191,7 +191,7 @@ def test_full_size_plan_shows_expert_local_shapes() -> None:
     assert "layers.*.mlp.experts.gate_up ×58" in text
     assert "[4, 448, 4096]×1024 ranks" in text  # 256/64 experts, dim 1 over ep_shard=16
     dp_steps = [s for s in plan.steps_of(FullyShard) if s.path.startswith("layers.")]
-    assert len(dp_steps) == 61 + 58
+    assert len(dp_steps) == 61 + 58 + 58  # blocks, experts, fp32 routers
 
 
 def test_readme_quickstart_runs_verbatim() -> None:
