@@ -46,7 +46,7 @@ def _worker(rank: int, world_size: int, store_path: str, conn: Connection) -> No
 
 
 class RankPool:
-    def __init__(self, world_size: int, timeout: float = 300.0) -> None:
+    def __init__(self, world_size: int, timeout: float = 120.0) -> None:
         self.world_size = world_size
         self.timeout = timeout
         self._procs: list[Any] = []

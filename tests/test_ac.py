@@ -11,9 +11,17 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moefn import MeshSpec, compose, plan_ac, plan_ep, plan_fsdp
-from moefn.models import MoETransformer, Router, causal_lm_loss, get_preset
+from moefn.models import (
+    Block,
+    MoETransformer,
+    MTPBlock,
+    Router,
+    causal_lm_loss,
+    get_preset,
+    make_batch,
+)
 from moefn.realize import build_device_meshes, realize
-from moefn.runtime.checkpointing import is_recomputing
+from moefn.runtime.checkpointing import install_checkpoint, is_recomputing
 from moefn.train import global_batch, local_batch
 from tests.parity import Case, assert_parity, run_parity
 from tests.ranks import RankPool
@@ -59,14 +67,7 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _perturb_bias_on_recompute(router: torch.nn.Module, args: Any) -> None:
-    """Second call of a router in a step (the recompute): push every token to other experts."""
-    if is_recomputing() and router.expert_bias is not None:
-        router.expert_bias.copy_(torch.arange(router.expert_bias.numel(), dtype=torch.float32)
-                                 * 100.0)
-
-
-def _run_ac(rank: int, world: int, mode: str, dispatch: str, perturb: bool) -> dict[str, Any]:
+def _run_ac(rank: int, world: int, mode: str, dispatch: str) -> dict[str, Any]:
     """One step of tiny-full under ``mode``; returns loss, grads, counts, recomputed ops."""
     torch.manual_seed(0)
     model = MoETransformer(get_preset("tiny-full"))
@@ -76,22 +77,13 @@ def _run_ac(rank: int, world: int, mode: str, dispatch: str, perturb: bool) -> d
         stages.append(plan_ac(mode=mode))  # type: ignore[arg-type]
     plan = compose(*stages, plan_fsdp(precision="fp32"))(model, mesh).unwrap()
     realize(plan, model, build_device_meshes(mesh, "cpu"))
-    if perturb:
-        for module in model.modules():
-            if isinstance(module, Router):
-                module.register_forward_pre_hook(_perturb_bias_on_recompute)
     batch = global_batch(model.config, 4, 16, 0)
     mine = local_batch(batch, mesh, rank)
     loss = causal_lm_loss(model(mine.input_ids, mine.position_ids), mine.labels, batch.num_valid)
     counter = _CountOps()
-    outcome: dict[str, Any] = {}
-    try:
-        with counter:
-            loss.backward()
-    except Exception as err:  # noqa: BLE001 - the unprotected mode is expected to break
-        outcome["error"] = f"{type(err).__name__}: {err}"
-        return outcome
-    outcome["loss"] = float(loss)
+    with counter:
+        loss.backward()
+    outcome: dict[str, Any] = {"loss": float(loss.detach())}
     outcome["grads"] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
     outcome["counts"] = {n: b.clone() for n, b in model.named_buffers()
                          if n.endswith("tokens_per_expert")}
@@ -105,27 +97,53 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return abs(a["loss"] - b["loss"]) <= 1e-6 and grads
 
 
-@pytest.mark.parametrize("dispatch", ["all_to_all", "all_gather"])
-def test_router_saving_survives_rerouting_on_recompute(ranks: Callable[[int], RankPool],
-                                                       dispatch: str) -> None:
-    pool = ranks(4)
-    reference = pool.run(_run_ac, "off", dispatch, False)[0]
-    protected = pool.run(_run_ac, "router", dispatch, True)[0]
-    assert "error" not in protected and _same(protected, reference)
-    unprotected = pool.run(_run_ac, "full", dispatch, True)[0]
-    assert "error" in unprotected or not _same(unprotected, reference)
+def _perturb_bias_on_recompute(router: torch.nn.Module, args: Any) -> None:
+    """A router's second call in a step (the recompute) sees another expert bias, swapped in
+    without running an op, that sends every token to other experts."""
+    if is_recomputing() and router.expert_bias is not None:
+        router.expert_bias = router.perturbed_bias
+
+
+def _grads_after_rerouting(mode: str) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = MoETransformer(get_preset("tiny-full"))
+    for module in list(model.modules()):
+        routers = [m for m in module.modules() if isinstance(m, Router)]
+        if isinstance(module, (Block, MTPBlock)) and routers and mode != "off":
+            install_checkpoint(module, mode, routers)
+    for router in (m for m in model.modules() if isinstance(m, Router)):
+        router.perturbed_bias = torch.arange(router.weight.shape[0], dtype=torch.float32) * 100
+        router.register_forward_pre_hook(_perturb_bias_on_recompute)
+    ids, pos, labels = make_batch(model.config, 4, 16, seed=0)
+    causal_lm_loss(model(ids, pos), labels, int((labels != -100).sum())).backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _worst(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    return max(float((grads[n] - g).abs().max() / g.abs().max()) for n, g in reference.items())
+
+
+def test_router_saving_survives_rerouting_on_recompute() -> None:
+    reference = _grads_after_rerouting("off")
+    assert _worst(_grads_after_rerouting("router"), reference) == 0.0
+    assert _worst(_grads_after_rerouting("selective"), reference) == 0.0  # top-k is saved
+    assert _worst(_grads_after_rerouting("full"), reference) > 0.1  # the test can fail
 
 
 def test_saved_ops_are_not_recomputed_and_counts_are_not_doubled(
         ranks: Callable[[int], RankPool]) -> None:
     pool = ranks(4)
-    off, full, router, selective = (pool.run(_run_ac, mode, "all_to_all", False)[0]
+    off, full, router, selective = (pool.run(_run_ac, mode, "all_to_all")[0]
                                     for mode in ("off", "full", "router", "selective"))
-    blocks = 3  # two MoE layers and the MTP block hold routers; topk runs once per router
-    assert full["recomputed"].get("topk", 0) == blocks
-    assert router["recomputed"].get("topk", 0) == 0
-    assert selective["recomputed"].get("topk", 0) == 0
-    assert selective["recomputed"].get("mm", 0) == 0 < full["recomputed"].get("mm", 0)
+
+    def recomputed(run: dict[str, Any], op: str) -> int:  # ops seen in backward beyond no-AC's
+        return int(run["recomputed"].get(op, 0) - off["recomputed"].get(op, 0))
+
+    routers = 3  # two MoE layers and the MTP block; top-k runs once per router
+    assert recomputed(full, "topk") == routers
+    assert recomputed(router, "topk") == recomputed(selective, "topk") == 0
+    assert recomputed(selective, "mm") == 0 < recomputed(full, "mm")
+    assert recomputed(router, "mm") > 0  # router mode recomputes the rest
     for run in (full, router, selective):
         assert all(torch.equal(run["counts"][n], off["counts"][n]) for n in off["counts"])
         assert _same(run, off)

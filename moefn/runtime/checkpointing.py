@@ -80,7 +80,9 @@ def _is_device_to_host(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -
 
 
 def router_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    if in_router() and not op._schema.is_mutable:
+    """Save the router's differentiable ops; its no-grad bookkeeping (load counts, which a
+    recompute skips) is neither saved nor allowed to shift the saved sequence."""
+    if in_router() and torch.is_grad_enabled() and not op._schema.is_mutable:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
