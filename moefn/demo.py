@@ -21,7 +21,7 @@ from moefn.models import MoETransformer, get_preset
 from moefn.plan import ShardPlan
 from moefn.realize import build_device_meshes, realize
 from moefn.stage import Stage, compose
-from moefn.stages import plan_ep, plan_fsdp
+from moefn.stages import plan_ac, plan_ep, plan_fsdp
 from moefn.train import global_batch, local_batch, train
 
 
@@ -44,7 +44,7 @@ def demo_mesh(nproc: int) -> MeshSpec:
 
 def demo_stages(mesh: MeshSpec, options: DemoOptions) -> tuple[Stage, ...]:
     ep = (plan_ep(dispatch="all_gather" if options.dispatch == "all_gather" else "all_to_all"),)
-    return (*(ep if mesh.ep > 1 else ()), plan_fsdp(precision="fp32"))
+    return (*(ep if mesh.ep > 1 else ()), plan_ac(mode="router"), plan_fsdp(precision="fp32"))
 
 
 def demo_plan(options: DemoOptions, mesh: MeshSpec) -> ShardPlan:
