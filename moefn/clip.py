@@ -15,14 +15,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
 
 def _shard_groups(grad: Tensor) -> tuple[tuple[DeviceMesh, int], ...]:
     if not isinstance(grad, DTensor):
         return ()
     mesh = grad.device_mesh
-    return tuple((mesh, dim) for dim, p in enumerate(grad.placements) if isinstance(p, Shard))
+    return tuple((mesh, dim) for dim, p in enumerate(grad.placements)
+                 if not (p.is_replicate() or p.is_partial()))  # Shard and _StridedShard
 
 
 def global_grad_norm(grads: Iterable[Tensor], norm_type: float = 2.0) -> Tensor:

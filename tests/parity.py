@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from moefn import MeshSpec, compose, plan_ac, plan_cp, plan_ep, plan_fsdp
-from moefn.models import MoETransformer, causal_lm_loss, get_preset
+from moefn.models import MoETransformer, Router, causal_lm_loss, get_preset
 from moefn.plan import ShardPlan
 from moefn.realize import build_device_meshes, realize
 from moefn.stage import Stage
@@ -34,6 +34,7 @@ class Case:
     steps: int = 3
     lr: float = 0.25
     seed: int = 0
+    force_experts: tuple[int, ...] = ()  # route every token to these experts (expert bias)
 
     def build_stages(self) -> tuple[Stage, ...]:
         return tuple(STAGES[name](**dict(kwargs)) for name, kwargs in self.stages)
@@ -59,6 +60,10 @@ def build_pair(case: Case) -> tuple[nn.Module, nn.Module, ShardPlan]:
 def run_parity(rank: int, world: int, case: Case) -> dict[str, Any]:
     """Losses per step and, for the first step, each parameter's relative gradient error."""
     reference, model, plan = build_pair(case)
+    for net in (reference, model):
+        for module in net.modules():
+            if isinstance(module, Router) and module.expert_bias is not None:
+                module.expert_bias[list(case.force_experts)] = 1e3
     batch = global_batch(reference.config, case.batch, case.seq, case.seed)
     mine = local_batch(batch, plan.mesh, rank)
     opt_ref = torch.optim.SGD(reference.parameters(), lr=case.lr)

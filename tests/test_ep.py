@@ -45,3 +45,16 @@ def test_experts_fewer_than_shards_shard_on_dim_one(ranks: Callable[[int], RankP
     # the dim-1 path is covered at 4 ranks by a 2-expert model: ep=2 → 1 local, ep_shard=2.
     case = Case(mesh="dp_shard=4,ep=2", stages=(ep("all_to_all"), FSDP), preset="tiny-2experts")
     assert_parity(ranks(4).run(run_parity, case)[0])
+
+
+@pytest.mark.parametrize("dispatch", ["all_to_all", "all_gather"])
+def test_a_rank_that_receives_no_tokens_neither_hangs_nor_breaks_gradients(
+        ranks: Callable[[int], RankPool], dispatch: str) -> None:
+    # experts 0-3 live on the first rank of each EP pair: the second receives zero tokens, and
+    # its experts get zero gradients (so only the first rank's experts are asserted nonzero)
+    case = Case(mesh="dp_shard=4,ep=2", stages=(ep(dispatch), FSDP), preset="tiny-full",
+                force_experts=(0, 1, 2, 3))
+    result = ranks(4).run(run_parity, case)[0]
+    assert result["max_loss_diff"] <= 1e-5
+    assert all(name.endswith(("gate_up", "down")) for name in result["zero_grads"])
+    assert max(result["grad_errors"].values()) <= 1e-5
