@@ -14,7 +14,7 @@ from moefn.errors import PlanError, PlanFormatError, Problem, RealizeError
 from moefn.mesh import MeshSpec
 from moefn.plan import ShardPlan
 from moefn.spec import ModelSpec, inspect_model
-from moefn.stage import Planner, Stage, compose
+from moefn.stage import Planner, Stage, compose, plan_or_raise
 from moefn.stages import plan_ac, plan_cp, plan_ep, plan_fsdp
 
 __all__ = [
@@ -33,4 +33,5 @@ __all__ = [
     "plan_cp",
     "plan_ep",
     "plan_fsdp",
+    "plan_or_raise",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 
@@ -17,16 +18,23 @@ import torch
 from moefn.errors import PlanError
 from moefn.mesh import MeshSpec
 from moefn.models import PRESETS, MoETransformer, get_preset
-from moefn.stage import Stage, compose
+from moefn.stage import Stage, compose, plan_or_raise
 from moefn.stages import plan_ep, plan_fsdp
+
+
+def _mesh_text(text: str) -> str:
+    """Syntax check for --mesh (a usage error, exit 2); sizes are checked by the plan (exit 1)."""
+    if not re.fullmatch(r"\s*(\w+\s*=\s*\d+\s*)(,\s*\w+\s*=\s*\d+\s*)*", text):
+        raise argparse.ArgumentTypeError(f"expected axis=size[,axis=size...], got {text!r}")
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moefn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="print the plan of a preset on a mesh (no GPU needed)")
-    plan.add_argument("--model", required=True, help=f"preset: {', '.join(PRESETS)}")
-    plan.add_argument("--mesh", required=True, help="e.g. dp_shard=1024,ep=64")
+    plan.add_argument("--model", required=True, choices=tuple(PRESETS), help="preset")
+    plan.add_argument("--mesh", required=True, type=_mesh_text, help="e.g. dp_shard=1024,ep=64")
     plan.add_argument("--dispatch", choices=("all_to_all", "all_gather"), default="all_to_all")
     plan.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     plan.add_argument("--no-fsdp", action="store_true", help="leave plan_fsdp out")
@@ -52,7 +60,7 @@ def _plan_command(args: argparse.Namespace) -> int:
         stages: list[Stage] = [plan_ep(dispatch=args.dispatch)] if mesh.ep > 1 else []
         if not args.no_fsdp:
             stages.append(plan_fsdp(precision=args.precision))
-        plan = compose(*stages)(model, mesh).unwrap()
+        plan = plan_or_raise(compose(*stages)(model, mesh))
         steps = json.loads(plan.to_json())["plan"]["steps"]
         text = plan.diff()
     except PlanError as err:

@@ -95,6 +95,6 @@ def param_layouts(plan: ShardPlan) -> dict[str, ParamLayout]:
 def owning_unit(name: str, units_deepest_first: list[FullyShard]) -> FullyShard | None:
     """The innermost FSDP unit whose module contains parameter ``name``."""
     for unit in units_deepest_first:
-        if unit.path == "" or name.startswith(unit.path + "."):
+        if (unit.path == "" or name.startswith(unit.path + ".")) and name not in unit.ignored:
             return unit
     return None

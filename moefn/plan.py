@@ -100,6 +100,7 @@ class FullyShard:
     param_dtype: str | None = None
     reduce_dtype: str | None = None
     offload: bool = False
+    ignored: tuple[str, ...] = ()  # full parameter names this unit (and its parents) leave alone
 
 
 Step = (ContextParallelAttention | DistributeParams | InstallDispatch | SyncGradients | Checkpoint

@@ -35,8 +35,10 @@ def _axes(dims: tuple[str, ...], mesh: MeshSpec) -> str:
 def _step_text(step: Step, mesh: MeshSpec) -> tuple[str, str]:
     if isinstance(step, FullyShard):
         dtypes = f"param={step.param_dtype or 'keep'} reduce={step.reduce_dtype or 'keep'}"
+        ignored = f" ignores {len(step.ignored)} params" if step.ignored else ""
         return "+", (f"fully_shard mesh={_axes(step.mesh_dims, mesh)} shard_dim={step.shard_dim} "
-                     f"reshard={step.reshard_after_forward} {dtypes} offload={step.offload}")
+                     f"reshard={step.reshard_after_forward} {dtypes} offload={step.offload}"
+                     f"{ignored}")
     if isinstance(step, InstallDispatch):
         local = step.num_experts // mesh.size(step.mesh_dims[-1])
         return "+", (f"dispatch {step.kind} over {_axes(step.mesh_dims, mesh)}: "

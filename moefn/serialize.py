@@ -112,7 +112,8 @@ def plan_from_json(text: str) -> ShardPlan:
         doc = json.loads(text)
     except (json.JSONDecodeError, TypeError) as err:
         raise PlanFormatError([Problem(path="(plan file)", message="not valid JSON",
-                                       value=str(err), fix="pass the output of plan.to_json()")])
+                                       value=str(err), fix="pass the output of plan.to_json()")]
+                              ) from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise PlanFormatError([Problem(path="(plan file)", message="not a moefn plan",
                                        value=_short(doc), fix=f'expected "format": "{FORMAT}"')])

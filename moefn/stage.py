@@ -92,6 +92,13 @@ def _bind(stage: Stage) -> Callable[[PlanResult], PlanResult]:
     return step
 
 
+def plan_or_raise(result: PlanResult) -> ShardPlan:
+    """The plan, or raise the PlanError itself (``result.unwrap()`` raises returns' own error)."""
+    if isinstance(result, Failure):
+        raise result.failure()
+    return result.unwrap()
+
+
 def compose(*stages: Stage) -> Planner:
     """Compose stages left to right: ``compose(plan_ep(...), plan_fsdp(...))(model, mesh)``."""
     return Planner(tuple(stages))

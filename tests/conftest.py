@@ -3,8 +3,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
+import torch
 
 from tests.ranks import RankPool
+
+torch.set_num_threads(1)  # rank pools share the cores with this process
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -71,8 +72,9 @@ class RankPool:
             conn.send((fn, args))
         results: list[Any] = []
         errors: list[str] = []
+        deadline = time.monotonic() + self.timeout  # one deadline for all ranks
         for rank, conn in enumerate(self._conns):
-            if not conn.poll(self.timeout):
+            if not conn.poll(max(0.0, deadline - time.monotonic())):
                 errors.append(f"rank {rank}: no answer within {self.timeout}s (hang?)")
                 continue
             status, value = conn.recv()
@@ -86,7 +88,7 @@ class RankPool:
         return results
 
     def close(self, force: bool = False) -> None:
-        for proc, conn in zip(self._procs, self._conns):
+        for proc, conn in zip(self._procs, self._conns, strict=True):
             if force:
                 proc.kill()
             else:

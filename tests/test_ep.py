@@ -6,9 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import torch
 
-from tests.parity import Case, assert_parity, build_pair, run_parity
+from tests.parity import Case, assert_parity, run_parity
 from tests.ranks import RankPool
 
 

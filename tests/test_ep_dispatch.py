@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -12,12 +13,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from moefn.runtime.dispatch import LocalDispatch, LocalExpertsFn
+from moefn.runtime.dispatch import Dispatcher, LocalDispatch, LocalExpertsFn
 from moefn.runtime.ep_dispatch import AllGatherDispatch, AllToAllDispatch
 from tests.ranks import RankPool
 
-E, H, I, K = 8, 16, 8, 2
-DISPATCHERS = {"all_to_all": AllToAllDispatch, "all_gather": AllGatherDispatch}
+E, H, INTER, K = 8, 16, 8, 2
+DISPATCHERS: dict[str, Callable[[int, ProcessGroup], Dispatcher]] = {
+    "all_to_all": AllToAllDispatch, "all_gather": AllGatherDispatch,
+}
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class Case:
 CASES = [
     Case(tokens=(5, 3, 7, 4)),
     Case(tokens=(6, 0, 4, 5)),  # a rank without tokens
-    Case(tokens=(4, 6, 5, 3), own_only=(0, 3)),  # ranks that send nothing to some peers
+    Case(tokens=(4, 10, 9, 3), own_only=(0, 3)),  # ranks that send nothing to some peers
 ]
 
 _SUBGROUPS: dict[tuple[int, ...], ProcessGroup] = {}
@@ -53,35 +56,42 @@ def _swiglu_experts(gate_up: Tensor, down: Tensor) -> LocalExpertsFn:
         assert counts.shape == (gate_up.shape[0],) and int(counts.sum()) == x_sorted.shape[0]
         chunks = torch.split(x_sorted, counts.tolist())
         # empty chunks too, so every expert stays in the graph
-        return torch.cat([(F.silu(c @ gu[:, :I]) * (c @ gu[:, I:])) @ d
-                          for c, gu, d in zip(chunks, gate_up, down)])
+        return torch.cat([(F.silu(c @ gu[:, :INTER]) * (c @ gu[:, INTER:])) @ d
+                          for c, gu, d in zip(chunks, gate_up, down, strict=True)])
     return local_fn
 
 
-def _data(case: Case, ep: int, seed: int) -> dict[str, Tensor | list[Tensor]]:
+class Data(NamedTuple):
+    gate_up: Tensor  # [E, H, 2*INTER], all experts
+    down: Tensor  # [E, INTER, H]
+    xs: list[Tensor]  # per rank: tokens [T, H], top-k ids [T, K], weights [T, K], d loss/d y
+    idxs: list[Tensor]
+    ws: list[Tensor]
+    gs: list[Tensor]
+
+
+def _data(case: Case, ep: int, seed: int) -> Data:
     gen = torch.Generator().manual_seed(seed)
-    data: dict[str, Tensor | list[Tensor]] = {
-        "gate_up": torch.randn(E, H, 2 * I, generator=gen) * 0.3,
-        "down": torch.randn(E, I, H, generator=gen) * 0.3,
-    }
+    gate_up = torch.randn(E, H, 2 * INTER, generator=gen) * 0.3
+    down = torch.randn(E, INTER, H, generator=gen) * 0.3
     xs, idxs, ws, gs = [], [], [], []
     for rank, tokens in enumerate(case.tokens):
-        per_rank = E // ep
-        first = (rank % ep) * per_rank
-        allowed = torch.arange(first, first + per_rank) if rank in case.own_only else torch.arange(E)
+        first = (rank % ep) * (E // ep)
+        allowed = torch.arange(first, first + E // ep) if rank in case.own_only else torch.arange(E)
         xs.append(torch.randn(tokens, H, generator=gen))
         idxs.append(torch.stack([allowed[torch.randperm(len(allowed), generator=gen)[:K]]
                                  for _ in range(tokens)]) if tokens else torch.zeros(0, K).long())
         ws.append(torch.rand(tokens, K, generator=gen) + 0.1)
         gs.append(torch.randn(tokens, H, generator=gen))
-    data.update(x=xs, idx=idxs, w=ws, g=gs)
-    return data
+    assert torch.cat(idxs).unique().numel() == E, "every expert needs a token to test its grad"
+    return Data(gate_up, down, xs, idxs, ws, gs)
 
 
 def _leaf(t: Tensor) -> Tensor:
     return t.clone().requires_grad_()
 
 
+@torch.no_grad()
 def _close(actual: Tensor, expected: Tensor, what: str) -> None:
     assert actual.shape == expected.shape, f"{what}: {actual.shape} != {expected.shape}"
     err = float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
@@ -93,12 +103,7 @@ def _nonzero_per_expert(grad: Tensor, what: str) -> None:
 
 
 def _check_case(rank: int, world_size: int, ep: int, name: str, case: Case, seed: int) -> None:
-    data = _data(case, ep, seed)
-    gate_up, down = data["gate_up"], data["down"]
-    xs, idxs, ws, gs = data["x"], data["idx"], data["w"], data["g"]
-    assert isinstance(gate_up, Tensor) and isinstance(down, Tensor)
-    assert isinstance(xs, list) and isinstance(idxs, list)
-    assert isinstance(ws, list) and isinstance(gs, list)
+    gate_up, down, xs, idxs, ws, gs = _data(case, ep, seed)
 
     ref_x, ref_w = _leaf(torch.cat(xs)), _leaf(torch.cat(ws))
     ref_gu, ref_down = _leaf(gate_up), _leaf(down)

@@ -10,8 +10,17 @@ import pytest
 import torch
 from returns.result import Failure
 
-from moefn import MeshSpec, PlanError, PlanFormatError, ShardPlan, compose, plan_ac, plan_cp
-from moefn import plan_ep, plan_fsdp
+from moefn import (
+    MeshSpec,
+    PlanError,
+    PlanFormatError,
+    ShardPlan,
+    compose,
+    plan_ac,
+    plan_cp,
+    plan_ep,
+    plan_fsdp,
+)
 from moefn.models import MoETransformer, get_preset
 from moefn.plan import Checkpoint, FullyShard
 
@@ -92,7 +101,7 @@ def test_ac_plan_records_mode_saves_and_opt_outs() -> None:
         meta_model("tiny-full"), MeshSpec(dp_shard=2)).unwrap()
     steps = {s.path: s for s in plan.steps_of(Checkpoint)}
     assert set(steps) == {"layers.0", "layers.2", "mtp"}
-    assert steps["mtp"].saves == ("router ops (projection, scores, top-k)",)
+    assert steps["mtp"].saves == ("router top-k (replayed on recompute)",)
     every = compose(plan_ac(mode="full", every=2))(meta_model("tiny-full"), MeshSpec()).unwrap()
     assert [s.path for s in every.steps_of(Checkpoint)] == ["layers.0", "layers.2", "mtp"]
 

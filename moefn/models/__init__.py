@@ -2,7 +2,7 @@
 
 from moefn.models.config import MoEConfig
 from moefn.models.layers import Attention, CoreAttention, DenseMLP, RMSNorm, local_attention
-from moefn.models.moe import MoE, GroupedExperts, Router
+from moefn.models.moe import GroupedExperts, MoE, Router
 from moefn.models.presets import PRESETS, get_preset
 from moefn.models.transformer import (
     Block,

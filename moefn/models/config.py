@@ -1,4 +1,4 @@
-"""MoEConfig: the frozen shape of the reference MoE transformer.
+"""MoEConfig: the frozen, validated shape of the reference MoE transformer.
 
 >>> MoEConfig(vocab_size=64, hidden=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
 ...           n_experts=8, top_k=2, moe_intermediate=16).n_experts
@@ -9,42 +9,74 @@ from __future__ import annotations
 
 from typing import Literal
 
-from attrs import field, frozen, validators
+from attrs import Attribute, field, frozen, validators
+
+from moefn.runtime.experts import ExpertsImpl
 
 _positive = validators.ge(1)
+_non_negative = validators.ge(0)
+_positive_float = validators.gt(0.0)
 
 
-def _divides_heads(instance: MoEConfig, attribute: object, value: int) -> None:
+def _divides_heads(instance: MoEConfig, attribute: Attribute[int], value: int) -> None:
     if instance.n_heads % value:
         raise ValueError(f"n_kv_heads={value} must divide n_heads={instance.n_heads}")
 
 
-def _top_k_fits(instance: MoEConfig, attribute: object, value: int) -> None:
+def _even(instance: MoEConfig, attribute: Attribute[int], value: int) -> None:
+    if value % 2:
+        raise ValueError(f"{attribute.name}={value} must be even (rotary halves)")
+
+
+def _top_k_fits(instance: MoEConfig, attribute: Attribute[int], value: int) -> None:
     if value > instance.n_experts:
         raise ValueError(f"top_k={value} exceeds n_experts={instance.n_experts}")
 
 
+def _dense_layers_fit(instance: MoEConfig, attribute: Attribute[int], value: int) -> None:
+    if value > instance.n_layers:
+        raise ValueError(f"n_dense_layers={value} exceeds n_layers={instance.n_layers}")
+    if value and instance.dense_intermediate < 1:
+        raise ValueError("dense layers need dense_intermediate >= 1")
+
+
 @frozen(kw_only=True)
 class MoEConfig:
+    """Shape and options of `MoETransformer`.
+
+    ``n_shared_experts`` (0 = none) sizes one shared SwiGLU of ``n_shared_experts *
+    moe_intermediate``; the first ``n_dense_layers`` blocks use a dense SwiGLU of
+    ``dense_intermediate`` instead of MoE. ``expert_bias`` adds a DeepSeek-style aux-free bias
+    buffer used only to pick the top-k; ``router_fp32`` computes routing in fp32 and marks the
+    router fp32-only; ``mtp`` adds one multi-token-prediction block.
+
+    >>> MoEConfig(vocab_size=8, hidden=8, n_layers=1, n_heads=2, n_kv_heads=3, head_dim=4,
+    ...           n_experts=2, top_k=1, moe_intermediate=4)
+    Traceback (most recent call last):
+    ValueError: n_kv_heads=3 must divide n_heads=2
+    """
+
     vocab_size: int = field(validator=_positive)
     hidden: int = field(validator=_positive)
     n_layers: int = field(validator=_positive)
     n_heads: int = field(validator=_positive)
     n_kv_heads: int = field(validator=[_positive, _divides_heads])
-    head_dim: int = field(validator=_positive)
+    head_dim: int = field(validator=[_positive, _even])
     n_experts: int = field(validator=_positive)
     top_k: int = field(validator=[_positive, _top_k_fits])
     moe_intermediate: int = field(validator=_positive)
-    n_shared_experts: int = 0
-    n_dense_layers: int = 0
-    dense_intermediate: int = 0
-    score_func: Literal["softmax", "sigmoid"] = "softmax"
+    n_shared_experts: int = field(default=0, validator=_non_negative)
+    n_dense_layers: int = field(default=0, validator=[_non_negative, _dense_layers_fit])
+    dense_intermediate: int = field(default=0, validator=_non_negative)
+    score_func: Literal["softmax", "sigmoid"] = field(
+        default="softmax", validator=validators.in_(("softmax", "sigmoid")))
     expert_bias: bool = False
     router_fp32: bool = False
     tie_embeddings: bool = False
     mtp: bool = False
     causal: bool = True
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    init_std: float = 0.02
-    experts_impl: Literal["auto", "grouped_mm", "loop"] = "auto"
+    rope_theta: float = field(default=10000.0, validator=_positive_float)
+    norm_eps: float = field(default=1e-6, validator=_positive_float)
+    init_std: float = field(default=0.02, validator=_positive_float)
+    experts_impl: ExpertsImpl = field(
+        default="auto", validator=validators.in_(("auto", "grouped_mm", "loop")))

@@ -1,7 +1,9 @@
 """Building blocks: RMSNorm, rotary positions, attention with a swappable core, SwiGLU MLP.
 
->>> attn = Attention(get_preset("tiny"))                               # doctest: +SKIP
->>> y = attn(x, position_ids)  # x[B,S,H], global position ids[B,S]    # doctest: +SKIP
+>>> from moefn.models.presets import get_preset
+>>> attn = Attention(get_preset("tiny"))
+>>> attn(torch.randn(2, 5, 32), torch.arange(5).expand(2, 5)).shape   # global positions
+torch.Size([2, 5, 32])
 """
 
 from __future__ import annotations
@@ -16,6 +18,12 @@ from moefn.models.config import MoEConfig
 
 
 class RMSNorm(nn.Module):
+    """``x / rms(x) * weight``, normalised in fp32.
+
+    >>> RMSNorm(4, eps=0.0)(torch.tensor([[3.0, -3.0, 3.0, -3.0]])).tolist()
+    [[1.0, -1.0, 1.0, -1.0]]
+    """
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
@@ -28,7 +36,12 @@ class RMSNorm(nn.Module):
 
 
 def rotary(x: Tensor, position_ids: Tensor, theta: float) -> Tensor:
-    """Rotate-half RoPE on ``x[B,heads,S,D]`` from global ``position_ids[B,S]`` (fp32 angles)."""
+    """Rotate-half RoPE on ``x[B,heads,S,D]`` from global ``position_ids[B,S]`` (fp32 angles).
+
+    >>> x = torch.randn(1, 2, 3, 8)
+    >>> torch.equal(rotary(x, torch.zeros(1, 3, dtype=torch.long), 1e4), x)   # position 0
+    True
+    """
     dim = x.shape[-1]
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32)
                                 / dim))
@@ -41,13 +54,20 @@ def rotary(x: Tensor, position_ids: Tensor, theta: float) -> Tensor:
 
 
 class AttentionImpl(Protocol):
+    """``(q[B,Hq,S,D], k[B,Hkv,S,D], v[B,Hkv,S,D], position_ids[B,S], causal) -> [B,Hq,S,D]``."""
+
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor,
                  causal: bool) -> Tensor: ...
 
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor,
                     causal: bool) -> Tensor:
-    """Single-rank attention: expand grouped KV heads, then SDPA."""
+    """Single-rank attention: expand grouped KV heads, then SDPA.
+
+    >>> q, kv = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)
+    >>> local_attention(q, kv, kv, torch.arange(3)[None], causal=True).shape
+    torch.Size([1, 4, 3, 8])
+    """
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
@@ -68,6 +88,8 @@ class CoreAttention(nn.Module):
 
 
 class Attention(nn.Module):
+    """GQA self-attention: projections and rotary here, the attention itself in ``core``."""
+
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads
@@ -93,7 +115,11 @@ class Attention(nn.Module):
 
 
 class DenseMLP(nn.Module):
-    """SwiGLU feed-forward."""
+    """SwiGLU feed-forward ``down(silu(gate(x)) * up(x))``.
+
+    >>> DenseMLP(8, 16)(torch.randn(3, 8)).shape
+    torch.Size([3, 8])
+    """
 
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()

@@ -1,7 +1,9 @@
-"""The MoE feed-forward: router (softmax/sigmoid top-k, optional expert bias), fused experts.
+"""The MoE feed-forward: a top-k router (softmax/sigmoid, optional expert bias) and fused experts.
 
->>> moe = MoE(get_preset("tiny"))          # doctest: +SKIP
->>> y = moe(x)  # x[B,S,H] -> [B,S,H]      # doctest: +SKIP
+>>> from moefn.models.presets import get_preset
+>>> moe = MoE(get_preset("tiny"))
+>>> moe(torch.randn(2, 3, 32)).shape
+torch.Size([2, 3, 32])
 """
 
 from __future__ import annotations
@@ -12,62 +14,80 @@ from torch.distributed.tensor import DTensor
 
 from moefn.models.config import MoEConfig
 from moefn.models.layers import DenseMLP
+from moefn.runtime.checkpointing import is_recomputing, route
 from moefn.runtime.dispatch import Dispatcher, LocalDispatch
-from moefn.runtime.experts import run_grouped_experts
-
-
-def _is_recomputing() -> bool:
-    """True inside a backward pass, where activation checkpointing re-runs forwards."""
-    return bool(torch._C._current_graph_task_id() != -1)
+from moefn.runtime.experts import ExpertsImpl, run_grouped_experts
 
 
 class Router(nn.Module):
-    """Scores ``x @ weight.T``; picks top-k (by score + expert bias); counts routed slots."""
+    """Scores ``x @ weight.T``, picks the top-k by score (+ expert bias), counts routed slots.
+
+    ``tokens_per_expert`` accumulates the (token, k) slots sent to each expert; forwards
+    recomputed by activation checkpointing (during backward) are not counted twice.
+
+    >>> from moefn.models.presets import get_preset
+    >>> router = Router(get_preset("tiny"))
+    >>> _ = nn.init.normal_(router.weight)
+    >>> index, weights = router(torch.randn(5, 32))
+    >>> index.shape, weights.shape, int(router.tokens_per_expert.sum())
+    (torch.Size([5, 2]), torch.Size([5, 2]), 10)
+    """
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
         self.top_k, self.score_func = config.top_k, config.score_func
-        self.keep_fp32 = config.router_fp32
+        self.keep_fp32: bool = config.router_fp32
         self.weight = nn.Parameter(torch.empty(config.n_experts, config.hidden))
         self.expert_bias: Tensor | None
         if config.expert_bias:
-            self.register_buffer("expert_bias", torch.zeros(config.n_experts))
+            self.register_buffer("expert_bias", torch.zeros(config.n_experts,
+                                                            dtype=torch.float32))
         else:
             self.expert_bias = None
         self.tokens_per_expert: Tensor
-        self.register_buffer("tokens_per_expert", torch.zeros(config.n_experts),
-                             persistent=False)
+        self.register_buffer("tokens_per_expert",
+                             torch.zeros(config.n_experts, dtype=torch.float32), persistent=False)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         dtype = torch.float32 if self.keep_fp32 else x.dtype
         logits = x.to(dtype) @ self.weight.to(dtype).t()
         scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
         choice = scores if self.expert_bias is None else scores + self.expert_bias
-        _, index = torch.topk(choice, self.top_k, dim=-1)
+        index = route(choice, self.top_k)
         weights = scores.gather(-1, index)
         if self.score_func == "sigmoid":
             weights = weights / weights.sum(-1, keepdim=True)
-        if not _is_recomputing():
-            with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(
-                    index.flatten(), minlength=self.tokens_per_expert.numel()).to(
-                    self.tokens_per_expert.dtype)
+        with torch.no_grad():
+            # the same ops on recompute (checkpointing replays ops by position), adding zero
+            counts = torch.bincount(index.flatten(), minlength=self.tokens_per_expert.numel())
+            scale = 0.0 if is_recomputing() else 1.0
+            self.tokens_per_expert.add_(counts.to(self.tokens_per_expert.dtype), alpha=scale)
         return index, weights.to(x.dtype)
 
 
 class GroupedExperts(nn.Module):
-    """Fused experts ``gate_up[E,H,2I]``, ``down[E,I,H]``; tokens reach them via ``dispatcher``."""
+    """Fused SwiGLU experts ``gate_up[E,H,2I]``, ``down[E,I,H]``, reached via ``dispatcher``.
+
+    Expert parallelism replaces ``dispatcher`` and shards the parameters on dim 0 (DTensors);
+    `local_fn` then runs only this rank's shard.
+
+    >>> from moefn.models.presets import get_preset
+    >>> experts = GroupedExperts(get_preset("tiny"))
+    >>> x, index = torch.randn(3, 32), torch.tensor([[0, 1], [1, 7], [2, 0]])
+    >>> experts(x, index, torch.full((3, 2), 0.5)).shape
+    torch.Size([3, 32])
+    """
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
         e, h, i = config.n_experts, config.hidden, config.moe_intermediate
-        self.impl = config.experts_impl
+        self.impl: ExpertsImpl = config.experts_impl
         self.gate_up = nn.Parameter(torch.empty(e, h, 2 * i))
         self.down = nn.Parameter(torch.empty(e, i, h))
         self.dispatcher: Dispatcher = LocalDispatch(e)
 
     def local_fn(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
-        """Run this rank's experts (the local shard when parameters are DTensors)."""
+        """Run this rank's experts; ``counts`` has one entry per local expert."""
         gate_up = self.gate_up.to_local() if isinstance(self.gate_up, DTensor) else self.gate_up
         down = self.down.to_local() if isinstance(self.down, DTensor) else self.down
         return run_grouped_experts(x_sorted, counts, gate_up, down, self.impl)
@@ -78,6 +98,8 @@ class GroupedExperts(nn.Module):
 
 
 class MoE(nn.Module):
+    """Routed experts plus an optional always-on shared SwiGLU, on flattened tokens."""
+
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
         self.router = Router(config)
@@ -86,11 +108,10 @@ class MoE(nn.Module):
                        if config.n_shared_experts else None)
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
+        flat = x.reshape(-1, x.shape[-1])
         index, weights = self.router(flat)
         y = self.experts(flat, index, weights)
         if self.shared is not None:
             y = y + self.shared(flat)
-        out: Tensor = y.view(shape)
+        out: Tensor = y.view(x.shape)
         return out

@@ -24,20 +24,26 @@ PRESETS: dict[str, MoEConfig] = {
     "small": MoEConfig(vocab_size=256, hidden=64, n_layers=4, n_heads=4, n_kv_heads=2,
                        head_dim=16, n_experts=8, top_k=2, moe_intermediate=32,
                        n_shared_experts=1),
-    # DeepSeek-V3 671B-like (GQA attention in place of MLA)
+    # DeepSeek-V3 671B-like; plain GQA attention (128 KV heads) stands in for MLA, so attention
+    # is larger than the real model's (about 700B parameters with the MTP block)
     "deepseek-v3": MoEConfig(vocab_size=129280, hidden=7168, n_layers=61, n_heads=128,
                              n_kv_heads=128, head_dim=128, n_experts=256, top_k=8,
                              moe_intermediate=2048, n_shared_experts=1, n_dense_layers=3,
                              dense_intermediate=18432, score_func="sigmoid", expert_bias=True,
                              router_fp32=True, mtp=True),
+    # Qwen3-30B-A3B (without its per-head q/k norms; routing weights are not renormalised)
     "qwen3-30b-a3b": MoEConfig(vocab_size=151936, hidden=2048, n_layers=48, n_heads=32,
                                n_kv_heads=4, head_dim=128, n_experts=128, top_k=8,
-                               moe_intermediate=768),
+                               moe_intermediate=768, rope_theta=1e6),
 }
 
 
 def get_preset(name: str) -> MoEConfig:
-    """The preset called ``name``; ValueError lists the valid names."""
+    """The preset called ``name``; ValueError lists the valid names.
+
+    >>> get_preset("tiny-full").mtp
+    True
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]

@@ -49,14 +49,12 @@ def realize(plan: ShardPlan, model: nn.Module, meshes: DeviceMeshes) -> nn.Modul
     sync = tuple(s for s in plan.steps if isinstance(s, SyncGradients))
     if sync:
         apply_sync(sync, model, meshes)
-    routers = plan.model.paths_with("router")
     for step in plan.steps:
         if isinstance(step, Checkpoint):
-            inside = [modules[r] for r in routers if r.startswith(step.path + ".")]
-            apply_checkpoint(step, modules[step.path], inside)
+            apply_checkpoint(step, modules[step.path])
     units = [s for s in plan.steps if isinstance(s, FullyShard)]
     for unit in sorted(units, key=lambda s: (-s.path.count(".") - bool(s.path), s.path)):
-        apply_fully_shard(unit, modules[unit.path], meshes)
+        apply_fully_shard(unit, modules[unit.path], model, meshes)
     return model
 
 

@@ -61,10 +61,10 @@ def apply_dispatch(step: InstallDispatch, module: nn.Module, meshes: DeviceMeshe
     module.dispatcher = kind(step.num_experts, group)
 
 
-def apply_checkpoint(step: Checkpoint, block: nn.Module, routers: list[nn.Module]) -> None:
+def apply_checkpoint(step: Checkpoint, block: nn.Module) -> None:
     from moefn.runtime.checkpointing import install_checkpoint
 
-    install_checkpoint(block, step.mode, routers if step.mode == "router" else [])
+    install_checkpoint(block, step.mode)
 
 
 def _sum_over(group: dist.ProcessGroup) -> Callable[[Tensor], Tensor]:
@@ -89,7 +89,8 @@ def apply_sync(steps: tuple[SyncGradients, ...], model: nn.Module, meshes: Devic
         param.register_hook(hook)  # type: ignore[no-untyped-call]
 
 
-def apply_fully_shard(step: FullyShard, module: nn.Module, meshes: DeviceMeshes) -> None:
+def apply_fully_shard(step: FullyShard, module: nn.Module, root: nn.Module,
+                      meshes: DeviceMeshes) -> None:
     """One FSDP2 unit; reductions are sums (each rank's loss is already a global-batch share)."""
     dtype = {None: None, "bfloat16": torch.bfloat16, "float32": torch.float32,
              "float16": torch.float16}
@@ -104,7 +105,8 @@ def apply_fully_shard(step: FullyShard, module: nn.Module, meshes: DeviceMeshes)
 
     fully_shard(module, mesh=meshes.get(step.mesh_dims),
                 reshard_after_forward=step.reshard_after_forward, mp_policy=policy,
-                offload_policy=offload, shard_placement_fn=placement if shard_dim else None)
+                offload_policy=offload, shard_placement_fn=placement if shard_dim else None,
+                ignored_params={root.get_parameter(n) for n in step.ignored} or None)
     unit = module if isinstance(module, FSDPModule) else None
     if unit is not None:
         unit.set_gradient_divide_factor(1.0)

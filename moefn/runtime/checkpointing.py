@@ -1,33 +1,30 @@
-"""Activation checkpointing of a block, with the router's ops saved (never recomputed).
+"""Activation checkpointing of a block, with routing that recompute cannot change.
 
-Recomputing a router can pick different experts than the first forward (changed scores, ties,
-nondeterministic kernels), which breaks token dispatch in backward. In ``"router"`` mode every
-op that runs inside a router module is saved by selective checkpointing, so recompute reuses
-the original routing; everything else is recomputed.
+Recomputing a router can pick different experts than the first forward did (changed scores,
+ties, nondeterministic kernels), which breaks token dispatch in backward. ``"router"`` mode
+records each router's top-k choice on a tape owned by that one checkpoint call and replays it
+during recompute (the scores — and so the routing weights' gradients — are recomputed);
+everything else is recomputed. ``"selective"`` mode saves matmuls, attention, collectives and
+top-k through torch's selective checkpointing and recomputes the rest; ``"full"`` recomputes all.
 
->>> install_checkpoint(block, mode="router", routers=[block.mlp.router])   # doctest: +SKIP
+>>> install_checkpoint(block, mode="router")          # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.checkpoint import (
     CheckpointPolicy,
     checkpoint,
     create_selective_checkpoint_contexts,
 )
 
-_ROUTER_DEPTH = [0]
 MARKER = "_moefn_checkpoint"
-
-
-def in_router() -> bool:
-    return _ROUTER_DEPTH[0] > 0
 
 
 def is_recomputing() -> bool:
@@ -35,20 +32,46 @@ def is_recomputing() -> bool:
     return bool(torch._C._current_graph_task_id() != -1)
 
 
-def _enter(module: nn.Module, args: Any) -> None:
-    _ROUTER_DEPTH[0] += 1
+class RoutingTape:
+    """Top-k choices of the routers inside one checkpointed call, in call order."""
+
+    def __init__(self) -> None:
+        self.entries: list[Tensor] = []
+        self.replay_position = 0
 
 
-def _leave(module: nn.Module, args: Any, output: Any) -> None:
-    _ROUTER_DEPTH[0] -= 1
+_TAPES: list[tuple[str, RoutingTape]] = []  # the innermost active (mode, tape)
 
 
-def mark_router(router: nn.Module) -> None:
-    """Track when ``router`` runs so the router policy can save its ops."""
-    if not getattr(router, "_moefn_router_marked", False):
-        router.register_forward_pre_hook(_enter)
-        router.register_forward_hook(_leave)
-        setattr(router, "_moefn_router_marked", True)
+@contextlib.contextmanager
+def _using(mode: str, tape: RoutingTape) -> Iterator[None]:
+    _TAPES.append((mode, tape))
+    tape.replay_position = 0
+    try:
+        yield
+    finally:
+        _TAPES.pop()
+
+
+def route(choice: Tensor, top_k: int) -> Tensor:
+    """``topk(choice).indices``, recorded in forward and replayed in recompute under "router"."""
+    if _TAPES and _TAPES[-1][0] == "replay":
+        tape = _TAPES[-1][1]
+        if tape.replay_position >= len(tape.entries):
+            raise RuntimeError("recompute ran more routers than the forward it replays")
+        index = tape.entries[tape.replay_position]
+        tape.replay_position += 1
+        return index
+    index = torch.topk(choice.detach(), top_k, dim=-1).indices  # no autograd state: replayable
+    if _TAPES and _TAPES[-1][0] == "record":
+        _TAPES[-1][1].entries.append(index.detach())
+    return index
+
+
+def _routing_contexts() -> tuple[contextlib.AbstractContextManager[None],
+                                 contextlib.AbstractContextManager[None]]:
+    tape = RoutingTape()
+    return _using("record", tape), _using("replay", tape)
 
 
 def _aten(name: str) -> Any:
@@ -79,38 +102,29 @@ def _is_device_to_host(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     return args[0].device.type != "cpu" and target is not None and torch.device(target).type == "cpu"
 
 
-def router_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    """Save the router's differentiable ops; its no-grad bookkeeping (load counts, which a
-    recompute skips) is neither saved nor allowed to shift the saved sequence."""
-    if in_router() and torch.is_grad_enabled() and not op._schema.is_mutable:
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
 def selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
     if op in SELECTIVE_SAVED or _is_device_to_host(op, args, kwargs):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _contexts(mode: str) -> Callable[[], Any] | None:
-    policies = {"router": router_policy, "selective": selective_policy}
-    policy = policies.get(mode)
-    return None if policy is None else functools.partial(create_selective_checkpoint_contexts,
-                                                         policy)
+def _selective_contexts() -> Any:
+    return create_selective_checkpoint_contexts(selective_policy)  # type: ignore[no-untyped-call]
 
 
-def install_checkpoint(block: nn.Module, mode: str, routers: Sequence[nn.Module] = ()) -> None:
+_CONTEXTS: dict[str, Callable[[], Any]] = {"router": _routing_contexts,
+                                          "selective": _selective_contexts}
+
+
+def install_checkpoint(block: nn.Module, mode: str) -> None:
     """Make ``block.forward`` checkpointed (non-reentrant); parameter names stay unchanged."""
     original = block.forward
-    context_fn = _contexts(mode)
-    for router in routers:
-        mark_router(router)
+    context_fn = _CONTEXTS.get(mode)
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         if context_fn is None:
             return checkpoint(original, *args, use_reentrant=False, **kwargs)
         return checkpoint(original, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
 
-    setattr(block, "forward", forward)
+    block.forward = forward
     setattr(block, MARKER, mode)

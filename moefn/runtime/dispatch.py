@@ -53,5 +53,5 @@ class LocalDispatch:
         x_sorted = x[order // k]
         y_sorted = local_fn(x_sorted, counts.cpu())
         y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)
-        weighted = y.view(tokens, k, -1) * top_k_weights.unsqueeze(-1).to(y.dtype)
+        weighted = y.view(tokens, k, y.shape[-1]) * top_k_weights.unsqueeze(-1).to(y.dtype)
         return weighted.sum(dim=1).to(x.dtype)

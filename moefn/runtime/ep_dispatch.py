@@ -42,19 +42,20 @@ def _all_to_all(x: Tensor, output_splits: list[int], input_splits: list[int],
     return _wait(funcol.all_to_all_single_autograd(x, output_splits, input_splits, group))
 
 
-def _combine(y_slots: Tensor, order: Tensor, top_k_weights: Tensor, x: Tensor) -> Tensor:
+def _combine(y_slots: Tensor, order: Tensor, top_k_weights: Tensor, dtype: torch.dtype) -> Tensor:
     """Un-permute expert outputs (row ``i`` belongs to slot ``order[i]``) and weight-sum over k."""
     tokens, k = top_k_weights.shape
     y = torch.empty_like(y_slots).index_copy(0, order, y_slots)
-    weighted = y.view(tokens, k, -1) * top_k_weights.unsqueeze(-1).to(y.dtype)
-    return weighted.sum(dim=1).to(x.dtype)
+    weighted = y.view(tokens, k, y.shape[-1]) * top_k_weights.unsqueeze(-1).to(y.dtype)
+    return weighted.sum(dim=1).to(dtype)
 
 
 class AllToAllDispatch:
     """Send each (token, k) slot to its expert's rank with an uneven all-to-all, and back.
 
-    Per call each rank sends ``T*K`` token rows out and receives as many back (forward and
-    again in backward), plus ``E`` int64 counts.
+    Per call a rank sends its ``T*K`` slot rows of ``H`` and gets as many results back; in
+    between it receives and returns the ``R`` rows routed to its experts. Counts travel as
+    ``E`` int64 values; backward repeats both row exchanges for the gradients.
 
     >>> d = AllToAllDispatch(num_experts=8, group=ep_group)   # doctest: +SKIP
     >>> y = d(x, top_k_index, top_k_weights, local_fn)         # doctest: +SKIP
@@ -78,20 +79,21 @@ class AllToAllDispatch:
         recv_splits = recv_counts.view(ep, local).sum(dim=1).tolist()
         received = _all_to_all(x[order // k], recv_splits, send_splits, self.group)
         # received rows come as [source rank][local expert]; local_fn wants [local expert][source]
-        block = torch.repeat_interleave(torch.arange(ep * local, device=x.device), recv_counts)
+        block = torch.repeat_interleave(torch.arange(ep * local, device=x.device), recv_counts,
+                                        output_size=received.shape[0])
         regroup = torch.argsort((block % local) * ep + block // local, stable=True)
         y_local = local_fn(received[regroup], recv_counts.view(ep, local).sum(dim=0).cpu())
         y_received = torch.empty_like(y_local).index_copy(0, regroup, y_local)
         y_slots = _all_to_all(y_received, send_splits, recv_splits, self.group)
-        return _combine(y_slots, order, top_k_weights, x)
+        return _combine(y_slots, order, top_k_weights, x.dtype)
 
 
 class AllGatherDispatch:
     """All-gather every rank's tokens, run the local experts, reduce-scatter the weighted sums.
 
     Ranks may hold different token counts; they are padded to the group maximum ``T_max``.
-    Routing weights are applied on the expert's rank, so the reduce-scatter carries
-    ``ep * T_max`` rows of ``H`` rather than one row per (token, k) slot.
+    Routing weights travel with the tokens (in ``x.dtype``) and are applied on the expert's
+    rank, so the reduce-scatter carries ``ep * T_max`` rows of ``H``, not one per (token, k).
 
     >>> d = AllGatherDispatch(num_experts=8, group=ep_group)  # doctest: +SKIP
     >>> y = d(x, top_k_index, top_k_weights, local_fn)         # doctest: +SKIP
@@ -105,12 +107,9 @@ class AllGatherDispatch:
     def __call__(
         self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, local_fn: LocalExpertsFn
     ) -> Tensor:
-        ep, local = dist.get_world_size(self.group), self.experts_per_rank
+        local, hidden = self.experts_per_rank, x.shape[1]
         tokens, k = top_k_index.shape
-        sizes = torch.empty(ep, dtype=torch.int64, device=x.device)
-        dist.all_gather_into_tensor(
-            sizes, torch.tensor([tokens], device=x.device), group=self.group
-        )
+        sizes = funcol.all_gather_single(torch.tensor([tokens], device=x.device), 0, self.group)
         pad = int(sizes.max()) - tokens
         # tokens and weights share one differentiable gather; padded slots route nowhere (-1)
         packed = torch.cat([x, top_k_weights.to(x.dtype)], dim=1)
@@ -118,7 +117,7 @@ class AllGatherDispatch:
             torch.nn.functional.pad(packed, (0, 0, 0, pad)), 0, self.group))
         index = _wait(funcol.all_gather_single(
             torch.nn.functional.pad(top_k_index, (0, 0, 0, pad), value=-1), 0, self.group))
-        x_all, w_all = packed.split([x.shape[1], k], dim=1)
+        x_all, w_all = packed[:, :hidden], packed[:, hidden:]
         first = dist.get_rank(self.group) * local
         flat = index.reshape(-1)
         mine = (flat >= first) & (flat < first + local)

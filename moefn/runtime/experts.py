@@ -1,39 +1,43 @@
-"""Local expert compute: SwiGLU experts over tokens grouped by expert.
+"""Local expert compute: SwiGLU experts over rows already grouped by expert.
 
-``torch._grouped_mm`` where the device and dtype support it (CPU: fp32 and bf16; meta/fake
-tensors: bf16 only), a loop over experts otherwise.
+``F.grouped_mm`` (one kernel for all experts) where device and dtype allow it, else a loop over
+experts. Measured facts (torch 2.13): grouped_mm runs fp32/bf16 on CPU, only bf16 on meta and
+fake tensors, needs row strides that are multiples of 16 bytes, and its backward rejects an
+expanded incoming gradient (hence `_contiguous_grad`).
 
->>> y = run_grouped_experts(x_sorted, counts, gate_up, down)     # doctest: +SKIP
+>>> x = torch.randn(5, 8)
+>>> gate_up, down = torch.randn(2, 8, 8), torch.randn(2, 4, 8)
+>>> run_grouped_experts(x, torch.tensor([3, 2]), gate_up, down).shape
+torch.Size([5, 8])
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous (grouped_mm needs it)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return grad.contiguous()
+ExpertsImpl = Literal["auto", "grouped_mm", "loop"]
 
 
 def grouped_mm_supported(x: Tensor, gate_up: Tensor) -> bool:
-    """Device/dtype allow grouped_mm and every row stride is a multiple of 16 bytes."""
-    aligned = all(d * x.element_size() % 16 == 0 for d in (*gate_up.shape[1:], gate_up.shape[2] // 2))
-    if x.device.type == "meta":
-        return aligned and x.dtype == torch.bfloat16
-    return aligned and x.device.type in ("cpu", "cuda") and x.dtype in (torch.float32,
-                                                                        torch.bfloat16)
+    """Whether ``F.grouped_mm`` runs for rows ``x[N,H]`` and weights ``gate_up[E,H,2I]``.
+
+    bf16 on CPU, CUDA or meta (fake tensors included); fp32 on real CPU tensors only; and the
+    hidden and intermediate rows must be multiples of 16 bytes.
+
+    >>> grouped_mm_supported(torch.zeros(1, 4), torch.zeros(1, 4, 8))
+    True
+    """
+    hidden, intermediate = gate_up.shape[1], gate_up.shape[2] // 2
+    if any(d * x.element_size() % 16 for d in (hidden, intermediate)):
+        return False
+    if x.dtype == torch.bfloat16:
+        return x.device.type in ("cpu", "cuda", "meta")
+    return x.dtype == torch.float32 and x.device.type == "cpu" and not is_fake(x)
 
 
 def _swiglu(h: Tensor) -> Tensor:
@@ -41,33 +45,40 @@ def _swiglu(h: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
+def _contiguous_grad(y: Tensor) -> Tensor:
+    """Make the gradient reaching ``y`` contiguous (grouped_mm's backward needs that)."""
+    if y.requires_grad:
+        y.register_hook(Tensor.contiguous)  # type: ignore[no-untyped-call]  # untyped in torch
+    return y
+
+
 def _grouped(x: Tensor, counts: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
-    offs = counts.to(device=x.device).cumsum(0).to(torch.int32)
-    h = torch._grouped_mm(x, gate_up, offs=offs)
-    y = torch._grouped_mm(_swiglu(h), down, offs=offs)
-    out: Tensor = _ContiguousGrad.apply(y)  # type: ignore[no-untyped-call]
-    return out
+    offs = counts.to(x.device).cumsum(0).to(torch.int32)
+    h = F.grouped_mm(x, gate_up, offs=offs)
+    return _contiguous_grad(F.grouped_mm(_swiglu(h), down, offs=offs))
 
 
 def _loop(x: Tensor, counts: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
-    outputs = []
-    for e, chunk in enumerate(torch.split(x, counts.tolist())):
-        outputs.append(_swiglu(chunk @ gate_up[e]) @ down[e])
-    if not outputs:
-        return x.new_zeros(0, down.shape[-1])
-    return torch.cat(outputs)
+    chunks = torch.split(x, counts.tolist())
+    outputs = [_swiglu(chunk @ gate_up[e]) @ down[e] for e, chunk in enumerate(chunks)]
+    return torch.cat(outputs) if outputs else x.new_zeros(0, down.shape[-1])
 
 
 def run_grouped_experts(x_sorted: Tensor, counts: Tensor, gate_up: Tensor, down: Tensor,
-                        impl: str = "auto") -> Tensor:
-    """``y[i] = swiglu(x[i] @ gate_up[e]) @ down[e]`` for the expert ``e`` that row ``i`` belongs to.
+                        impl: ExpertsImpl = "auto") -> Tensor:
+    """``y[i] = swiglu(x[i] @ gate_up[e]) @ down[e]`` where row ``i`` belongs to expert ``e``.
 
-    ``counts[e]`` rows belong to local expert ``e`` (rows sorted by expert). Experts with zero
-    rows still get (zero) gradients.
+    The first ``counts[0]`` rows belong to local expert 0, the next ``counts[1]`` to expert 1,
+    and so on. ``"auto"`` picks grouped_mm when `grouped_mm_supported`; with no rows at all the
+    loop runs (every expert still gets a zero gradient).
+
+    >>> y = run_grouped_experts(torch.zeros(0, 4), torch.zeros(2, dtype=torch.int64),
+    ...                         torch.zeros(2, 4, 8), torch.zeros(2, 4, 4), impl="grouped_mm")
+    >>> y.shape
+    torch.Size([0, 4])
     """
-    use_grouped = impl == "grouped_mm" or (impl == "auto" and grouped_mm_supported(x_sorted, gate_up))
-    if use_grouped and x_sorted.shape[0] > 0:
+    grouped = impl == "grouped_mm" or (impl == "auto"
+                                       and grouped_mm_supported(x_sorted, gate_up))
+    if grouped and x_sorted.shape[0] > 0:
         return _grouped(x_sorted, counts, gate_up, down)
-    y = _loop(x_sorted, counts, gate_up, down)
-    # keep every expert parameter in the graph even with zero rows
-    return y + 0.0 * (gate_up.sum() + down.sum()) if x_sorted.shape[0] == 0 else y
+    return _loop(x_sorted, counts, gate_up, down)

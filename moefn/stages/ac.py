@@ -1,8 +1,8 @@
 """plan_ac: activation checkpointing of decoder and MTP blocks.
 
-Modes: ``"router"`` (default) — full recompute except the router's ops, which are saved so
-recompute cannot pick different experts; ``"full"`` — recompute everything; ``"selective"`` —
-save matmuls, attention, collectives and top-k, recompute the rest; ``"none"``.
+Modes: ``"router"`` (default) — full recompute, except that each router's top-k choice is
+recorded and replayed, so recompute cannot pick different experts; ``"full"`` — recompute
+everything; ``"selective"`` — save matmuls, attention, collectives and top-k, recompute the rest; ``"none"``.
 
 >>> plan_ac(mode="selective", skip=("layers.0",), every=2).name
 'ac'
@@ -24,7 +24,7 @@ from moefn.stages.common import already_parallel_problems
 Mode = Literal["router", "full", "selective", "none"]
 SAVES: dict[str, tuple[str, ...]] = {
     "full": (),
-    "router": ("router ops (projection, scores, top-k)",),
+    "router": ("router top-k (replayed on recompute)",),
     "selective": ("matmul", "grouped_mm", "attention", "collectives", "top-k",
                   "device-to-host copies"),
 }

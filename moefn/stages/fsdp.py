@@ -3,8 +3,9 @@
 Units: each decoder block and MTP block on the dense data-parallel mesh (``dp_shard_cp``, with
 ``dp_replicate`` for HSDP); each experts module that plan_ep put on ``ep`` gets its own unit on the
 expert data-parallel mesh (``ep_shard``), sharded on dim 1 when there are more shards than local
-experts; fp32-only modules get their own fp32 unit under bf16; embeddings and lm_head get units
-unless tied (a tied weight stays with the root); the root last.
+experts (with ``ep_shard = 1`` there is nothing left to shard: the enclosing units ignore them);
+fp32-only modules get their own fp32 unit under bf16; embeddings and lm_head get units unless
+tied (a tied weight stays with the root); the root last.
 
 >>> plan_fsdp(precision="fp32").name
 'fsdp'
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from attrs import evolve
 from returns.result import Failure, Success
 
 from moefn.errors import PlanError, Problem
@@ -60,11 +62,16 @@ def plan_fsdp(
                               reduce_dtype=dtypes[1], offload=offload)
 
         units: list[FullyShard] = []
+        unsharded: list[str] = []  # expert params with nothing left to shard (ep_shard = 1)
         for step in plan.steps:
             if isinstance(step, DistributeParams) and "ep" in step.mesh_dims:
+                dims = expert_dp_dims(mesh_spec)
+                if all(mesh_spec.size(d) == 1 for d in dims):
+                    unsharded += [f"{step.path}.{p}" for p in step.params]
+                    continue
                 local_experts = int(spec.module(step.path).fact("num_experts")) // mesh_spec.ep
                 shard_dim = 1 if mesh_spec.ep_shard > local_experts else 0
-                units.append(unit(step.path, expert_dp_dims(mesh_spec), shard_dim))
+                units.append(unit(step.path, dims, shard_dim))
         if param_dtype is not None:
             units += [unit(p, dense, dtypes=("float32", "float32"))
                       for p in spec.paths_with("keep_fp32")]
@@ -75,6 +82,9 @@ def plan_fsdp(
                 if params and all(len(spec.tie_of(t.name)) == 1 for t in params):
                     units.append(unit(path, dense))
         units.append(unit("", dense))
+        units = [evolve(u, ignored=tuple(n for n in unsharded
+                                         if u.path == "" or n.startswith(u.path + ".")))
+                 for u in units]
         return Success(without_gradient_sync(plan).add_steps(units).with_stage("fsdp"))
 
     return Stage(name="fsdp", run=run, mesh=mesh)
