@@ -35,6 +35,7 @@ class Case:
     lr: float = 0.25
     seed: int = 0
     force_experts: tuple[int, ...] = ()  # route every token to these experts (expert bias)
+    freeze: tuple[str, ...] = ()  # parameters that do not train
 
     def build_stages(self) -> tuple[Stage, ...]:
         return tuple(STAGES[name](**dict(kwargs)) for name, kwargs in self.stages)
@@ -50,6 +51,8 @@ def full_grad(param: nn.Parameter) -> torch.Tensor:
 def build_pair(case: Case) -> tuple[nn.Module, nn.Module, ShardPlan]:
     torch.manual_seed(case.seed)
     reference = MoETransformer(get_preset(case.preset))
+    for name in case.freeze:
+        reference.get_parameter(name).requires_grad_(False)
     model = copy.deepcopy(reference)
     mesh = MeshSpec.parse(case.mesh)
     plan = compose(*case.build_stages())(model, mesh).unwrap()
@@ -87,6 +90,8 @@ def run_parity(rank: int, world: int, case: Case) -> dict[str, Any]:
         if step == 0:
             ref_params = dict(reference.named_parameters())
             for name, param in model.named_parameters():
+                if not param.requires_grad:
+                    continue
                 got, want = full_grad(param), full_grad(ref_params[name])
                 scale = float(want.abs().max())
                 if scale == 0.0:
@@ -94,7 +99,8 @@ def run_parity(rank: int, world: int, case: Case) -> dict[str, Any]:
                 grad_errors[name] = float((got - want).abs().max()) / max(scale, 1e-30)
         opt.step()
         opt_ref.step()
-    return {"losses": losses, "reference": ref_losses, "grad_errors": grad_errors,
+    master_dtypes = {str(p.dtype) for p in model.parameters()}
+    return {"losses": losses, "master_dtypes": master_dtypes, "reference": ref_losses, "grad_errors": grad_errors,
             "zero_grads": zero_grads,
             "max_loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True))}
 

@@ -2,7 +2,8 @@
 
 One 1-D world mesh is unflattened three times — dense ``(dp_replicate, dp_shard, cp)``, data
 ``(dp_replicate, dp_shard_cp)`` and expert ``(dp_replicate, ep_shard, ep)`` — so every named
-group comes from adjacent dimensions of one parent and the submeshes of the views agree (FSDP can then shard ep-placed DTensors).
+group comes from adjacent dimensions of one parent and the submeshes of the views agree (FSDP
+can then shard ep-placed DTensors).
 
 >>> meshes = build_device_meshes(MeshSpec(dp_shard=4, ep=2), "cpu")   # doctest: +SKIP
 >>> meshes.get(("ep_shard",)).size()                                   # doctest: +SKIP

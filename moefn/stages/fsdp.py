@@ -21,6 +21,7 @@ from returns.result import Failure, Success
 from moefn.errors import PlanError, Problem
 from moefn.mesh import MeshSpec
 from moefn.plan import DistributeParams, FullyShard, ShardPlan
+from moefn.spec import ModelSpec
 from moefn.stage import PlanResult, Stage
 from moefn.stages.common import (
     already_parallel_problems,
@@ -36,19 +37,31 @@ _DTYPES: dict[str, tuple[str | None, str | None]] = {
 }
 
 
+def _has_params_left(spec: ModelSpec, unit: FullyShard) -> bool:
+    return any(t.name not in unit.ignored for t in spec.params_under(unit.path))
+
+
 def plan_fsdp(
     precision: Precision = "bf16",
     reshard_after_forward: bool = True,
     offload: bool = False,
+    lm_head_precision: Precision | None = None,
+    wrap_outer_model: bool = True,
+    shard_frozen: bool = False,
     mesh: MeshSpec | None = None,
 ) -> Stage:
-    """FSDP2 units: param/reduce dtypes from ``precision`` (bf16 = bf16 params, fp32 reduce)."""
+    """FSDP2 units: param/reduce dtypes from ``precision`` (bf16 = bf16 params, fp32 reduce).
+
+    ``lm_head_precision="fp32"`` computes logits in fp32; ``wrap_outer_model`` adds a root unit
+    around a backbone that is not the model itself (e.g. transformers' ``model.model``);
+    frozen sub-models (no trainable parameter) stay unsharded unless ``shard_frozen``.
+    """
 
     def run(plan: ShardPlan) -> PlanResult:
         problems = already_parallel_problems(plan)
-        if precision not in _DTYPES:
-            problems.append(Problem(path="", message="unknown precision", value=repr(precision),
-                                    fix='use "bf16" or "fp32"'))
+        problems += [Problem(path="", message="unknown precision", value=repr(p),
+                             fix='use "bf16" or "fp32"')
+                     for p in (precision, lm_head_precision) if p is not None and p not in _DTYPES]
         if problems:
             return Failure(PlanError(problems))
         param_dtype, reduce_dtype = _DTYPES[precision]
@@ -79,12 +92,20 @@ def plan_fsdp(
         for role in ("embed", "lm_head"):
             for path in spec.paths_with(role):
                 params = spec.params_under(path)
+                dtypes = (_DTYPES[lm_head_precision] if role == "lm_head" and lm_head_precision
+                          else (param_dtype, reduce_dtype))
                 if params and all(len(spec.tie_of(t.name)) == 1 for t in params):
-                    units.append(unit(path, dense))
-        units.append(unit("", dense))
+                    units.append(unit(path, dense, dtypes=dtypes))
+        backbones = [p for p in spec.paths_with("backbone") if p]
+        units += [unit(p, dense) for p in backbones]
+        if wrap_outer_model or not backbones:
+            units.append(unit("", dense))
+        if not shard_frozen:
+            unsharded += [t.name for t in spec.tensors if not t.is_buffer and not t.requires_grad]
         units = [evolve(u, ignored=tuple(n for n in unsharded
                                          if u.path == "" or n.startswith(u.path + ".")))
                  for u in units]
+        units = [u for u in units if _has_params_left(spec, u)]
         return Success(without_gradient_sync(plan).add_steps(units).with_stage("fsdp"))
 
     return Stage(name="fsdp", run=run, mesh=mesh)
