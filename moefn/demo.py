@@ -21,7 +21,7 @@ from moefn.models import MoETransformer, get_preset
 from moefn.plan import ShardPlan
 from moefn.realize import build_device_meshes, realize
 from moefn.stage import Stage, compose
-from moefn.stages import plan_ac, plan_ep, plan_fsdp
+from moefn.stages import plan_ac, plan_cp, plan_ep, plan_fsdp
 from moefn.train import global_batch, local_batch, train
 
 
@@ -38,13 +38,22 @@ class DemoOptions:
 
 
 def demo_mesh(nproc: int) -> MeshSpec:
-    """dp_shard = nproc, with ep=2 where it divides (cp joins once plan_cp lands)."""
-    return MeshSpec(dp_shard=nproc, ep=2 if nproc % 2 == 0 else 1)
+    """cp=2 and ep=2 where they divide ``nproc``; the rest is dp_shard (4 ranks: 2 × 2, ep 2)."""
+    cp = 2 if nproc % 2 == 0 else 1
+    return MeshSpec(dp_shard=nproc // cp, cp=cp, ep=2 if nproc % 2 == 0 else 1)
 
 
 def demo_stages(mesh: MeshSpec, options: DemoOptions) -> tuple[Stage, ...]:
+    cp = (plan_cp(seq_len=options.seq),) if mesh.cp > 1 else ()
     ep = (plan_ep(dispatch="all_gather" if options.dispatch == "all_gather" else "all_to_all"),)
-    return (*(ep if mesh.ep > 1 else ()), plan_ac(mode="router"), plan_fsdp(precision="fp32"))
+    return (*cp, *(ep if mesh.ep > 1 else ()), plan_ac(mode="router"),
+            plan_fsdp(precision="fp32"))
+
+
+def demo_rows(options: DemoOptions, mesh: MeshSpec) -> int:
+    """The global batch rows: ``options.batch`` rounded up to a multiple of data parallelism."""
+    dp = mesh.dp_replicate * mesh.dp_shard
+    return -(-options.batch // dp) * dp
 
 
 def demo_plan(options: DemoOptions, mesh: MeshSpec) -> ShardPlan:
@@ -64,7 +73,7 @@ def _train_rank(rank: int, world: int, options: DemoOptions, device: torch.devic
     model = MoETransformer(config).to(device)
     plan = compose(*demo_stages(mesh, options))(model, mesh).unwrap()
     realize(plan, model, build_device_meshes(mesh, device.type))
-    batch = global_batch(config, options.batch, options.seq, options.seed)
+    batch = global_batch(config, demo_rows(options, mesh), options.seq, options.seed)
     mine = local_batch(batch, mesh, rank).to(device)
     report = (lambda s, loss: _progress(s, loss, options.steps)) if rank == 0 else None
     return train(model, mine, batch.num_valid, options.steps, options.lr, on_step=report)
@@ -79,7 +88,8 @@ def reference_losses(options: DemoOptions, device: torch.device) -> list[float]:
     config = get_preset(options.preset)
     torch.manual_seed(options.seed)
     model = MoETransformer(config).to(device)
-    batch = global_batch(config, options.batch, options.seq, options.seed).to(device)
+    rows = demo_rows(options, demo_mesh(options.nproc))
+    batch = global_batch(config, rows, options.seq, options.seed).to(device)
     return train(model, batch, batch.num_valid, options.steps, options.lr,
                  distributed=False)
 

@@ -100,8 +100,8 @@ def run_parity(rank: int, world: int, case: Case) -> dict[str, Any]:
         opt.step()
         opt_ref.step()
     master_dtypes = {str(p.dtype) for p in model.parameters()}
-    return {"losses": losses, "master_dtypes": master_dtypes, "reference": ref_losses, "grad_errors": grad_errors,
-            "zero_grads": zero_grads,
+    return {"losses": losses, "master_dtypes": master_dtypes, "reference": ref_losses,
+            "grad_errors": grad_errors, "zero_grads": zero_grads,
             "max_loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True))}
 
 

@@ -21,6 +21,8 @@ PRESETS: dict[str, MoEConfig] = {
                         tie_embeddings=True),
     # fewer local experts than expert-data-parallel shards at 4 ranks with ep=2
     "tiny-2experts": evolve(_TINY, n_experts=2, top_k=1),
+    # bidirectional attention with multi-head (not grouped) KV, for context-parallel tests
+    "tiny-bidirectional": evolve(_TINY, causal=False, n_kv_heads=4),
     "small": MoEConfig(vocab_size=256, hidden=64, n_layers=4, n_heads=4, n_kv_heads=2,
                        head_dim=16, n_experts=8, top_k=2, moe_intermediate=32,
                        n_shared_experts=1),

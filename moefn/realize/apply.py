@@ -40,7 +40,7 @@ def apply_context_parallel(step: ContextParallelAttention, module: nn.Module,
                            meshes: DeviceMeshes) -> None:
     from moefn.runtime.context_parallel import AllGatherKVAttention
 
-    module.impl = AllGatherKVAttention(meshes.get(step.mesh_dims).get_group())
+    setattr(module, "impl", AllGatherKVAttention(meshes.get(step.mesh_dims).get_group()))
 
 
 def apply_distribute(step: DistributeParams, module: nn.Module, meshes: DeviceMeshes) -> None:
@@ -58,7 +58,7 @@ def apply_dispatch(step: InstallDispatch, module: nn.Module, meshes: DeviceMeshe
 
     group = meshes.get(step.mesh_dims).get_group()
     kind = AllToAllDispatch if step.kind == "all_to_all" else AllGatherDispatch
-    module.dispatcher = kind(step.num_experts, group)
+    setattr(module, "dispatcher", kind(step.num_experts, group))
 
 
 def apply_checkpoint(step: Checkpoint, block: nn.Module) -> None:

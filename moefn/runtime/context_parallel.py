@@ -1,0 +1,83 @@
+"""Context parallelism on any device: each rank keeps its own queries and all-gathers K/V.
+
+The sequence is cut into ``2·cp`` chunks and cp rank ``i`` holds chunks ``i`` and ``2·cp−1−i``
+(head-tail), so causal work is even. Keys, values and their global positions are gathered over
+the cp group with an autograd all-gather (their gradients reduce-scatter back) before grouped
+KV heads are expanded, so only the real KV heads travel; the causal mask is built from global
+positions, so it works for any layout.
+
+>>> head_tail_indices(8, cp=2, cp_rank=0).tolist()
+[0, 1, 6, 7]
+>>> attention = AllGatherKVAttention(cp_group)     # doctest: +SKIP  (CoreAttention.impl)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def check_seq_len(seq_len: int, cp: int) -> None:
+    """Raise ValueError (with the nearest valid lengths) unless 2·cp divides ``seq_len``."""
+    step = 2 * cp
+    if seq_len % step:
+        lower = seq_len // step * step
+        options = " or ".join(str(n) for n in (lower, lower + step) if n > 0)
+        raise ValueError(f"sequence length {seq_len} is not divisible by 2·cp = {step} "
+                         f"(head-tail layout); use {options}")
+
+
+def head_tail_indices(seq_len: int, cp: int, cp_rank: int) -> Tensor:
+    """Positions of the full sequence that cp rank ``cp_rank`` holds, in its local order."""
+    check_seq_len(seq_len, cp)
+    chunk = seq_len // (2 * cp)
+    head = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk)
+    tail_start = (2 * cp - 1 - cp_rank) * chunk
+    return torch.cat((head, torch.arange(tail_start, tail_start + chunk)))
+
+
+def shard_sequence(t: Tensor, cp: int, cp_rank: int, dim: int = 1) -> Tensor:
+    """This cp rank's head-tail slice of ``t`` along ``dim``."""
+    index = head_tail_indices(t.shape[dim], cp, cp_rank).to(t.device)
+    return t.index_select(dim, index)
+
+
+def unshard_sequence(shards: Sequence[Tensor], dim: int = 1) -> Tensor:
+    """Restore the full sequence from every cp rank's shard (inverse of `shard_sequence`)."""
+    cp = len(shards)
+    seq_len = sum(s.shape[dim] for s in shards)
+    order = torch.cat([head_tail_indices(seq_len, cp, r) for r in range(cp)])
+    gathered = torch.cat(list(shards), dim=dim)
+    return gathered.index_select(dim, torch.argsort(order).to(gathered.device))
+
+
+def _gather_sequence(t: Tensor, dim: int, group: dist.ProcessGroup, grad: bool) -> Tensor:
+    gather = funcol.all_gather_single_autograd if grad else funcol.all_gather_single
+    out: Tensor = funcol.wait_tensor(gather(t.contiguous(), dim, group))  # type: ignore[no-untyped-call]
+    return out
+
+
+class AllGatherKVAttention:
+    """A `CoreAttention.impl` that attends local queries to the whole sequence's keys/values."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor,
+                 causal: bool) -> Tensor:
+        k_all = _gather_sequence(k, 2, self.group, grad=True)
+        v_all = _gather_sequence(v, 2, self.group, grad=True)
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:
+            k_all = k_all.repeat_interleave(groups, dim=1)
+            v_all = v_all.repeat_interleave(groups, dim=1)
+        mask = None
+        if causal:
+            k_pos = _gather_sequence(position_ids, 1, self.group, grad=False)
+            mask = (position_ids[:, None, :, None] >= k_pos[:, None, None, :])
+        return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
