@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks.run` (or `nox -s bench`); results go to docs/benchmarks.md."""

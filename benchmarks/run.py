@@ -1,0 +1,206 @@
+"""moefn benchmarks: dispatchers, activation checkpointing, context parallel, planning at scale.
+
+``python -m benchmarks.run [--quick]`` prints tables, writes results/benchmarks.json and
+docs/benchmarks.md. Targets live here, never in timed unit tests; the machine is shared, so
+rounds alternate systems and we report medians, ratios and the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.comm import CommCounter
+from moefn import MeshSpec, compose, plan_ac, plan_cp, plan_ep, plan_fsdp
+from moefn.launch import run_local
+from moefn.models import MoETransformer, causal_lm_loss, get_preset
+from moefn.realize import build_device_meshes, realize
+from moefn.stage import Stage
+from moefn.train import global_batch, local_batch
+
+ROOT = Path(__file__).parents[1]
+
+
+def _stages(mesh: MeshSpec, dispatch: str, ac: str, seq: int) -> list[Stage]:
+    stages: list[Stage] = []
+    if mesh.cp > 1:
+        stages.append(plan_cp(seq_len=seq))
+    if mesh.ep > 1:
+        stages.append(plan_ep(dispatch=dispatch))  # type: ignore[arg-type]
+    if ac != "off":
+        stages.append(plan_ac(mode=ac))  # type: ignore[arg-type]
+    return [*stages, plan_fsdp(precision="fp32")]
+
+
+def _train_rank(rank: int, world: int, mesh_text: str, dispatch: str, ac: str, steps: int,
+                seq: int) -> dict[str, Any]:
+    mesh = MeshSpec.parse(mesh_text)
+    torch.manual_seed(0)
+    model = MoETransformer(get_preset("small"))
+    plan = compose(*_stages(mesh, dispatch, ac, seq))(model, mesh).unwrap()
+    realize(plan, model, build_device_meshes(mesh, "cpu"))
+    batch = global_batch(model.config, 8, seq, 0)
+    mine = local_batch(batch, mesh, rank)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    times, comm = [], None
+    for step in range(steps):
+        counter = CommCounter()
+        start = time.perf_counter()
+        with counter:
+            optimizer.zero_grad()
+            loss = causal_lm_loss(model(mine.input_ids, mine.position_ids), mine.labels,
+                                  batch.num_valid)
+            loss.backward()
+            optimizer.step()
+        times.append(time.perf_counter() - start)
+        if step == 1:
+            comm = counter.summary()
+    return {"median_s": statistics.median(times[1:]), "comm": comm}
+
+
+def bench_dispatch(steps: int) -> list[dict[str, Any]]:
+    rows = []
+    for ep in (2, 4):
+        for dispatch in ("all_to_all", "all_gather"):
+            result = run_local(4, _train_rank, f"dp_shard=4,ep={ep}", dispatch, "off", steps, 32)
+            dispatch_bytes = sum(v["bytes"] for k, v in result[0]["comm"].items()
+                                 if "all_to_all" in k or "alltoall" in k
+                                 or k in ("all_gather_into_tensor", "reduce_scatter_tensor"))
+            rows.append({"ep": ep, "dispatch": dispatch, "median_step_s": result[0]["median_s"],
+                         "dispatch_bytes_per_step_rank0": dispatch_bytes,
+                         "comm": result[0]["comm"]})
+    return rows
+
+
+def _ac_rank(rank: int, world: int, mode: str, steps: int) -> dict[str, Any]:
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    mesh = MeshSpec(dp_shard=1)
+    torch.manual_seed(0)
+    model = MoETransformer(get_preset("small"))
+    stages = [plan_ac(mode=mode)] if mode != "off" else []  # type: ignore[arg-type]
+    plan = compose(*stages, plan_fsdp(precision="fp32"))(model, mesh).unwrap()
+    realize(plan, model, build_device_meshes(mesh, "cpu"))
+    batch = global_batch(model.config, 8, 128, 0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    times, peak = [], 0
+    for step in range(steps):
+        tracker = MemTracker()
+        tracker.track_external(model, optimizer)
+        start = time.perf_counter()
+        with tracker:
+            optimizer.zero_grad()
+            loss = causal_lm_loss(model(batch.input_ids, batch.position_ids), batch.labels,
+                                  batch.num_valid)
+            loss.backward()
+            optimizer.step()
+        times.append(time.perf_counter() - start)
+        snapshot = tracker.get_tracker_snapshot("peak")
+        peak = max(sum(v for k, v in stats.items() if getattr(k, "name", "") == "ACT")
+                   for stats in snapshot.values())
+        total = max(stats.get("Total", 0) for stats in snapshot.values())
+    return {"peak_activation_bytes": peak, "peak_total_bytes": total,
+            "median_s": statistics.median(times[1:])}
+
+
+def bench_ac(steps: int) -> list[dict[str, Any]]:
+    return [{"mode": mode, **run_local(1, _ac_rank, mode, steps)[0]}
+            for mode in ("off", "full", "router", "selective")]
+
+
+def bench_cp(steps: int) -> list[dict[str, Any]]:
+    rows = []
+    config = get_preset("small")
+    seq = 128
+    for cp, ac in ((2, "off"), (4, "off"), (2, "router")):
+        result = run_local(4, _train_rank, f"dp_shard={4 // cp},cp={cp}", "all_to_all", ac,
+                           steps, seq)
+        comm = result[0]["comm"]
+        gathered = comm.get("all_gather_into_tensor", {"bytes": 0})["bytes"]
+        received = int(gathered * (cp - 1) / cp)
+        rows_per_rank = 8 // (4 // cp)
+        kv_bytes = rows_per_rank * 2 * config.n_kv_heads * seq * config.head_dim * 4
+        bound = (cp - 1) / cp * kv_bytes * config.n_layers
+        rows.append({"cp": cp, "ac": ac, "kv_allgather_output_bytes": gathered,
+                     "received_bytes": received,
+                     "lower_bound_received_bytes_fwd": int(bound),
+                     "median_step_s": result[0]["median_s"], "comm": comm})
+    return rows
+
+
+def bench_planning() -> list[dict[str, Any]]:
+    rows = []
+    with torch.device("meta"):
+        model = MoETransformer(get_preset("deepseek-v3"))
+    for world, ep in ((256, 32), (1024, 64), (4096, 64)):
+        mesh = MeshSpec(dp_shard=world, ep=ep)
+        times, render, dump = [], [], []
+        for _ in range(3):
+            start = time.perf_counter()
+            plan = compose(plan_ep(), plan_ac(), plan_fsdp())(model, mesh).unwrap()
+            times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            plan.diff()
+            render.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            plan.to_json()
+            dump.append(time.perf_counter() - start)
+        rows.append({"world": world, "ep": ep, "plan_s": statistics.median(times),
+                     "diff_s": statistics.median(render), "json_s": statistics.median(dump),
+                     "steps": len(plan.steps)})
+    return rows
+
+
+def _machine() -> dict[str, Any]:
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "load_average": os.getloadavg(),
+            "platform": platform.platform()}
+
+
+def _table(rows: list[dict[str, Any]], keys: list[str]) -> str:
+    head = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
+    def fmt(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+    return head + "\n".join("| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6)
+    args = parser.parse_args()
+    machine = _machine()
+    results = {"machine": machine, "dispatch": bench_dispatch(args.steps),
+               "ac": bench_ac(args.steps), "cp": bench_cp(args.steps),
+               "planning": bench_planning()}
+    machine["load_average_after"] = os.getloadavg()
+    (ROOT / "results").mkdir(exist_ok=True)
+    (ROOT / "results" / "benchmarks.json").write_text(json.dumps(results, indent=1))
+    text = "\n\n".join([
+        "# moefn benchmarks\n\nGenerated by `python -m benchmarks.run` (`nox -s bench`). "
+        f"Machine: {machine}.",
+        "## Token dispatch (small preset, 4 CPU ranks, dp_shard=4, FSDP fp32)\n\n"
+        + _table(results["dispatch"], ["ep", "dispatch", "median_step_s",
+                                       "dispatch_bytes_per_step_rank0"]),
+        "## Activation checkpointing (small preset, batch 8×128, one rank; MemTracker peak)\n\n"
+        + _table(results["ac"], ["mode", "peak_activation_bytes", "peak_total_bytes",
+                                 "median_s"]),
+        "## Context parallel (small preset, seq 128, 4 ranks, FSDP fp32)\n\n"
+        + _table(results["cp"], ["cp", "ac", "kv_allgather_output_bytes", "received_bytes",
+                                 "lower_bound_received_bytes_fwd", "median_step_s"]),
+        "## Planning the DeepSeek-V3-like preset on the meta device (EP + AC + FSDP)\n\n"
+        + _table(results["planning"], ["world", "ep", "steps", "plan_s", "diff_s", "json_s"]),
+    ])
+    (ROOT / "docs" / "benchmarks.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
