@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from moefn.errors import PlanError
+from moefn.layout import param_layouts
 from moefn.mesh import MeshSpec
 from moefn.models import PRESETS, MoETransformer, get_preset
 from moefn.stage import Stage, compose, plan_or_raise
@@ -50,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 def _plan_command(args: argparse.Namespace) -> int:
     problems: list[dict[str, str]] = []
     steps: list[object] = []
+    shapes: dict[str, list[object]] = {}
     text = ""
     world = 0
     try:
@@ -62,13 +64,17 @@ def _plan_command(args: argparse.Namespace) -> int:
             stages.append(plan_fsdp(precision=args.precision))
         plan = plan_or_raise(compose(*stages)(model, mesh))
         steps = json.loads(plan.to_json())["plan"]["steps"]
+        shapes = {name: [{"shape": list(shape), "ranks": ranks}
+                         for shape, ranks in layout.local_shapes(mesh)]
+                  for name, layout in param_layouts(plan).items()}
         text = plan.diff()
     except PlanError as err:
         problems = [{"path": p.path, "message": p.message, "value": p.value, "fix": p.fix}
                     for p in err.problems]
         text = str(err)
     if args.json:
-        print(json.dumps({"world_size": world, "steps": steps, "problems": problems}))
+        print(json.dumps({"world_size": world, "steps": steps, "problems": problems,
+                          "local_shapes": shapes}))
     else:
         print(text)
     return 1 if problems else 0

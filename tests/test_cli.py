@@ -49,9 +49,11 @@ def test_usage_errors_exit_2(argv: list[str]) -> None:
 def test_full_size_preset_plans_on_the_meta_device(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--model", "deepseek-v3", "--mesh", "dp_shard=1024,ep=64",
                  "--json"]) == 0
-    steps = json.loads(capsys.readouterr().out)["steps"]
-    experts = [s for s in steps if s["record"] == "DistributeParams"]
+    doc = json.loads(capsys.readouterr().out)
+    experts = [s for s in doc["steps"] if s["record"] == "DistributeParams"]
     assert len(experts) == 59 and experts[0]["placements"] == [{"record": "Shard", "dim": 0}]
+    assert doc["local_shapes"]["layers.3.mlp.experts.gate_up"] == [
+        {"shape": [4, 448, 4096], "ranks": 1024}]
 
 
 def test_demo_json_matches_one_process() -> None:
