@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from moefn.errors import PlanError
+from moefn.estimate import Estimate, estimate
 from moefn.layout import param_layouts
 from moefn.mesh import MeshSpec
 from moefn.models import PRESETS, MoETransformer, get_preset
@@ -39,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--dispatch", choices=("all_to_all", "all_gather"), default="all_to_all")
     plan.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     plan.add_argument("--no-fsdp", action="store_true", help="leave plan_fsdp out")
+    plan.add_argument("--tokens", type=int, default=4096, help="tokens per rank per step")
+    plan.add_argument("--top-k", type=int, default=8, help="experts per token (comm estimate)")
     plan.add_argument("--json", action="store_true", help="one JSON object on stdout")
     demo = sub.add_parser("demo", help="train the small preset on N local ranks vs one process")
     demo.add_argument("--nproc", type=int, default=4)
@@ -48,10 +51,35 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _gib(n: int) -> str:
+    return f"{n / 2**30:10.3f} GiB"
+
+
+def _memory_table(est: Estimate) -> str:
+    m = est.memory
+    rows = [f"memory of rank {est.rank} (AdamW states in the parameter dtype):",
+            f"  {'kind':<12}{'params':>15}{'grads':>15}{'optimizer':>15}"]
+    grads, states = dict(m.grads), dict(m.optimizer)
+    for kind, size in m.params:
+        rows.append(f"  {kind:<12}{_gib(size):>15}{_gib(grads.get(kind, 0)):>15}"
+                    f"{_gib(states.get(kind, 0)):>15}")
+    rows.append(f"  total {_gib(m.total)}; largest unit gathered in forward {_gib(m.gathered_peak)}")
+    return "\n".join(rows)
+
+
+def _comm_table(est: Estimate) -> str:
+    rows = ["communication per step and rank (received bytes):"]
+    rows += [f"  {c.collective:<44}{_gib(c.bytes):>15}  (lower bound {_gib(c.lower_bound).strip()})"
+             for c in est.comm]
+    return "\n".join(rows)
+
+
 def _plan_command(args: argparse.Namespace) -> int:
     problems: list[dict[str, str]] = []
     steps: list[object] = []
     shapes: dict[str, list[object]] = {}
+    memory: dict[str, object] = {}
+    comm: list[dict[str, object]] = []
     text = ""
     world = 0
     try:
@@ -67,14 +95,20 @@ def _plan_command(args: argparse.Namespace) -> int:
         shapes = {name: [{"shape": list(shape), "ranks": ranks}
                          for shape, ranks in layout.local_shapes(mesh)]
                   for name, layout in param_layouts(plan).items()}
-        text = plan.diff()
+        est = estimate(plan, rank=0, tokens_per_rank=args.tokens, top_k=args.top_k)
+        memory = {"rank": 0, "params": dict(est.memory.params), "grads": dict(est.memory.grads),
+                  "optimizer_adamw": dict(est.memory.optimizer), "total": est.memory.total,
+                  "gathered_peak": est.memory.gathered_peak}
+        comm = [{"collective": c.collective, "bytes": c.bytes, "lower_bound": c.lower_bound}
+                for c in est.comm]
+        text = "\n".join([plan.diff(), "", _memory_table(est), "", _comm_table(est)])
     except PlanError as err:
         problems = [{"path": p.path, "message": p.message, "value": p.value, "fix": p.fix}
                     for p in err.problems]
         text = str(err)
     if args.json:
         print(json.dumps({"world_size": world, "steps": steps, "problems": problems,
-                          "local_shapes": shapes}))
+                          "local_shapes": shapes, "memory": memory, "comm": comm}))
     else:
         print(text)
     return 1 if problems else 0
