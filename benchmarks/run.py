@@ -91,8 +91,8 @@ def _ac_rank(rank: int, world: int, mode: str, steps: int) -> dict[str, Any]:
     realize(plan, model, build_device_meshes(mesh, "cpu"))
     batch = global_batch(model.config, 8, 128, 0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    times, peak = [], 0
-    for step in range(steps):
+    times, peak, total = [], 0, 0
+    for _ in range(steps):
         tracker = MemTracker()
         tracker.track_external(model, optimizer)
         start = time.perf_counter()
