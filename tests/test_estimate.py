@@ -6,7 +6,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import torch
 from torch.distributed.tensor import DTensor
 
 from moefn.estimate import estimate, estimate_memory
