@@ -20,6 +20,7 @@ from moefn.estimate import Estimate, estimate
 from moefn.layout import param_layouts
 from moefn.mesh import MeshSpec
 from moefn.models import PRESETS, MoETransformer, get_preset
+from moefn.plan import ShardPlan
 from moefn.stage import Stage, compose, plan_or_raise
 from moefn.stages import plan_ep, plan_fsdp
 
@@ -36,7 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="print the plan of a preset on a mesh (no GPU needed)")
     plan.add_argument("--model", required=True, choices=tuple(PRESETS), help="preset")
-    plan.add_argument("--mesh", required=True, type=_mesh_text, help="e.g. dp_shard=1024,ep=64")
+    target = plan.add_mutually_exclusive_group(required=True)
+    target.add_argument("--mesh", type=_mesh_text, help="e.g. dp_shard=1024,ep=64")
+    target.add_argument("--compare", nargs=2, type=_mesh_text, metavar=("MESH_A", "MESH_B"),
+                        help="print what changes from the plan on MESH_A to the one on MESH_B")
     plan.add_argument("--dispatch", choices=("all_to_all", "all_gather"), default="all_to_all")
     plan.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     plan.add_argument("--no-fsdp", action="store_true", help="leave plan_fsdp out")
@@ -74,7 +78,28 @@ def _comm_table(est: Estimate) -> str:
     return "\n".join(rows)
 
 
+def _build_plan(args: argparse.Namespace, mesh: MeshSpec) -> ShardPlan:
+    with torch.device("meta"):
+        model = MoETransformer(get_preset(args.model))
+    stages: list[Stage] = [plan_ep(dispatch=args.dispatch)] if mesh.ep > 1 else []
+    if not args.no_fsdp:
+        stages.append(plan_fsdp(precision=args.precision))
+    return plan_or_raise(compose(*stages)(model, mesh))
+
+
+def _compare_command(args: argparse.Namespace) -> int:
+    try:
+        a, b = (_build_plan(args, MeshSpec.parse(text)) for text in args.compare)
+        print(a.diff(b))
+    except PlanError as err:
+        print(err)
+        return 1
+    return 0
+
+
 def _plan_command(args: argparse.Namespace) -> int:
+    if args.compare:
+        return _compare_command(args)
     problems: list[dict[str, str]] = []
     steps: list[object] = []
     shapes: dict[str, list[object]] = {}
@@ -85,12 +110,7 @@ def _plan_command(args: argparse.Namespace) -> int:
     try:
         mesh = MeshSpec.parse(args.mesh)
         world = mesh.world_size
-        with torch.device("meta"):
-            model = MoETransformer(get_preset(args.model))
-        stages: list[Stage] = [plan_ep(dispatch=args.dispatch)] if mesh.ep > 1 else []
-        if not args.no_fsdp:
-            stages.append(plan_fsdp(precision=args.precision))
-        plan = plan_or_raise(compose(*stages)(model, mesh))
+        plan = _build_plan(args, mesh)
         steps = json.loads(plan.to_json())["plan"]["steps"]
         shapes = {name: [{"shape": list(shape), "ranks": ranks}
                          for shape, ranks in layout.local_shapes(mesh)]

@@ -150,10 +150,11 @@ class ShardPlan:
                     out[f"{step.path}.{name}" if step.path else name] = step
         return out
 
-    def diff(self) -> str:
-        from moefn.render import render_diff
+    def diff(self, other: ShardPlan | None = None) -> str:
+        """The module-tree diff of this plan, or what changes from this plan to ``other``."""
+        from moefn.render import render_comparison, render_diff
 
-        return render_diff(self)
+        return render_diff(self) if other is None else render_comparison(self, other)
 
     def to_json(self) -> str:
         from moefn.serialize import plan_to_json

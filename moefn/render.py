@@ -112,3 +112,60 @@ def render_diff(plan: ShardPlan) -> str:
     out.append(f"{len(lines)} changes: {added} added (+), {changed} changed (~) "
                f"over {touched} paths ({len(groups)} lines after collapsing repeated blocks)")
     return "\n".join(out)
+
+
+def _describe(step: Step, mesh: MeshSpec) -> str:
+    return _step_text(step, mesh)[1] if not isinstance(step, DistributeParams) else (
+        f"distribute {', '.join(step.params)} → "
+        + ", ".join(f"{p}@{d}({mesh.size(d)})" for d, p in zip(step.mesh_dims, step.placements,
+                                                                strict=True)))
+
+
+def render_comparison(before: ShardPlan, after: ShardPlan) -> str:
+    """What changes from ``before`` to ``after`` (same model): steps, memory, communication."""
+    from moefn.errors import PlanError
+    from moefn.estimate import estimate
+
+    if before.model.fingerprint() != after.model.fingerprint():
+        raise PlanError.single("", "plans are for different models",
+                               f"{before.model.root_class} vs {after.model.root_class}",
+                               "compare plans of the same model")
+    old = {(type(s).__name__, s.path): s for s in before.steps}
+    new = {(type(s).__name__, s.path): s for s in after.steps}
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for key in sorted(old.keys() | new.keys(), key=lambda k: (k[1], k[0])):
+        a, b = old.get(key), new.get(key)
+        if a == b and a is not None and before.mesh.as_text() == after.mesh.as_text():
+            continue
+        if a is None and b is not None:
+            symbol, text = "+", _describe(b, after.mesh)
+        elif b is None and a is not None:
+            symbol, text = "-", _describe(a, before.mesh)
+        elif a is not None and b is not None:
+            was, now = _describe(a, before.mesh), _describe(b, after.mesh)
+            if was == now:
+                continue
+            symbol, text = "~", f"{was}  ⇒  {now}"
+        else:
+            continue
+        groups.setdefault((symbol, _INDEX.sub("*", key[1]), text), []).append(key[1])
+    lines = [f"moefn plan comparison: {before.mesh.describe()}  ⇒  {after.mesh.describe()}"]
+    for (symbol, pattern, text), paths in groups.items():
+        label = paths[0] if len(paths) == 1 else f"{pattern} ×{len(paths)}"
+        lines.append(f"{symbol} {label or '(root)'}  {text}")
+    a_est, b_est = estimate(before), estimate(after)
+    lines.append("per-rank memory (rank 0):")
+    for part in ("params", "grads", "optimizer"):
+        old_bytes: dict[str, int] = dict(getattr(a_est.memory, part))
+        new_bytes: dict[str, int] = dict(getattr(b_est.memory, part))
+        for kind in sorted(old_bytes.keys() | new_bytes.keys()):
+            x, y = old_bytes.get(kind, 0), new_bytes.get(kind, 0)
+            lines.append(f"  {part:<10}{kind:<12}{x:>16,} → {y:>16,}  ({y - x:+,} bytes)")
+    lines.append("communication per step (rank 0):")
+    was_c = {c.collective: c.bytes for c in a_est.comm}
+    now_c = {c.collective: c.bytes for c in b_est.comm}
+    for name in sorted(was_c.keys() | now_c.keys()):
+        delta = now_c.get(name, 0) - was_c.get(name, 0)
+        lines.append(f"  {name:<44}{was_c.get(name, 0):>18,} → {now_c.get(name, 0):>18,}"
+                     f"  ({delta:+,} bytes)")
+    return "\n".join(lines)

@@ -62,3 +62,14 @@ def test_demo_json_matches_one_process() -> None:
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["nproc"] == 2 and len(report["losses"]) == 2
     assert report["max_abs_loss_diff"] <= 1e-5
+
+
+def test_compare_prints_step_memory_and_comm_deltas(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--model", "tiny", "--compare", "dp_shard=4,ep=2",
+                 "dp_shard=4,ep=4"]) == 0
+    out = capsys.readouterr().out
+    assert "~ layers.*.mlp.experts ×2  dispatch all_to_all over ep(2): 8 experts, 4 per rank  ⇒  " \
+           "dispatch all_to_all over ep(4): 8 experts, 2 per rank" in out
+    assert "params    experts" in out and "ep all_to_all (forward + backward)" in out
+    with pytest.raises(SystemExit):
+        main(["plan", "--model", "tiny", "--mesh", "dp_shard=4", "--compare", "a=1", "b=2"])
