@@ -14,7 +14,8 @@ from moefn.cli import main
 def test_plan_prints_the_diff(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--model", "tiny", "--mesh", "dp_shard=4,ep=2"]) == 0
     out = capsys.readouterr().out
-    assert "dispatch all_to_all over ep(2)" in out and out.rstrip().endswith("blocks)")
+    assert "dispatch all_to_all over ep(2)" in out and "lines after collapsing" in out
+    assert "memory of rank 0" in out and "communication per step" in out
 
 
 def test_plan_json_lists_steps_problems_and_world(capsys: pytest.CaptureFixture[str]) -> None:
