@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--no-fsdp", action="store_true", help="leave plan_fsdp out")
     plan.add_argument("--tokens", type=int, default=4096, help="tokens per rank per step")
     plan.add_argument("--top-k", type=int, default=8, help="experts per token (comm estimate)")
+    plan.add_argument("--simulate", action="store_true",
+                      help="realize the plan for representative ranks on a fake process group")
     plan.add_argument("--json", action="store_true", help="one JSON object on stdout")
     demo = sub.add_parser("demo", help="train the small preset on N local ranks vs one process")
     demo.add_argument("--nproc", type=int, default=4)
@@ -104,6 +106,7 @@ def _plan_command(args: argparse.Namespace) -> int:
     steps: list[object] = []
     shapes: dict[str, list[object]] = {}
     memory: dict[str, object] = {}
+    simulated: list[dict[str, object]] = []
     comm: list[dict[str, object]] = []
     text = ""
     world = 0
@@ -122,13 +125,23 @@ def _plan_command(args: argparse.Namespace) -> int:
         comm = [{"collective": c.collective, "bytes": c.bytes, "lower_bound": c.lower_bound}
                 for c in est.comm]
         text = "\n".join([plan.diff(), "", _memory_table(est), "", _comm_table(est)])
+        if args.simulate:
+            from moefn.simulate import simulate
+
+            config = get_preset(args.model)
+            for r in simulate(plan, lambda: MoETransformer(config)):
+                simulated.append({"rank": r.rank, "seconds": round(r.seconds, 2),
+                                  "parameters_checked": r.parameters})
+                text += (f"\nsimulated rank {r.rank}: realized in {r.seconds:.1f} s, "
+                         f"{r.parameters} parameters match the plan")
     except PlanError as err:
         problems = [{"path": p.path, "message": p.message, "value": p.value, "fix": p.fix}
                     for p in err.problems]
         text = str(err)
     if args.json:
         print(json.dumps({"world_size": world, "steps": steps, "problems": problems,
-                          "local_shapes": shapes, "memory": memory, "comm": comm}))
+                          "local_shapes": shapes, "memory": memory, "comm": comm,
+                          "simulated": simulated}))
     else:
         print(text)
     return 1 if problems else 0
