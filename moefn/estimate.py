@@ -147,7 +147,7 @@ def _fsdp_comm(plan: ShardPlan) -> list[Comm]:
         padded = _numel(tuple(shape)) // max(shape[unit.shard_dim], 1) * rows
         received = padded * (n - 1) // n
         exact = _numel(tuple(shape)) * (n - 1) // n
-        passes = 2 if unit.reshard_after_forward and unit.path else 1
+        passes = 2 if unit.reshard_after_forward else 1  # regathered for backward
         gather += received * _BYTES.get(unit.param_dtype or dtypes[name], 4) * passes
         gather_bound += exact * _BYTES.get(unit.param_dtype or dtypes[name], 4)
         scatter += received * _BYTES.get(unit.reduce_dtype or dtypes[name], 4)
