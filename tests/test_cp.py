@@ -22,6 +22,7 @@ CASES = [
     # id, mesh, stages, preset
     ("cp2-alone-gqa", "dp_shard=2,cp=2", (CP,), "tiny"),
     ("cp4-alone-gqa", "cp=4", (CP,), "tiny"),
+    ("cp2-replicated-alone", "dp_replicate=2,cp=2", (CP,), "tiny"),
     ("cp2-fsdp-bidirectional", "dp_shard=2,cp=2", (CP, FSDP), "tiny-bidirectional"),
     ("cp4-fsdp", "cp=4", (CP, FSDP), "tiny"),
     ("cp2-ep2-ac-fsdp", "dp_shard=2,cp=2,ep=2",

@@ -27,6 +27,7 @@ CASES = [
     ("ep2-a2a-full-model", "dp_shard=4,ep=2", (ep("all_to_all"), FSDP), "tiny-full"),
     ("ep2-ag-full-model", "dp_shard=4,ep=2", (ep("all_gather"), FSDP), "tiny-full"),
     ("ep2-hsdp", "dp_replicate=2,dp_shard=2,ep=2", (ep("all_to_all"), FSDP), "tiny"),
+    ("ep2-replicated-alone", "dp_replicate=2,dp_shard=2,ep=2", (ep("all_gather"),), "tiny"),
 ]
 
 

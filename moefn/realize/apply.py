@@ -40,7 +40,7 @@ def apply_context_parallel(step: ContextParallelAttention, module: nn.Module,
                            meshes: DeviceMeshes) -> None:
     from moefn.runtime.context_parallel import AllGatherKVAttention
 
-    setattr(module, "impl", AllGatherKVAttention(meshes.get(step.mesh_dims).get_group()))
+    setattr(module, "impl", AllGatherKVAttention(meshes.group(step.mesh_dims)))
 
 
 def apply_distribute(step: DistributeParams, module: nn.Module, meshes: DeviceMeshes) -> None:
@@ -56,7 +56,7 @@ def apply_distribute(step: DistributeParams, module: nn.Module, meshes: DeviceMe
 def apply_dispatch(step: InstallDispatch, module: nn.Module, meshes: DeviceMeshes) -> None:
     from moefn.runtime.ep_dispatch import AllGatherDispatch, AllToAllDispatch
 
-    group = meshes.get(step.mesh_dims).get_group()
+    group = meshes.group(step.mesh_dims)
     kind = AllToAllDispatch if step.kind == "all_to_all" else AllGatherDispatch
     setattr(module, "dispatcher", kind(step.num_experts, group))
 
@@ -85,7 +85,7 @@ def apply_sync(steps: tuple[SyncGradients, ...], model: nn.Module, meshes: Devic
         if not param.requires_grad:
             continue
         step = next(s for s in by_depth if s.path == "" or name.startswith(s.path + "."))
-        hook = _sum_over(meshes.get(step.mesh_dims).get_group())
+        hook = _sum_over(meshes.group(step.mesh_dims))
         param.register_hook(hook)  # type: ignore[no-untyped-call]
 
 

@@ -13,6 +13,7 @@ can then shard ep-placed DTensors).
 from __future__ import annotations
 
 from attrs import frozen
+from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from moefn.errors import RealizeError
@@ -41,6 +42,14 @@ class DeviceMeshes:
             return self.dense[dims]
         raise RealizeError.single("mesh", "no such mesh axes", dims,
                                   "use axes of one view: dense or expert")
+
+
+    def group(self, dims: tuple[str, ...]) -> ProcessGroup:
+        """One process group spanning ``dims`` (several axes are flattened into one)."""
+        mesh = self.get(dims)
+        if mesh.ndim > 1:
+            mesh = mesh._flatten("_".join(dims))
+        return mesh.get_group()
 
 
 def build_device_meshes(spec: MeshSpec, device_type: str) -> DeviceMeshes:
