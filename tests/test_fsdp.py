@@ -91,3 +91,13 @@ def test_frozen_modules_get_no_unit_unless_asked() -> None:
     assert "embed" not in units and units[""].ignored == ("embed.weight",)
     asked = compose(plan_fsdp(shard_frozen=True))(model, MeshSpec(dp_shard=2)).unwrap()
     assert "embed" in {s.path for s in asked.steps_of(FullyShard)}
+
+
+@pytest.mark.parametrize("dispatch", ["all_to_all", "all_gather"])
+def test_bf16_with_every_stage(ranks: Callable[[int], RankPool], dispatch: str) -> None:
+    stages = (("cp", ()), ("ep", (("dispatch", dispatch),)), ("ac", (("mode", "router"),)),
+              ("fsdp", (("precision", "bf16"),)))
+    result = ranks(4).run(run_parity, Case(mesh="dp_shard=2,cp=2,ep=2", stages=stages,
+                                           preset="tiny-full"))[0]
+    assert result["master_dtypes"] == {"torch.float32"}
+    assert 0 < result["max_loss_diff"] <= 2e-2
