@@ -34,10 +34,10 @@ AXIS_SPANS: Final[dict[str, tuple[str, ...]]] = {
 
 def _mesh_problems(dp_replicate: int, dp_shard: int, cp: int, ep: int) -> list[Problem]:
     problems = [
-        Problem(path="mesh", message=f"axis {name} must be a positive integer", value=str(size),
+        Problem(path="mesh", message=f"axis {name} must be a positive integer", value=repr(size),
                 fix=f"set {name}=1 or larger")
         for name, size in zip(BASE_AXES, (dp_replicate, dp_shard, cp, ep), strict=True)
-        if size < 1
+        if type(size) is not int or size < 1
     ]
     if not problems and (dp_shard * cp) % ep:
         valid = [d for d in range(1, dp_shard * cp + 1) if (dp_shard * cp) % d == 0]
@@ -69,7 +69,7 @@ class MeshSpec:
         for item in filter(None, (part.strip() for part in text.split(","))):
             name, sep, value = item.partition("=")
             name = name.strip()
-            if not sep or name not in BASE_AXES or not value.strip().isdigit():
+            if not sep or name not in BASE_AXES or not (value.strip().isascii() and value.strip().isdigit()):
                 problems.append(Problem(path="mesh", message="not an axis=size item",
                                         value=repr(item),
                                         fix=f"write axis=size with axis in {BASE_AXES}"))

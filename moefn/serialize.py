@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 
 from moefn.errors import PlanError, PlanFormatError, Problem
-from moefn.plan import ShardPlan
+from moefn.plan import STAGE_ORDER, ShardPlan
 
 FORMAT = "moefn.plan"
 VERSION = 1
@@ -53,6 +53,10 @@ def _decode(tp: Any, data: Any, where: str) -> Any:
             raise _Bad(where, f"expected one of {typing.get_args(tp)}", data)
         return data
     if origin in (typing.Union, types.UnionType):
+        named = [o for o in typing.get_args(tp) if isinstance(o, type) and attrs.has(o)
+                 and isinstance(data, dict) and data.get("record") == o.__name__]
+        if named:  # the record names its type: report errors inside it, not "matches none"
+            return _decode(named[0], data, where)
         errors = []
         for option in typing.get_args(tp):
             try:
@@ -110,7 +114,7 @@ def plan_from_json(text: str) -> ShardPlan:
     """Parse a plan; raises PlanFormatError naming the offending field on any deviation."""
     try:
         doc = json.loads(text)
-    except (json.JSONDecodeError, TypeError) as err:
+    except (ValueError, TypeError, RecursionError) as err:
         raise PlanFormatError([Problem(path="(plan file)", message="not valid JSON",
                                        value=str(err), fix="pass the output of plan.to_json()")]
                               ) from None
@@ -127,5 +131,8 @@ def plan_from_json(text: str) -> ShardPlan:
     except _Bad as bad:
         raise PlanFormatError([Problem(path=bad.where, message=bad.message, value=str(bad.value),
                                        fix="regenerate the plan with moefn")]) from None
+    if list(plan.stages) != sorted(set(plan.stages), key=STAGE_ORDER.index):
+        raise PlanFormatError([Problem(path="plan.stages", message="stages repeated or out of order",
+                                       value=repr(list(plan.stages)), fix="regenerate the plan with moefn")])
     return plan
 

@@ -66,6 +66,9 @@ class Planner:
 
     def __call__(self, model: nn.Module, mesh: MeshSpec | None = None) -> PlanResult:
         names = tuple(s.name for s in self.stages)
+        if mesh is not None and not isinstance(mesh, MeshSpec):
+            return Failure(PlanError.single("mesh", "mesh is not a MeshSpec", repr(mesh),
+                                            "pass MeshSpec(...) or MeshSpec.parse(text)"))
         if list(names) != sorted(names, key=STAGE_ORDER.index) or len(set(names)) != len(names):
             return Failure(_order_error(names))
         meshes = [m for m in (mesh, *(s.mesh for s in self.stages)) if m is not None]

@@ -3,7 +3,7 @@ subclasses) that names the path, the value and the fix — never a bare assert, 
 or a hang — and a refused `realize` must leave the model exactly as it was (atomic realize).
 
 Single-process cases plan meta-device models; multi-rank cases run in one call on the 4-rank
-pool (every rank must raise the same RealizeError). Known bugs are strict xfails (``BUG: ...``).
+pool (every rank must raise the same RealizeError).
 """
 
 from __future__ import annotations
@@ -87,10 +87,6 @@ def error_of(thunk: Callable[[], object]) -> PlanError:
     raise AssertionError(f"bad input accepted: {outcome!r}"[:400])
 
 
-def bug(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=f"BUG: {reason}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------------------------
@@ -153,192 +149,169 @@ def _set(target: dict[str, Any], **values: Any) -> None:
     target.update(values)
 
 
-# (id, call, expected problem, bug reason or None)
-OFFLINE: list[tuple[str, Callable[[], object], Expect, str | None]] = [
+# (id, call, expected problem)
+OFFLINE: list[tuple[str, Callable[[], object], Expect]] = [
     # --- meshes ---
     ("experts-not-divisible-by-ep", lambda: compose(plan_ep())(meta(), MeshSpec(dp_shard=3, ep=3)),
      Expect(PlanError, "layers.0.mlp.experts", "not divisible by ep", "8 experts, ep=3",
-            "use ep in (1,)"), None),
+            "use ep in (1,)")),
     ("two-experts-ep4", lambda: compose(plan_ep())(meta("tiny-2experts"),
                                                    MeshSpec(dp_shard=4, ep=4)),
      Expect(PlanError, "layers.1.mlp.experts", "not divisible by ep", "2 experts, ep=4",
-            "use ep in (1, 2)"), None),
+            "use ep in (1, 2)")),
     ("ep-larger-than-world", lambda: MeshSpec(dp_shard=2, ep=4),
-     Expect(PlanError, "mesh", "ep must divide", "ep=4, dp_shard×cp=2", "use ep in (1, 2)"), None),
+     Expect(PlanError, "mesh", "ep must divide", "ep=4, dp_shard×cp=2", "use ep in (1, 2)")),
     ("ep-larger-than-world-parsed", lambda: MeshSpec.parse("dp_shard=2,ep=4", world_size=2),
-     Expect(PlanError, "mesh", "ep must divide", "ep=4", "use ep in (1, 2)"), None),
+     Expect(PlanError, "mesh", "ep must divide", "ep=4", "use ep in (1, 2)")),
     ("axis-zero", lambda: MeshSpec(dp_shard=0),
-     Expect(PlanError, "mesh", "dp_shard must be a positive integer", "0", "dp_shard=1 or larger"),
-     None),
+     Expect(PlanError, "mesh", "dp_shard must be a positive integer", "0", "dp_shard=1 or larger")),
     ("axis-negative", lambda: MeshSpec(cp=-2),
-     Expect(PlanError, "mesh", "cp must be a positive integer", "-2", "cp=1 or larger"), None),
+     Expect(PlanError, "mesh", "cp must be a positive integer", "-2", "cp=1 or larger")),
     ("parsed-axis-zero", lambda: MeshSpec.parse("dp_shard=4,ep=0"),
-     Expect(PlanError, "mesh", "ep must be a positive integer", "0", "ep=1 or larger"), None),
+     Expect(PlanError, "mesh", "ep must be a positive integer", "0", "ep=1 or larger")),
     ("parsed-axis-negative", lambda: MeshSpec.parse("dp_shard=-2"),
-     Expect(PlanError, "mesh", "not an axis=size item", "'dp_shard=-2'", "axis=size"), None),
+     Expect(PlanError, "mesh", "not an axis=size item", "'dp_shard=-2'", "axis=size")),
     ("parsed-axis-unknown", lambda: MeshSpec.parse("dp_shard=2,tp=2"),
-     Expect(PlanError, "mesh", "not an axis=size item", "'tp=2'", "dp_replicate"), None),
+     Expect(PlanError, "mesh", "not an axis=size item", "'tp=2'", "dp_replicate")),
     ("parsed-axis-without-size", lambda: MeshSpec.parse("dp_shard"),
-     Expect(PlanError, "mesh", "not an axis=size item", "'dp_shard'", "axis=size"), None),
+     Expect(PlanError, "mesh", "not an axis=size item", "'dp_shard'", "axis=size")),
     ("parsed-derived-axis", lambda: MeshSpec.parse("ep_shard=2"),
-     Expect(PlanError, "mesh", "not an axis=size item", "'ep_shard=2'", "axis=size"), None),
+     Expect(PlanError, "mesh", "not an axis=size item", "'ep_shard=2'", "axis=size")),
     ("parsed-axis-twice", lambda: MeshSpec.parse("dp_shard=2,dp_shard=4"),
-     Expect(PlanError, "mesh", "dp_shard given twice", "dp_shard=2,dp_shard=4", "each axis once"),
-     None),
+     Expect(PlanError, "mesh", "dp_shard given twice", "dp_shard=2,dp_shard=4", "each axis once")),
     ("mesh-smaller-than-world", lambda: MeshSpec.parse("dp_shard=4", world_size=8),
      Expect(PlanError, "mesh", "does not cover the world", "4 ranks in the mesh, world size 8",
-            "equal the world size"), None),
+            "equal the world size")),
     ("mesh-larger-than-world", lambda: MeshSpec.parse("dp_shard=4,cp=2", world_size=4),
      Expect(PlanError, "mesh", "does not cover the world", "8 ranks in the mesh, world size 4",
-            "equal the world size"), None),
+            "equal the world size")),
     ("unknown-axis-size", lambda: MeshSpec(dp_shard=2).size("tp"),
-     Expect(PlanError, "mesh", "unknown mesh axis", "'tp'", "dp_shard_cp"), None),
+     Expect(PlanError, "mesh", "unknown mesh axis", "'tp'", "dp_shard_cp")),
     ("axis-size-as-text", lambda: MeshSpec(dp_shard="2"),  # type: ignore[arg-type]
-     Expect(PlanError, "mesh", "dp_shard must be a positive integer", "2", "dp_shard="),
-     "MeshSpec does not type-check axis sizes: a str raises TypeError from `<`"),
+     Expect(PlanError, "mesh", "dp_shard must be a positive integer", "2", "dp_shard=")),
     ("axis-size-as-float", lambda: MeshSpec(dp_shard=2.0),  # type: ignore[arg-type]
-     Expect(PlanError, "mesh", "dp_shard must be a positive integer", "2.0", "dp_shard="),
-     "MeshSpec accepts a float axis size (world_size becomes a float)"),
+     Expect(PlanError, "mesh", "dp_shard must be a positive integer", "2.0", "dp_shard=")),
     ("parsed-non-ascii-digit", lambda: MeshSpec.parse("dp_shard=²"),
-     Expect(PlanError, "mesh", "not an axis=size item", "'dp_shard=²'", "axis=size"),
-     "MeshSpec.parse checks sizes with str.isdigit, which accepts '²'; int() then raises ValueError"),
+     Expect(PlanError, "mesh", "not an axis=size item", "'dp_shard=²'", "axis=size")),
     ("mesh-given-as-text", lambda: compose(plan_fsdp())(meta(), "dp_shard=2"),  # type: ignore[arg-type]
-     Expect(PlanError, "mesh", "", "dp_shard=2", "MeshSpec"),
-     "Planner does not check the mesh type: a str mesh raises AttributeError"),
+     Expect(PlanError, "mesh", "", "dp_shard=2", "MeshSpec")),
     # --- context parallel ---
     ("cp-not-dividing-sequence", lambda: compose(plan_cp(seq_len=30))(meta(), MeshSpec(cp=2)),
-     Expect(PlanError, "", "not divisible by 2·cp", "seq_len=30, cp=2", "use seq_len 28 or 32"),
-     None),
+     Expect(PlanError, "", "not divisible by 2·cp", "seq_len=30, cp=2", "use seq_len 28 or 32")),
     ("cp-sequence-too-short", lambda: compose(plan_cp(seq_len=6))(meta(), MeshSpec(cp=4)),
-     Expect(PlanError, "", "not divisible by 2·cp", "seq_len=6, cp=4", "use seq_len 8"), None),
+     Expect(PlanError, "", "not divisible by 2·cp", "seq_len=6, cp=4", "use seq_len 8")),
     ("cp-sequence-zero", lambda: compose(plan_cp(seq_len=0))(meta(), MeshSpec(cp=2)),
-     Expect(PlanError, "", "sequence length", "seq_len=0", "seq_len"),
-     "plan_cp accepts seq_len=0 and negative lengths (0 % (2·cp) == 0)"),
+     Expect(PlanError, "", "sequence length", "seq_len=0", "seq_len")),
     ("plan-cp-with-cp-1", lambda: compose(plan_cp())(meta(), TWO),
-     Expect(PlanError, "mesh", "needs a cp axis larger than 1", "cp=1", "leave plan_cp out"), None),
+     Expect(PlanError, "mesh", "needs a cp axis larger than 1", "cp=1", "leave plan_cp out")),
     # --- expert parallel ---
     ("plan-ep-with-ep-1", lambda: compose(plan_ep())(meta(), TWO),
-     Expect(PlanError, "mesh", "needs an ep axis larger than 1", "ep=1", "leave plan_ep out"), None),
+     Expect(PlanError, "mesh", "needs an ep axis larger than 1", "ep=1", "leave plan_ep out")),
     ("ep-on-all-dense-model", lambda: compose(plan_ep())(
         meta(n_dense_layers=2, dense_intermediate=64), MeshSpec(dp_shard=2, ep=2)),
-     Expect(PlanError, "", "no MoE experts", "MoETransformer", "leave plan_ep out"), None),
+     Expect(PlanError, "", "no MoE experts", "MoETransformer", "leave plan_ep out")),
     ("unknown-dispatch", lambda: compose(plan_ep(dispatch="nccl"))(  # type: ignore[arg-type]
         meta(), MeshSpec(dp_shard=2, ep=2)),
-     Expect(PlanError, "", "unknown dispatch", "'nccl'", '"all_to_all" or "all_gather"'), None),
+     Expect(PlanError, "", "unknown dispatch", "'nccl'", '"all_to_all" or "all_gather"')),
     # --- architectures ---
     ("unknown-architecture", lambda: compose(plan_fsdp())(nn.Linear(4, 4), TWO),
-     Expect(PlanError, "", "unrecognised model architecture", "Linear", "recognisers tried: moefn"),
-     None),
+     Expect(PlanError, "", "unrecognised model architecture", "Linear", "recognisers tried: moefn")),
     ("not-a-module", lambda: compose(plan_fsdp())("model", TWO),  # type: ignore[arg-type]
-     Expect(PlanError, "", "unrecognised model architecture", "str", "recognisers tried: moefn"),
-     None),
+     Expect(PlanError, "", "unrecognised model architecture", "str", "recognisers tried: moefn")),
     # --- composition ---
     ("stages-out-of-order", lambda: compose(plan_fsdp(), plan_ep())(meta(), EP2),
-     Expect(PlanError, "", "out of the canonical order", "fsdp → ep", "cp, ep, ac, fsdp"), None),
+     Expect(PlanError, "", "out of the canonical order", "fsdp → ep", "cp, ep, ac, fsdp")),
     ("stage-repeated", lambda: compose(plan_ac(), plan_ac())(meta(), TWO),
-     Expect(PlanError, "", "out of the canonical order", "ac → ac", "cp, ep, ac, fsdp"), None),
+     Expect(PlanError, "", "out of the canonical order", "ac → ac", "cp, ep, ac, fsdp")),
     ("stage-applied-twice", lambda: plan_fsdp()(fsdp_plan()),
-     Expect(PlanError, "", "stage fsdp already applied", "('fsdp',)", "apply each stage once"),
-     None),
+     Expect(PlanError, "", "stage fsdp already applied", "('fsdp',)", "apply each stage once")),
     ("stage-after-a-later-one", lambda: plan_ac()(fsdp_plan()),
-     Expect(PlanError, "", "out of the canonical order", "fsdp → ac", "cp, ep, ac, fsdp"), None),
+     Expect(PlanError, "", "out of the canonical order", "fsdp → ac", "cp, ep, ac, fsdp")),
     ("two-meshes", lambda: compose(plan_ep(mesh=EP2), plan_fsdp())(
         meta(), MeshSpec(dp_shard=4, ep=4)),
      Expect(PlanError, "mesh", "two different meshes", "ep=4 vs dp_replicate=1,dp_shard=4,cp=1,ep=2",
-            "give one MeshSpec"), None),
+            "give one MeshSpec")),
     ("stage-mesh-differs-from-plan", lambda: plan_ac(mesh=MeshSpec(dp_shard=4))(fsdp_plan()),
-     Expect(PlanError, "mesh", "two different meshes", "dp_shard=4", "give one MeshSpec"), None),
+     Expect(PlanError, "mesh", "two different meshes", "dp_shard=4", "give one MeshSpec")),
     ("no-mesh", lambda: compose(plan_fsdp())(meta()),
-     Expect(PlanError, "mesh", "no mesh given", "None", "pass a MeshSpec"), None),
+     Expect(PlanError, "mesh", "no mesh given", "None", "pass a MeshSpec")),
     # --- options ---
     ("unknown-precision", lambda: compose(plan_fsdp(precision="fp16"))(meta(), TWO),  # type: ignore[arg-type]
-     Expect(PlanError, "", "unknown precision", "'fp16'", '"bf16" or "fp32"'), None),
+     Expect(PlanError, "", "unknown precision", "'fp16'", '"bf16" or "fp32"')),
     ("unknown-lm-head-precision",
      lambda: compose(plan_fsdp(lm_head_precision="fp8"))(meta(), TWO),  # type: ignore[arg-type]
-     Expect(PlanError, "", "unknown precision", "'fp8'", '"bf16" or "fp32"'), None),
+     Expect(PlanError, "", "unknown precision", "'fp8'", '"bf16" or "fp32"')),
     ("unknown-ac-mode", lambda: compose(plan_ac(mode="sometimes"))(meta(), TWO),  # type: ignore[arg-type]
-     Expect(PlanError, "", "unknown checkpoint mode", "'sometimes'", "'selective'"), None),
+     Expect(PlanError, "", "unknown checkpoint mode", "'sometimes'", "'selective'")),
     ("ac-every-zero", lambda: compose(plan_ac(every=0))(meta(), TWO),
-     Expect(PlanError, "", "every must be at least 1", "0", "every=1"), None),
+     Expect(PlanError, "", "every must be at least 1", "0", "every=1")),
     ("ac-every-negative", lambda: compose(plan_ac(every=-3))(meta(), TWO),
-     Expect(PlanError, "", "every must be at least 1", "-3", "every=1"), None),
+     Expect(PlanError, "", "every must be at least 1", "-3", "every=1")),
     ("ac-skip-matching-nothing", lambda: compose(plan_ac(skip=("blocks.*",)))(meta(), TWO),
-     Expect(PlanError, "blocks.*", "matches no block", "blocks.*", "layers.0"), None),
+     Expect(PlanError, "blocks.*", "matches no block", "blocks.*", "layers.0")),
     ("ac-every-fractional", lambda: compose(plan_ac(every=1.5))(meta(), TWO),  # type: ignore[arg-type]
-     Expect(PlanError, "", "every", "1.5", "every="),
-     "plan_ac accepts a non-integer every (1.5 silently checkpoints blocks 0, 3, 6, ...)"),
+     Expect(PlanError, "", "every", "1.5", "every=")),
     ("ac-skip-as-string", lambda: compose(plan_ac(skip="blocks.0"))(meta(), TWO),  # type: ignore[arg-type]
-     Expect(PlanError, "blocks.0", "matches no block", "blocks.0", "layers.0"),
-     "plan_ac iterates a str skip character by character: one problem per letter"),
+     Expect(PlanError, "blocks.0", "matches no block", "blocks.0", "layers.0")),
     ("fsdp-flag-not-bool", lambda: compose(plan_fsdp(reshard_after_forward="no"))(  # type: ignore[arg-type]
         meta(), TWO),
-     Expect(PlanError, "", "reshard_after_forward", "'no'", "True or False"),
-     "plan_fsdp accepts a truthy str flag; the plan then fails to load from its own to_json()"),
+     Expect(PlanError, "", "reshard_after_forward", "'no'", "True or False")),
     # --- plan files ---
     ("json-malformed", load("{not json"),
-     Expect(PlanFormatError, "(plan file)", "not valid JSON", "line 1", "plan.to_json()"), None),
+     Expect(PlanFormatError, "(plan file)", "not valid JSON", "line 1", "plan.to_json()")),
     ("json-not-a-document", load("[]"),
-     Expect(PlanFormatError, "(plan file)", "not a moefn plan", "[]", '"format": "moefn.plan"'),
-     None),
+     Expect(PlanFormatError, "(plan file)", "not a moefn plan", "[]", '"format": "moefn.plan"')),
     ("json-wrong-format-marker", load(edited(lambda d: _set(d, format="pickle"))),
      Expect(PlanFormatError, "(plan file)", "not a moefn plan", '"format": "pickle"',
-            '"format": "moefn.plan"'), None),
+            '"format": "moefn.plan"')),
     ("json-newer-version", load(edited(lambda d: _set(d, version=2))),
      Expect(PlanFormatError, "(plan file).version", "unsupported plan format version", "2",
-            "upgrade moefn"), None),
+            "upgrade moefn")),
     ("json-version-as-text", load(edited(lambda d: _set(d, version="1"))),
      Expect(PlanFormatError, "(plan file).version", "unsupported plan format version", "'1'",
-            "versions 1..1"), None),
+            "versions 1..1")),
     ("json-version-as-bool", load(edited(lambda d: _set(d, version=True))),
      Expect(PlanFormatError, "(plan file).version", "unsupported plan format version", "True",
-            "versions 1..1"), None),
+            "versions 1..1")),
     ("json-tensor-shape-float", load(edited(
         lambda d: _set(d["plan"]["model"]["tensors"][0], shape=[64.0, 32]))),
-     Expect(PlanFormatError, "plan.model.tensors[0].shape[0]", "expected int", "64.0", FORMAT_FIX),
-     None),
+     Expect(PlanFormatError, "plan.model.tensors[0].shape[0]", "expected int", "64.0", FORMAT_FIX)),
     ("json-bool-as-int", load(edited(
         lambda d: _set(d["plan"]["model"]["tensors"][0], requires_grad=1))),
      Expect(PlanFormatError, "plan.model.tensors[0].requires_grad", "expected bool", "1",
-            FORMAT_FIX), None),
+            FORMAT_FIX)),
     ("json-unknown-stage", load(edited(lambda d: _set(d["plan"], stages=["ep", "tp"]))),
-     Expect(PlanFormatError, "plan.stages[1]", "expected one of", "tp", FORMAT_FIX), None),
+     Expect(PlanFormatError, "plan.stages[1]", "expected one of", "tp", FORMAT_FIX)),
     ("json-unknown-record-kind", load(edited(
         lambda d: _set(step_of(d, "FullyShard", ""), record="TensorParallel"))),
-     Expect(PlanFormatError, "plan.steps[13]", "matches none of", "TensorParallel", FORMAT_FIX),
-     None),
+     Expect(PlanFormatError, "plan.steps[13]", "matches none of", "TensorParallel", FORMAT_FIX)),
     ("json-record-smuggling-code", load(edited(
         lambda d: _set(step_of(d, "FullyShard", ""), record=CODE))),
-     Expect(PlanFormatError, "plan.steps[13]", "matches none of", "__import__", FORMAT_FIX), None),
+     Expect(PlanFormatError, "plan.steps[13]", "matches none of", "__import__", FORMAT_FIX)),
     ("json-root-record-smuggling-code", load(edited(lambda d: _set(d["plan"], record=CODE))),
-     Expect(PlanFormatError, "plan", "expected a ShardPlan object", "__import__", FORMAT_FIX), None),
+     Expect(PlanFormatError, "plan", "expected a ShardPlan object", "__import__", FORMAT_FIX)),
     ("json-extra-field", load(edited(lambda d: _set(d["plan"]["mesh"], tp=2))),
-     Expect(PlanFormatError, "plan.mesh", "unexpected ['tp']", "MeshSpec", FORMAT_FIX), None),
+     Expect(PlanFormatError, "plan.mesh", "unexpected ['tp']", "MeshSpec", FORMAT_FIX)),
     ("json-missing-field", load(edited(lambda d: d["plan"]["mesh"].pop("cp"))),
-     Expect(PlanFormatError, "plan.mesh", "missing ['cp']", "MeshSpec", FORMAT_FIX), None),
+     Expect(PlanFormatError, "plan.mesh", "missing ['cp']", "MeshSpec", FORMAT_FIX)),
     ("json-invalid-mesh", load(edited(lambda d: _set(d["plan"]["mesh"], dp_shard=0))),
      Expect(PlanFormatError, "plan.mesh", "dp_shard must be a positive integer", '"dp_shard": 0',
-            FORMAT_FIX), None),
+            FORMAT_FIX)),
     ("json-step-field-wrong-type", load(edited(
         lambda d: _set(step_of(d, "FullyShard", ""), shard_dim="0"))),
-     Expect(PlanFormatError, "plan.steps[13].shard_dim", "expected int", "'0'", FORMAT_FIX),
-     "decoding a union of step records drops the inner field path and value (reports only "
-     "plan.steps[13] and the record's first 80 characters)"),
+     Expect(PlanFormatError, "plan.steps[13].shard_dim", "expected int", "'0'", FORMAT_FIX)),
     ("json-pickle-bytes", load(PICKLE_PAYLOAD),
-     Expect(PlanFormatError, "(plan file)", "not valid JSON", "utf-8", "plan.to_json()"),
-     "from_json lets UnicodeDecodeError escape for non-UTF-8 bytes (it is not a JSONDecodeError)"),
+     Expect(PlanFormatError, "(plan file)", "not valid JSON", "utf-8", "plan.to_json()")),
     ("json-deeply-nested", load('{"format": "moefn.plan", "version": 1, "plan": '
                                 + "[" * 100_000 + "]" * 100_000 + "}"),
-     Expect(PlanFormatError, "(plan file)", "not valid JSON", "recursion", "plan.to_json()"),
-     "from_json lets RecursionError escape for deeply nested JSON"),
+     Expect(PlanFormatError, "(plan file)", "not valid JSON", "recursion", "plan.to_json()")),
     ("json-repeated-stage", load(edited(lambda d: _set(d["plan"], stages=["ep", "ep", "fsdp"]))),
-     Expect(PlanFormatError, "plan.stages", "stage", "ep", FORMAT_FIX),
-     "from_json accepts stages no composition can produce (repeated or out of order)"),
+     Expect(PlanFormatError, "plan.stages", "stage", "ep", FORMAT_FIX)),
 ]
 
 
 def _offline_params() -> list[Any]:
-    return [pytest.param(call, expect, id=name, marks=[bug(reason)] if reason else [])
-            for name, call, expect, reason in OFFLINE]
+    return [pytest.param(call, expect, id=name) for name, call, expect in OFFLINE]
 
 
 @pytest.mark.parametrize(("call", "expect"), _offline_params())
@@ -475,76 +448,64 @@ def _all_steps(record: str, **values: Any) -> Callable[[dict[str, Any]], None]:
 ROOT_UNIT = ("FullyShard", "")
 EXPERTS = "layers.1.mlp.experts"
 
-# (id, builder, expected problem, bug in the error, bug in atomicity)
-REALIZE: list[tuple[str, Callable[[int], Built], Expect, str | None, str | None]] = [
+# (id, builder, expected problem)
+REALIZE: list[tuple[str, Callable[[int], Built], Expect]] = [
     ("plan-for-another-preset", _other_preset, Expect(
         RealizeError, "layers.0.mlp.experts.gate_up", "missing from the model",
-        "layers.0.mlp.experts.gate_up", "realize the plan on the model it was made for"),
-     None, None),
+        "layers.0.mlp.experts.gate_up", "realize the plan on the model it was made for")),
     ("plan-for-another-mesh", _other_mesh, Expect(
         RealizeError, "mesh", "device mesh differs from the plan's mesh",
         "plan dp_replicate=1,dp_shard=4,cp=1,ep=2, mesh dp_replicate=1,dp_shard=4,cp=1,ep=4",
-        "build the device mesh from plan.mesh"), None, None),
+        "build the device mesh from plan.mesh")),
     ("plan-for-another-world-size", _other_world, Expect(
         RealizeError, "mesh", "world size differs from the plan", "plan 2, world 4",
-        "launch as many ranks"), None, None),
+        "launch as many ranks")),
     ("ranks-hold-different-plans", _plans_differ, Expect(
         RealizeError, "", "ranks hold different plans", "2 distinct fingerprints",
-        "same plan and model on every rank"), None, None),
+        "same plan and model on every rank")),
     ("one-rank-has-another-model", _one_rank_other_model, Expect(
         RealizeError, "layers.0.mlp.experts.gate_up", "rank 3: tensor in the model is not in the plan",
-        "layers.0.mlp.experts.gate_up", "re-plan this model"), None, None),
+        "layers.0.mlp.experts.gate_up", "re-plan this model")),
     ("one-rank-froze-a-parameter", _one_rank_frozen, Expect(
         RealizeError, "norm.weight", "rank 2: tensor differs from the plan",
-        "requires_grad=True, model [32] float32 requires_grad=False", "re-plan this model"),
-     None, None),
+        "requires_grad=True, model [32] float32 requires_grad=False", "re-plan this model")),
     ("tie-broken-in-the-model", _untied, Expect(
         RealizeError, "lm_head.weight", "tensor in the model is not in the plan", "lm_head.weight",
-        "re-plan this model"), None, None),
+        "re-plan this model")),
     ("model-already-realized", _realize_twice, Expect(
         RealizeError, "(root)", "model is already parallelized", "FSDPMoETransformer",
-        "realize on a fresh model"), None, None),
+        "realize on a fresh model")),
     ("step-on-a-missing-module", _from_file(
         lambda d: _set(step_of(d, "FullyShard", "layers.2"), path="layers.9")), Expect(
         RealizeError, "layers.9", "module in the plan is missing", "FullyShard",
-        "re-plan this model"), None, None),
+        "re-plan this model")),
     ("dispatch-on-a-non-experts-module", _from_file(
         lambda d: _set(step_of(d, "InstallDispatch", EXPERTS), path="layers.1.attn")), Expect(
         RealizeError, "layers.1.attn", "no token dispatcher", "Attention",
-        "plan EP only for recognised experts modules"), None, None),
+        "plan EP only for recognised experts modules")),
     ("distributed-parameter-missing", _from_file(
         lambda d: _set(step_of(d, "DistributeParams", EXPERTS), params=["gate_up", "bias"])),
-     Expect(RealizeError, f"{EXPERTS}.bias", "parameter missing", "bias", "re-plan this model"),
-     None, None),
+     Expect(RealizeError, f"{EXPERTS}.bias", "parameter missing", "bias", "re-plan this model")),
     ("unit-on-an-unknown-mesh-axis", _from_file(
         lambda d: _set(step_of(d, *ROOT_UNIT), mesh_dims=["tp"])), Expect(
-        RealizeError, "mesh", "no such mesh axes", "tp", "use axes of one view"),
-     None, "realize checks no step's mesh_dims: the error comes from DeviceMeshes.get after EP and "
-           "inner FSDP units were applied"),
+        RealizeError, "mesh", "no such mesh axes", "tp", "use axes of one view")),
     ("unit-with-an-unknown-dtype", _from_file(
         lambda d: _set(step_of(d, *ROOT_UNIT), param_dtype="float8")), Expect(
-        RealizeError, "", "dtype", "float8", "bfloat16"),
-     "KeyError from apply_fully_shard's dtype table", "raised after other steps were applied"),
+        RealizeError, "", "dtype", "float8", "bfloat16")),
     ("unit-ignoring-an-unknown-parameter", _from_file(
         lambda d: _set(step_of(d, *ROOT_UNIT), ignored=["nope.weight"])), Expect(
-        RealizeError, "nope.weight", "", "nope.weight", "re-plan"),
-     "AttributeError from get_parameter in apply_fully_shard", "raised after other steps were applied"),
+        RealizeError, "nope.weight", "", "nope.weight", "re-plan")),
     ("unit-shard-dim-out-of-range", _from_file(
         lambda d: _set(step_of(d, *ROOT_UNIT), shard_dim=7)), Expect(
-        RealizeError, "", "shard_dim", "7", "re-plan"),
-     "AssertionError from fully_shard", "raised after other steps were applied"),
+        RealizeError, "", "shard_dim", "7", "re-plan")),
     ("placement-dim-negative", _from_file(
         _all_steps("DistributeParams", placements=[{"record": "Shard", "dim": -5}])), Expect(
-        RealizeError, f"{EXPERTS}.gate_up", "", "-5", "re-plan"),
-     "AssertionError from distribute_tensor", None),
+        RealizeError, f"{EXPERTS}.gate_up", "", "-5", "re-plan")),
     ("placements-and-mesh-dims-differ-in-length", _from_file(
         _all_steps("DistributeParams", placements=[{"record": "Shard", "dim": 0}] * 2)), Expect(
-        RealizeError, EXPERTS, "placements", "2", "re-plan"),
-     "ValueError from distribute_tensor", None),
+        RealizeError, EXPERTS, "placements", "2", "re-plan")),
     ("dispatch-expert-count-differs", _from_file(_all_steps("InstallDispatch", num_experts=4)),
-     Expect(RealizeError, EXPERTS, "expert", "4", "re-plan"),
-     "realize installs a dispatcher for 4 experts on a module with 8 (no check, no error)",
-     "the model is realized"),
+     Expect(RealizeError, EXPERTS, "expert", "4", "re-plan")),
 ]
 
 
@@ -609,7 +570,7 @@ def _multi_rank_corpus(rank: int, world: int) -> dict[str, Any]:
             out[name] = error_of(lambda call=call: call(rank))  # type: ignore[misc]
         except Exception as err:  # noqa: BLE001
             out[name] = f"{type(err).__name__}: {err}"[:500]
-    for name, build, *_ in REALIZE:
+    for name, build, _ in REALIZE:
         out[name] = _attempt(rank, build)
     return out
 
@@ -626,14 +587,11 @@ def test_already_parallelized_model_is_refused(corpus: list[dict[str, Any]], nam
         check_error(per_rank[name], REPLAN[name][1])
 
 
-def _realize_params(bug_column: int) -> list[Any]:
-    """Parameters for one of the two realize tests; column 3 = error bugs, 4 = atomicity bugs."""
-    return [pytest.param(case[0], case[2], id=case[0],
-                         marks=[bug(case[bug_column])] if case[bug_column] else [])  # type: ignore[arg-type]
-            for case in REALIZE]
+def _realize_params() -> list[Any]:
+    return [pytest.param(name, expect, id=name) for name, _, expect in REALIZE]
 
 
-@pytest.mark.parametrize(("name", "expect"), _realize_params(3))
+@pytest.mark.parametrize(("name", "expect"), _realize_params())
 def test_refused_realize_names_path_value_and_fix_on_every_rank(
         corpus: list[dict[str, Any]], name: str, expect: Expect) -> None:
     errors = [per_rank[name]["error"] for per_rank in corpus]
@@ -642,7 +600,7 @@ def test_refused_realize_names_path_value_and_fix_on_every_rank(
     assert all(e == errors[0] for e in errors), "ranks raised different errors"
 
 
-@pytest.mark.parametrize(("name", "expect"), _realize_params(4))
+@pytest.mark.parametrize(("name", "expect"), _realize_params())
 def test_refused_realize_leaves_the_model_untouched(corpus: list[dict[str, Any]], name: str,
                                                     expect: Expect) -> None:
     for rank, per_rank in enumerate(corpus):

@@ -180,7 +180,7 @@ def test_plan_file_with_unexpected_types_names_the_field() -> None:
     doc["plan"]["steps"][0]["shard_dim"] = "0"
     with pytest.raises(PlanFormatError) as err:
         ShardPlan.from_json(json.dumps(doc))
-    assert err.value.problems[0].path == "plan.steps[0]"
+    assert err.value.problems[0].path == "plan.steps[0].shard_dim"
     doc["plan"]["steps"][0]["record"] = "os.system"
     with pytest.raises(PlanFormatError):
         ShardPlan.from_json(json.dumps(doc))

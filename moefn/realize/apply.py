@@ -31,6 +31,10 @@ from moefn.plan import (
 )
 from moefn.realize.meshes import DeviceMeshes
 
+TORCH_DTYPES: dict[str | None, torch.dtype | None] = {
+    None: None, "bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+"""The dtype names a FullyShard step may carry (None keeps the parameter's dtype)."""
+
 
 def to_dtensor_placement(placement: Placement) -> DPlacement:
     return DShard(placement.dim) if isinstance(placement, Shard) else DReplicate()
@@ -92,10 +96,8 @@ def apply_sync(steps: tuple[SyncGradients, ...], model: nn.Module, meshes: Devic
 def apply_fully_shard(step: FullyShard, module: nn.Module, root: nn.Module,
                       meshes: DeviceMeshes) -> None:
     """One FSDP2 unit; reductions are sums (each rank's loss is already a global-batch share)."""
-    dtype = {None: None, "bfloat16": torch.bfloat16, "float32": torch.float32,
-             "float16": torch.float16}
-    policy = MixedPrecisionPolicy(param_dtype=dtype[step.param_dtype],
-                                  reduce_dtype=dtype[step.reduce_dtype])
+    policy = MixedPrecisionPolicy(param_dtype=TORCH_DTYPES[step.param_dtype],
+                                  reduce_dtype=TORCH_DTYPES[step.reduce_dtype])
     offload: OffloadPolicy = (CPUOffloadPolicy(pin_memory=meshes.device_type == "cuda")
                               if step.offload else OffloadPolicy())
     shard_dim = step.shard_dim

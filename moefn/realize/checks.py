@@ -11,9 +11,12 @@ from moefn.errors import PlanError, Problem
 from moefn.plan import (
     ContextParallelAttention,
     DistributeParams,
+    FullyShard,
     InstallDispatch,
+    Shard,
     ShardPlan,
 )
+from moefn.realize.apply import TORCH_DTYPES
 from moefn.realize.meshes import DeviceMeshes
 from moefn.spec import ModelSpec, inspect_model
 
@@ -65,6 +68,62 @@ def _module_problems(plan: ShardPlan, model: nn.Module) -> list[Problem]:
     return problems
 
 
+def _unit_problems(step: FullyShard, params: dict[str, nn.Parameter]) -> list[Problem]:
+    problems = [Problem(path=step.path, message="unknown dtype in an FSDP unit", value=repr(d),
+                        fix=f"use one of {tuple(TORCH_DTYPES)}")
+                for d in (step.param_dtype, step.reduce_dtype) if d not in TORCH_DTYPES]
+    problems += [Problem(path=n, message="ignored parameter is not in the model", value=n,
+                         fix="re-plan this model") for n in step.ignored if n not in params]
+    prefix = f"{step.path}." if step.path else ""
+    short = [n for n, p in params.items()
+             if n.startswith(prefix) and n not in step.ignored and p.dim() <= step.shard_dim]
+    if step.shard_dim < 0 or short:
+        problems.append(Problem(path=step.path, message="shard_dim out of range",
+                                value=f"shard_dim={step.shard_dim} ({short[:1]})",
+                                fix="re-plan this model"))
+    return problems
+
+
+def _placement_problems(step: DistributeParams, params: dict[str, nn.Parameter]) -> list[Problem]:
+    problems = [] if len(step.placements) == len(step.mesh_dims) else [Problem(
+        path=step.path, message="placements and mesh_dims differ",
+        value=f"{len(step.placements)} placements, {len(step.mesh_dims)} mesh dims",
+        fix="re-plan this model")]
+    for name in step.params:
+        param = params.get(f"{step.path}.{name}" if step.path else name)
+        if param is None:
+            continue  # reported by _module_problems
+        problems += [Problem(path=f"{step.path}.{name}", message="Shard dim out of range",
+                             value=f"{p} on a {param.dim()}-dim parameter", fix="re-plan this model")
+                     for p in step.placements if isinstance(p, Shard) and not 0 <= p.dim < param.dim()]
+    return problems
+
+
+def _step_problems(plan: ShardPlan, model: nn.Module, actual: ModelSpec,
+                   meshes: DeviceMeshes) -> list[Problem]:
+    """Every field realize will act on, checked before anything changes."""
+    problems: list[Problem] = []
+    params = dict(model.named_parameters())
+    for step in plan.steps:
+        if hasattr(step, "mesh_dims"):
+            try:
+                meshes.get(step.mesh_dims)
+            except PlanError as err:
+                problems += err.problems
+                continue
+        if isinstance(step, FullyShard):
+            problems += _unit_problems(step, params)
+        elif isinstance(step, DistributeParams):
+            problems += _placement_problems(step, params)
+        elif isinstance(step, InstallDispatch):
+            have = actual.module(step.path).get("num_experts", -1)
+            if have != step.num_experts:
+                problems.append(Problem(path=step.path, message="dispatch expert count differs",
+                                        value=f"plan {step.num_experts}, module {have} experts",
+                                        fix="re-plan this model"))
+    return problems
+
+
 def _device_problems(model: nn.Module, meshes: DeviceMeshes) -> list[Problem]:
     kinds = {p.device.type for p in model.parameters()} - {"meta"}
     wrong = sorted(kinds - {meshes.device_type})
@@ -95,6 +154,8 @@ def local_problems(plan: ShardPlan, model: nn.Module, meshes: DeviceMeshes) -> l
     problems += _structure_problems(plan.model, actual)
     if not problems:
         problems += _module_problems(plan, model) + _device_problems(model, meshes)
+    if not problems:
+        problems += _step_problems(plan, model, actual, meshes)
     return problems
 
 

@@ -34,18 +34,23 @@ def plan_ac(mode: Mode = "router", skip: tuple[str, ...] = (), every: int = 1,
             mesh: MeshSpec | None = None) -> Stage:
     """Checkpoint every ``every``-th block (and MTP blocks) not matching a ``skip`` glob."""
 
+    globs = (skip,) if isinstance(skip, str) else tuple(skip)
+
     def run(plan: ShardPlan) -> PlanResult:
         problems = already_parallel_problems(plan)
         if mode not in (*SAVES, "none"):
             problems.append(Problem(path="", message="unknown checkpoint mode", value=repr(mode),
                                     fix=f"use one of {(*SAVES, 'none')}"))
-        if every < 1:
+        if type(every) is not int:
+            problems.append(Problem(path="", message="every must be an integer",
+                                    value=repr(every), fix="use every=1 for all blocks, 2 for every other"))
+        elif every < 1:
             problems.append(Problem(path="", message="every must be at least 1",
                                     value=str(every), fix="use every=1 for all blocks"))
         blocks = plan.model.paths_with("block")
         problems += [Problem(path=glob, message="skip pattern matches no block", value=glob,
                              fix=f"use block paths such as {blocks[:2]}")
-                     for glob in skip if not any(fnmatch.fnmatchcase(b, glob) for b in blocks)]
+                     for glob in globs if not any(fnmatch.fnmatchcase(b, glob) for b in blocks)]
         if problems:
             return Failure(PlanError(problems))
         if mode == "none":
@@ -53,7 +58,7 @@ def plan_ac(mode: Mode = "router", skip: tuple[str, ...] = (), every: int = 1,
         chosen = [b for i, b in enumerate(blocks) if i % every == 0]
         chosen += list(plan.model.paths_with("mtp"))
         steps = [Checkpoint(stage="ac", path=p, mode=mode, saves=SAVES[mode]) for p in chosen
-                 if not any(fnmatch.fnmatchcase(p, glob) for glob in skip)]
+                 if not any(fnmatch.fnmatchcase(p, glob) for glob in globs)]
         return Success(plan.add_steps(steps).with_stage("ac"))
 
     return Stage(name="ac", run=run, mesh=mesh)

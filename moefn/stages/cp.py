@@ -33,7 +33,11 @@ def plan_cp(seq_len: int | None = None, mesh: MeshSpec | None = None) -> Stage:
         if cp == 1:
             problems.append(Problem(path="mesh", message="plan_cp needs a cp axis larger than 1",
                                     value="cp=1", fix="set cp in the mesh or leave plan_cp out"))
-        if seq_len is not None and seq_len % (2 * cp):
+        if seq_len is not None and (type(seq_len) is not int or seq_len < 1):
+            problems.append(Problem(path="", message="sequence length must be a positive integer",
+                                    value=f"seq_len={seq_len!r}",
+                                    fix=f"use seq_len {2 * cp} or a multiple of it"))
+        elif seq_len is not None and seq_len % (2 * cp):
             problems.append(Problem(
                 path="", message="sequence length not divisible by 2·cp (head-tail layout)",
                 value=f"seq_len={seq_len}, cp={cp}",

@@ -62,6 +62,11 @@ def plan_fsdp(
         problems += [Problem(path="", message="unknown precision", value=repr(p),
                              fix='use "bf16" or "fp32"')
                      for p in (precision, lm_head_precision) if p is not None and p not in _DTYPES]
+        flags = {"reshard_after_forward": reshard_after_forward, "offload": offload,
+                 "wrap_outer_model": wrap_outer_model, "shard_frozen": shard_frozen}
+        problems += [Problem(path="", message=f"{name} must be a bool", value=repr(flag),
+                             fix=f"use {name}=True or False")
+                     for name, flag in flags.items() if type(flag) is not bool]
         if problems:
             return Failure(PlanError(problems))
         param_dtype, reduce_dtype = _DTYPES[precision]
