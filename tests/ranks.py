@@ -17,15 +17,33 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
 
 
 class RankFailure(RuntimeError):
     pass
+
+
+def _release_groups() -> None:
+    """Destroy every process group a case created (each realize builds several for its device
+    meshes). Each gloo group keeps its own polling threads: left alive, hundreds of them
+    accumulate over a test session and starve the machine."""
+    dist.barrier()  # every rank is done with the case's groups
+    world = dist.group.WORLD
+    for group in list(dist.distributed_c10d._world.pg_map):
+        if group is not world:
+            dist.destroy_process_group(group)
+    # DTensor caches sharding results by mesh *value*: a cached spec would carry an old mesh
+    # whose groups are gone into the next case's equal-valued mesh
+    torch._C._clear_DTensor_sharding_propagator_cache()
+    DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
+    clear_redistribute_planner_cache()
 
 
 def _worker(rank: int, world_size: int, store_path: str, conn: Connection) -> None:
@@ -39,7 +57,9 @@ def _worker(rank: int, world_size: int, store_path: str, conn: Connection) -> No
             break
         fn, args = task
         try:
-            conn.send(("ok", fn(rank, world_size, *args)))
+            result = fn(rank, world_size, *args)
+            _release_groups()
+            conn.send(("ok", result))
         except BaseException:  # noqa: BLE001 - report everything to the parent
             conn.send(("err", traceback.format_exc()))
     dist.destroy_process_group()
@@ -47,7 +67,7 @@ def _worker(rank: int, world_size: int, store_path: str, conn: Connection) -> No
 
 
 class RankPool:
-    def __init__(self, world_size: int, timeout: float = 120.0) -> None:
+    def __init__(self, world_size: int, timeout: float = 900.0) -> None:
         self.world_size = world_size
         self.timeout = timeout
         self._procs: list[Any] = []
@@ -70,18 +90,21 @@ class RankPool:
             self._start()
         for conn in self._conns:
             conn.send((fn, args))
-        results: list[Any] = []
-        errors: list[str] = []
+        answers: dict[int, tuple[str, Any]] = {}
         deadline = time.monotonic() + self.timeout  # one deadline for all ranks
-        for rank, conn in enumerate(self._conns):
-            if not conn.poll(max(0.0, deadline - time.monotonic())):
-                errors.append(f"rank {rank}: no answer within {self.timeout}s (hang?)")
-                continue
-            status, value = conn.recv()
-            if status == "ok":
-                results.append(value)
-            else:
-                errors.append(f"rank {rank}:\n{value}")
+        while len(answers) < self.world_size and time.monotonic() < deadline:
+            waiting = [c for r, c in enumerate(self._conns) if r not in answers]
+            ready = wait(waiting, timeout=max(0.0, deadline - time.monotonic()))
+            for rank, conn in enumerate(self._conns):
+                if conn in ready:
+                    answers[rank] = conn.recv()
+            if any(status == "err" for status, _ in answers.values()):  # peers may now hang
+                deadline = min(deadline, time.monotonic() + 20.0)
+        errors = [f"rank {r}:\n{value}" for r, (status, value) in sorted(answers.items())
+                  if status == "err"]
+        errors += [f"rank {r}: no answer within the deadline (hang?)"
+                   for r in range(self.world_size) if r not in answers]
+        results = [answers[r][1] for r in range(self.world_size) if r in answers]
         if errors:
             self.close(force=True)
             raise RankFailure(f"{fn.__name__} failed:\n" + "\n".join(errors))

@@ -35,19 +35,20 @@ CASES = [
     Case(tokens=(4, 10, 9, 3), own_only=(0, 3)),  # ranks that send nothing to some peers
 ]
 
-_SUBGROUPS: dict[tuple[int, ...], ProcessGroup] = {}
+
+Groups = tuple[ProcessGroup, ProcessGroup | None]
 
 
-def _groups(ep: int, rank: int, world_size: int) -> tuple[ProcessGroup, ProcessGroup | None]:
-    """(expert-parallel group, group of ranks holding the same experts or None if alone)."""
-    if not _SUBGROUPS:  # every rank creates the same groups in the same order
-        for members in ((0, 1), (2, 3), (0, 2), (1, 3)):
-            _SUBGROUPS[members] = dist.new_group(list(members))
+def _groups(ep: int, rank: int, world_size: int) -> Groups:
+    """(expert-parallel group, group of ranks holding the same experts or None if alone);
+    collective: every rank creates the same groups in the same order."""
+    subgroups = {members: dist.new_group(list(members))
+                 for members in ((0, 1), (2, 3), (0, 2), (1, 3))}
     if ep == world_size:
         assert dist.group.WORLD is not None
         return dist.group.WORLD, None
     first = rank - rank % ep
-    return _SUBGROUPS[(first, first + 1)], _SUBGROUPS[(rank % ep, rank % ep + ep)]
+    return subgroups[(first, first + 1)], subgroups[(rank % ep, rank % ep + ep)]
 
 
 def _swiglu_experts(gate_up: Tensor, down: Tensor) -> LocalExpertsFn:
@@ -102,7 +103,7 @@ def _nonzero_per_expert(grad: Tensor, what: str) -> None:
     assert bool((grad.flatten(1).abs().sum(1) > 0).all()), f"{what}: an expert got zero grad"
 
 
-def _check_case(rank: int, world_size: int, ep: int, name: str, case: Case, seed: int) -> None:
+def _check_case(rank: int, groups: Groups, ep: int, name: str, case: Case, seed: int) -> None:
     gate_up, down, xs, idxs, ws, gs = _data(case, ep, seed)
 
     ref_x, ref_w = _leaf(torch.cat(xs)), _leaf(torch.cat(ws))
@@ -110,7 +111,7 @@ def _check_case(rank: int, world_size: int, ep: int, name: str, case: Case, seed
     ref_y = LocalDispatch(E)(ref_x, torch.cat(idxs), ref_w, _swiglu_experts(ref_gu, ref_down))
     (ref_y * torch.cat(gs)).sum().backward()
 
-    ep_group, dp_group = _groups(ep, rank, world_size)
+    ep_group, dp_group = groups
     lo = dist.get_rank(ep_group) * (E // ep)
     x, w = _leaf(xs[rank]), _leaf(ws[rank])
     gu, dn = _leaf(gate_up[lo:lo + E // ep]), _leaf(down[lo:lo + E // ep])
@@ -136,9 +137,10 @@ def _check_case(rank: int, world_size: int, ep: int, name: str, case: Case, seed
 
 
 def _run_cases(rank: int, world_size: int, ep: int, name: str) -> None:
+    groups = _groups(ep, rank, world_size)
     for seed, case in enumerate(CASES):
-        _check_case(rank, world_size, ep, name, case, seed)
-    ep_group, _ = _groups(ep, rank, world_size)
+        _check_case(rank, groups, ep, name, case, seed)
+    ep_group, _ = groups
     with pytest.raises(ValueError, match=f"num_experts={2 * ep - 1} .* size {ep}"):
         DISPATCHERS[name](2 * ep - 1, ep_group)
 

@@ -1,4 +1,6 @@
-"""Fake-world validation: realize for representative ranks of 1024/4096-rank worlds."""
+"""Fake-world validation: realize for representative ranks of 1024-rank worlds.
+
+The 4096-rank run (~45 s of CPU) lives in ``nox -s simulate``, not in the test suite."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from moefn.simulate import representative_ranks
 
 def _simulate(model: str, mesh: str) -> dict[str, object]:
     out = subprocess.run([sys.executable, "-m", "moefn", "plan", "--model", model, "--mesh", mesh,
-                          "--simulate", "--json"], capture_output=True, text=True, timeout=600)
+                          "--simulate", "--json"], capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     doc: dict[str, object] = json.loads(out.stdout)
     return doc
@@ -23,7 +25,6 @@ def _simulate(model: str, mesh: str) -> dict[str, object]:
 @pytest.mark.parametrize(("model", "mesh"), [
     ("deepseek-v3", "dp_shard=1024,ep=64"),
     ("qwen3-30b-a3b", "dp_shard=1024,ep=64"),
-    ("deepseek-v3", "dp_shard=4096,ep=64"),
 ])
 def test_simulated_ranks_hold_what_the_plan_says(model: str, mesh: str) -> None:
     doc = _simulate(model, mesh)

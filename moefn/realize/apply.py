@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -19,6 +17,7 @@ from torch.distributed.tensor import Replicate as DReplicate
 from torch.distributed.tensor import Shard as DShard
 from torch.distributed.tensor.placement_types import Placement as DPlacement
 
+from moefn.accumulate import gradient_sync_enabled
 from moefn.plan import (
     Checkpoint,
     ContextParallelAttention,
@@ -71,14 +70,22 @@ def apply_checkpoint(step: Checkpoint, block: nn.Module) -> None:
     install_checkpoint(block, step.mode)
 
 
-def _sum_over(group: dist.ProcessGroup) -> Callable[[Tensor], Tensor]:
-    def hook(grad: Tensor) -> Tensor:
-        grad = grad.clone()
-        local = grad.to_local() if isinstance(grad, DTensor) else grad
-        dist.all_reduce(local, group=group)
-        return grad
+class _SumOver:
+    """Gradient hook: all-reduce (sum) over ``group``. Inside ``no_gradient_sync`` it keeps the
+    gradient aside instead (the parameter sees zeros) and adds it to the next synced one."""
 
-    return hook
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+        self.pending: Tensor | None = None
+
+    def __call__(self, grad: Tensor) -> Tensor:
+        if not gradient_sync_enabled():
+            self.pending = grad if self.pending is None else self.pending + grad
+            return torch.zeros_like(grad)
+        total = grad.clone() if self.pending is None else grad + self.pending
+        self.pending = None
+        dist.all_reduce(total.to_local() if isinstance(total, DTensor) else total, group=self.group)
+        return total
 
 
 def apply_sync(steps: tuple[SyncGradients, ...], model: nn.Module, meshes: DeviceMeshes) -> None:
@@ -89,8 +96,7 @@ def apply_sync(steps: tuple[SyncGradients, ...], model: nn.Module, meshes: Devic
         if not param.requires_grad:
             continue
         step = next(s for s in by_depth if s.path == "" or name.startswith(s.path + "."))
-        hook = _sum_over(meshes.group(step.mesh_dims))
-        param.register_hook(hook)  # type: ignore[no-untyped-call]
+        param.register_hook(_SumOver(meshes.group(step.mesh_dims)))  # type: ignore[no-untyped-call]
 
 
 def apply_fully_shard(step: FullyShard, module: nn.Module, root: nn.Module,
