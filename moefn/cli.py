@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--nproc", type=int, default=4)
     demo.add_argument("--steps", type=int, default=5)
     demo.add_argument("--dispatch", choices=("all_to_all", "all_gather"), default="all_to_all")
+    demo.add_argument("--micro-batches", type=int, default=1,
+                      help="gradient accumulation: micro-batches per step, reduced once")
     demo.add_argument("--json", action="store_true")
     return parser
 
@@ -150,7 +152,12 @@ def _plan_command(args: argparse.Namespace) -> int:
 def _demo_command(args: argparse.Namespace) -> int:
     from moefn.demo import DemoOptions, demo_mesh, demo_plan, run_demo
 
-    options = DemoOptions(nproc=args.nproc, steps=args.steps, dispatch=args.dispatch)
+    if args.micro_batches < 1:
+        print(f"moefn demo: --micro-batches must be at least 1, got {args.micro_batches}",
+              file=sys.stderr)
+        return 2
+    options = DemoOptions(nproc=args.nproc, steps=args.steps, dispatch=args.dispatch,
+                          micro_batches=args.micro_batches)
     if not args.json:
         print(demo_plan(options, demo_mesh(options.nproc)).diff(), flush=True)
         print(f"training {options.steps} steps on {options.nproc} ranks (gloo) ...", flush=True)

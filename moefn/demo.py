@@ -35,6 +35,7 @@ class DemoOptions:
     lr: float = 0.25
     seed: int = 0
     dispatch: str = "all_to_all"
+    micro_batches: int = 1
 
 
 def demo_mesh(nproc: int) -> MeshSpec:
@@ -51,8 +52,9 @@ def demo_stages(mesh: MeshSpec, options: DemoOptions) -> tuple[Stage, ...]:
 
 
 def demo_rows(options: DemoOptions, mesh: MeshSpec) -> int:
-    """The global batch rows: ``options.batch`` rounded up to a multiple of data parallelism."""
-    dp = mesh.dp_replicate * mesh.dp_shard
+    """The global batch rows: ``options.batch`` rounded up to a multiple of data parallelism
+    times the micro-batches."""
+    dp = mesh.dp_replicate * mesh.dp_shard * options.micro_batches
     return -(-options.batch // dp) * dp
 
 
@@ -76,7 +78,8 @@ def _train_rank(rank: int, world: int, options: DemoOptions, device: torch.devic
     batch = global_batch(config, demo_rows(options, mesh), options.seq, options.seed)
     mine = local_batch(batch, mesh, rank).to(device)
     report = (lambda s, loss: _progress(s, loss, options.steps)) if rank == 0 else None
-    return train(model, mine, batch.num_valid, options.steps, options.lr, on_step=report)
+    return train(model, mine, batch.num_valid, options.steps, options.lr, on_step=report,
+                 micro_batches=options.micro_batches)
 
 
 def _local_rank(rank: int, world: int, options: DemoOptions) -> list[float]:
@@ -113,6 +116,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any] | None:
         "nproc": world,
         "mesh": demo_mesh(world).as_text(),
         "stages": [s.name for s in demo_stages(demo_mesh(world), options)],
+        "micro_batches": options.micro_batches,
         "losses": losses,
         "reference_losses": reference,
         "max_abs_loss_diff": max(diffs, default=0.0),

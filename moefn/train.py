@@ -10,12 +10,14 @@ its own tokens divided by the global valid-token count, and every reduction is a
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 from attrs import define
 from torch import Tensor, nn
 
+from moefn.accumulate import no_gradient_sync
 from moefn.errors import PlanError
 from moefn.mesh import MeshSpec
 from moefn.models import MoEConfig, causal_lm_loss, make_batch
@@ -34,6 +36,17 @@ class Batch:
     @property
     def num_valid(self) -> int:
         return int((self.labels != -100).sum())
+
+    def split(self, parts: int) -> list[Batch]:
+        """``parts`` micro-batches of equal rows (for gradient accumulation)."""
+        rows = self.input_ids.shape[0]
+        if parts < 1 or rows % parts:
+            raise PlanError.single("batch", "rows not divisible into micro-batches",
+                                   f"{rows} rows, {parts} micro-batches",
+                                   "use a number of micro-batches that divides the local rows")
+        return [Batch(input_ids=i, position_ids=p, labels=label) for i, p, label in zip(
+            self.input_ids.chunk(parts), self.position_ids.chunk(parts), self.labels.chunk(parts),
+            strict=True)]
 
 
 def global_batch(config: MoEConfig, batch: int, seq: int, seed: int) -> Batch:
@@ -66,14 +79,21 @@ def local_batch(batch: Batch, mesh: MeshSpec, rank: int) -> Batch:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
-               num_valid: int, distributed: bool = True) -> float:
-    """One optimizer step; returns the global-batch loss (summed over ranks when distributed)."""
+               num_valid: int, distributed: bool = True, micro_batches: int = 1) -> float:
+    """One optimizer step; returns the global-batch loss (summed over ranks when distributed).
+
+    With ``micro_batches > 1`` the batch runs in that many slices and gradients are reduced
+    only after the last one (`moefn.accumulate.no_gradient_sync`)."""
     optimizer.zero_grad(set_to_none=True)
-    outputs = model(batch.input_ids, batch.position_ids)
-    loss = causal_lm_loss(outputs, batch.labels, num_valid)
-    loss.backward()  # type: ignore[no-untyped-call]
+    pieces = batch.split(micro_batches)
+    total = torch.zeros((), device=batch.input_ids.device)
+    for i, piece in enumerate(pieces):
+        with no_gradient_sync(model) if i < len(pieces) - 1 else nullcontext():
+            loss = causal_lm_loss(model(piece.input_ids, piece.position_ids), piece.labels,
+                                  num_valid)
+            loss.backward()  # type: ignore[no-untyped-call]
+        total += loss.detach()
     optimizer.step()
-    total = loss.detach().clone()
     if distributed and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total)
     return float(total)
@@ -81,12 +101,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
 
 def train(model: nn.Module, batch: Batch, num_valid: int, steps: int, lr: float,
           on_step: Callable[[int, float], None] | None = None,
-          distributed: bool = True) -> list[float]:
+          distributed: bool = True, micro_batches: int = 1) -> list[float]:
     """``steps`` SGD steps on one fixed batch; the list of global losses."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     losses = []
     for step in range(steps):
-        losses.append(train_step(model, optimizer, batch, num_valid, distributed))
+        losses.append(train_step(model, optimizer, batch, num_valid, distributed, micro_batches))
         if on_step is not None:
             on_step(step, losses[-1])
     return losses

@@ -57,11 +57,15 @@ def test_full_size_preset_plans_on_the_meta_device(capsys: pytest.CaptureFixture
         {"shape": [4, 448, 4096], "ranks": 1024}]
 
 
-def test_demo_json_matches_one_process() -> None:
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_demo_json_matches_one_process(micro_batches: int) -> None:
     out = subprocess.run([sys.executable, "-m", "moefn", "demo", "--nproc", "2", "--steps", "2",
-                          "--json"], capture_output=True, text=True, check=True, timeout=300)
+                          "--micro-batches", str(micro_batches), "--json"],
+                         capture_output=True, text=True, check=True, timeout=900)
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["nproc"] == 2 and len(report["losses"]) == 2
+    assert report["micro_batches"] == micro_batches
+    assert report["losses"][1] < report["losses"][0]  # it trains
     assert report["max_abs_loss_diff"] <= 1e-5
 
 
