@@ -11,12 +11,14 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
 
 from moefn.errors import PlanError
 from moefn.estimate import Estimate, estimate
+from moefn.hf.presets import HF_PRESETS
 from moefn.layout import param_layouts
 from moefn.mesh import MeshSpec
 from moefn.models import PRESETS, MoETransformer, get_preset
@@ -36,7 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moefn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="print the plan of a preset on a mesh (no GPU needed)")
-    plan.add_argument("--model", required=True, choices=tuple(PRESETS), help="preset")
+    source = plan.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", choices=(*PRESETS, *HF_PRESETS),
+                        help="preset (hf-* presets are transformers models, need moefn[hf])")
+    source.add_argument("--hf-config", metavar="PATH",
+                        help="a transformers config.json (MoE causal LM, built on meta; moefn[hf])")
     target = plan.add_mutually_exclusive_group(required=True)
     target.add_argument("--mesh", type=_mesh_text, help="e.g. dp_shard=1024,ep=64")
     target.add_argument("--compare", nargs=2, type=_mesh_text, metavar=("MESH_A", "MESH_B"),
@@ -82,9 +88,26 @@ def _comm_table(est: Estimate) -> str:
     return "\n".join(rows)
 
 
+def _model_builder(args: argparse.Namespace) -> Callable[[], nn.Module]:
+    """What --model / --hf-config names, as a function that builds it (call it under meta)."""
+    if args.hf_config or args.model in HF_PRESETS:
+        from moefn.hf.presets import build_hf_model, hf_config_from_json, hf_preset_config
+
+        try:
+            config = (hf_config_from_json(args.hf_config) if args.hf_config
+                      else hf_preset_config(args.model))
+        except (ImportError, OSError, ValueError, TypeError, KeyError) as err:
+            raise PlanError.single("", "cannot build the transformers config",
+                                   args.hf_config or args.model,
+                                   f"{err} (transformers models need moefn[hf])") from err
+        return lambda: build_hf_model(config, device=str(torch.get_default_device()))
+    preset = get_preset(args.model)
+    return lambda: MoETransformer(preset)
+
+
 def _build_plan(args: argparse.Namespace, mesh: MeshSpec) -> ShardPlan:
     with torch.device("meta"):
-        model = MoETransformer(get_preset(args.model))
+        model = _model_builder(args)()
     stages: list[Stage] = [plan_ep(dispatch=args.dispatch)] if mesh.ep > 1 else []
     if not args.no_fsdp:
         stages.append(plan_fsdp(precision=args.precision))
@@ -130,8 +153,7 @@ def _plan_command(args: argparse.Namespace) -> int:
         if args.simulate:
             from moefn.simulate import simulate
 
-            config = get_preset(args.model)
-            for r in simulate(plan, lambda: MoETransformer(config)):
+            for r in simulate(plan, _model_builder(args)):
                 simulated.append({"rank": r.rank, "seconds": round(r.seconds, 2),
                                   "parameters_checked": r.parameters})
                 text += (f"\nsimulated rank {r.rank}: realized in {r.seconds:.1f} s, "

@@ -83,4 +83,17 @@ class MoefnRecogniser:
                            facts=facts)
 
 
-RECOGNISERS: tuple[Recogniser, ...] = (MoefnRecogniser(),)
+class TransformersRecogniser:
+    """transformers (>= 5) MoE causal-LM models; imported lazily (``moefn[hf]`` is optional)."""
+
+    name = "transformers"
+
+    def recognise(self, model: nn.Module) -> Recognition | None:
+        if not any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
+            return None
+        from moefn.hf.recognise import HFRecogniser
+
+        return HFRecogniser().recognise(model)
+
+
+RECOGNISERS: tuple[Recogniser, ...] = (MoefnRecogniser(), TransformersRecogniser())

@@ -18,6 +18,7 @@ from torch.distributed.tensor import Shard as DShard
 from torch.distributed.tensor.placement_types import Placement as DPlacement
 
 from moefn.accumulate import gradient_sync_enabled
+from moefn.hf import is_transformers_module
 from moefn.plan import (
     Checkpoint,
     ContextParallelAttention,
@@ -43,6 +44,11 @@ def apply_context_parallel(step: ContextParallelAttention, module: nn.Module,
                            meshes: DeviceMeshes) -> None:
     from moefn.runtime.context_parallel import AllGatherKVAttention
 
+    if is_transformers_module(module):  # through transformers' attention registry
+        from moefn.hf.attention import install_context_parallel
+
+        install_context_parallel(module, meshes.group(step.mesh_dims))
+        return
     setattr(module, "impl", AllGatherKVAttention(meshes.group(step.mesh_dims)))
 
 
@@ -61,12 +67,21 @@ def apply_dispatch(step: InstallDispatch, module: nn.Module, meshes: DeviceMeshe
 
     group = meshes.group(step.mesh_dims)
     kind = AllToAllDispatch if step.kind == "all_to_all" else AllGatherDispatch
+    if is_transformers_module(module):  # through transformers' experts interface
+        from moefn.hf.experts import install_dispatcher
+
+        install_dispatcher(module, kind(step.num_experts, group))
+        return
     setattr(module, "dispatcher", kind(step.num_experts, group))
 
 
 def apply_checkpoint(step: Checkpoint, block: nn.Module) -> None:
     from moefn.runtime.checkpointing import install_checkpoint
 
+    if step.mode == "router" and is_transformers_module(block):  # HF routers run topk themselves
+        from moefn.hf.experts import install_router_replay
+
+        install_router_replay(block)
     install_checkpoint(block, step.mode)
 
 

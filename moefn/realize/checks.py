@@ -8,6 +8,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moefn.errors import PlanError, Problem
+from moefn.hf import is_transformers_module
 from moefn.plan import (
     ContextParallelAttention,
     DistributeParams,
@@ -45,6 +46,17 @@ def _structure_problems(planned: ModelSpec, actual: ModelSpec) -> list[Problem]:
     return problems
 
 
+def _hf_accepts(module: nn.Module, kind: str) -> bool:
+    """transformers experts / attention modules take a dispatcher / CP through moefn.hf."""
+    if not is_transformers_module(module):
+        return False
+    if kind == "experts":
+        from moefn.hf.recognise import is_fused_experts
+
+        return is_fused_experts(module)
+    return hasattr(module, "config")
+
+
 def _module_problems(plan: ShardPlan, model: nn.Module) -> list[Problem]:
     modules = dict(model.named_modules())
     problems: list[Problem] = []
@@ -53,11 +65,13 @@ def _module_problems(plan: ShardPlan, model: nn.Module) -> list[Problem]:
         if module is None:
             problems.append(Problem(path=step.path, message="module in the plan is missing",
                                     value=type(step).__name__, fix="re-plan this model"))
-        elif isinstance(step, InstallDispatch) and not hasattr(module, "dispatcher"):
+        elif (isinstance(step, InstallDispatch) and not hasattr(module, "dispatcher")
+              and not _hf_accepts(module, "experts")):
             problems.append(Problem(path=step.path, message="module has no token dispatcher",
                                     value=type(module).__name__,
                                     fix="plan EP only for recognised experts modules"))
-        elif isinstance(step, ContextParallelAttention) and not hasattr(module, "impl"):
+        elif (isinstance(step, ContextParallelAttention) and not hasattr(module, "impl")
+              and not _hf_accepts(module, "attention")):
             problems.append(Problem(path=step.path, message="module has no attention impl",
                                     value=type(module).__name__,
                                     fix="plan CP only for recognised core attention modules"))

@@ -1,0 +1,215 @@
+"""Parity of parallelized transformers MoE models against the same model in one process.
+
+Both models start from the same seeded weights (the parallel one is a deepcopy before realize);
+the reference trains on the whole global batch, each rank on its own slice (rows by data-parallel
+index, head-tail sequence chunks by cp index). Each rank's loss is the sum of CE over its tokens
+divided by the global valid-token count, computed here from the logits (not HF's mean loss).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from attrs import frozen
+from torch import nn
+
+from moefn import MeshSpec, compose
+from moefn.models import causal_lm_loss, next_token_labels
+from moefn.plan import ShardPlan
+from moefn.realize import build_device_meshes, realize
+from moefn.train import Batch, local_batch
+from tests.parity import STAGES, full_grad
+
+_COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def _qwen3(**extra: Any) -> Any:
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(**_COMMON, head_dim=8, num_experts=8, num_experts_per_tok=2,
+                          moe_intermediate_size=16, intermediate_size=64, **extra)
+
+
+def _mixtral(**extra: Any) -> Any:
+    from transformers import MixtralConfig
+
+    return MixtralConfig(**_COMMON, head_dim=8, num_local_experts=8, num_experts_per_tok=2,
+                         intermediate_size=16, **extra)
+
+
+def _olmoe(**extra: Any) -> Any:
+    from transformers import OlmoeConfig
+
+    return OlmoeConfig(**_COMMON, num_experts=8, num_experts_per_tok=2, intermediate_size=16,
+                       **extra)
+
+
+def _qwen2(**extra: Any) -> Any:
+    from transformers import Qwen2MoeConfig
+
+    return Qwen2MoeConfig(**_COMMON, num_experts=8, num_experts_per_tok=2,
+                          moe_intermediate_size=16, shared_expert_intermediate_size=32,
+                          intermediate_size=64, **extra)
+
+
+def _deepseek_v3(**extra: Any) -> Any:
+    from transformers import DeepseekV3Config
+
+    # a dense first layer, 2 expert groups (1 chosen per token), MLA with q-LoRA, shared expert
+    common = {**_COMMON, "num_hidden_layers": 3, "num_key_value_heads": 4}
+    return DeepseekV3Config(**common, n_routed_experts=8, num_experts_per_tok=2,
+                            moe_intermediate_size=16, intermediate_size=64,
+                            first_k_dense_replace=1, n_group=2, topk_group=1, q_lora_rank=16,
+                            kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
+                            v_head_dim=8, n_shared_experts=1, **extra)
+
+
+def _gpt_oss(**extra: Any) -> Any:
+    from transformers import GptOssConfig
+
+    return GptOssConfig(**_COMMON, head_dim=8, num_local_experts=8, num_experts_per_tok=2,
+                        intermediate_size=16, **extra)
+
+
+CONFIGS: dict[str, Callable[..., Any]] = {
+    "qwen3_moe": _qwen3, "mixtral": _mixtral, "olmoe": _olmoe, "qwen2_moe": _qwen2,
+    "deepseek_v3": _deepseek_v3, "gpt_oss": _gpt_oss,
+}
+EAGER_ONLY = ("gpt_oss",)  # sinks: transformers has no sdpa path for them
+
+
+def build_hf(family: str, seed: int = 0, device: str | None = None, **extra: Any) -> nn.Module:
+    """A tiny seeded fp32 transformers model; routers get std 1/√H so routing is decisive."""
+    from transformers import AutoModelForCausalLM
+
+    from moefn.hf.recognise import routers_in
+
+    config = CONFIGS[family](**extra)
+    torch.manual_seed(seed)
+    attn = "eager" if family in EAGER_ONLY else "sdpa"
+    if device is not None:
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
+    model: nn.Module = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                        attn_implementation=attn)
+    with torch.no_grad():
+        for router in routers_in(model):
+            weight = router.get_parameter("weight")
+            nn.init.normal_(weight, std=weight.shape[1] ** -0.5)
+    return model.train()
+
+
+@frozen(kw_only=True)
+class HFCase:
+    family: str
+    mesh: str
+    stages: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
+    batch: int = 4
+    seq: int = 16
+    steps: int = 3
+    lr: float = 0.5
+    seed: int = 0
+    extra: tuple[tuple[str, Any], ...] = ()  # config overrides, e.g. (("tie_word_embeddings", True),)
+
+
+def hf_batch(vocab: int, batch: int, seq: int, seed: int) -> Batch:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+    return Batch(input_ids=ids, position_ids=torch.arange(seq).expand(batch, seq).contiguous(),
+                 labels=next_token_labels(ids))
+
+
+def logits_of(model: nn.Module, batch: Batch) -> torch.Tensor:
+    out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+    logits: torch.Tensor = out.logits
+    return logits
+
+
+def build_hf_pair(case: HFCase) -> tuple[nn.Module, nn.Module, ShardPlan]:
+    reference = build_hf(case.family, case.seed, **dict(case.extra))
+    model = copy.deepcopy(reference)
+    mesh = MeshSpec.parse(case.mesh)
+    stages = tuple(STAGES[name](**dict(kwargs)) for name, kwargs in case.stages)
+    plan = compose(*stages)(model, mesh).unwrap()
+    realize(plan, model, build_device_meshes(mesh, "cpu"))
+    return reference, model, plan
+
+
+def run_hf_parity(rank: int, world: int, case: HFCase) -> dict[str, Any]:
+    """Losses per step and, for the first step, each parameter's relative gradient error."""
+    reference, model, plan = build_hf_pair(case)
+    batch = hf_batch(int(reference.config.vocab_size), case.batch, case.seq, case.seed)
+    mine = local_batch(batch, plan.mesh, rank)
+    opt_ref = torch.optim.SGD(reference.parameters(), lr=case.lr)
+    opt = torch.optim.SGD(model.parameters(), lr=case.lr)
+    losses, ref_losses = [], []
+    grad_errors: dict[str, float] = {}
+    zero_grads: list[str] = []
+    for step in range(case.steps):
+        opt.zero_grad()
+        opt_ref.zero_grad()
+        loss = causal_lm_loss((logits_of(model, mine),), mine.labels, batch.num_valid)
+        loss.backward()
+        ref_loss = causal_lm_loss((logits_of(reference, batch),), batch.labels, batch.num_valid)
+        ref_loss.backward()
+        total = loss.detach().clone()
+        torch.distributed.all_reduce(total)
+        losses.append(float(total))
+        ref_losses.append(float(ref_loss.detach()))
+        if step == 0:
+            ref_params = dict(reference.named_parameters())
+            for name, param in model.named_parameters():
+                got, want = full_grad(param), full_grad(ref_params[name])
+                scale = float(want.abs().max())
+                if scale == 0.0 or float(got.abs().max()) == 0.0:
+                    zero_grads.append(name)
+                grad_errors[name] = float((got - want).abs().max()) / max(scale, 1e-30)
+        opt.step()
+        opt_ref.step()
+    return {
+        "losses": losses, "reference": ref_losses, "grad_errors": grad_errors,
+        "zero_grads": zero_grads,
+        "max_loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)),
+        "state_dict_keys": list(model.state_dict()),
+        "reference_keys": list(reference.state_dict()),
+        "experts_implementation": model.config._experts_implementation,
+        "attn_implementation": model.config._attn_implementation,
+        "reference_implementations": (reference.config._experts_implementation,
+                                      reference.config._attn_implementation),
+        "stages": plan.stages,
+        "installed": installed(model),
+    }
+
+
+def installed(model: nn.Module) -> dict[str, Any]:
+    """What realize put into the model: dispatchers, DTensor experts, checkpoints, CP groups."""
+    from torch.distributed.tensor import DTensor
+
+    from moefn.hf.attention import CP_GROUP
+    from moefn.hf.experts import ROUTER_REPLAY
+    from moefn.hf.recognise import is_fused_experts
+
+    experts = [m for m in model.modules() if is_fused_experts(m)]
+    return {
+        "dispatchers": sorted({type(getattr(m, "dispatcher", None)).__name__ for m in experts}),
+        "experts_placements": sorted({str(p.placements) for m in experts for p in m.parameters()
+                                      if isinstance(p, DTensor)}),
+        "plain_expert_params": sum(not isinstance(p, DTensor) for m in experts
+                                   for p in m.parameters()),
+        "checkpointed": sum(bool(getattr(m, "_moefn_checkpoint", None)) for m in model.modules()),
+        "router_replay": sum(bool(getattr(m, ROUTER_REPLAY, False)) for m in model.modules()),
+        "cp_attention": sum(getattr(m, CP_GROUP, None) is not None for m in model.modules()),
+    }
+
+
+def assert_hf_parity(result: dict[str, Any], tol: float = 1e-5) -> None:
+    assert result["max_loss_diff"] <= tol, (result["losses"], result["reference"])
+    assert result["losses"][-1] < result["losses"][0], result["losses"]  # it trains
+    assert not result["zero_grads"], f"zero gradients: {result['zero_grads']}"
+    worst = max(result["grad_errors"].items(), key=lambda kv: kv[1])
+    assert worst[1] <= tol, f"gradient mismatch {worst}"
+    assert result["state_dict_keys"] == result["reference_keys"]

@@ -1,0 +1,306 @@
+"""transformers MoE models under moefn: recognition, EP/CP/AC/FSDP parity on real gloo ranks,
+router-saving checkpointing, refusals, the command line, and moefn without transformers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+pytest.importorskip("transformers")
+
+from moefn import MeshSpec, PlanError, compose, inspect_model, plan_cp, plan_ep, plan_fsdp
+from moefn.cli import main
+from moefn.hf.experts import local_experts, moefn_experts_forward
+from moefn.hf.recognise import is_fused_experts
+from moefn.models import causal_lm_loss
+from moefn.plan import Checkpoint
+from moefn.realize.apply import apply_checkpoint
+from moefn.runtime.checkpointing import is_recomputing
+from tests.hf_parity import CONFIGS, HFCase, assert_hf_parity, build_hf, hf_batch, logits_of, run_hf_parity
+from tests.ranks import RankPool
+
+FSDP = ("fsdp", (("precision", "fp32"),))
+CP = ("cp", (("seq_len", 16),))
+ROUTER_AC = ("ac", (("mode", "router"),))
+
+
+def ep(dispatch: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    return ("ep", (("dispatch", dispatch),))
+
+
+CP_EP_AC_FSDP = (CP, ep("all_to_all"), ROUTER_AC, FSDP)
+CASES = [
+    # id, case — 4 ranks: dp_shard=2 × cp=2 with ep=2 (ep_shard=2: experts get FSDP units too)
+    ("qwen3_moe", HFCase(family="qwen3_moe", mesh="dp_shard=2,cp=2,ep=2", stages=CP_EP_AC_FSDP)),
+    ("mixtral-all_gather", HFCase(family="mixtral", mesh="dp_shard=2,cp=2,ep=2",
+                                  stages=(CP, ep("all_gather"), ROUTER_AC, FSDP))),
+    ("olmoe", HFCase(family="olmoe", mesh="dp_shard=2,cp=2,ep=2", stages=CP_EP_AC_FSDP)),
+    ("qwen2_moe-shared-expert", HFCase(family="qwen2_moe", mesh="dp_shard=2,cp=2,ep=2",
+                                       stages=CP_EP_AC_FSDP)),
+    ("deepseek_v3-mla-groups-fp32-gate", HFCase(family="deepseek_v3", mesh="dp_shard=2,cp=2,ep=2",
+                                                stages=CP_EP_AC_FSDP)),
+    # sinks and sliding windows: no CP; EP with biased, transposed, interleaved experts
+    ("gpt_oss-no-cp", HFCase(family="gpt_oss", mesh="dp_shard=4,ep=2",
+                             stages=(ep("all_to_all"), ROUTER_AC, FSDP))),
+    # tied embeddings stay with the root unit (no backbone unit), ep=4 (one expert pair per rank)
+    ("qwen3_moe-tied-ep4", HFCase(family="qwen3_moe", mesh="dp_shard=4,ep=4",
+                                  stages=(ep("all_to_all"), ROUTER_AC, FSDP),
+                                  extra=(("tie_word_embeddings", True),))),
+]
+
+
+@pytest.mark.parametrize("case", [c[1] for c in CASES], ids=[c[0] for c in CASES])
+def test_parallel_hf_model_trains_like_one_process(ranks: Callable[[int], RankPool],
+                                                   case: HFCase) -> None:
+    results = ranks(4).run(run_hf_parity, case)
+    for result in results:
+        assert_hf_parity(result)
+        assert result["experts_implementation"] == "moefn"
+        assert result["attn_implementation"] == ("moefn" if any(s[0] == "cp" for s in case.stages)
+                                                 else result["reference_implementations"][1])
+        assert result["reference_implementations"][0] != "moefn"  # the reference is untouched
+        done, mesh = result["installed"], MeshSpec.parse(case.mesh)
+        dispatch = dict(dict(case.stages)["ep"])["dispatch"]
+        assert done["dispatchers"] == [{"all_to_all": "AllToAllDispatch",
+                                        "all_gather": "AllGatherDispatch"}[dispatch]]
+        assert done["plain_expert_params"] == 0 and done["experts_placements"]
+        assert all("Shard(dim=0)" in p for p in done["experts_placements"])
+        assert done["checkpointed"] == len(ROLES_OF[case.family][0])
+        assert done["router_replay"] == ROLES_OF[case.family][1]
+        assert done["cp_attention"] == (len(ROLES_OF[case.family][0]) if mesh.cp > 1 else 0)
+
+
+ROLES_OF = {  # family: (decoder layers, MoE routers)
+    "qwen3_moe": ((0, 1), 2), "mixtral": ((0, 1), 2), "olmoe": ((0, 1), 2),
+    "qwen2_moe": ((0, 1), 2), "deepseek_v3": ((0, 1, 2), 2), "gpt_oss": ((0, 1), 2),
+}
+
+
+# ---- recognition -----------------------------------------------------------------------------
+
+ROLES = {  # family: (blocks, moe blocks, shared experts, keep_fp32 routers)
+    "qwen3_moe": (2, 2, 0, 0), "mixtral": (2, 2, 0, 0), "olmoe": (2, 2, 0, 0),
+    "qwen2_moe": (2, 2, 2, 0), "deepseek_v3": (3, 2, 2, 2), "gpt_oss": (2, 2, 0, 0),
+}
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_recogniser_tags_every_piece(family: str) -> None:
+    spec = inspect_model(build_hf(family, device="meta"))
+    blocks, moe, shared, fp32 = ROLES[family]
+    assert spec.family == f"transformers:{family}"
+    assert spec.paths_with("block") == tuple(f"model.layers.{i}" for i in range(blocks))
+    assert spec.paths_with("core_attention") == tuple(f"model.layers.{i}.self_attn"
+                                                      for i in range(blocks))
+    assert len(spec.paths_with("moe")) == len(spec.paths_with("experts")) == moe
+    assert len(spec.paths_with("router")) == moe
+    assert len(spec.paths_with("shared_experts")) == shared
+    assert len(spec.paths_with("keep_fp32")) == fp32
+    assert spec.paths_with("embed") == ("model.embed_tokens",)
+    assert spec.paths_with("lm_head") == ("lm_head",)
+    assert spec.paths_with("backbone") == ("model",)
+    experts = spec.module(spec.paths_with("experts")[0])
+    assert experts.fact("num_experts") == 8
+
+
+def test_tied_embeddings_keep_the_backbone_out_of_fsdp_units() -> None:
+    model = build_hf("qwen3_moe", device="meta", tie_word_embeddings=True)
+    spec = inspect_model(model)
+    assert spec.paths_with("backbone") == () and spec.tied
+    plan = compose(plan_fsdp())(model, MeshSpec(dp_shard=4)).unwrap()
+    units = [s.path for s in plan.steps if type(s).__name__ == "FullyShard"]
+    assert "model" not in units and "" in units and "model.embed_tokens" not in units
+
+
+def test_cp_refuses_sinks_and_sliding_windows() -> None:
+    mesh = MeshSpec(dp_shard=2, cp=2)
+    gpt_oss = str(compose(plan_cp())(build_hf("gpt_oss", device="meta"), mesh).failure())
+    assert "model.layers.0.self_attn: attention cannot be context-parallel (value: attention " \
+           "sinks, sliding_attention)" in gpt_oss
+    assert "model.layers.1.self_attn: attention cannot be context-parallel (value: attention " \
+           "sinks)" in gpt_oss
+    mixtral = compose(plan_cp())(build_hf("mixtral", device="meta", sliding_window=8), mesh)
+    assert "(value: sliding_window=8)" in str(mixtral.failure())
+    assert compose(plan_cp())(build_hf("mixtral", device="meta"), mesh).unwrap().stages == ("cp",)
+
+
+def test_hf_model_without_fused_experts_is_unrecognised() -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64)
+    with torch.device("meta"):
+        dense = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(PlanError, match=r"unrecognised model architecture.*recognisers tried: "
+                                        r"moefn, transformers"):
+        inspect_model(dense)
+
+
+def test_hf_moe_model_with_missing_pieces_lists_found_and_expected() -> None:
+    model = build_hf("qwen3_moe", device="meta")
+    model.model.layers[1].mlp.gate = nn.Identity()
+    result = compose(plan_ep())(model, MeshSpec(dp_shard=2, ep=2))
+    text = str(result.failure())
+    assert "model.layers.1.mlp: transformers MoE model: no router (value: found children " \
+           "['experts', 'gate'])" in text
+    assert "expected a sibling of the experts called one of ('gate', 'router') with weight " \
+           "[8, hidden]" in text
+    backbone = build_hf("qwen3_moe", device="meta").model  # no lm_head: not a causal LM
+    with pytest.raises(PlanError, match="no lm_head.*expected a causal LM"):
+        inspect_model(backbone)
+
+
+# ---- EP: local experts in the HF layout --------------------------------------------------------
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+@pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
+def test_moefn_experts_match_transformers_experts(family: str, impl: str) -> None:
+    model = build_hf(family)
+    experts = next(m for m in model.modules() if is_fused_experts(m))
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 32, generator=generator)
+    index = torch.stack([torch.randperm(8, generator=generator)[:2] for _ in range(12)])
+    index[:, 0] = torch.where(index[:, 0] == 3, 4, index[:, 0])  # expert 3 gets at most a few
+    weights = torch.rand(12, 2, generator=generator)
+    with torch.no_grad():
+        want = experts(x, index, weights)  # transformers' own (grouped_mm) implementation
+    setattr(experts, "moefn_impl", impl)
+    with torch.no_grad():
+        got = moefn_experts_forward(experts, x, index, weights)
+    assert float((got - want).abs().max()) <= 1e-6 * float(want.detach().abs().max())
+    empty = local_experts(experts, x[:0], torch.zeros(8, dtype=torch.int64), impl)
+    assert empty.shape == (0, 32)
+
+
+# ---- AC: router-saving replays the routers' own top-k ------------------------------------------
+
+def _checkpointed(family: str, mode: str) -> nn.Module:
+    model = build_hf(family)
+    if mode != "off":
+        for path in inspect_model(model).paths_with("block"):
+            apply_checkpoint(Checkpoint(stage="ac", path=path, mode=mode),  # type: ignore[arg-type]
+                             model.get_submodule(path))
+    return model
+
+
+def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    batch = hf_batch(64, 4, 16, 0)
+    causal_lm_loss((logits_of(model, batch),), batch.labels, batch.num_valid).backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _rerouted_grads(mode: str) -> dict[str, torch.Tensor]:
+    """DeepSeek-V3 whose routers see another correction bias on recompute (every token would
+    pick other experts), swapped in without running an op."""
+    model = _checkpointed("deepseek_v3", mode)
+    perturbed = torch.arange(8, dtype=torch.float32) * 100
+
+    def perturb(router: nn.Module, args: Any) -> None:
+        if is_recomputing():
+            router.e_score_correction_bias = perturbed
+
+    for name, module in model.named_modules():
+        if name.endswith("mlp.gate"):
+            module.register_forward_pre_hook(perturb)
+    return _grads(model)
+
+
+def _worst(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    assert grads.keys() == reference.keys()
+    return max(float((grads[n] - g).abs().max() / g.abs().max()) for n, g in reference.items())
+
+
+def test_router_saving_survives_rerouting_on_recompute() -> None:
+    reference = _rerouted_grads("off")
+    assert _worst(_rerouted_grads("router"), reference) == 0.0
+    assert _worst(_rerouted_grads("selective"), reference) == 0.0  # top-k is saved
+    assert _worst(_rerouted_grads("full"), reference) > 0.1  # the test can fail
+
+
+class _CountRecomputedTopK(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.topk = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if is_recomputing() and func.overloadpacket.__name__ == "topk":
+            self.topk += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_router_mode_recomputes_no_top_k_and_keeps_gradients(family: str) -> None:
+    reference = _grads(_checkpointed(family, "off"))
+    counts = {}
+    for mode in ("full", "router"):
+        model = _checkpointed(family, mode)
+        batch = hf_batch(64, 4, 16, 0)
+        loss = causal_lm_loss((logits_of(model, batch),), batch.labels, batch.num_valid)
+        with _CountRecomputedTopK() as counter:
+            loss.backward()
+        counts[mode] = counter.topk
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert _worst(grads, reference) <= 1e-6
+    assert counts == {"full": 2, "router": 0}
+
+
+# ---- plans, presets and the command line ------------------------------------------------------
+
+def test_full_size_presets_plan_on_meta(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--model", "hf-deepseek-v3", "--mesh", "dp_shard=1024,ep=64",
+                 "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    experts = [s for s in doc["steps"] if s["record"] == "DistributeParams"]
+    assert len(experts) == 58 and experts[0]["params"] == ["gate_up_proj", "down_proj"]
+    assert doc["local_shapes"]["model.layers.3.mlp.experts.gate_up_proj"] == [
+        {"shape": [4, 256, 7168], "ranks": 1024}]
+    fp32 = [s for s in doc["steps"] if s["record"] == "FullyShard" and s["path"].endswith(".gate")]
+    assert len(fp32) == 58 and fp32[0]["param_dtype"] == "float32"  # the fp32 router unit
+    assert main(["plan", "--model", "hf-qwen3-30b-a3b", "--mesh", "dp_shard=16,ep=8"]) == 0
+    assert "128 experts, 16 per rank" in capsys.readouterr().out
+
+
+def test_plan_from_a_transformers_config_json(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(CONFIGS["mixtral"]().to_json_string())
+    assert main(["plan", "--hf-config", str(path), "--mesh", "dp_shard=4,ep=4", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {s["path"] for s in doc["steps"] if s["record"] == "InstallDispatch"} == {
+        "model.layers.0.mlp.experts", "model.layers.1.mlp.experts"}
+    path.write_text(json.dumps({"hidden_size": 4}))
+    assert main(["plan", "--hf-config", str(path), "--mesh", "dp_shard=4"]) == 1
+    assert "cannot build the transformers config" in capsys.readouterr().out
+
+
+def test_moefn_works_without_transformers() -> None:
+    script = """
+import importlib.abc, sys
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "transformers":
+            raise ImportError("transformers is blocked")
+sys.meta_path.insert(0, Blocked())
+import torch
+import moefn, moefn.cli, moefn.realize, moefn.hf, moefn.hf.presets, moefn.hf.recognise
+from moefn import MeshSpec, compose, plan_ep
+from moefn.models import MoETransformer, get_preset
+with torch.device("meta"):
+    model = MoETransformer(get_preset("tiny"))
+assert compose(plan_ep())(model, MeshSpec(dp_shard=2, ep=2)).unwrap().stages == ("ep",)
+assert "transformers" not in sys.modules
+print(moefn.cli.main(["plan", "--model", "hf-mixtral-8x7b", "--mesh", "dp_shard=8,ep=8"]))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "cannot build the transformers config" in out.stdout and out.stdout.strip()[-1] == "1"
