@@ -4,6 +4,7 @@ router-saving checkpointing, refusals, the command line, and moefn without trans
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from moefn.models import causal_lm_loss
 from moefn.plan import Checkpoint
 from moefn.realize.apply import apply_checkpoint
 from moefn.runtime.checkpointing import is_recomputing
+from moefn.train import local_batch
 from tests.hf_parity import CONFIGS, HFCase, assert_hf_parity, build_hf, hf_batch, logits_of, run_hf_parity
 from tests.ranks import RankPool
 
@@ -304,3 +306,88 @@ print(moefn.cli.main(["plan", "--model", "hf-mixtral-8x7b", "--mesh", "dp_shard=
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert "cannot build the transformers config" in out.stdout and out.stdout.strip()[-1] == "1"
+
+
+# ---- pretrained weights and checkpoints -------------------------------------------------------
+
+PRETRAINED_MESH = "dp_shard=4,ep=2"
+
+
+def _from_pretrained_on_ranks(rank: int, world: int, family: str, root: str) -> dict[str, Any]:
+    """save_pretrained → (a) from_pretrained + realize, (b) meta realize + load_pretrained; plus a
+    DCP round trip of (b) into a plain HF model."""
+    import torch.distributed as dist
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moefn.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
+    from moefn.hf.pretrained import load_pretrained
+    from moefn.realize import build_device_meshes, realize
+    from moefn.stages import plan_ac
+
+    path = os.path.join(root, family)
+    if rank == 0:
+        build_hf(family).save_pretrained(path)
+    dist.barrier()
+    mesh = MeshSpec.parse(PRETRAINED_MESH)
+    stages = (plan_ep(), plan_ac(mode="router"), plan_fsdp(precision="fp32"))
+
+    def realized(model: nn.Module) -> nn.Module:
+        realize(compose(*stages)(model, mesh).unwrap(), model, build_device_meshes(mesh, "cpu"))
+        return model.eval()
+
+    eager = realized(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        lazy = realized(AutoModelForCausalLM.from_config(config, dtype=torch.float32))
+    experts = lazy.get_submodule("model.layers.1.mlp.experts").get_parameter("gate_up_proj")
+    load_pretrained(lazy, path, "cpu")
+    batch = hf_batch(int(config.vocab_size), 4, 16, 0)
+    mine = local_batch(batch, mesh, rank)
+    with torch.no_grad():
+        logits = [logits_of(m, mine) for m in (eager, lazy)]
+    full_eager, full_lazy = full_state_dict(eager), full_state_dict(lazy)
+    save_checkpoint(os.path.join(path, "dcp"), lazy, None)
+    dist.barrier()
+    plain = build_hf(family, seed=1)
+    load_checkpoint(os.path.join(path, "dcp"), plain, None)
+    plain_state = {k: v for k, v in plain.state_dict().items()}
+    return {
+        "keys": sorted(full_lazy) == sorted(full_eager),
+        "differ": [k for k in full_eager if not torch.equal(full_eager[k], full_lazy[k])],
+        "logits_equal": torch.equal(logits[0], logits[1]),
+        "experts_local_shape": tuple(experts.to_local().shape),
+        "experts_placements": str(experts.placements),
+        "dcp_keys": sorted(plain_state) == sorted(full_eager),
+        "dcp_differ": [k for k in full_eager if not torch.equal(full_eager[k], plain_state[k])],
+    }
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"])
+def test_meta_realized_model_loads_pretrained_shards_like_from_pretrained(
+        ranks: Callable[[int], RankPool], tmp_path: Path, family: str) -> None:
+    for result in ranks(4).run(_from_pretrained_on_ranks, family, str(tmp_path)):
+        assert result["keys"] and result["differ"] == [], result
+        assert result["logits_equal"], result  # rotary buffers rebuilt, every shard in place
+        assert result["experts_local_shape"][0] in (2, 4), result  # sharded, never the full 8
+        assert result["dcp_keys"] and result["dcp_differ"] == [], result  # HF keys, bit-exact
+
+
+def test_load_pretrained_names_missing_keys(tmp_path: Path) -> None:
+    from moefn.hf.pretrained import load_pretrained
+
+    model = build_hf("qwen3_moe")
+    model.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        other = build_hf("olmoe", device="meta")
+    with pytest.raises(PlanError, match="shape .* in the checkpoint"):
+        load_pretrained(other, tmp_path, "cpu")
+    assert all(p.is_meta for p in other.parameters())  # untouched
+
+
+def test_readme_transformers_quickstart_runs_verbatim(capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Quickstart: an unmodified transformers model", 1)[1]
+    block = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(block, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "model.layers.*.mlp.experts" in out and "Shard(0)@ep(8)" in out, out[:2000]

@@ -24,6 +24,11 @@ HF_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
         num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=40960,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=False)),
+    "hf-qwen3-235b-a22b": ("qwen3_moe", dict(
+        vocab_size=151936, hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536,
+        num_hidden_layers=94, num_attention_heads=64, num_key_value_heads=4, head_dim=128,
+        num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=40960,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=False)),
     "hf-mixtral-8x7b": ("mixtral", dict(
         vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
@@ -45,6 +50,10 @@ HF_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "hf-gpt-oss-20b": ("gpt_oss", dict(
         vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
         num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32,
+        num_experts_per_tok=4)),
+    "hf-gpt-oss-120b": ("gpt_oss", dict(
+        vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=36,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=128,
         num_experts_per_tok=4)),
 }
 
