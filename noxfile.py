@@ -41,14 +41,6 @@ def demo_cuda(session: nox.Session) -> None:
 
 
 @nox.session
-def simulate(session: nox.Session) -> None:
-    """Realize representative ranks of 4096-rank worlds on fake process groups (~1 min)."""
-    session.install(*INSTALL, ".")
-    for model in ("deepseek-v3", "qwen3-30b-a3b"):
-        session.run("moefn", "plan", "--model", model, "--mesh", "dp_shard=4096,ep=64", "--simulate")
-
-
-@nox.session
 def bench(session: nox.Session) -> None:
     session.install(*INSTALL, ".[dev,hf]")
     session.run("python", "-m", "benchmarks.run", *session.posargs)

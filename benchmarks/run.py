@@ -1,4 +1,4 @@
-"""moefn benchmarks: dispatchers, activation checkpointing, context parallel, planning at scale.
+"""moefn benchmarks: vs transformers, dispatchers, activation checkpointing, context parallel, planning.
 
 ``python -m benchmarks.run [--quick]`` prints tables, writes results/benchmarks.json and
 docs/benchmarks.md. Targets live here, never in timed unit tests; the machine is shared, so
@@ -13,17 +13,20 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from attrs import evolve
 
 from benchmarks.comm import CommCounter
 from moefn import MeshSpec, compose, plan_ac, plan_cp, plan_ep, plan_fsdp
 from moefn.launch import run_local
 from moefn.models import MoETransformer, causal_lm_loss, get_preset
 from moefn.realize import build_device_meshes, realize
-from moefn.stage import Stage
+from moefn.stage import Planner, Stage
 from moefn.train import global_batch, local_batch
 
 ROOT = Path(__file__).parents[1]
@@ -136,26 +139,55 @@ def bench_cp(steps: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _median_seconds(fn: Callable[[], Any], rounds: int = 3) -> float:
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _plan_once(planner: Planner, model: torch.nn.Module, mesh: MeshSpec) -> None:
+    planner(model, mesh).unwrap()
+
+
 def bench_planning() -> list[dict[str, Any]]:
+    """Plan, diff, JSON and estimate times, and one fake-world realize (rank 0), for the 671B
+    preset at 256/1024/4096 ranks: a plan is symbolic, its cost must not grow with the world."""
+    from moefn.estimate import estimate
+    from moefn.simulate import simulate
+
     rows = []
+    config = get_preset("deepseek-v3")
     with torch.device("meta"):
-        model = MoETransformer(get_preset("deepseek-v3"))
+        model = MoETransformer(config)
     for world, ep in ((256, 32), (1024, 64), (4096, 64)):
         mesh = MeshSpec(dp_shard=world, ep=ep)
-        times, render, dump = [], [], []
-        for _ in range(3):
-            start = time.perf_counter()
-            plan = compose(plan_ep(), plan_ac(), plan_fsdp())(model, mesh).unwrap()
-            times.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            plan.diff()
-            render.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            plan.to_json()
-            dump.append(time.perf_counter() - start)
-        rows.append({"world": world, "ep": ep, "plan_s": statistics.median(times),
-                     "diff_s": statistics.median(render), "json_s": statistics.median(dump),
-                     "steps": len(plan.steps)})
+        planner = compose(plan_ep(), plan_ac(), plan_fsdp())
+        plan = planner(model, mesh).unwrap()
+        rows.append({"world": world, "ep": ep, "steps": len(plan.steps),
+                     "plan_s": _median_seconds(partial(_plan_once, planner, model, mesh)),
+                     "diff_s": _median_seconds(plan.diff),
+                     "json_s": _median_seconds(plan.to_json),
+                     "estimate_s": _median_seconds(partial(estimate, plan)),
+                     "simulate_rank0_s": simulate(plan, lambda: MoETransformer(config),
+                                                  ranks=[0])[0].seconds})
+    return rows
+
+
+def bench_planning_sweep() -> list[dict[str, Any]]:
+    """Pure plan time as layers and experts grow (1024 ranks, ep 64): linear in the modules."""
+    rows = []
+    for layers in (16, 61, 122):
+        for experts in (64, 256, 1024):
+            config = evolve(get_preset("deepseek-v3"), n_layers=layers, n_experts=experts)
+            with torch.device("meta"):
+                model = MoETransformer(config)
+            planner = compose(plan_ep(), plan_ac(), plan_fsdp())
+            mesh = MeshSpec(dp_shard=1024, ep=64)
+            rows.append({"layers": layers, "experts": experts,
+                         "plan_s": _median_seconds(partial(_plan_once, planner, model, mesh))})
     return rows
 
 
@@ -176,16 +208,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
+    from benchmarks.peer import bench_peer
+
     machine = _machine()
-    results = {"machine": machine, "dispatch": bench_dispatch(args.steps),
-               "ac": bench_ac(args.steps), "cp": bench_cp(args.steps),
-               "planning": bench_planning()}
+    results: dict[str, Any] = {
+        "machine": machine, "peer": bench_peer(), "dispatch": bench_dispatch(args.steps),
+        "ac": bench_ac(args.steps), "cp": bench_cp(args.steps),
+        "planning": bench_planning(), "planning_sweep": bench_planning_sweep()}
     machine["load_average_after"] = os.getloadavg()
     (ROOT / "results").mkdir(exist_ok=True)
     (ROOT / "results" / "benchmarks.json").write_text(json.dumps(results, indent=1))
     text = "\n\n".join([
         "# moefn benchmarks\n\nGenerated by `python -m benchmarks.run` (`nox -s bench`). "
         f"Machine: {machine}.",
+        "## moefn vs transformers `DistributedConfig` (Qwen3-MoE, hidden 256, 4 MoE layers, "
+        "16 experts top-2, fp32; 4 CPU ranks: FSDP 4 × EP 2; batch 8×128; 12 steps, median of "
+        "steps 3–12; collectives and bytes of one step on rank 0)\n\n"
+        + _table(results["peer"], ["system", "optimizer", "median_step_s", "vs_transformers",
+                                   "max_loss_diff_vs_one_process", "collectives_per_step_rank0",
+                                   "bytes_per_step_rank0"]),
         "## Token dispatch (small preset, 4 CPU ranks, dp_shard=4, FSDP fp32)\n\n"
         + _table(results["dispatch"], ["ep", "dispatch", "median_step_s",
                                        "dispatch_bytes_per_step_rank0"]),
@@ -196,7 +237,10 @@ def main() -> None:
         + _table(results["cp"], ["cp", "ac", "kv_allgather_output_bytes", "received_bytes",
                                  "lower_bound_received_bytes_fwd", "median_step_s"]),
         "## Planning the DeepSeek-V3-like preset on the meta device (EP + AC + FSDP)\n\n"
-        + _table(results["planning"], ["world", "ep", "steps", "plan_s", "diff_s", "json_s"]),
+        + _table(results["planning"], ["world", "ep", "steps", "plan_s", "diff_s", "json_s",
+                                       "estimate_s", "simulate_rank0_s"]),
+        "## Plan time as the model grows (1024 ranks, ep 64)\n\n"
+        + _table(results["planning_sweep"], ["layers", "experts", "plan_s"]),
     ])
     (ROOT / "docs" / "benchmarks.md").write_text(text + "\n")
     print(text)

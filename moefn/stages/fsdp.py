@@ -5,7 +5,8 @@ Units: each decoder block and MTP block on the dense data-parallel mesh (``dp_sh
 expert data-parallel mesh (``ep_shard``), sharded on dim 1 when there are more shards than local
 experts (with ``ep_shard = 1`` there is nothing left to shard: the enclosing units ignore them);
 fp32-only modules get their own fp32 unit under bf16; embeddings and lm_head get units unless
-tied (a tied weight stays with the root); the root last.
+tied (a tied weight stays with the root; lm_head is not resharded after forward: backward
+needs it at once); the root last.
 
 >>> plan_fsdp(precision="fp32").name
 'fsdp'
@@ -100,7 +101,11 @@ def plan_fsdp(
                 dtypes = (_DTYPES[lm_head_precision] if role == "lm_head" and lm_head_precision
                           else (param_dtype, reduce_dtype))
                 if params and all(len(spec.tie_of(t.name)) == 1 for t in params):
-                    units.append(unit(path, dense, dtypes=dtypes))
+                    # lm_head runs last in forward and first in backward: resharding it in
+                    # between would only all-gather it again at once
+                    units.append(evolve(unit(path, dense, dtypes=dtypes),
+                                        reshard_after_forward=reshard_after_forward
+                                        and role != "lm_head"))
         backbones = [p for p in spec.paths_with("backbone") if p]
         units += [unit(p, dense) for p in backbones]
         if wrap_outer_model or not backbones:
