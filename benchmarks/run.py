@@ -1,8 +1,8 @@
-"""moefn benchmarks: vs transformers, dispatchers, activation checkpointing, context parallel, planning.
+"""moefn benchmarks: vs transformers, dispatch, checkpointing, context parallel, planning.
 
-``python -m benchmarks.run [--quick]`` prints tables, writes results/benchmarks.json and
-docs/benchmarks.md. Targets live here, never in timed unit tests; the machine is shared, so
-rounds alternate systems and we report medians, ratios and the load average.
+``python -m benchmarks.run [--steps N]`` (or ``moefn bench``) prints tables, writes
+results/benchmarks.json and docs/benchmarks.md. Targets live here, never in timed unit tests;
+the machine is shared, so rounds alternate systems and we report medians, ratios and the load average.
 """
 
 from __future__ import annotations
@@ -200,14 +200,16 @@ def _machine() -> dict[str, Any]:
 def _table(rows: list[dict[str, Any]], keys: list[str]) -> str:
     head = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
     def fmt(v: Any) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
+        if isinstance(v, float):
+            return f"{v:.1e}" if 0 < abs(v) < 1e-3 else f"{v:.4f}"
+        return str(v)
     return head + "\n".join("| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     from benchmarks.peer import bench_peer
 
     machine = _machine()
@@ -223,8 +225,9 @@ def main() -> None:
         f"Machine: {machine}.",
         "## moefn vs transformers `DistributedConfig` (Qwen3-MoE, hidden 256, 4 MoE layers, "
         "16 experts top-2, fp32; 4 CPU ranks: FSDP 4 × EP 2; batch 8×128; 12 steps, median of "
-        "steps 3–12; collectives and bytes of one step on rank 0)\n\n"
-        + _table(results["peer"], ["system", "optimizer", "median_step_s", "vs_transformers",
+        "steps 3–12, median of 3 alternating rounds; collectives and bytes of one step on rank 0)\n\n"
+        + _table(results["peer"], ["system", "optimizer", "median_step_s", "step_s_range",
+                                   "vs_transformers",
                                    "max_loss_diff_vs_one_process", "collectives_per_step_rank0",
                                    "bytes_per_step_rank0"]),
         "## Token dispatch (small preset, 4 CPU ranks, dp_shard=4, FSDP fp32)\n\n"

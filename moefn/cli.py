@@ -8,7 +8,9 @@ Exit codes: 0 valid, 1 the plan has problems, 2 usage errors.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -62,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--micro-batches", type=int, default=1,
                       help="gradient accumulation: micro-batches per step, reduced once")
     demo.add_argument("--json", action="store_true")
+    bench = sub.add_parser("bench", help="run benchmarks/ (from a repository checkout): tables "
+                                         "in docs/benchmarks.md, JSON in results/")
+    bench.add_argument("--steps", type=int, default=6)
     return parser
 
 
@@ -198,10 +203,23 @@ def _demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_command(args: argparse.Namespace) -> int:
+    sys.path.insert(0, os.getcwd())
+    try:
+        benchmarks = importlib.import_module("benchmarks.run")  # in the checkout, not the package
+    except ImportError as err:
+        print(f"moefn bench: run it from a moefn repository checkout ({err})", file=sys.stderr)
+        return 2
+    benchmarks.main(["--steps", str(args.steps)])
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "plan":
         return _plan_command(args)
+    if args.command == "bench":
+        return _bench_command(args)
     return _demo_command(args)
 
 
