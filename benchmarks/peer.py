@@ -16,7 +16,8 @@ Each rank's loss is its token sum over the global token count; transformers aver
 over its FSDP ranks, so its backward is scaled by ``fsdp_size`` to get the same gradients.
 Per system: median step time over steps 3–12 (zero_grad, forward, backward, optimizer step,
 loss all-reduce; the median of 3 rounds that alternate the systems), losses against one
-process for SGD (lr 0.25) and AdamW (lr 1e-3), and the collectives of one step counted at the process-group level (`benchmarks.comm.CommCounter`).
+process for SGD (lr 0.25) and AdamW (lr 1e-3), and the collectives of one step counted at the
+process-group level (`benchmarks.comm.CommCounter`).
 
 >>> rows = bench_peer(steps=12)            # doctest: +SKIP
 """
