@@ -17,11 +17,11 @@ from attrs import frozen
 from torch import nn
 
 from moefn import MeshSpec, compose
-from moefn.models import causal_lm_loss, next_token_labels
+from moefn.models import next_token_labels
 from moefn.plan import ShardPlan
 from moefn.realize import build_device_meshes, realize
 from moefn.train import Batch, local_batch
-from tests.parity import STAGES, full_grad
+from tests.parity import STAGES, train_side_by_side
 
 _COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, bos_token_id=None, eos_token_id=None, pad_token_id=None)
@@ -140,40 +140,13 @@ def build_hf_pair(case: HFCase) -> tuple[nn.Module, nn.Module, ShardPlan]:
 
 
 def run_hf_parity(rank: int, world: int, case: HFCase) -> dict[str, Any]:
-    """Losses per step and, for the first step, each parameter's relative gradient error."""
+    """`train_side_by_side` for ``case``, plus what realize installed in the HF model."""
     reference, model, plan = build_hf_pair(case)
     batch = hf_batch(int(reference.config.vocab_size), case.batch, case.seq, case.seed)
-    mine = local_batch(batch, plan.mesh, rank)
-    opt_ref = torch.optim.SGD(reference.parameters(), lr=case.lr)
-    opt = torch.optim.SGD(model.parameters(), lr=case.lr)
-    losses, ref_losses = [], []
-    grad_errors: dict[str, float] = {}
-    zero_grads: list[str] = []
-    for step in range(case.steps):
-        opt.zero_grad()
-        opt_ref.zero_grad()
-        loss = causal_lm_loss((logits_of(model, mine),), mine.labels, batch.num_valid)
-        loss.backward()
-        ref_loss = causal_lm_loss((logits_of(reference, batch),), batch.labels, batch.num_valid)
-        ref_loss.backward()
-        total = loss.detach().clone()
-        torch.distributed.all_reduce(total)
-        losses.append(float(total))
-        ref_losses.append(float(ref_loss.detach()))
-        if step == 0:
-            ref_params = dict(reference.named_parameters())
-            for name, param in model.named_parameters():
-                got, want = full_grad(param), full_grad(ref_params[name])
-                scale = float(want.abs().max())
-                if scale == 0.0 or float(got.abs().max()) == 0.0:
-                    zero_grads.append(name)
-                grad_errors[name] = float((got - want).abs().max()) / max(scale, 1e-30)
-        opt.step()
-        opt_ref.step()
+    result = train_side_by_side(reference, model, batch, local_batch(batch, plan.mesh, rank),
+                                case.lr, case.steps, lambda m, b: (logits_of(m, b),))
     return {
-        "losses": losses, "reference": ref_losses, "grad_errors": grad_errors,
-        "zero_grads": zero_grads,
-        "max_loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)),
+        **result,
         "state_dict_keys": list(model.state_dict()),
         "reference_keys": list(reference.state_dict()),
         "experts_implementation": model.config._experts_implementation,

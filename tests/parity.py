@@ -7,6 +7,7 @@ rank on its own slice. Gradients are compared per parameter relative to their la
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from moefn.models import MoETransformer, Router, causal_lm_loss, get_preset
 from moefn.plan import ShardPlan
 from moefn.realize import build_device_meshes, realize
 from moefn.stage import Stage
-from moefn.train import global_batch, local_batch
+from moefn.train import Batch, global_batch, local_batch
 
 STAGES: dict[str, Any] = {"cp": plan_cp, "ep": plan_ep, "ac": plan_ac, "fsdp": plan_fsdp}
 
@@ -60,33 +61,34 @@ def build_pair(case: Case) -> tuple[nn.Module, nn.Module, ShardPlan]:
     return reference, model, plan
 
 
-def run_parity(rank: int, world: int, case: Case) -> dict[str, Any]:
-    """Losses per step and, for the first step, each parameter's relative gradient error."""
-    reference, model, plan = build_pair(case)
-    for net in (reference, model):
-        for module in net.modules():
-            if isinstance(module, Router) and module.expert_bias is not None:
-                module.expert_bias[list(case.force_experts)] = 1e3
-    batch = global_batch(reference.config, case.batch, case.seq, case.seed)
-    mine = local_batch(batch, plan.mesh, rank)
-    opt_ref = torch.optim.SGD(reference.parameters(), lr=case.lr)
-    opt = torch.optim.SGD(model.parameters(), lr=case.lr)
+Outputs = Callable[[nn.Module, Batch], Any]
+
+
+def model_outputs(model: nn.Module, batch: Batch) -> Any:
+    return model(batch.input_ids, batch.position_ids)
+
+
+def train_side_by_side(reference: nn.Module, model: nn.Module, batch: Batch, mine: Batch,
+                       lr: float, steps: int, outputs: Outputs = model_outputs) -> dict[str, Any]:
+    """SGD on both models: ``reference`` on the global ``batch``, ``model`` on this rank's
+    ``mine``. Global losses per step and, for the first step, each parameter's relative
+    gradient error (a parameter whose gradient is zero on either side is listed)."""
+    opt_ref = torch.optim.SGD(reference.parameters(), lr=lr)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
     losses, ref_losses = [], []
     grad_errors: dict[str, float] = {}
     zero_grads: list[str] = []
-    for step in range(case.steps):
+    for step in range(steps):
         opt.zero_grad()
         opt_ref.zero_grad()
-        loss = causal_lm_loss(model(mine.input_ids, mine.position_ids), mine.labels,
-                              batch.num_valid)
+        loss = causal_lm_loss(outputs(model, mine), mine.labels, batch.num_valid)
         loss.backward()
-        ref_loss = causal_lm_loss(reference(batch.input_ids, batch.position_ids), batch.labels,
-                                  batch.num_valid)
+        ref_loss = causal_lm_loss(outputs(reference, batch), batch.labels, batch.num_valid)
         ref_loss.backward()
         total = loss.detach().clone()
         torch.distributed.all_reduce(total)
         losses.append(float(total))
-        ref_losses.append(float(ref_loss))
+        ref_losses.append(float(ref_loss.detach()))
         if step == 0:
             ref_params = dict(reference.named_parameters())
             for name, param in model.named_parameters():
@@ -94,15 +96,27 @@ def run_parity(rank: int, world: int, case: Case) -> dict[str, Any]:
                     continue
                 got, want = full_grad(param), full_grad(ref_params[name])
                 scale = float(want.abs().max())
-                if scale == 0.0:
+                if scale == 0.0 or float(got.abs().max()) == 0.0:
                     zero_grads.append(name)
                 grad_errors[name] = float((got - want).abs().max()) / max(scale, 1e-30)
         opt.step()
         opt_ref.step()
-    master_dtypes = {str(p.dtype) for p in model.parameters()}
-    return {"losses": losses, "master_dtypes": master_dtypes, "reference": ref_losses,
-            "grad_errors": grad_errors, "zero_grads": zero_grads,
+    return {"losses": losses, "reference": ref_losses, "grad_errors": grad_errors,
+            "zero_grads": zero_grads,
             "max_loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True))}
+
+
+def run_parity(rank: int, world: int, case: Case) -> dict[str, Any]:
+    """`train_side_by_side` for ``case``, plus the parallel model's master dtypes."""
+    reference, model, plan = build_pair(case)
+    for net in (reference, model):
+        for module in net.modules():
+            if isinstance(module, Router) and module.expert_bias is not None:
+                module.expert_bias[list(case.force_experts)] = 1e3
+    batch = global_batch(reference.config, case.batch, case.seq, case.seed)
+    result = train_side_by_side(reference, model, batch, local_batch(batch, plan.mesh, rank),
+                                case.lr, case.steps)
+    return {**result, "master_dtypes": {str(p.dtype) for p in model.parameters()}}
 
 
 def assert_parity(result: dict[str, Any], tol: float = 1e-5) -> None:
