@@ -33,6 +33,8 @@ from torch.distributed.checkpoint.state_dict_loader import load
 from torch.distributed.checkpoint.state_dict_saver import save
 from torch.distributed.tensor import DTensor
 
+from moefn.hf import is_transformers_module
+
 Path = str | os.PathLike[str]
 
 
@@ -106,18 +108,39 @@ def materialize_from_checkpoint(path: Path, model: nn.Module,
 
     Each rank allocates and reads only its own shards, so no rank ever holds the full model.
     ``to_empty`` leaves every tensor uninitialised: the checkpoint fills parameters and
-    persistent buffers; non-persistent buffers (e.g. routers' ``tokens_per_expert``) are zeroed.
+    persistent buffers; non-persistent ones are restored (`restore_non_persistent_buffers`).
 
     >>> with torch.device("meta"):                                   # doctest: +SKIP
     ...     model = realize(plan, MoETransformer(config), meshes)
     >>> materialize_from_checkpoint("ckpt/step-100", model, "cuda")  # doctest: +SKIP
     """
     model.to_empty(device=device)
-    with torch.no_grad():
-        for module in model.modules():
-            for name in module._non_persistent_buffers_set:
-                buffer = module._buffers[name]
-                if buffer is not None:
-                    buffer.zero_()
+    restore_non_persistent_buffers(model, torch.device(device))
     load_checkpoint(path, model, None)
     return model
+
+
+def restore_non_persistent_buffers(model: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers are in no checkpoint, so ``to_empty`` leaves them garbage: rebuild
+    transformers modules that own some (rotary ``inv_freq``) from their config on ``device``,
+    zero the others (e.g. routers' token counters).
+
+    >>> restore_non_persistent_buffers(nn.Linear(2, 2), torch.device("cpu"))
+    """
+    for module in model.modules():
+        names = [n for n in module._non_persistent_buffers_set if module._buffers.get(n) is not None]
+        if not names:
+            continue
+        config = getattr(module, "config", None)
+        fresh: nn.Module | None = None
+        if is_transformers_module(module) and config is not None:
+            with torch.device(device):
+                fresh = type(module)(config)
+        with torch.no_grad():
+            for name in names:
+                buffer = module._buffers[name]
+                assert buffer is not None
+                if fresh is None:
+                    buffer.zero_()
+                else:
+                    buffer.copy_(fresh.get_buffer(name))

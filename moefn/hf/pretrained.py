@@ -20,15 +20,14 @@ import json
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from moefn.checkpoint import restore_non_persistent_buffers
 from moefn.errors import PlanError, Problem
-from moefn.hf import is_transformers_module
 from moefn.hf.recognise import is_fused_experts
 
 EXPERT_NAMES = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}
@@ -151,25 +150,6 @@ def _read(ckpt: SafetensorsCheckpoint, key: str, tensor: Tensor) -> Tensor:
     return _read_fused(ckpt, module_path, name, region, tensor.shape[1])
 
 
-def _rebuild_non_persistent(model: nn.Module, device: torch.device) -> None:
-    """Non-persistent buffers are not in checkpoints: rebuild transformers modules that own
-    some (rotary embeddings) from their config; zero the others (e.g. token counters)."""
-    for module in model.modules():
-        names = [n for n in module._non_persistent_buffers_set if module._buffers.get(n) is not None]
-        if not names:
-            continue
-        config = getattr(module, "config", None)
-        fresh: Any = None
-        if is_transformers_module(module) and config is not None:
-            with torch.device(device):
-                fresh = type(module)(config)
-        with torch.no_grad():
-            for name in names:
-                buffer = module._buffers[name]
-                assert buffer is not None
-                buffer.copy_(fresh._buffers[name]) if fresh is not None else buffer.zero_()
-
-
 def load_pretrained(model: nn.Module, path: str | Path, device: torch.device | str) -> nn.Module:
     """Allocate ``model`` (realized, usually on meta) on ``device`` and read this rank's shards of
     every parameter and persistent buffer from the safetensors checkpoint at ``path``.
@@ -189,7 +169,7 @@ def load_pretrained(model: nn.Module, path: str | Path, device: torch.device | s
             for key, tensor in _stored(model):
                 local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
                 local.copy_(_read(ckpt, key, tensor).to(local.dtype))
-    _rebuild_non_persistent(model, device)
+    restore_non_persistent_buffers(model, device)
     return model
 
 
