@@ -21,18 +21,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from moefn.runtime.context_parallel import attend_all_gathered
 
 IMPLEMENTATION = "moefn"
 CP_GROUP = "moefn_cp_group"
-
-
-def _gather(t: Tensor, dim: int, group: dist.ProcessGroup, grad: bool) -> Tensor:
-    gather = funcol.all_gather_single_autograd if grad else funcol.all_gather_single
-    out: Tensor = funcol.wait_tensor(gather(t.contiguous(), dim, group))  # type: ignore[no-untyped-call]
-    return out
 
 
 def moefn_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -51,21 +45,9 @@ def moefn_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value
         raise ValueError("moefn attention needs the global position_ids: call the model with "
                          "position_ids=...")
     position_ids = position_ids.expand(query.shape[0], -1)
-    group: dist.ProcessGroup | None = getattr(module, CP_GROUP, None)
-    if group is not None:
-        key = _gather(key, 2, group, grad=True)
-        value = _gather(value, 2, group, grad=True)
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    mask = None
-    if getattr(module, "is_causal", True):
-        k_pos = _gather(position_ids, 1, group, grad=False) if group is not None else position_ids
-        mask = position_ids[:, None, :, None] >= k_pos[:, None, None, :]
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
-                                         dropout_p=dropout if module.training else 0.0,
-                                         scale=scaling)
+    out = attend_all_gathered(query, key, value, position_ids, bool(getattr(module, "is_causal", True)),
+                              getattr(module, CP_GROUP, None), scaling,
+                              dropout if module.training else 0.0)
     return out.transpose(1, 2).contiguous(), None
 
 

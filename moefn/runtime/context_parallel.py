@@ -62,6 +62,28 @@ def _gather_sequence(t: Tensor, dim: int, group: dist.ProcessGroup, grad: bool) 
     return out
 
 
+def attend_all_gathered(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor, causal: bool,
+                        group: dist.ProcessGroup | None, scale: float | None = None,
+                        dropout: float = 0.0) -> Tensor:
+    """Local queries ``[B, Hq, S, D]`` against the keys/values of the whole sequence: ``k``/``v``
+    ``[B, Hkv, S, D]`` are all-gathered over ``group`` (autograd: gradients reduce-scatter back)
+    before grouped heads are expanded; the causal mask compares global ``position_ids``, so any
+    layout works. ``group=None`` attends locally the same way."""
+    if group is not None:
+        k = _gather_sequence(k, 2, group, grad=True)
+        v = _gather_sequence(v, 2, group, grad=True)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    mask = None
+    if causal:
+        k_pos = position_ids if group is None else _gather_sequence(position_ids, 1, group,
+                                                                    grad=False)
+        mask = position_ids[:, None, :, None] >= k_pos[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+
+
 class AllGatherKVAttention:
     """A `CoreAttention.impl` that attends local queries to the whole sequence's keys/values."""
 
@@ -70,14 +92,4 @@ class AllGatherKVAttention:
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor,
                  causal: bool) -> Tensor:
-        k_all = _gather_sequence(k, 2, self.group, grad=True)
-        v_all = _gather_sequence(v, 2, self.group, grad=True)
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            k_all = k_all.repeat_interleave(groups, dim=1)
-            v_all = v_all.repeat_interleave(groups, dim=1)
-        mask = None
-        if causal:
-            k_pos = _gather_sequence(position_ids, 1, self.group, grad=False)
-            mask = (position_ids[:, None, :, None] >= k_pos[:, None, None, :])
-        return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+        return attend_all_gathered(q, k, v, position_ids, causal, self.group)
