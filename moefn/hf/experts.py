@@ -21,30 +21,23 @@ indices, so gradients flow as through ``topk``). Outside such a checkpoint the h
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.overrides import TorchFunctionMode
 
 from moefn.runtime import checkpointing
 from moefn.runtime.dispatch import Dispatcher, LocalDispatch
-from moefn.runtime.experts import grouped_mm_supported
+from moefn.runtime.experts import ExpertsImpl, run_grouped_experts
 
 IMPLEMENTATION = "moefn"
 
 
 def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _contiguous_grad(y: Tensor) -> Tensor:
-    """grouped_mm's backward rejects an expanded incoming gradient."""
-    if y.requires_grad:
-        y.register_hook(Tensor.contiguous)  # type: ignore[no-untyped-call]  # untyped in torch
-    return y
 
 
 def _weights(module: nn.Module) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
@@ -69,36 +62,12 @@ def _activate(module: nn.Module, h: Tensor) -> Tensor:
     return out
 
 
-def local_experts(module: nn.Module, x_sorted: Tensor, counts: Tensor, impl: str = "auto") -> Tensor:
-    """This rank's experts on rows grouped by local expert (``counts[e]`` rows for expert ``e``).
-
-    ``impl``: ``"grouped_mm"`` (one kernel), ``"loop"`` (one matmul per expert) or ``"auto"``
-    (grouped_mm where `moefn.runtime.experts.grouped_mm_supported` says it runs).
-    """
+def local_experts(module: nn.Module, x_sorted: Tensor, counts: Tensor, impl: ExpertsImpl = "auto") -> Tensor:
+    """This rank's experts on rows grouped by local expert (``counts[e]`` rows for expert ``e``):
+    `moefn.runtime.experts.run_grouped_experts` with the module's weights, biases and gate."""
     up, up_bias, down, down_bias = _weights(module)
-    grouped = impl == "grouped_mm" or (impl == "auto" and grouped_mm_supported(x_sorted, up))
-    if grouped and x_sorted.shape[0] > 0:
-        offs = counts.to(x_sorted.device).cumsum(0).to(torch.int32)
-        rows = None
-        if up_bias is not None:
-            rows = torch.repeat_interleave(torch.arange(counts.numel(), device=x_sorted.device),
-                                           counts.to(x_sorted.device), output_size=x_sorted.shape[0])
-        h = F.grouped_mm(x_sorted.to(up.dtype), up, offs=offs)
-        if up_bias is not None and rows is not None:
-            h = h + up_bias[rows]
-        y = F.grouped_mm(_activate(module, h), down, offs=offs)
-        if down_bias is not None and rows is not None:
-            y = y + down_bias[rows]
-        y = _contiguous_grad(y)
-    else:
-        outputs = []
-        for e, chunk in enumerate(torch.split(x_sorted, counts.tolist())):
-            h = chunk.to(up.dtype) @ up[e]
-            if up_bias is not None:
-                h = h + up_bias[e]
-            out = _activate(module, h) @ down[e]
-            outputs.append(out + down_bias[e] if down_bias is not None else out)
-        y = torch.cat(outputs) if outputs else x_sorted.new_zeros(0, down.shape[-1])
+    y = run_grouped_experts(x_sorted.to(up.dtype), counts, up, down, impl,
+                            partial(_activate, module), up_bias, down_bias)
     if getattr(module, "has_post_expert_norm", False):
         norm: nn.Module = module.get_submodule("post_expert_norm")
         y = norm(y)
@@ -113,7 +82,8 @@ def moefn_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: T
         dispatcher = LocalDispatch(int(self.get_parameter("down_proj").shape[0]))
 
     def local_fn(x_sorted: Tensor, counts: Tensor) -> Tensor:
-        return local_experts(self, x_sorted, counts, str(getattr(self, "moefn_impl", "auto")))
+        impl: ExpertsImpl = getattr(self, "moefn_impl", "auto")
+        return local_experts(self, x_sorted, counts, impl)
 
     return dispatcher(hidden_states, top_k_index, top_k_weights, local_fn)
 

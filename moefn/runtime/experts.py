@@ -13,6 +13,7 @@ torch.Size([5, 8])
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -40,7 +41,8 @@ def grouped_mm_supported(x: Tensor, gate_up: Tensor) -> bool:
     return x.dtype == torch.float32 and x.device.type == "cpu" and not is_fake(x)
 
 
-def _swiglu(h: Tensor) -> Tensor:
+def swiglu(h: Tensor) -> Tensor:
+    """``silu(gate) * up`` of ``h = [gate, up]`` (last dim)."""
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -52,21 +54,41 @@ def _contiguous_grad(y: Tensor) -> Tensor:
     return y
 
 
-def _grouped(x: Tensor, counts: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+Activation = Callable[[Tensor], Tensor]
+
+
+def _grouped(x: Tensor, counts: Tensor, gate_up: Tensor, down: Tensor, activate: Activation,
+             up_bias: Tensor | None, down_bias: Tensor | None) -> Tensor:
     offs = counts.to(x.device).cumsum(0).to(torch.int32)
     h = F.grouped_mm(x, gate_up, offs=offs)
-    return _contiguous_grad(F.grouped_mm(_swiglu(h), down, offs=offs))
+    rows = None
+    if up_bias is not None or down_bias is not None:  # the local expert of every row
+        rows = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device),
+                                       counts.to(x.device), output_size=x.shape[0])
+    if up_bias is not None and rows is not None:
+        h = h + up_bias[rows]
+    y = _contiguous_grad(F.grouped_mm(activate(h), down, offs=offs))
+    return y + down_bias[rows] if down_bias is not None and rows is not None else y
 
 
-def _loop(x: Tensor, counts: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
-    chunks = torch.split(x, counts.tolist())
-    outputs = [_swiglu(chunk @ gate_up[e]) @ down[e] for e, chunk in enumerate(chunks)]
+def _loop(x: Tensor, counts: Tensor, gate_up: Tensor, down: Tensor, activate: Activation,
+          up_bias: Tensor | None, down_bias: Tensor | None) -> Tensor:
+    outputs = []
+    for e, chunk in enumerate(torch.split(x, counts.tolist())):
+        h = chunk @ gate_up[e]
+        if up_bias is not None:
+            h = h + up_bias[e]
+        out = activate(h) @ down[e]
+        outputs.append(out + down_bias[e] if down_bias is not None else out)
     return torch.cat(outputs) if outputs else x.new_zeros(0, down.shape[-1])
 
 
 def run_grouped_experts(x_sorted: Tensor, counts: Tensor, gate_up: Tensor, down: Tensor,
-                        impl: ExpertsImpl = "auto") -> Tensor:
-    """``y[i] = swiglu(x[i] @ gate_up[e]) @ down[e]`` where row ``i`` belongs to expert ``e``.
+                        impl: ExpertsImpl = "auto", activate: Activation = swiglu,
+                        up_bias: Tensor | None = None,
+                        down_bias: Tensor | None = None) -> Tensor:
+    """``y[i] = activate(x[i] @ gate_up[e] + up_bias[e]) @ down[e] + down_bias[e]`` where row
+    ``i`` belongs to expert ``e`` (SwiGLU and no biases by default).
 
     The first ``counts[0]`` rows belong to local expert 0, the next ``counts[1]`` to expert 1,
     and so on. ``"auto"`` picks grouped_mm when `grouped_mm_supported`; with no rows at all the
@@ -79,6 +101,5 @@ def run_grouped_experts(x_sorted: Tensor, counts: Tensor, gate_up: Tensor, down:
     """
     grouped = impl == "grouped_mm" or (impl == "auto"
                                        and grouped_mm_supported(x_sorted, gate_up))
-    if grouped and x_sorted.shape[0] > 0:
-        return _grouped(x_sorted, counts, gate_up, down)
-    return _loop(x_sorted, counts, gate_up, down)
+    run = _grouped if grouped and x_sorted.shape[0] > 0 else _loop
+    return run(x_sorted, counts, gate_up, down, activate, up_bias, down_bias)
