@@ -1,6 +1,6 @@
 """Start local ranks (fork + gloo) or join a torchrun launch (NCCL on CUDA, gloo otherwise).
 
->>> results = run_local(4, my_rank_fn, arg)      # doctest: +SKIP  (my_rank_fn(rank, world, arg))
+>>> results = run_local(4, my_rank_fn, arg)  # my_rank_fn(rank, world, arg)  # doctest: +SKIP
 """
 
 from __future__ import annotations

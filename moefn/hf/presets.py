@@ -5,7 +5,7 @@ config or model imports transformers (``moefn[hf]``).
 
 >>> "hf-deepseek-v3" in HF_PRESETS
 True
->>> model = build_hf_model(hf_preset_config("hf-mixtral-8x7b"))   # doctest: +SKIP  (meta, bf16)
+>>> model = build_hf_model(hf_preset_config("hf-mixtral-8x7b"))  # meta, bf16  # doctest: +SKIP
 """
 
 from __future__ import annotations

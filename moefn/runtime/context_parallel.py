@@ -8,7 +8,7 @@ positions, so it works for any layout.
 
 >>> head_tail_indices(8, cp=2, cp_rank=0).tolist()
 [0, 1, 6, 7]
->>> attention = AllGatherKVAttention(cp_group)     # doctest: +SKIP  (CoreAttention.impl)
+>>> core_attention.impl = AllGatherKVAttention(cp_group)     # doctest: +SKIP
 """
 
 from __future__ import annotations
