@@ -15,6 +15,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
+import attrs
 import torch
 from torch import nn
 
@@ -53,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     plan.add_argument("--no-fsdp", action="store_true", help="leave plan_fsdp out")
     plan.add_argument("--tokens", type=int, default=4096, help="tokens per rank per step")
-    plan.add_argument("--top-k", type=int, default=8, help="experts per token (comm estimate)")
+    plan.add_argument("--top-k", type=int, default=None,
+                      help="experts per token for the comm estimate (default: the routers')")
     plan.add_argument("--simulate", action="store_true",
                       help="realize the plan for representative ranks on a fake process group")
     plan.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -70,8 +72,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:10.3f} GiB"
+def _size(n: int) -> str:
+    """Bytes in the largest unit that keeps the number at or above 1 (B up to GiB)."""
+    value, unit = float(n), "B"
+    for bigger in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.3f} {unit}" if unit != "B" else f"{n} B"
 
 
 def _memory_table(est: Estimate) -> str:
@@ -80,16 +88,17 @@ def _memory_table(est: Estimate) -> str:
             f"  {'kind':<12}{'params':>15}{'grads':>15}{'optimizer':>15}"]
     grads, states = dict(m.grads), dict(m.optimizer)
     for kind, size in m.params:
-        rows.append(f"  {kind:<12}{_gib(size):>15}{_gib(grads.get(kind, 0)):>15}"
-                    f"{_gib(states.get(kind, 0)):>15}")
-    rows.append(f"  total {_gib(m.total)}; largest unit gathered in forward {_gib(m.gathered_peak)}")
+        rows.append(f"  {kind:<12}{_size(size):>15}{_size(grads.get(kind, 0)):>15}"
+                    f"{_size(states.get(kind, 0)):>15}")
+    rows.append(f"  total {_size(m.total)}; largest unit gathered in forward {_size(m.gathered_peak)}")
     return "\n".join(rows)
 
 
 def _comm_table(est: Estimate) -> str:
-    rows = ["communication per step and rank (received bytes):"]
-    rows += [f"  {c.collective:<44}{_gib(c.bytes):>15}  (lower bound {_gib(c.lower_bound).strip()})"
-             for c in est.comm]
+    rows = [f"communication per step of rank {est.rank} (bytes each way):",
+            f"  {'collective':<42}{'group':<14}{'calls':>6}{'received':>15}{'lower bound':>15}"]
+    rows += [f"  {c.collective:<42}{'×'.join(c.axes):<14}{c.calls:>6}{_size(c.received):>15}"
+             f"{_size(c.lower_bound):>15}" for c in est.comm]
     return "\n".join(rows)
 
 
@@ -152,8 +161,7 @@ def _plan_command(args: argparse.Namespace) -> int:
         memory = {"rank": 0, "params": dict(est.memory.params), "grads": dict(est.memory.grads),
                   "optimizer_adamw": dict(est.memory.optimizer), "total": est.memory.total,
                   "gathered_peak": est.memory.gathered_peak}
-        comm = [{"collective": c.collective, "bytes": c.bytes, "lower_bound": c.lower_bound}
-                for c in est.comm]
+        comm = [attrs.asdict(c) for c in est.comm]
         text = "\n".join([plan.diff(), "", _memory_table(est), "", _comm_table(est)])
         if args.simulate:
             from moefn.simulate import simulate

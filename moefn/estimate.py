@@ -1,8 +1,9 @@
 """Predict per-rank memory and per-step communication from a plan (pure; no GPU, no ranks).
 
 Memory is exact per rank: each parameter's local shape on that rank follows the plan's shards
-(``torch.chunk`` semantics, as DTensor and FSDP2 use). Communication is the logical payload of
-each collective a rank receives per training step, for a stated tokens-per-rank and top-k.
+(``torch.chunk`` semantics, as DTensor and FSDP2 use). Communication is every collective of one
+training step with its calls and the bytes the rank sends and receives (`moefn.comm`), for a
+stated tokens-per-rank and top-k.
 
 >>> est = estimate(plan, rank=0, tokens_per_rank=4096, optimizer="adamw")   # doctest: +SKIP
 >>> est.memory.total                                                       # doctest: +SKIP
@@ -15,23 +16,12 @@ from typing import Literal
 
 from attrs import frozen
 
-from moefn.layout import ParamLayout, param_layouts
-from moefn.mesh import MeshSpec
-from moefn.plan import ContextParallelAttention, FullyShard, InstallDispatch, ShardPlan
+from moefn.comm import DTYPE_BYTES, Comm, predict_comm
+from moefn.layout import fsdp_shard_numel, fsdp_shard_ranks, local_shape, param_layouts
+from moefn.plan import FullyShard, ShardPlan
 
 Optimizer = Literal["adamw", "sgd", "sgd_momentum"]
 _STATE_COPIES: dict[str, int] = {"adamw": 2, "sgd": 0, "sgd_momentum": 1}
-_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8, "int64": 8}
-
-
-def local_shape(layout: ParamLayout, mesh: MeshSpec, rank: int) -> tuple[int, ...]:
-    """The shape ``rank`` holds: shards applied in order, each a ``torch.chunk`` slice."""
-    shape = list(layout.shape)
-    for axis, dim in layout.shards:
-        parts, index = mesh.size(axis), mesh.coordinate(rank, axis)
-        step = -(-shape[dim] // parts)
-        shape[dim] = max(0, min(step, shape[dim] - index * step))
-    return tuple(shape)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -48,20 +38,11 @@ class Memory:
     params: tuple[tuple[str, int], ...]
     grads: tuple[tuple[str, int], ...]
     optimizer: tuple[tuple[str, int], ...]
-    gathered_peak: int  # largest unsharded unit (with its nested units) during a forward
+    gathered_peak: int  # most unsharded parameter bytes FSDP holds at once in forward
 
     @property
     def total(self) -> int:
         return sum(v for part in (self.params, self.grads, self.optimizer) for _, v in part)
-
-
-@frozen(kw_only=True)
-class Comm:
-    """Bytes a rank receives per step, per collective, and the lower bound of each."""
-
-    collective: str
-    bytes: int
-    lower_bound: int
 
 
 @frozen(kw_only=True)
@@ -82,115 +63,86 @@ def _kind(name: str, plan: ShardPlan) -> str:
 
 
 def estimate_memory(plan: ShardPlan, rank: int, optimizer: Optimizer = "adamw") -> Memory:
-    """Exact parameter/gradient bytes of ``rank`` and optimizer state (same dtype as params)."""
+    """Bytes ``rank`` allocates for parameters, gradients and optimizer state, by kind.
+
+    FSDP2 keeps every shard (and the gradient views of its reduce-scatter output) padded to
+    shard 0's size, so those are counted padded; optimizer states are ``zeros_like`` of the
+    unpadded local shard, in the parameter dtype. Not counted: buffers, and AdamW's scalar
+    ``step`` per parameter (a host tensor unless the optimizer is fused or capturable)."""
     params: Counter[str] = Counter()
     grads: Counter[str] = Counter()
     states: Counter[str] = Counter()
-    trainable = {t.name for t in plan.model.tensors if t.requires_grad}
-    dtypes = {t.name: t.dtype for t in plan.model.tensors}
+    units = {u.path: u for u in plan.steps_of(FullyShard)}
+    tensors = {t.name: t for t in plan.model.tensors}
     for name, layout in param_layouts(plan).items():
-        size = _numel(local_shape(layout, plan.mesh, rank)) * _BYTES.get(dtypes[name], 4)
+        width = DTYPE_BYTES[tensors[name].dtype]
+        local = _numel(local_shape(layout, plan.mesh, rank)) * width
+        held = (local if layout.unit is None
+                else fsdp_shard_numel(layout, units[layout.unit], plan.mesh)[0] * width)
         kind = _kind(name, plan)
-        params[kind] += size
-        if name in trainable:
-            grads[kind] += size
-            states[kind] += size * _STATE_COPIES[optimizer]
+        params[kind] += held
+        if tensors[name].requires_grad:
+            grads[kind] += held
+            states[kind] += local * _STATE_COPIES[optimizer]
     return Memory(params=tuple(sorted(params.items())), grads=tuple(sorted(grads.items())),
                   optimizer=tuple(sorted(states.items())), gathered_peak=_gathered_peak(plan))
 
 
-def _unit_of(plan: ShardPlan) -> dict[str, FullyShard | None]:
+def _gathered_peak(plan: ShardPlan) -> int:
+    """Most bytes of unsharded parameters FSDP2 holds at once in forward.
+
+    Units run in module order (each from its first parameter). While one runs, FSDP2 holds it,
+    the units it is nested in, and every earlier unit that is not resharded after forward (e.g.
+    lm_head while an MTP block runs), each padded as gathered, in its param dtype.
+    """
     layouts = param_layouts(plan)
     units = {u.path: u for u in plan.steps_of(FullyShard)}
-    return {name: units.get(layout.unit or "\0") for name, layout in layouts.items()}
-
-
-def _gathered_peak(plan: ShardPlan) -> int:
-    """Bytes of the largest non-root unit when unsharded, counting the units nested in it."""
-    layouts = param_layouts(plan)
-    dtypes = {t.name: t.dtype for t in plan.model.tensors}
-    owner = _unit_of(plan)
-    peak = 0
-    for unit in plan.steps_of(FullyShard):
-        if unit.path == "":
+    tensors = {t.name: t for t in plan.model.tensors}
+    size: Counter[str] = Counter()
+    first: dict[str, int] = {}
+    for index, name in enumerate(tensors):
+        layout = layouts.get(name)
+        if layout is None or layout.unit is None:
             continue
-        total = 0
-        for name, layout in layouts.items():
-            own = owner[name]
-            if own is None or not (own.path == unit.path or own.path.startswith(unit.path + ".")):
-                continue
-            unsharded = ParamLayout(name=name, shape=layout.shape, unit=None,
-                                    shards=tuple(s for s in layout.shards
-                                                 if s[0] not in own.mesh_dims))
-            dtype = own.param_dtype or dtypes[name]
-            total += _numel(local_shape(unsharded, plan.mesh, 0)) * _BYTES.get(dtype, 4)
-        peak = max(peak, total)
+        unit = units[layout.unit]
+        padded = fsdp_shard_numel(layout, unit, plan.mesh)[0] * fsdp_shard_ranks(unit, plan.mesh)
+        size[unit.path] += padded * DTYPE_BYTES[unit.param_dtype or tensors[name].dtype]
+        first.setdefault(unit.path, index)
+    peak, kept = 0, set[str]()
+    for path in sorted(first, key=first.__getitem__):
+        held = {p for p in size if p == path or p == "" or path.startswith(p + ".")} | kept
+        peak = max(peak, sum(size[p] for p in held))
+        if not units[path].reshard_after_forward:
+            kept.add(path)
     return peak
 
 
-def _fsdp_comm(plan: ShardPlan) -> list[Comm]:
-    layouts = param_layouts(plan)
-    dtypes = {t.name: t.dtype for t in plan.model.tensors}
-    owner = _unit_of(plan)
-    gather, scatter, gather_bound = 0, 0, 0
-    for name, layout in layouts.items():
-        unit = owner[name]
-        if unit is None:
-            continue
-        n = 1
-        for axis in unit.mesh_dims:
-            n *= plan.mesh.size(axis) if axis != "dp_replicate" else 1
-        before = ParamLayout(name=name, shape=layout.shape, unit=None,
-                             shards=tuple(s for s in layout.shards if s[0] not in unit.mesh_dims))
-        shape = list(local_shape(before, plan.mesh, 0))
-        rows = -(-shape[unit.shard_dim] // n) * n  # FSDP pads to a multiple of the shards
-        padded = _numel(tuple(shape)) // max(shape[unit.shard_dim], 1) * rows
-        received = padded * (n - 1) // n
-        exact = _numel(tuple(shape)) * (n - 1) // n
-        passes = 2 if unit.reshard_after_forward else 1  # regathered for backward
-        gather += received * _BYTES.get(unit.param_dtype or dtypes[name], 4) * passes
-        gather_bound += exact * _BYTES.get(unit.param_dtype or dtypes[name], 4)
-        scatter += received * _BYTES.get(unit.reduce_dtype or dtypes[name], 4)
-    return [Comm(collective="fsdp all-gather", bytes=gather, lower_bound=gather_bound),
-            Comm(collective="fsdp reduce-scatter", bytes=scatter, lower_bound=scatter)]
+def _activation_dtype(plan: ShardPlan) -> str:
+    """Hidden states travel in the FSDP compute dtype, else in the embedding's dtype."""
+    blocks = set(plan.model.paths_with("block"))
+    for unit in plan.steps_of(FullyShard):
+        if unit.path in blocks and unit.param_dtype is not None:
+            return unit.param_dtype
+    embed = [t for t in plan.model.tensors if t.module_path in plan.model.paths_with("embed")]
+    return embed[0].dtype if embed else "float32"
 
 
-def _ep_comm(plan: ShardPlan, tokens: int, top_k: int, hidden: int, act_bytes: int) -> list[Comm]:
-    steps = plan.steps_of(InstallDispatch)
-    if not steps:
-        return []
-    ep = plan.mesh.ep
-    remote = (ep - 1) / ep
-    per_layer_a2a = int(2 * tokens * top_k * hidden * act_bytes * remote)  # dispatch + combine
-    per_layer_ag = int(ep * tokens * (hidden + top_k) * act_bytes * remote
-                       + tokens * hidden * act_bytes * (ep - 1))
-    layers = len(steps)
-    bytes_ = layers * 2 * (per_layer_a2a if steps[0].kind == "all_to_all" else per_layer_ag)
-    return [Comm(collective=f"ep {steps[0].kind} (forward + backward)", bytes=bytes_,
-                 lower_bound=layers * 2 * per_layer_a2a)]
+def _top_k(plan: ShardPlan) -> int:
+    """The routers' top-k (the first router's; 1 when the model has none)."""
+    return next((int(plan.model.module(p).fact("top_k")) for p in plan.model.paths_with("router")
+                 if plan.model.module(p).get("top_k", 0)), 1)
 
 
-def _cp_comm(plan: ShardPlan, tokens: int, act_bytes: int) -> list[Comm]:
-    steps = plan.steps_of(ContextParallelAttention)
-    if not steps:
-        return []
-    cp = plan.mesh.cp
-    facts = plan.model.module(steps[0].path.rpartition(".")[0])
-    kv = 2 * tokens * cp * int(facts.fact("n_kv_heads")) * int(facts.fact("head_dim"))
-    per_layer = int(kv * act_bytes * (cp - 1) / cp)
-    recompute = 1 if any(s.path and steps[0].path.startswith(s.path + ".")
-                         for s in plan.steps if type(s).__name__ == "Checkpoint") else 0
-    return [Comm(collective="cp K/V all-gather + grad reduce-scatter",
-                 bytes=len(steps) * per_layer * (2 + recompute),
-                 lower_bound=len(steps) * per_layer * 2)]
-
-
-def estimate(plan: ShardPlan, rank: int = 0, tokens_per_rank: int = 4096, top_k: int = 8,
+def estimate(plan: ShardPlan, rank: int = 0, tokens_per_rank: int = 4096, top_k: int | None = None,
              hidden: int | None = None, optimizer: Optimizer = "adamw",
-             activation_bytes: int = 2) -> Estimate:
-    """Memory of ``rank`` and per-step communication for ``tokens_per_rank`` tokens."""
+             activation_dtype: str | None = None) -> Estimate:
+    """Memory of ``rank`` and per-step communication for ``tokens_per_rank`` local tokens.
+
+    ``top_k`` defaults to the routers' top-k; ``hidden`` to the embedding width; the activation
+    dtype to the FSDP compute dtype (else the embedding's)."""
     embed = [t for t in plan.model.tensors if t.module_path in plan.model.paths_with("embed")]
     width = hidden if hidden is not None else (embed[0].shape[-1] if embed else 0)
-    comm = (_fsdp_comm(plan) + _ep_comm(plan, tokens_per_rank, top_k, width, activation_bytes)
-            + _cp_comm(plan, tokens_per_rank, activation_bytes))
-    return Estimate(rank=rank, memory=estimate_memory(plan, rank, optimizer), comm=tuple(comm))
+    act = DTYPE_BYTES[activation_dtype or _activation_dtype(plan)]
+    comm = predict_comm(plan, tokens_per_rank, top_k if top_k is not None else _top_k(plan),
+                        width, act)
+    return Estimate(rank=rank, memory=estimate_memory(plan, rank, optimizer), comm=comm)

@@ -70,6 +70,45 @@ class ParamLayout:
                             key=lambda item: (-item[1], item[0])))
 
 
+def local_shape(layout: ParamLayout, mesh: MeshSpec, rank: int) -> tuple[int, ...]:
+    """The shape ``rank`` holds: shards applied in order, each a ``torch.chunk`` slice."""
+    shape = list(layout.shape)
+    for axis, dim in layout.shards:
+        parts, index = mesh.size(axis), mesh.coordinate(rank, axis)
+        step = -(-shape[dim] // parts)
+        shape[dim] = max(0, min(step, shape[dim] - index * step))
+    return tuple(shape)
+
+
+def fsdp_shard_ranks(unit: FullyShard, mesh: MeshSpec) -> int:
+    """How many ranks one shard group of ``unit`` spans (``dp_replicate`` replicates)."""
+    n = 1
+    for axis in unit.mesh_dims:
+        n *= mesh.size(axis) if axis != "dp_replicate" else 1
+    return n
+
+
+def fsdp_shard_numel(layout: ParamLayout, unit: FullyShard, mesh: MeshSpec) -> tuple[int, int]:
+    """(padded, mean unpadded) elements of one rank's FSDP2 shard of a parameter.
+
+    FSDP2 stores every rank's shard padded to shard 0's size (``ceil(rows / n)`` rows), so the
+    padded size is what each rank allocates and all-gathers.
+
+    >>> unit = FullyShard(stage="fsdp", path="", mesh_dims=("dp_shard",))
+    >>> fsdp_shard_numel(ParamLayout(name="w", shape=(10, 3), shards=(), unit=""),
+    ...                  unit, MeshSpec(dp_shard=4))
+    (9, 7)
+    """
+    before = ParamLayout(name=layout.name, shape=layout.shape, unit=None,
+                         shards=tuple(s for s in layout.shards if s[0] not in unit.mesh_dims))
+    shape = local_shape(before, mesh, 0)  # EP shards are even: every rank has this shape
+    n = fsdp_shard_ranks(unit, mesh)
+    rest = 1
+    for i, size in enumerate(shape):
+        rest *= size if i != unit.shard_dim else 1
+    return -(-shape[unit.shard_dim] // n) * rest, shape[unit.shard_dim] * rest // n
+
+
 def param_layouts(plan: ShardPlan) -> dict[str, ParamLayout]:
     """Full parameter name → its layout (every trainable or frozen parameter, once)."""
     distributed = plan.distributed_params()

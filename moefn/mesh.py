@@ -123,6 +123,19 @@ class MeshSpec:
             index = index * self.base_size(dim) + coords[dim]
         return index
 
+    def group_ranks(self, rank: int, axes: tuple[str, ...]) -> tuple[int, ...]:
+        """The global ranks of ``rank``'s group over ``axes`` (e.g. its EP group), ascending.
+
+        >>> MeshSpec(dp_shard=4, ep=2).group_ranks(3, ("ep_shard",))
+        (1, 3)
+        """
+        spanned = {dim for axis in axes for dim in AXIS_SPANS[axis]}
+        view = EXPERT_DIMS if spanned & {"ep", "ep_shard"} else DENSE_DIMS
+        fixed = [dim for dim in view if dim not in spanned]
+        mine = [self.coordinate(rank, dim) for dim in fixed]
+        return tuple(r for r in range(self.world_size)
+                     if [self.coordinate(r, dim) for dim in fixed] == mine)
+
     def describe(self) -> str:
         text = (f"dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} cp={self.cp} "
                 f"ep={self.ep}")

@@ -161,9 +161,9 @@ def render_comparison(before: ShardPlan, after: ShardPlan) -> str:
         for kind in sorted(old_bytes.keys() | new_bytes.keys()):
             x, y = old_bytes.get(kind, 0), new_bytes.get(kind, 0)
             lines.append(f"  {part:<10}{kind:<12}{x:>16,} → {y:>16,}  ({y - x:+,} bytes)")
-    lines.append("communication per step (rank 0):")
-    was_c = {c.collective: c.bytes for c in a_est.comm}
-    now_c = {c.collective: c.bytes for c in b_est.comm}
+    lines.append("communication per step (rank 0, bytes received):")
+    was_c = {f"{c.collective} ({'×'.join(c.axes)})": c.received for c in a_est.comm}
+    now_c = {f"{c.collective} ({'×'.join(c.axes)})": c.received for c in b_est.comm}
     for name in sorted(was_c.keys() | now_c.keys()):
         delta = now_c.get(name, 0) - was_c.get(name, 0)
         lines.append(f"  {name:<44}{was_c.get(name, 0):>18,} → {now_c.get(name, 0):>18,}"

@@ -20,8 +20,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from moefn.errors import PlanError, Problem
-from moefn.estimate import local_shape
-from moefn.layout import param_layouts
+from moefn.layout import local_shape, param_layouts
 from moefn.mesh import MeshSpec
 from moefn.plan import ShardPlan
 

@@ -75,6 +75,6 @@ def test_compare_prints_step_memory_and_comm_deltas(capsys: pytest.CaptureFixtur
     out = capsys.readouterr().out
     assert "~ layers.*.mlp.experts ×2  dispatch all_to_all over ep(2): 8 experts, 4 per rank  ⇒  " \
            "dispatch all_to_all over ep(4): 8 experts, 2 per rank" in out
-    assert "params    experts" in out and "ep all_to_all (forward + backward)" in out
+    assert "params    experts" in out and "ep dispatch + combine (ep)" in out
     with pytest.raises(SystemExit):
         main(["plan", "--model", "tiny", "--mesh", "dp_shard=4", "--compare", "a=1", "b=2"])

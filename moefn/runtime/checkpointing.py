@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import (
+    SAC_IGNORED_OPS,
     CheckpointPolicy,
     checkpoint,
     create_selective_checkpoint_contexts,
@@ -108,7 +109,16 @@ def selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Checkpoint
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+# Profiler annotations are not tensor computation, yet torch's selective checkpointing counts
+# them: FSDP units nested in a checkpointed block (e.g. fp32 routers under bf16) annotate a
+# different number of times in recompute than in forward, and the replay fails with "invocation
+# index ... not found in storage" (pytorch/torchtitan#3427). They must not be counted.
+_PROFILER_OPS = (torch.ops.profiler._record_function_enter_new.default,
+                 torch.ops.profiler._record_function_exit._RecordFunction)
+
+
 def _selective_contexts() -> Any:
+    SAC_IGNORED_OPS.update(_PROFILER_OPS)
     return create_selective_checkpoint_contexts(selective_policy)  # type: ignore[no-untyped-call]
 
 

@@ -73,8 +73,8 @@ class AllToAllDispatch:
         k = top_k_index.shape[1]
         order, counts = sort_by_expert(top_k_index, self.num_experts)
         # recv_counts[s * local + e]: rows rank s sends to our local expert e
-        recv_counts = torch.empty_like(counts)
-        dist.all_to_all_single(recv_counts, counts, group=self.group)
+        # functional, so that selective checkpointing saves it rather than running it again
+        recv_counts = _wait(funcol.all_to_all_single(counts, None, None, self.group))
         send_splits = counts.view(ep, local).sum(dim=1).tolist()
         recv_splits = recv_counts.view(ep, local).sum(dim=1).tolist()
         received = _all_to_all(x[order // k], recv_splits, send_splits, self.group)

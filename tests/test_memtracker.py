@@ -1,0 +1,249 @@
+"""The memory estimate agrees with torch's own FSDP2 memory tracker at 1024 fake ranks.
+
+A DeepSeek-V3-wide model (its dense layers + 3 MoE layers + MTP) is planned with
+``plan_ep() + plan_fsdp()`` on ``dp_shard=1024,ep=64`` and realized, in a subprocess, on a fake
+process group as rank 0 and rank 1023. Its parameters are then materialized as fake tensors and
+one AdamW step runs under ``FSDPMemTracker``, which attributes every tensor *storage* to a
+category. The test compares, per rank, what is left after the step with `estimate_memory`:
+
+* ``Sharded Param`` and ``Sharded Grad``: FSDP2 keeps each shard in a storage padded to the size
+  of shard 0 (a rank past the last row still holds a padded shard), and the gradients are views
+  of the padded reduce-scatter output; the estimate counts what is allocated, padding included:
+  exact equality, no tolerance (rank 1023 holds 7,397,376 bytes of padding here).
+* ``OptState``: ``exp_avg``/``exp_avg_sq`` are ``zeros_like`` of the unpadded local shard (the
+  estimate's two state copies), plus AdamW's scalar ``step`` tensor per parameter (fp32 on CPU,
+  4 bytes; not counted by the estimate): exact equality again.
+* ``Buffer`` (routers' expert bias and token counters) is not part of the estimate; checked
+  against the model spec so that nothing the tracker holds is unexplained.
+* All-gathers: each unit's unshard in forward grows ``Unsharded Param`` by its own parameters,
+  padded to ``shards * shard 0``, in the unit's param dtype; the most FSDP2 holds at once equals
+  `Memory.gathered_peak` (the running unit, its parents and earlier units kept unsharded).
+
+Fake tensors hold no values, so data-dependent ops cannot run: the subprocess replaces the EP
+dispatcher by a balanced, data-independent one (each local expert receives ``T*k/local`` rows,
+what a perfectly balanced all-to-all delivers) and gives ``bincount`` its output shape
+(``minlength``, exact for expert indices). Neither changes which parameters, gradients or
+optimizer states exist, nor their sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import torch
+from torch import Tensor
+
+from moefn import MeshSpec, compose, plan_ep, plan_fsdp
+from moefn.estimate import Memory, estimate_memory
+from moefn.layout import ParamLayout, local_shape, param_layouts
+from moefn.models import MoETransformer, get_preset
+from moefn.models.config import MoEConfig
+from moefn.plan import FullyShard, ShardPlan
+from moefn.runtime.dispatch import LocalExpertsFn
+
+MESH = MeshSpec(dp_shard=1024, ep=64)
+RANKS = (0, MESH.world_size - 1)
+STEP_BYTES = 4  # AdamW's per-parameter `step`: torch.tensor(0.0), fp32 on CPU (not capturable/fused)
+
+
+def _config() -> MoEConfig:
+    """DeepSeek-V3 at full width with its dense layers and 3 MoE layers (and the MTP block).
+
+    grouped_mm runs on fake tensors in bf16 (the plan's param dtype) without reading the counts;
+    the loop implementation would need their values.
+    """
+    preset = get_preset("deepseek-v3")
+    return attrs.evolve(preset, n_layers=preset.n_dense_layers + 3, experts_impl="grouped_mm")
+
+
+def _plan() -> ShardPlan:
+    with torch.device("meta"):
+        model = MoETransformer(_config())
+    return compose(plan_ep(), plan_fsdp())(model, MESH).unwrap()
+
+
+# ---- subprocess side: realize on a fake process group and measure with FSDPMemTracker ----------
+
+
+class _BalancedDispatch:
+    """Every local expert gets ``T*k/local`` rows: the shapes of a perfectly balanced all-to-all
+    with no data-dependent sizes (fake tensors have no counts to split by)."""
+
+    def __init__(self, num_experts: int, local_experts: int) -> None:
+        self.num_experts, self.local = num_experts, local_experts
+
+    def __call__(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
+                 local_fn: LocalExpertsFn) -> Tensor:
+        tokens, k = top_k_index.shape
+        counts = torch.full((self.local,), tokens * k // self.local, dtype=torch.int64)
+        y = local_fn(x.repeat_interleave(k, dim=0), counts)
+        weighted = y.view(tokens, k, -1) * top_k_weights.unsqueeze(-1).to(y.dtype)
+        return weighted.sum(dim=1).to(x.dtype)
+
+
+def _bincount(input: Tensor, weights: Tensor | None = None, minlength: int = 0) -> Tensor:
+    """``bincount``'s shape for indices below ``minlength`` (fake tensors cannot compute it)."""
+    return torch.zeros(minlength, dtype=torch.int64, device=input.device)
+
+
+def _measure(rank: int) -> dict[str, Any]:
+    from unittest import mock
+
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.fsdp2_mem_tracker import (
+        FSDPMemTracker,
+        _FSDPModState,
+        _FSDPRefType,
+    )
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from moefn.models import causal_lm_loss
+    from moefn.models.moe import GroupedExperts
+    from moefn.realize import build_device_meshes, realize
+
+    config, plan = _config(), _plan()
+    cpu = torch.device("cpu")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=MESH.world_size)
+    try:
+        # realize on meta outside FakeTensorMode: realize's agreement step exchanges objects
+        with torch.device("meta"):
+            model = MoETransformer(config)
+        realize(plan, model, build_device_meshes(plan.mesh, "cpu"))
+        for module in model.modules():
+            if isinstance(module, GroupedExperts):
+                module.dispatcher = _BalancedDispatch(config.n_experts,
+                                                      config.n_experts // plan.mesh.ep)
+        # allow_non_fake_inputs: to_empty turns the meta shards into fake CPU tensors; FSDP2's
+        # _apply then re-pads each shard into its padded storage (as at fully_shard time)
+        with (FakeTensorMode(allow_non_fake_inputs=True),
+              mock.patch.object(torch, "bincount", _bincount)):
+            model.to_empty(device="cpu")
+            # FSDP2's lazy init (else run by the first forward) pads the shards once more: it
+            # recognises its own padded storage only for a plain torch.Tensor, not a FakeTensor.
+            # Inside the tracker that copy would count as an activation and free the tracked
+            # Sharded Param storage of every padded shard; run it before tracking
+            model._get_fsdp_state()._lazy_init()  # type: ignore[operator]
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            input_ids = torch.randint(0, config.vocab_size, (1, 8))
+            position_ids = torch.arange(8).expand(1, 8).contiguous()
+            tracker = FSDPMemTracker(model, optimizer)
+            tracker.track_inputs((input_ids, position_ids))
+            with tracker:
+                loss = causal_lm_loss(model(input_ids, position_ids), input_ids, input_ids.numel())
+                loss.backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
+                final = tracker.get_tracker_snapshot()[cpu]
+        # (the tracker's "peak" is unusable here: DTensor's sharding propagation runs global-shape
+        # ops inside the same FakeTensorMode and the tracker counts them, e.g. 90 GB of OptState)
+        unshard: dict[str, int] = {}
+        peak = dict.fromkeys(("Unsharded Param", "All Gather"), 0)
+        for stats in tracker.memory_tracking.values():  # type: ignore[no-untyped-call]
+            path = stats.mod_fqn.partition(".")[2]  # drop the root class name
+            before, after = (stats.snapshots[state][0].get(cpu, {})
+                             for state in (_FSDPModState.BEF_PRE_FW, _FSDPModState.AFT_PRE_FW))
+            unshard[path] = (after.get(_FSDPRefType.UNSHARDED_PARAM, 0)
+                             - before.get(_FSDPRefType.UNSHARDED_PARAM, 0))
+            for snaps in stats.snapshots.values():
+                for snap in snaps:
+                    for ref in (_FSDPRefType.UNSHARDED_PARAM, _FSDPRefType.ALL_GATHER):
+                        peak[ref.value] = max(peak[ref.value], snap.get(cpu, {}).get(ref, 0))
+        return {"final": {str(getattr(k, "value", k)): v for k, v in final.items()},
+                "unshard": unshard, "peak": peak}
+    finally:
+        dist.destroy_process_group()
+
+
+# ---- pytest side: predictions from the plan alone ------------------------------------------------
+
+
+def _bytes(dtype: str) -> int:
+    return int(getattr(torch, dtype).itemsize)
+
+
+def _fsdp_shards(plan: ShardPlan) -> dict[str, tuple[FullyShard, tuple[int, ...], int]]:
+    """Parameter → (its unit, its local shape before FSDP shards it on rank 0, number of shards)."""
+    units = {u.path: u for u in plan.steps_of(FullyShard)}
+    out = {}
+    for name, layout in param_layouts(plan).items():
+        if layout.unit is None:
+            continue
+        unit = units[layout.unit]
+        before = ParamLayout(name=name, shape=layout.shape, unit=None,
+                             shards=tuple(s for s in layout.shards if s[0] not in unit.mesh_dims))
+        shards = math.prod(plan.mesh.size(a) for a in unit.mesh_dims if a != "dp_replicate")
+        # EP shards are even (experts divide by ep), so rank 0's shape is every rank's shape
+        out[name] = (unit, local_shape(before, plan.mesh, 0), shards)
+    return out
+
+
+def _padded_numel(shape: tuple[int, ...], dim: int, shards: int) -> int:
+    """Numel of FSDP2's padded shard: shard 0 of ``torch.chunk(shards)`` along ``dim``."""
+    return math.prod(shape) // shape[dim] * -(-shape[dim] // shards)
+
+
+def _unit_gathers(plan: ShardPlan) -> dict[str, int]:
+    """Unit → bytes its own parameters take unsharded (padded), in its param dtype."""
+    dtypes = {t.name: t.dtype for t in plan.model.tensors}
+    out: dict[str, int] = {}
+    for name, (unit, shape, shards) in _fsdp_shards(plan).items():
+        numel = _padded_numel(shape, unit.shard_dim, shards) * shards
+        out[unit.path] = out.get(unit.path, 0) + numel * _bytes(unit.param_dtype or dtypes[name])
+    return out
+
+
+def _total(part: tuple[tuple[str, int], ...]) -> int:
+    return sum(v for _, v in part)
+
+
+@pytest.fixture(scope="module")
+def plan() -> ShardPlan:
+    return _plan()
+
+
+@pytest.fixture(scope="module")
+def measured() -> dict[int, dict[str, Any]]:
+    code = ("import json; from tests.test_memtracker import _measure; "
+            f"print(json.dumps({{r: _measure(r) for r in {RANKS!r}}}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return {int(k): v for k, v in json.loads(out.stdout.splitlines()[-1]).items()}
+
+
+@pytest.mark.parametrize("rank", RANKS)
+def test_sharded_state_matches_the_tracker(plan: ShardPlan, measured: dict[int, dict[str, Any]],
+                                           rank: int) -> None:
+    memory: Memory = estimate_memory(plan, rank, optimizer="adamw")
+    final = measured[rank]["final"]
+    trainable = sum(1 for t in plan.model.tensors if t.requires_grad and not t.is_buffer)
+    buffers = sum(t.numel * _bytes(t.dtype) for t in plan.model.tensors if t.is_buffer)
+    want = {"Sharded Param": _total(memory.params),
+            "Sharded Grad": _total(memory.grads),
+            "OptState": _total(memory.optimizer) + STEP_BYTES * trainable,
+            "Buffer": buffers}
+    assert {k: final[k] for k in want} == want, (rank, final)
+
+
+def test_each_unit_gathers_its_padded_parameters(plan: ShardPlan,
+                                                 measured: dict[int, dict[str, Any]]) -> None:
+    want = _unit_gathers(plan)
+    for rank in RANKS:
+        assert measured[rank]["unshard"] == want, rank
+
+
+def test_gathered_peak_is_what_fsdp_holds_at_once(plan: ShardPlan,
+                                                  measured: dict[int, dict[str, Any]]) -> None:
+    """The peak comes while the MTP block's experts run: lm_head is not resharded after forward,
+    so it stays gathered under the MTP block, its experts and the root."""
+    peak = estimate_memory(plan, 0).gathered_peak
+    assert peak > max(_unit_gathers(plan).values())
+    for rank in RANKS:
+        assert measured[rank]["peak"]["Unsharded Param"] == peak, rank
