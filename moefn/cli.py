@@ -90,7 +90,7 @@ def _memory_table(est: Estimate) -> str:
     for kind, size in m.params:
         rows.append(f"  {kind:<12}{_size(size):>15}{_size(grads.get(kind, 0)):>15}"
                     f"{_size(states.get(kind, 0)):>15}")
-    rows.append(f"  total {_size(m.total)}; largest unit gathered in forward {_size(m.gathered_peak)}")
+    rows.append(f"  total {_size(m.total)}; most gathered at once in forward {_size(m.gathered_peak)}")
     return "\n".join(rows)
 
 

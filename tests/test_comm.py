@@ -1,6 +1,6 @@
 """Predicted communication equals what a real step sends and receives, collective by collective.
 
-Each case realizes a plan on 4 gloo ranks, runs one warm-up step (FSDP's lazy initialisation),
+Each case realizes a plan on 2 or 4 gloo ranks, runs one warm-up step (FSDP's lazy initialisation),
 then counts one forward + backward with `CommLedger` and compares, per (kind, group of ranks),
 the calls and the bytes each way with `estimate(plan).comm` on every rank. EP all-to-all cases
 force each token's two experts onto different EP ranks (expert bias), the balanced routing the
@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
+from moefn import MeshSpec
 from moefn.comm_ledger import CommLedger, Traffic
 from moefn.estimate import estimate
 from moefn.models import causal_lm_loss
@@ -71,12 +72,16 @@ CASES = {
                                        preset="tiny-full", force_experts=(0, 4)),
     "experts sharded on dim 1, all_gather": Case(mesh="dp_shard=4,ep=2", stages=(AG, FP32),
                                                  preset="tiny-2experts"),
+    "2 ranks: ep all_to_all + fsdp, no experts unit": Case(
+        mesh="dp_shard=2,ep=2", stages=(A2A, ("ac", ()), FP32), preset="tiny-full",
+        force_experts=(0, 4)),
 }
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_predicted_comm_is_what_a_step_moves(ranks: Callable[[int], RankPool], name: str) -> None:
-    for rank, (measured, predicted) in enumerate(ranks(4).run(_measure, CASES[name])):
+    world = MeshSpec.parse(CASES[name].mesh).world_size
+    for rank, (measured, predicted) in enumerate(ranks(world).run(_measure, CASES[name])):
         assert measured == predicted, (rank, sorted(measured.items()), sorted(predicted.items()))
         assert all(sent > 0 for key, (_, sent, _) in measured.items()), measured
 

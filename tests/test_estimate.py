@@ -47,6 +47,7 @@ def _measure(rank: int, world: int, case: Case) -> dict[str, int]:
     ("dp_shard=4,ep=2", (("ep", (("dispatch", "all_to_all"),)), FSDP), "tiny"),
     ("dp_shard=4,ep=2", (("ep", (("dispatch", "all_to_all"),)), FSDP), "tiny-2experts"),
     ("dp_shard=2,cp=2,ep=4", (("cp", ()), ("ep", (("dispatch", "all_gather"),)), FSDP), "tiny"),
+    ("dp_shard=2,ep=2", (("ep", (("dispatch", "all_to_all"),)), FSDP), "tiny-full"),
     ("dp_shard=3", (FSDP,), "tiny-full"),  # 64 vocab rows, 32-wide norms over 3: padded shards
     ("dp_replicate=2,dp_shard=2,ep=2", (("ep", (("dispatch", "all_gather"),)), FSDP), "tiny"),
 ])

@@ -24,6 +24,7 @@ def _simulate(model: str, mesh: str) -> dict[str, object]:
     ("deepseek-v3", "dp_shard=1024,ep=64"),
     ("qwen3-30b-a3b", "dp_shard=1024,ep=64"),
     ("deepseek-v3", "dp_shard=4096,ep=64"),
+    ("qwen3-30b-a3b", "dp_shard=4096,ep=64"),
 ])
 def test_simulated_ranks_hold_what_the_plan_says(model: str, mesh: str) -> None:
     doc = _simulate(model, mesh)
