@@ -18,7 +18,8 @@ measure `moefn.comm_ledger.CommLedger` counts on a real run (all-gather and redu
 - CP: each attention all-gathers K and V (and the global positions when causal), and
   reduce-scatters their gradients.
 - A block checkpointed in "full" or "router" mode runs its forward collectives again in
-  backward (EP and CP; FSDP units are not gathered again); "selective" keeps them.
+  backward (EP and CP; FSDP units are not gathered again), up to the last one whose result
+  backward needs; "selective" keeps them.
 
 ``lower_bound`` is what the same data movement needs with no padding, no second all-gather,
 no recompute and no routing metadata.
@@ -149,6 +150,12 @@ def _recomputed(plan: ShardPlan, path: str) -> bool:
                for c in plan.steps_of(Checkpoint))
 
 
+def _shared_experts_follow(plan: ShardPlan, experts: str) -> bool:
+    """Whether the MoE holding ``experts`` has shared experts (they run after the routed ones)."""
+    moe = experts.rpartition(".")[0]
+    return any(p.rpartition(".")[0] == moe for p in plan.model.paths_with("shared_experts"))
+
+
 def _ep(plan: ShardPlan, tokens: int, top_k: int, hidden: int, act: int) -> list[Comm]:
     out = []
     for step in plan.steps_of(InstallDispatch):
@@ -167,10 +174,13 @@ def _ep(plan: ShardPlan, tokens: int, top_k: int, hidden: int, act: int) -> list
         packed = tokens * (hidden + top_k) * act * peers  # tokens with their routing weights
         meta = _INDEX_BYTES * peers + tokens * top_k * _INDEX_BYTES * peers  # sizes, indices
         results = tokens * hidden * act * peers
+        # recompute stops once every saved tensor is back (torch's early stop): the results'
+        # reduce-scatter is last unless shared experts run after the routed ones
+        scatters = 1 + (forwards == 2 and _shared_experts_follow(plan, step.path))
         out.append(_traffic("ep all-gather: tokens, weights, routing", "all_gather", axes,
                             3 * forwards + 1, forwards * (packed + meta) + results, lower // 2))
         out.append(_traffic("ep reduce-scatter: results, token grads", "reduce_scatter", axes,
-                            forwards + 1, forwards * results + packed, lower // 2))
+                            scatters + 1, scatters * results + packed, lower // 2))
     return out
 
 

@@ -18,7 +18,9 @@ from moefn.comm_ledger import CommLedger, Traffic
 from moefn.estimate import estimate
 from moefn.models import causal_lm_loss
 from moefn.models.moe import Router
+from moefn.plan import ShardPlan
 from moefn.train import global_batch, local_batch
+from tests.hf_parity import HFCase, build_hf_pair, hf_batch, logits_of
 from tests.parity import Case, build_pair
 from tests.ranks import RankPool
 
@@ -28,6 +30,20 @@ A2A = ("ep", (("dispatch", "all_to_all"),))
 AG = ("ep", (("dispatch", "all_gather"),))
 
 Totals = dict[tuple[str, tuple[int, ...]], tuple[int, int, int]]
+
+
+def _count_and_predict(rank: int, plan: ShardPlan, step: Callable[[], None], tokens: int,
+                       dtype: str) -> tuple[Totals, Totals]:
+    """Run ``step`` once (lazy initialisation), count a second run, and predict it."""
+    step()
+    with CommLedger() as ledger:
+        step()
+    measured = {key: (t.calls, t.sent, t.received) for key, t in ledger.totals().items()}
+    predicted: dict[tuple[str, tuple[int, ...]], Traffic] = {}
+    for c in estimate(plan, rank, tokens_per_rank=tokens, activation_dtype=dtype).comm:
+        key = (c.op, plan.mesh.group_ranks(rank, c.axes))
+        predicted[key] = predicted.get(key, Traffic()) + Traffic(c.calls, c.sent, c.received)
+    return measured, {key: (t.calls, t.sent, t.received) for key, t in predicted.items()}
 
 
 def _measure(rank: int, world: int, case: Case) -> tuple[Totals, Totals]:
@@ -42,17 +58,19 @@ def _measure(rank: int, world: int, case: Case) -> tuple[Totals, Totals]:
         logits = model(mine.input_ids, mine.position_ids)
         causal_lm_loss(logits, mine.labels, batch.num_valid).backward()
 
-    step()
-    with CommLedger() as ledger:
-        step()
-    measured = {key: (t.calls, t.sent, t.received) for key, t in ledger.totals().items()}
-    predicted: dict[tuple[str, tuple[int, ...]], Traffic] = {}
     dtype = "bfloat16" if BF16 in case.stages else "float32"
-    for c in estimate(plan, rank, tokens_per_rank=mine.input_ids.numel(),
-                      activation_dtype=dtype).comm:
-        key = (c.op, plan.mesh.group_ranks(rank, c.axes))
-        predicted[key] = predicted.get(key, Traffic()) + Traffic(c.calls, c.sent, c.received)
-    return measured, {key: (t.calls, t.sent, t.received) for key, t in predicted.items()}
+    return _count_and_predict(rank, plan, step, mine.input_ids.numel(), dtype)
+
+
+def _measure_hf(rank: int, world: int, case: HFCase) -> tuple[Totals, Totals]:
+    reference, model, plan = build_hf_pair(case)
+    batch = hf_batch(int(reference.config.vocab_size), case.batch, case.seq, case.seed)
+    mine = local_batch(batch, plan.mesh, rank)
+
+    def step() -> None:
+        logits_of(model, mine).sum().backward()
+
+    return _count_and_predict(rank, plan, step, mine.input_ids.numel(), "float32")
 
 
 CASES = {
@@ -76,6 +94,21 @@ CASES = {
         mesh="dp_shard=2,ep=2", stages=(A2A, ("ac", ()), FP32), preset="tiny-full",
         force_experts=(0, 4)),
 }
+
+
+HF_CASES = {  # transformers models: the all-gather dispatcher does not depend on routing
+    "qwen3_moe: cp + ep all_gather + router AC + fsdp": HFCase(
+        family="qwen3_moe", mesh="dp_shard=2,cp=2,ep=2", stages=(("cp", ()), AG, ("ac", ()), FP32)),
+    "deepseek_v3 (MLA, shared experts): cp + ep all_gather + full AC + fsdp": HFCase(
+        family="deepseek_v3", mesh="dp_shard=2,cp=2,ep=2",
+        stages=(("cp", ()), AG, ("ac", (("mode", "full"),)), FP32)),
+}
+
+
+@pytest.mark.parametrize("name", HF_CASES)
+def test_predicted_comm_of_transformers_models(ranks: Callable[[int], RankPool], name: str) -> None:
+    for rank, (measured, predicted) in enumerate(ranks(4).run(_measure_hf, HF_CASES[name])):
+        assert measured == predicted, (rank, sorted(measured.items()), sorted(predicted.items()))
 
 
 @pytest.mark.parametrize("name", CASES)
