@@ -17,7 +17,7 @@ over its FSDP ranks, so its backward is scaled by ``fsdp_size`` to get the same 
 Per system: median step time over steps 3–12 (zero_grad, forward, backward, optimizer step,
 loss all-reduce; the median of 3 rounds that alternate the systems), losses against one
 process for SGD (lr 0.25) and AdamW (lr 1e-3), and the collectives of one step counted at the
-process-group level (`benchmarks.comm.CommCounter`).
+process-group level (`moefn.comm_ledger.CommLedger`: bytes received per collective).
 
 >>> rows = bench_peer(steps=12)            # doctest: +SKIP
 """
@@ -31,12 +31,13 @@ import time
 from contextlib import nullcontext
 from typing import Any
 
+import attrs
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from benchmarks.comm import CommCounter
 from moefn import MeshSpec, compose, plan_ep, plan_fsdp
+from moefn.comm_ledger import CommLedger
 from moefn.launch import run_local
 from moefn.models import causal_lm_loss, next_token_labels
 from moefn.realize import build_device_meshes, realize
@@ -92,7 +93,7 @@ def _train(model: nn.Module, mine: Batch, num_valid: int, optimizer_name: str, s
     optimizer = OPTIMIZERS[optimizer_name](model.parameters())
     losses, times, comm = [], [], {}
     for step in range(steps):
-        counter = CommCounter()
+        counter = CommLedger()
         start = time.perf_counter()
         with counter if step == count_step else nullcontext():
             optimizer.zero_grad()
@@ -107,7 +108,7 @@ def _train(model: nn.Module, mine: Batch, num_valid: int, optimizer_name: str, s
         times.append(time.perf_counter() - start)
         losses.append(float(total))
         if step == count_step:
-            comm = counter.summary()
+            comm = {k: attrs.asdict(t) for k, t in sorted(counter.by_kind().items())}
     return {"losses": losses, "median_step_s": statistics.median(times[2:]), "comm": comm}
 
 
@@ -167,7 +168,7 @@ def _row(system: str, optimizer: str, runs: list[dict[str, Any]],
             r["losses"], reference["losses"], strict=True)),
         "final_loss": round(runs[0]["losses"][-1], 6),
         "collectives_per_step_rank0": sum(c["calls"] for c in comm.values()),
-        "bytes_per_step_rank0": sum(c["bytes"] for c in comm.values()),
+        "received_bytes_per_step_rank0": sum(c["received"] for c in comm.values()),
         "by_collective": dict(comm),
     }
 

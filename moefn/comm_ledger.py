@@ -143,3 +143,10 @@ class CommLedger(TorchDispatchMode):  # type: ignore[no-untyped-call]  # untyped
         for key, traffic in self.records:
             out[key] = out.get(key, Traffic()) + traffic
         return out
+
+    def by_kind(self) -> dict[str, Traffic]:
+        """Calls and bytes summed per kind over all groups (e.g. for a benchmark table)."""
+        out: dict[str, Traffic] = {}
+        for (kind, _), traffic in self.records:
+            out[kind] = out.get(kind, Traffic()) + traffic
+        return out
