@@ -30,6 +30,7 @@ no recompute and no routing metadata.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Literal
 
@@ -82,12 +83,6 @@ def _merge(comms: Iterable[Comm]) -> tuple[Comm, ...]:
     return tuple(merged.values())
 
 
-def _numel(shape: Iterable[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
 
 def _fsdp(plan: ShardPlan) -> list[Comm]:
     layouts = param_layouts(plan)
@@ -137,8 +132,8 @@ def _sync(plan: ShardPlan) -> list[Comm]:
                     None)
         if step is None:
             continue
-        n = _numel(plan.mesh.size(a) for a in step.mesh_dims)
-        size = _numel(local_shape(layouts[info.name], plan.mesh, 0)) * DTYPE_BYTES[info.dtype]
+        n = math.prod(plan.mesh.size(a) for a in step.mesh_dims)
+        size = math.prod(local_shape(layouts[info.name], plan.mesh, 0)) * DTYPE_BYTES[info.dtype]
         moved = 2 * size * (n - 1) // n
         out.append(_traffic("gradient all-reduce", "all_reduce", step.mesh_dims, 1, moved, moved))
     return out
@@ -187,7 +182,7 @@ def _ep(plan: ShardPlan, tokens: int, top_k: int, hidden: int, act: int) -> list
 def _cp(plan: ShardPlan, tokens: int, act: int) -> list[Comm]:
     out = []
     for step in plan.steps_of(ContextParallelAttention):
-        cp, axes = _numel(plan.mesh.size(a) for a in step.mesh_dims), step.mesh_dims
+        cp, axes = math.prod(plan.mesh.size(a) for a in step.mesh_dims), step.mesh_dims
         heads = plan.model.module(step.path.rpartition(".")[0])
         causal = bool(plan.model.module(step.path).get("causal", True))
         kv = 2 * tokens * int(heads.fact("n_kv_heads")) * int(heads.fact("head_dim")) * act

@@ -11,6 +11,7 @@ stated tokens-per-rank and top-k.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Literal
 
@@ -23,12 +24,6 @@ from moefn.plan import FullyShard, ShardPlan
 Optimizer = Literal["adamw", "sgd", "sgd_momentum"]
 _STATE_COPIES: dict[str, int] = {"adamw": 2, "sgd": 0, "sgd_momentum": 1}
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 @frozen(kw_only=True)
@@ -76,7 +71,7 @@ def estimate_memory(plan: ShardPlan, rank: int, optimizer: Optimizer = "adamw") 
     tensors = {t.name: t for t in plan.model.tensors}
     for name, layout in param_layouts(plan).items():
         width = DTYPE_BYTES[tensors[name].dtype]
-        local = _numel(local_shape(layout, plan.mesh, rank)) * width
+        local = math.prod(local_shape(layout, plan.mesh, rank)) * width
         held = (local if layout.unit is None
                 else fsdp_shard_numel(layout, units[layout.unit], plan.mesh)[0] * width)
         kind = _kind(name, plan)
