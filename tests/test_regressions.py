@@ -445,3 +445,24 @@ def _accumulated(rank: int, world: int, stages: Stages) -> float:
 def test_gradient_accumulation_over_micro_batches_is_exact(ranks: Callable[[int], RankPool],
                                                           stages: Stages) -> None:
     assert all(worst <= 1e-5 for worst in ranks(WORLD).run(_accumulated, stages))
+
+
+def _view_warnings(rank: int, world: int) -> list[str]:
+    import warnings
+
+    _, model, _ = build_pair(Case(mesh="dp_shard=4,ep=2", stages=(
+        ("ep", (("dispatch", "all_gather"),)), ("fsdp", (("precision", "fp32"),))),
+        preset="tiny"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for seq in (8, 8 - 2 * rank):  # equal token counts, then uneven ones (padded gathers)
+            ids = torch.randint(0, 64, (2, seq), generator=torch.Generator().manual_seed(rank))
+            logits = model(ids, torch.arange(seq).expand(2, seq))
+            causal_lm_loss(logits, next_token_labels(ids), 64).backward()
+    return [str(w.message) for w in caught if "view" in str(w.message)]
+
+
+def test_experts_units_do_not_return_views(ranks: Callable[[int], RankPool]) -> None:
+    """FSDP2 warns that an in-place op on a view its unit returns drops the pre-backward hook
+    (its all-gather in backward); the all-gather dispatcher returned a slice of its output."""
+    assert ranks(WORLD).run(_view_warnings) == [[]] * WORLD

@@ -130,4 +130,6 @@ class AllGatherDispatch:
             index.shape[0], y_local.shape[1], dtype=y_local.dtype, device=x.device
         ).index_add(0, slots // k, weighted)
         out = _wait(funcol.reduce_scatter_single_autograd(summed, "sum", 0, self.group))
-        return out[:tokens].to(x.dtype)
+        if pad:  # a copy, not a view: FSDP cannot safely hook a view an experts unit returns
+            out = out[:tokens].clone()
+        return out.to(x.dtype)
