@@ -106,10 +106,13 @@ def plan_fsdp(
                     units.append(evolve(unit(path, dense, dtypes=dtypes),
                                         reshard_after_forward=reshard_after_forward
                                         and role != "lm_head"))
-        backbones = [p for p in spec.paths_with("backbone") if p]
-        units += [unit(p, dense) for p in backbones]
-        if wrap_outer_model or not backbones:
-            units.append(unit("", dense))
+        # the outer units (the backbone, the root) stay gathered through their whole forward
+        # and are needed again as backward starts: resharding them in between only costs an
+        # all-gather, never memory
+        outer = [p for p in spec.paths_with("backbone") if p]
+        if wrap_outer_model or not outer:
+            outer.append("")
+        units += [evolve(unit(p, dense), reshard_after_forward=False) for p in outer]
         if not shard_frozen:
             unsharded += [t.name for t in spec.tensors if not t.is_buffer and not t.requires_grad]
         units = [evolve(u, ignored=tuple(n for n in unsharded
