@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     plan.add_argument("--no-fsdp", action="store_true", help="leave plan_fsdp out")
     plan.add_argument("--tokens", type=int, default=4096, help="tokens per rank per step")
+    plan.add_argument("--optimizer", choices=("adamw", "sgd", "sgd_momentum"), default="adamw",
+                      help="optimizer whose states the memory estimate counts")
     plan.add_argument("--top-k", type=int, default=None,
                       help="experts per token for the comm estimate (default: the routers')")
     plan.add_argument("--simulate", action="store_true",
@@ -82,9 +84,9 @@ def _size(n: int) -> str:
     return f"{value:.3f} {unit}" if unit != "B" else f"{n} B"
 
 
-def _memory_table(est: Estimate) -> str:
+def _memory_table(est: Estimate, optimizer: str) -> str:
     m = est.memory
-    rows = [f"memory of rank {est.rank} (AdamW states in the parameter dtype):",
+    rows = [f"memory of rank {est.rank} ({optimizer} states in the parameter dtype):",
             f"  {'kind':<12}{'params':>15}{'grads':>15}{'optimizer':>15}"]
     grads, states = dict(m.grads), dict(m.optimizer)
     for kind, size in m.params:
@@ -157,12 +159,14 @@ def _plan_command(args: argparse.Namespace) -> int:
         shapes = {name: [{"shape": list(shape), "ranks": ranks}
                          for shape, ranks in layout.local_shapes(mesh)]
                   for name, layout in param_layouts(plan).items()}
-        est = estimate(plan, rank=0, tokens_per_rank=args.tokens, top_k=args.top_k)
+        est = estimate(plan, rank=0, tokens_per_rank=args.tokens, top_k=args.top_k,
+                       optimizer=args.optimizer)
         memory = {"rank": 0, "params": dict(est.memory.params), "grads": dict(est.memory.grads),
-                  "optimizer_adamw": dict(est.memory.optimizer), "total": est.memory.total,
+                  "optimizer": dict(est.memory.optimizer), "optimizer_name": args.optimizer,
+                  "total": est.memory.total,
                   "gathered_peak": est.memory.gathered_peak}
         comm = [attrs.asdict(c) for c in est.comm]
-        text = "\n".join([plan.diff(), "", _memory_table(est), "", _comm_table(est)])
+        text = "\n".join([plan.diff(), "", _memory_table(est, args.optimizer), "", _comm_table(est)])
         if args.simulate:
             from moefn.simulate import simulate
 

@@ -24,6 +24,19 @@ def test_plan_json_lists_steps_problems_and_world(capsys: pytest.CaptureFixture[
     assert doc["world_size"] == 4 and doc["problems"] == []
     assert {s["record"] for s in doc["steps"]} == {"DistributeParams", "InstallDispatch",
                                                   "FullyShard"}
+    assert doc["memory"]["optimizer_name"] == "adamw"
+    assert doc["memory"]["optimizer"] == {k: 2 * v for k, v in doc["memory"]["params"].items()}
+    assert {(c["op"], tuple(c["axes"])) for c in doc["comm"]} >= {("all_to_all", ("ep",)),
+                                                                ("all_gather", ("dp_shard_cp",))}
+
+
+def test_plan_memory_follows_the_optimizer(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--model", "tiny", "--mesh", "dp_shard=4", "--optimizer", "sgd"]) == 0
+    out = capsys.readouterr().out
+    assert "memory of rank 0 (sgd states in the parameter dtype)" in out
+    assert main(["plan", "--model", "tiny", "--mesh", "dp_shard=4", "--optimizer", "sgd",
+                 "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["memory"]["optimizer"].values()) == {0}
 
 
 def test_plan_with_problems_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
