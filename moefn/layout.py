@@ -72,12 +72,27 @@ class ParamLayout:
 
 def local_shape(layout: ParamLayout, mesh: MeshSpec, rank: int) -> tuple[int, ...]:
     """The shape ``rank`` holds: shards applied in order, each a ``torch.chunk`` slice."""
-    shape = list(layout.shape)
+    return local_shape_and_offset(layout, mesh, rank)[0]
+
+
+def local_shape_and_offset(layout: ParamLayout, mesh: MeshSpec,
+                           rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shape ``rank`` holds and where it starts in the full parameter.
+
+    >>> local_shape_and_offset(ParamLayout(name="w", shape=(10, 3), shards=(("dp_shard", 0),),
+    ...                                    unit=""), MeshSpec(dp_shard=4), 3)
+    ((1, 3), (9, 0))
+    """
+    shape, offset = list(layout.shape), [0] * len(layout.shape)
     for axis, dim in layout.shards:
         parts, index = mesh.size(axis), mesh.coordinate(rank, axis)
         step = -(-shape[dim] // parts)
-        shape[dim] = max(0, min(step, shape[dim] - index * step))
-    return tuple(shape)
+        start = min(index * step, shape[dim])
+        offset[dim] += start
+        shape[dim] = max(0, min(step, shape[dim] - start))
+    # an empty shard sits at the end of its dim (torch's convention)
+    return tuple(shape), tuple(offset[d] if shape[d] else layout.shape[d]
+                               for d in range(len(shape)))
 
 
 def fsdp_shard_ranks(unit: FullyShard, mesh: MeshSpec) -> int:

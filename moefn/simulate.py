@@ -3,13 +3,16 @@
 Uses torch's fake process group on a meta-device model (no memory, no communication): each
 simulated rank runs the real `realize` (DTensor + fully_shard) and every parameter's local shape
 is checked against the plan's symbolic layout. A fake group simulates one rank per process, so
-we realize the first rank, the last, and one in the middle of an EP group.
+we realize the first rank, the last, and one in the middle of an EP group; from each realized
+parameter's mesh and placements, torch's own ``compute_local_shape_and_global_offset`` then
+gives the local shape and offset of every rank of that mesh, and each must equal the plan's.
 
 >>> report = simulate(plan, lambda: MoETransformer(get_preset("deepseek-v3")))   # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterable
 
@@ -18,9 +21,10 @@ import torch.distributed as dist
 from attrs import frozen
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
 from moefn.errors import PlanError, Problem
-from moefn.layout import local_shape, param_layouts
+from moefn.layout import local_shape, local_shape_and_offset, param_layouts
 from moefn.mesh import MeshSpec
 from moefn.plan import ShardPlan
 
@@ -62,10 +66,48 @@ def _simulate_rank(plan: ShardPlan, build_model: Callable[[], nn.Module],
             if tuple(local.shape) != want:
                 problems.append(Problem(path=name, message=f"rank {rank}: local shape differs",
                                         value=f"realized {list(local.shape)}, planned {list(want)}",
-                                        fix="report this: the plan's layout and torch disagree"))
-        return SimulatedRank(rank=rank, seconds=seconds, parameters=count), problems
+                                        fix=_REPORT))
+        return (SimulatedRank(rank=rank, seconds=seconds, parameters=count),
+                problems + _every_rank_problems(plan, model))
     finally:
         dist.destroy_process_group()
+
+
+_REPORT = "report this: the plan's layout and torch disagree"
+
+
+def _every_rank_problems(plan: ShardPlan, model: nn.Module) -> list[Problem]:
+    """Every rank of each parameter's mesh: torch's local shape and offset against the plan's.
+
+    Parameters with the same shape, mesh, placements and planned shards share one check."""
+    layouts = param_layouts(plan)
+    seen: set[object] = set()
+    problems = []
+    for name, param in model.named_parameters():
+        layout = layouts[name]
+        if not isinstance(param, DTensor):
+            if layout.shards:
+                problems.append(Problem(path=name, message="not sharded, but planned sharded",
+                                        value=str(layout.shards), fix=_REPORT))
+            continue
+        mesh, placements = param.device_mesh, tuple(param.placements)
+        key = (tuple(param.shape), id(mesh), placements, layout.shards)
+        if key in seen:
+            continue
+        seen.add(key)
+        ranks = mesh.mesh
+        for coordinate in itertools.product(*(range(n) for n in ranks.shape)):
+            rank = int(ranks[coordinate])
+            got = _compute_local_shape_and_global_offset(param.shape, tuple(ranks.shape),
+                                                         list(coordinate), placements)
+            want = local_shape_and_offset(layout, plan.mesh, rank)
+            if (tuple(got[0]), tuple(got[1])) != want:
+                problems.append(Problem(
+                    path=name, message=f"rank {rank}: torch places the shard elsewhere",
+                    value=f"torch shape {list(got[0])} offset {list(got[1])}, planned shape "
+                          f"{list(want[0])} offset {list(want[1])}", fix=_REPORT))
+                break
+    return problems
 
 
 def simulate(plan: ShardPlan, build_model: Callable[[], nn.Module],

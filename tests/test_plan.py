@@ -145,10 +145,13 @@ def test_tied_embeddings_stay_with_the_root_and_fp32_router_gets_its_own_unit() 
 
 
 def test_experts_shard_on_dim_one_when_shards_outnumber_local_experts() -> None:
-    mesh = MeshSpec(dp_shard=64, ep=2)  # 4 local experts, ep_shard = 32
+    mesh = MeshSpec(dp_shard=16, ep=2)  # 4 local experts, ep_shard = 8 divides dim 1 (16, 32)
     plan = compose(plan_ep(), plan_fsdp())(meta_model(), mesh).unwrap()
     experts = [s for s in plan.steps_of(FullyShard) if s.path.endswith("experts")]
     assert experts and all(s.shard_dim == 1 for s in experts)
+    # ep_shard = 32 does not divide down's dim 1 (16): FSDP2 would refuse, so dim 0
+    plan = compose(plan_ep(), plan_fsdp())(meta_model(), MeshSpec(dp_shard=64, ep=2)).unwrap()
+    assert all(s.shard_dim == 0 for s in plan.steps_of(FullyShard) if s.path.endswith("experts"))
 
 
 def test_json_round_trip_is_identity() -> None:

@@ -47,3 +47,47 @@ def test_a_layout_disagreement_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(sim, "local_shape", lambda layout, mesh, rank: layout.shape)
     with pytest.raises(PlanError, match="local shape differs"):
         sim.simulate(plan, lambda: MoETransformer(get_preset("tiny")), ranks=[5])
+
+
+def test_ranks_that_are_not_realized_are_checked_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from moefn import PlanError, compose, plan_ep, plan_fsdp
+    from moefn import simulate as sim
+    from moefn.layout import local_shape_and_offset
+    from moefn.models import MoETransformer, get_preset
+
+    with torch.device("meta"):
+        model = MoETransformer(get_preset("tiny"))
+    plan = compose(plan_ep(), plan_fsdp())(model, MeshSpec(dp_shard=8, ep=2)).unwrap()
+
+    def wrong_on_rank_6(layout, mesh, rank):  # type: ignore[no-untyped-def]
+        shape, offset = local_shape_and_offset(layout, mesh, rank)
+        return shape, tuple(o + (rank == 6) for o in offset)
+
+    monkeypatch.setattr(sim, "local_shape_and_offset", wrong_on_rank_6)
+    with pytest.raises(PlanError, match="rank 6: torch places the shard elsewhere"):
+        sim.simulate(plan, lambda: MoETransformer(get_preset("tiny")), ranks=[0])
+
+
+def test_experts_with_an_uneven_dim_1_shard_on_dim_0() -> None:
+    """1 local expert over ep_shard=3 ranks: dim 1 (hidden 32) does not divide by 3, and FSDP2
+    shards dims > 0 only evenly — the plan shards dim 0; a plan that insists is refused typed."""
+    import torch
+    from attrs import evolve
+
+    from moefn import RealizeError, compose, plan_ep, plan_fsdp
+    from moefn import simulate as sim
+    from moefn.models import MoETransformer, get_preset
+    from moefn.plan import FullyShard
+
+    with torch.device("meta"):
+        model = MoETransformer(get_preset("tiny-2experts"))
+    plan = compose(plan_ep(), plan_fsdp())(model, MeshSpec(dp_shard=6, ep=2)).unwrap()
+    experts = [u for u in plan.steps_of(FullyShard) if u.path.endswith("experts")]
+    assert experts and all(u.shard_dim == 0 for u in experts)
+    assert len(sim.simulate(plan, lambda: MoETransformer(get_preset("tiny-2experts")))) == 3
+    forced = evolve(plan, steps=tuple(evolve(s, shard_dim=1) if s in experts else s
+                                      for s in plan.steps))
+    with pytest.raises(RealizeError, match="FSDP2 shards dim 1 only evenly"):
+        sim.simulate(forced, lambda: MoETransformer(get_preset("tiny-2experts")), ranks=[0])

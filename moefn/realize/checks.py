@@ -9,6 +9,7 @@ from torch import nn
 
 from moefn.errors import PlanError, Problem
 from moefn.hf import is_transformers_module
+from moefn.layout import fsdp_shard_ranks
 from moefn.plan import (
     ContextParallelAttention,
     DistributeParams,
@@ -82,7 +83,8 @@ def _module_problems(plan: ShardPlan, model: nn.Module) -> list[Problem]:
     return problems
 
 
-def _unit_problems(step: FullyShard, params: dict[str, nn.Parameter]) -> list[Problem]:
+def _unit_problems(step: FullyShard, params: dict[str, nn.Parameter],
+                   ranks: int) -> list[Problem]:
     problems = [Problem(path=step.path, message="unknown dtype in an FSDP unit", value=repr(d),
                         fix=f"use one of {tuple(TORCH_DTYPES)}")
                 for d in (step.param_dtype, step.reduce_dtype) if d not in TORCH_DTYPES]
@@ -95,6 +97,12 @@ def _unit_problems(step: FullyShard, params: dict[str, nn.Parameter]) -> list[Pr
         problems.append(Problem(path=step.path, message="shard_dim out of range",
                                 value=f"shard_dim={step.shard_dim} ({short[:1]})",
                                 fix="re-plan this model"))
+    elif step.shard_dim > 0:
+        problems += [Problem(path=n, message=f"FSDP2 shards dim {step.shard_dim} only evenly",
+                             value=f"size {p.shape[step.shard_dim]} over {ranks} ranks",
+                             fix="shard dim 0 (plan_fsdp does when a dim > 0 is uneven)")
+                     for n, p in params.items() if n.startswith(prefix) and n not in step.ignored
+                     and p.shape[step.shard_dim] % ranks]
     return problems
 
 
@@ -126,7 +134,7 @@ def _step_problems(plan: ShardPlan, model: nn.Module, actual: ModelSpec,
                 problems += err.problems
                 continue
         if isinstance(step, FullyShard):
-            problems += _unit_problems(step, params)
+            problems += _unit_problems(step, params, fsdp_shard_ranks(step, plan.mesh))
         elif isinstance(step, DistributeParams):
             problems += _placement_problems(step, params)
         elif isinstance(step, InstallDispatch):

@@ -88,8 +88,12 @@ def plan_fsdp(
                 if all(mesh_spec.size(d) == 1 for d in dims):
                     unsharded += [f"{step.path}.{p}" for p in step.params]
                     continue
+                # fewer local experts than shards: dim 1 (FSDP2 shards dims > 0 only evenly;
+                # otherwise dim 0, padded, where some ranks hold no expert rows)
                 local_experts = int(spec.module(step.path).fact("num_experts")) // mesh_spec.ep
-                shard_dim = 1 if mesh_spec.ep_shard > local_experts else 0
+                even = all(t.shape[1] % mesh_spec.ep_shard == 0
+                           for t in spec.params_under(step.path) if len(t.shape) > 1)
+                shard_dim = 1 if mesh_spec.ep_shard > local_experts and even else 0
                 units.append(unit(step.path, dims, shard_dim))
         if param_dtype is not None:
             units += [unit(p, dense, dtypes=("float32", "float32"))
