@@ -29,7 +29,6 @@ optimizer states exist, nor their sizes.
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +41,7 @@ from torch import Tensor
 
 from moefn import MeshSpec, compose, plan_ep, plan_fsdp
 from moefn.estimate import Memory, estimate_memory
-from moefn.layout import ParamLayout, local_shape, param_layouts
+from moefn.layout import fsdp_shard_numel, fsdp_shard_ranks, param_layouts
 from moefn.models import MoETransformer, get_preset
 from moefn.models.config import MoEConfig
 from moefn.plan import FullyShard, ShardPlan
@@ -168,33 +167,16 @@ def _bytes(dtype: str) -> int:
     return int(getattr(torch, dtype).itemsize)
 
 
-def _fsdp_shards(plan: ShardPlan) -> dict[str, tuple[FullyShard, tuple[int, ...], int]]:
-    """Parameter → (its unit, its local shape before FSDP shards it on rank 0, number of shards)."""
+def _unit_gathers(plan: ShardPlan) -> dict[str, int]:
+    """Unit → bytes its own parameters take unsharded (padded), in its param dtype."""
     units = {u.path: u for u in plan.steps_of(FullyShard)}
-    out = {}
+    dtypes = {t.name: t.dtype for t in plan.model.tensors}
+    out: dict[str, int] = {}
     for name, layout in param_layouts(plan).items():
         if layout.unit is None:
             continue
         unit = units[layout.unit]
-        before = ParamLayout(name=name, shape=layout.shape, unit=None,
-                             shards=tuple(s for s in layout.shards if s[0] not in unit.mesh_dims))
-        shards = math.prod(plan.mesh.size(a) for a in unit.mesh_dims if a != "dp_replicate")
-        # EP shards are even (experts divide by ep), so rank 0's shape is every rank's shape
-        out[name] = (unit, local_shape(before, plan.mesh, 0), shards)
-    return out
-
-
-def _padded_numel(shape: tuple[int, ...], dim: int, shards: int) -> int:
-    """Numel of FSDP2's padded shard: shard 0 of ``torch.chunk(shards)`` along ``dim``."""
-    return math.prod(shape) // shape[dim] * -(-shape[dim] // shards)
-
-
-def _unit_gathers(plan: ShardPlan) -> dict[str, int]:
-    """Unit → bytes its own parameters take unsharded (padded), in its param dtype."""
-    dtypes = {t.name: t.dtype for t in plan.model.tensors}
-    out: dict[str, int] = {}
-    for name, (unit, shape, shards) in _fsdp_shards(plan).items():
-        numel = _padded_numel(shape, unit.shard_dim, shards) * shards
+        numel = fsdp_shard_numel(layout, unit, plan.mesh)[0] * fsdp_shard_ranks(unit, plan.mesh)
         out[unit.path] = out.get(unit.path, 0) + numel * _bytes(unit.param_dtype or dtypes[name])
     return out
 
