@@ -172,9 +172,11 @@ def _plan_command(args: argparse.Namespace) -> int:
 
             for r in simulate(plan, _model_builder(args)):
                 simulated.append({"rank": r.rank, "seconds": round(r.seconds, 2),
-                                  "parameters_checked": r.parameters})
+                                  "parameters_checked": r.parameters,
+                                  "ranks_checked": r.ranks_checked})
                 text += (f"\nsimulated rank {r.rank}: realized in {r.seconds:.1f} s, "
-                         f"{r.parameters} parameters match the plan")
+                         f"{r.parameters} parameters match the plan; torch places the shards "
+                         f"of {r.ranks_checked} ranks as planned")
     except PlanError as err:
         problems = [{"path": p.path, "message": p.message, "value": p.value, "fix": p.fix}
                     for p in err.problems]

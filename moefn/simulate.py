@@ -40,6 +40,7 @@ class SimulatedRank:
     rank: int
     seconds: float
     parameters: int
+    ranks_checked: int  # ranks whose shards torch placed as planned, from this rank's meshes
 
 
 def _simulate_rank(plan: ShardPlan, build_model: Callable[[], nn.Module],
@@ -67,8 +68,9 @@ def _simulate_rank(plan: ShardPlan, build_model: Callable[[], nn.Module],
                 problems.append(Problem(path=name, message=f"rank {rank}: local shape differs",
                                         value=f"realized {list(local.shape)}, planned {list(want)}",
                                         fix=_REPORT))
-        return (SimulatedRank(rank=rank, seconds=seconds, parameters=count),
-                problems + _every_rank_problems(plan, model))
+        checked, wrong = _check_every_rank(plan, model)
+        return (SimulatedRank(rank=rank, seconds=seconds, parameters=count,
+                              ranks_checked=checked), problems + wrong)
     finally:
         dist.destroy_process_group()
 
@@ -76,12 +78,14 @@ def _simulate_rank(plan: ShardPlan, build_model: Callable[[], nn.Module],
 _REPORT = "report this: the plan's layout and torch disagree"
 
 
-def _every_rank_problems(plan: ShardPlan, model: nn.Module) -> list[Problem]:
+def _check_every_rank(plan: ShardPlan, model: nn.Module) -> tuple[int, list[Problem]]:
     """Every rank of each parameter's mesh: torch's local shape and offset against the plan's.
 
-    Parameters with the same shape, mesh, placements and planned shards share one check."""
+    Parameters with the same shape, mesh, placements and planned shards share one check.
+    Returns how many distinct ranks were checked, and the problems."""
     layouts = param_layouts(plan)
     seen: set[object] = set()
+    checked: set[int] = set()
     problems = []
     for name, param in model.named_parameters():
         layout = layouts[name]
@@ -98,6 +102,7 @@ def _every_rank_problems(plan: ShardPlan, model: nn.Module) -> list[Problem]:
         ranks = mesh.mesh
         for coordinate in itertools.product(*(range(n) for n in ranks.shape)):
             rank = int(ranks[coordinate])
+            checked.add(rank)
             got = _compute_local_shape_and_global_offset(param.shape, tuple(ranks.shape),
                                                          list(coordinate), placements)
             want = local_shape_and_offset(layout, plan.mesh, rank)
@@ -107,7 +112,7 @@ def _every_rank_problems(plan: ShardPlan, model: nn.Module) -> list[Problem]:
                     value=f"torch shape {list(got[0])} offset {list(got[1])}, planned shape "
                           f"{list(want[0])} offset {list(want[1])}", fix=_REPORT))
                 break
-    return problems
+    return len(checked), problems
 
 
 def simulate(plan: ShardPlan, build_model: Callable[[], nn.Module],

@@ -30,7 +30,9 @@ def test_simulated_ranks_hold_what_the_plan_says(model: str, mesh: str) -> None:
     doc = _simulate(model, mesh)
     simulated = doc["simulated"]
     assert isinstance(simulated, list)
-    assert [s["rank"] for s in simulated] == list(representative_ranks(MeshSpec.parse(mesh)))
+    spec = MeshSpec.parse(mesh)
+    assert [s["rank"] for s in simulated] == list(representative_ranks(spec))
+    assert all(s["ranks_checked"] == spec.world_size for s in simulated)  # every rank, by torch
 
 
 def test_a_layout_disagreement_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -43,7 +45,8 @@ def test_a_layout_disagreement_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> 
     with torch.device("meta"):
         model = MoETransformer(get_preset("tiny"))
     plan = compose(plan_ep(), plan_fsdp())(model, MeshSpec(dp_shard=8, ep=2)).unwrap()
-    assert len(sim.simulate(plan, lambda: MoETransformer(get_preset("tiny")))) == 3
+    assert [r.ranks_checked for r in sim.simulate(
+        plan, lambda: MoETransformer(get_preset("tiny")))] == [8, 8, 8]
     monkeypatch.setattr(sim, "local_shape", lambda layout, mesh, rank: layout.shape)
     with pytest.raises(PlanError, match="local shape differs"):
         sim.simulate(plan, lambda: MoETransformer(get_preset("tiny")), ranks=[5])
