@@ -32,15 +32,16 @@ AG = ("ep", (("dispatch", "all_gather"),))
 Totals = dict[tuple[str, tuple[int, ...]], tuple[int, int, int]]
 
 
-def _count_and_predict(rank: int, plan: ShardPlan, step: Callable[[], None], tokens: int,
-                       dtype: str) -> tuple[Totals, Totals]:
-    """Run ``step`` once (lazy initialisation), count a second run, and predict it."""
+def _count_and_predict(rank: int, plan: ShardPlan, step: Callable[[], None],
+                       tokens: int) -> tuple[Totals, Totals]:
+    """Run ``step`` once (lazy initialisation), count a second run, and predict it (the
+    activation dtype and top-k are the estimate's own defaults, read from the plan)."""
     step()
     with CommLedger() as ledger:
         step()
     measured = {key: (t.calls, t.sent, t.received) for key, t in ledger.totals().items()}
     predicted: dict[tuple[str, tuple[int, ...]], Traffic] = {}
-    for c in estimate(plan, rank, tokens_per_rank=tokens, activation_dtype=dtype).comm:
+    for c in estimate(plan, rank, tokens_per_rank=tokens).comm:
         key = (c.op, plan.mesh.group_ranks(rank, c.axes))
         predicted[key] = predicted.get(key, Traffic()) + Traffic(c.calls, c.sent, c.received)
     return measured, {key: (t.calls, t.sent, t.received) for key, t in predicted.items()}
@@ -58,8 +59,7 @@ def _measure(rank: int, world: int, case: Case) -> tuple[Totals, Totals]:
         logits = model(mine.input_ids, mine.position_ids)
         causal_lm_loss(logits, mine.labels, batch.num_valid).backward()
 
-    dtype = "bfloat16" if BF16 in case.stages else "float32"
-    return _count_and_predict(rank, plan, step, mine.input_ids.numel(), dtype)
+    return _count_and_predict(rank, plan, step, mine.input_ids.numel())
 
 
 def _measure_hf(rank: int, world: int, case: HFCase) -> tuple[Totals, Totals]:
@@ -70,7 +70,7 @@ def _measure_hf(rank: int, world: int, case: HFCase) -> tuple[Totals, Totals]:
     def step() -> None:
         logits_of(model, mine).sum().backward()
 
-    return _count_and_predict(rank, plan, step, mine.input_ids.numel(), "float32")
+    return _count_and_predict(rank, plan, step, mine.input_ids.numel())
 
 
 CASES = {
@@ -99,6 +99,8 @@ CASES = {
 HF_CASES = {  # transformers models: the all-gather dispatcher does not depend on routing
     "qwen3_moe: cp + ep all_gather + router AC + fsdp": HFCase(
         family="qwen3_moe", mesh="dp_shard=2,cp=2,ep=2", stages=(("cp", ()), AG, ("ac", ()), FP32)),
+    "gpt_oss (biased, transposed experts): ep all_gather + router AC + bf16 fsdp": HFCase(
+        family="gpt_oss", mesh="dp_shard=4,ep=2", stages=(AG, ("ac", ()), BF16)),
     "deepseek_v3 (MLA, shared experts): cp + ep all_gather + full AC + fsdp": HFCase(
         family="deepseek_v3", mesh="dp_shard=2,cp=2,ep=2",
         stages=(("cp", ()), AG, ("ac", (("mode", "full"),)), FP32)),
