@@ -1,7 +1,8 @@
 """Predict per-rank memory and per-step communication from a plan (pure; no GPU, no ranks).
 
-Memory is exact per rank: each parameter's local shape on that rank follows the plan's shards
-(``torch.chunk`` semantics, as DTensor and FSDP2 use). Communication is every collective of one
+Memory is what each rank allocates, exactly: each parameter's local shape on that rank follows
+the plan's shards (``torch.chunk`` semantics, as DTensor and FSDP2 use), and FSDP2 pads its
+shards to shard 0's size. Communication is every collective of one
 training step with its calls and the bytes the rank sends and receives (`moefn.comm`), for a
 stated tokens-per-rank and top-k.
 
