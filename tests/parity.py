@@ -49,6 +49,13 @@ def full_grad(param: nn.Parameter) -> torch.Tensor:
     return grad.full_tensor() if isinstance(grad, DTensor) else grad
 
 
+def worst_relative_error(grads: dict[str, torch.Tensor],
+                         reference: dict[str, torch.Tensor]) -> float:
+    """Largest ``max|g − ref| / max|ref|`` over the same named gradients."""
+    assert grads.keys() == reference.keys()
+    return max(float((grads[n] - g).abs().max() / g.abs().max()) for n, g in reference.items())
+
+
 def build_pair(case: Case) -> tuple[nn.Module, nn.Module, ShardPlan]:
     torch.manual_seed(case.seed)
     reference = MoETransformer(get_preset(case.preset))

@@ -28,6 +28,7 @@ from moefn.realize.apply import apply_checkpoint
 from moefn.runtime.checkpointing import is_recomputing
 from moefn.train import local_batch
 from tests.hf_parity import CONFIGS, HFCase, assert_hf_parity, build_hf, hf_batch, logits_of, run_hf_parity
+from tests.parity import worst_relative_error
 from tests.ranks import RankPool
 
 FSDP = ("fsdp", (("precision", "fp32"),))
@@ -216,16 +217,11 @@ def _rerouted_grads(mode: str) -> dict[str, torch.Tensor]:
     return _grads(model)
 
 
-def _worst(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
-    assert grads.keys() == reference.keys()
-    return max(float((grads[n] - g).abs().max() / g.abs().max()) for n, g in reference.items())
-
-
 def test_router_saving_survives_rerouting_on_recompute() -> None:
     reference = _rerouted_grads("off")
-    assert _worst(_rerouted_grads("router"), reference) == 0.0
-    assert _worst(_rerouted_grads("selective"), reference) == 0.0  # top-k is saved
-    assert _worst(_rerouted_grads("full"), reference) > 0.1  # the test can fail
+    assert worst_relative_error(_rerouted_grads("router"), reference) == 0.0
+    assert worst_relative_error(_rerouted_grads("selective"), reference) == 0.0  # top-k is saved
+    assert worst_relative_error(_rerouted_grads("full"), reference) > 0.1  # the test can fail
 
 
 class _CountRecomputedTopK(TorchDispatchMode):
@@ -251,7 +247,7 @@ def test_router_mode_recomputes_no_top_k_and_keeps_gradients(family: str) -> Non
             loss.backward()
         counts[mode] = counter.topk
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        assert _worst(grads, reference) <= 1e-6
+        assert worst_relative_error(grads, reference) <= 1e-6
     assert counts == {"full": 2, "router": 0}
 
 
