@@ -12,6 +12,7 @@ data-parallel group) and ``ep_shard`` (ranks holding the same experts).
 
 from __future__ import annotations
 
+import math
 from typing import Final
 
 from attrs import frozen
@@ -32,18 +33,47 @@ AXIS_SPANS: Final[dict[str, tuple[str, ...]]] = {
 }
 
 
+MAX_WORLD: Final = 2**31 - 1
+"""c10d numbers ranks with 32-bit integers: no world is larger."""
+
+
+def divisors(n: int) -> tuple[int, ...]:
+    """Every divisor of ``n`` (1 ≤ n ≤ MAX_WORLD), ascending; trial division up to √n.
+
+    >>> divisors(12)
+    (1, 2, 3, 4, 6, 12)
+    """
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return tuple(sorted({*small, *(n // d for d in small)}))
+
+
+def nearest(values: tuple[int, ...], target: int, count: int = 8) -> tuple[int, ...]:
+    """The ``count`` values closest to ``target`` (ascending): a fix names a few, not thousands.
+
+    >>> nearest(divisors(720720), 100, 4)
+    (91, 99, 104, 105)
+    """
+    return tuple(sorted(sorted(values, key=lambda v: (abs(v - target), v))[:count]))
+
+
 def _mesh_problems(dp_replicate: int, dp_shard: int, cp: int, ep: int) -> list[Problem]:
+    sizes = (dp_replicate, dp_shard, cp, ep)
     problems = [
         Problem(path="mesh", message=f"axis {name} must be a positive integer", value=repr(size),
                 fix=f"set {name}=1 or larger")
-        for name, size in zip(BASE_AXES, (dp_replicate, dp_shard, cp, ep), strict=True)
+        for name, size in zip(BASE_AXES, sizes, strict=True)
         if type(size) is not int or size < 1
     ]
+    if not problems and dp_replicate * dp_shard * cp > MAX_WORLD:
+        problems.append(Problem(
+            path="mesh", message="mesh larger than any world torch.distributed can address",
+            value=f"dp_replicate×dp_shard×cp={dp_replicate * dp_shard * cp}",
+            fix=f"keep the world size at or below {MAX_WORLD} ranks"))
     if not problems and (dp_shard * cp) % ep:
-        valid = [d for d in range(1, dp_shard * cp + 1) if (dp_shard * cp) % d == 0]
+        valid = nearest(divisors(dp_shard * cp), ep)
         problems.append(Problem(
             path="mesh", message="ep must divide dp_shard × cp (experts re-split those ranks)",
-            value=f"ep={ep}, dp_shard×cp={dp_shard * cp}", fix=f"use ep in {tuple(valid)}"))
+            value=f"ep={ep}, dp_shard×cp={dp_shard * cp}", fix=f"use ep in {valid}"))
     return problems
 
 

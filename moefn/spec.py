@@ -110,12 +110,18 @@ class ModelSpec:
         return h.hexdigest()[:16]
 
 
+REALIZED = "_moefn_realized"
+"""Attribute `realize` sets on the model and on every module it changes (value: what changed)."""
+
+
 def _already_parallel(model: nn.Module) -> Iterator[str]:
     from torch.distributed.tensor import DTensor
 
     for path, module in model.named_modules():
         kind = type(module).__name__
-        if "FSDP" in kind or kind == "CheckpointWrapper":
+        if getattr(module, REALIZED, None):
+            yield f"{path or '(root)'}: realized by moefn ({getattr(module, REALIZED)})"
+        elif "FSDP" in kind or kind == "CheckpointWrapper":
             yield f"{path or '(root)'}: {kind}"
         elif getattr(module, "_moefn_checkpoint", None):
             yield f"{path or '(root)'}: checkpointed block"

@@ -32,7 +32,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.weight
+        return (normed * self.weight.float()).to(x.dtype)  # an fp32 weight keeps x's dtype
 
 
 def rotary(x: Tensor, position_ids: Tensor, theta: float) -> Tensor:

@@ -3,7 +3,8 @@
 >>> meshes = build_device_meshes(plan.mesh, "cuda")      # doctest: +SKIP
 >>> model = realize(plan, model, meshes)                 # doctest: +SKIP
 
-Order: check everything on every rank, agree across ranks, then mutate CP → EP → AC → FSDP
+Order: check everything on every rank, agree across ranks (same plan, no problems anywhere,
+the same values in every tensor that is not on meta), then mutate CP → EP → AC → FSDP
 (inner FSDP units before outer ones). A failed check raises RealizeError on every rank and
 leaves the model untouched.
 """
@@ -31,13 +32,26 @@ from moefn.realize.apply import (
     apply_sync,
 )
 from moefn.realize.checks import fingerprint, local_problems
+from moefn.realize.digest import value_digests
 from moefn.realize.meshes import DeviceMeshes, build_device_meshes
+from moefn.spec import REALIZED
+
+
+def _mark_realized(plan: ShardPlan, modules: dict[str, nn.Module]) -> None:
+    """Tag the model and every module a step changes, so a second realize (or plan) refuses."""
+    changes: dict[str, set[str]] = {"": {f"plan {fingerprint(plan)}"}}
+    for step in plan.steps:
+        changes.setdefault(step.path, set()).add(type(step).__name__)
+    for path, kinds in changes.items():
+        setattr(modules[path], REALIZED, ", ".join(sorted(kinds)))
 
 
 def realize(plan: ShardPlan, model: nn.Module, meshes: DeviceMeshes) -> nn.Module:
     """Apply ``plan`` to ``model`` in place and return it (works on meta-device models too)."""
-    agree(fingerprint(plan), local_problems(plan, model, meshes))
+    problems = local_problems(plan, model, meshes)
+    agree(fingerprint(plan), problems, () if problems else value_digests(model))
     modules = dict(model.named_modules())
+    _mark_realized(plan, modules)
     for step in plan.steps:
         if isinstance(step, ContextParallelAttention):
             apply_context_parallel(step, modules[step.path], meshes)

@@ -12,7 +12,7 @@ from typing import Literal
 from returns.result import Failure, Success
 
 from moefn.errors import PlanError, Problem
-from moefn.mesh import MeshSpec
+from moefn.mesh import MeshSpec, divisors, nearest
 from moefn.plan import DistributeParams, InstallDispatch, Shard, ShardPlan, Step
 from moefn.stage import PlanResult, Stage
 from moefn.stages.common import (
@@ -44,8 +44,8 @@ def plan_ep(dispatch: Dispatch = "all_to_all", mesh: MeshSpec | None = None) -> 
         for path in experts:
             n = int(plan.model.module(path).fact("num_experts"))
             if ep > 1 and n % ep:
-                valid = tuple(d for d in range(1, n + 1) if n % d == 0
-                              and (plan.mesh.dp_shard * plan.mesh.cp) % d == 0)
+                valid = nearest(tuple(d for d in divisors(plan.mesh.dp_shard * plan.mesh.cp)
+                                      if n % d == 0), ep)
                 problems.append(Problem(path=path, message="number of experts not divisible by ep",
                                         value=f"{n} experts, ep={ep}",
                                         fix=f"use ep in {valid}"))

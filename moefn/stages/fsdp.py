@@ -22,7 +22,7 @@ from returns.result import Failure, Success
 from moefn.errors import PlanError, Problem
 from moefn.mesh import MeshSpec
 from moefn.plan import DistributeParams, FullyShard, ShardPlan
-from moefn.spec import ModelSpec
+from moefn.spec import ModelSpec, TensorInfo
 from moefn.stage import PlanResult, Stage
 from moefn.stages.common import (
     already_parallel_problems,
@@ -36,10 +36,83 @@ _DTYPES: dict[str, tuple[str | None, str | None]] = {
     "bf16": ("bfloat16", "float32"),
     "fp32": (None, None),
 }
+_LM_HEAD_DTYPES: dict[str, tuple[str | None, str | None]] = {
+    "bf16": ("bfloat16", "float32"),
+    "fp32": ("float32", "float32"),  # logits in fp32 whatever the stored dtype
+}
 
 
 def _has_params_left(spec: ModelSpec, unit: FullyShard) -> bool:
     return any(t.name not in unit.ignored for t in spec.params_under(unit.path))
+
+
+def _covers(path: str, name: str) -> bool:
+    return path == "" or name.startswith(path + ".")
+
+
+def _owned(spec: ModelSpec, units: list[FullyShard]) -> dict[str, list[TensorInfo]]:
+    """Each unit's trainable parameters: those under it and under no deeper unit, not ignored."""
+    owned: dict[str, list[TensorInfo]] = {u.path: [] for u in units}
+    deepest_first = sorted(units, key=lambda u: -len(u.path))
+    for t in spec.params_under(""):
+        owner = next((u for u in deepest_first if _covers(u.path, t.name)), None)
+        if owner is not None and t.requires_grad and t.name not in owner.ignored:
+            owned[owner.path].append(t)
+    return owned
+
+
+def _major_dtype(params: list[TensorInfo]) -> str:
+    """The dtype holding the most trainable elements."""
+    sizes: dict[str, int] = {}
+    for t in params:
+        sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel
+    return max(sorted(sizes), key=lambda d: sizes[d])
+
+
+def _split_by_dtype(spec: ModelSpec, units: list[FullyShard]
+                    ) -> tuple[list[FullyShard], list[Problem]]:
+    """FSDP2 needs one original dtype per unit (torch 2.13 asserts "uniform original parameter
+    dtype" at the first forward). A module holding only a minority dtype (an fp32 norm or router
+    in a bf16 model) becomes a unit of its own, and a unit whose parameters are all in a dtype
+    other than the model's keeps them as they are (no cast of parameters or inputs: the module
+    computes as it does unsharded). What cannot be split that way is a problem with the fix."""
+    trainable = [t for t in spec.params_under("") if t.requires_grad]
+    if not trainable:
+        return units, []
+    model_dtype = _major_dtype(trainable)
+    by_path = {u.path: u for u in units}
+    for unit, params in _owned(spec, units).items():
+        if len({t.dtype for t in params}) > 1:
+            major, parent = _major_dtype(params), by_path[unit]
+            for t in params:
+                if t.dtype != major and t.module_path not in by_path:
+                    by_path[t.module_path] = evolve(
+                        parent, path=t.module_path, shard_dim=0, param_dtype=None,
+                        reduce_dtype=None,
+                        ignored=tuple(n for n in parent.ignored if _covers(t.module_path, n)))
+    problems = []
+    for unit, params in _owned(spec, list(by_path.values())).items():
+        first = {t.dtype: t.name for t in reversed(params)}
+        if len(first) > 1:
+            problems.append(Problem(
+                path=unit, message="parameters of different dtypes in one FSDP unit",
+                value=", ".join(f"{d} ({n})" for d, n in sorted(first.items())),
+                fix="keep each dtype's parameters in modules of their own, or cast the model to "
+                    "one dtype (model.to(torch.bfloat16))"))
+        elif first and model_dtype not in first:
+            by_path[unit] = evolve(by_path[unit], param_dtype=None, reduce_dtype=None)
+    return list(by_path.values()), problems
+
+
+def _precision_problems(spec: ModelSpec, precision: str) -> list[Problem]:
+    """precision="fp32" keeps each parameter's dtype: refuse trainable ones that are not fp32."""
+    if precision != "fp32":
+        return []
+    low = [t for t in spec.params_under("") if t.requires_grad and t.dtype != "float32"]
+    return [Problem(path=low[0].name, message='precision="fp32" on parameters that are not fp32',
+                    value=f"{len(low)} parameters in {sorted({t.dtype for t in low})}",
+                    fix='cast the model to fp32 first (model.float()) for fp32 training, or use '
+                        'precision="bf16" (bf16 compute, fp32 gradient reduction)')] if low else []
 
 
 def plan_fsdp(
@@ -68,6 +141,7 @@ def plan_fsdp(
         problems += [Problem(path="", message=f"{name} must be a bool", value=repr(flag),
                              fix=f"use {name}=True or False")
                      for name, flag in flags.items() if type(flag) is not bool]
+        problems += _precision_problems(plan.model, precision)
         if problems:
             return Failure(PlanError(problems))
         param_dtype, reduce_dtype = _DTYPES[precision]
@@ -102,7 +176,7 @@ def plan_fsdp(
         for role in ("embed", "lm_head"):
             for path in spec.paths_with(role):
                 params = spec.params_under(path)
-                dtypes = (_DTYPES[lm_head_precision] if role == "lm_head" and lm_head_precision
+                dtypes = (_LM_HEAD_DTYPES[lm_head_precision] if role == "lm_head" and lm_head_precision
                           else (param_dtype, reduce_dtype))
                 if params and all(len(spec.tie_of(t.name)) == 1 for t in params):
                     # lm_head runs last in forward and first in backward: resharding it in
@@ -122,7 +196,9 @@ def plan_fsdp(
         units = [evolve(u, ignored=tuple(n for n in unsharded
                                          if u.path == "" or n.startswith(u.path + ".")))
                  for u in units]
-        units = [u for u in units if _has_params_left(spec, u)]
+        units, problems = _split_by_dtype(spec, [u for u in units if _has_params_left(spec, u)])
+        if problems:
+            return Failure(PlanError(problems))
         return Success(without_gradient_sync(plan).add_steps(units).with_stage("fsdp"))
 
     return Stage(name="fsdp", run=run, mesh=mesh)

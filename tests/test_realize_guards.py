@@ -1,0 +1,232 @@
+"""What realize refuses so that training cannot go silently wrong, on real gloo ranks.
+
+Each guard has a case that failed on an earlier main: a plan realized twice (gradients came out
+4× too large), ranks built with different seeds (trained a silent mix), fp32 parameters in a
+bf16 model (realized, then FSDP2 failed at the first forward), and a mesh whose refusal hung.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from returns.pipeline import is_successful
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from moefn import MeshSpec, PlanError, RealizeError, compose, plan_ac, plan_cp, plan_ep, plan_fsdp
+from moefn.mesh import MAX_WORLD
+from moefn.models import MoETransformer, causal_lm_loss, get_preset
+from moefn.realize import build_device_meshes, realize
+from moefn.realize.digest import tensor_digest
+from moefn.stage import Stage
+from moefn.train import global_batch, local_batch
+from tests.ranks import RankPool
+
+WORLD = 4
+PLANS: dict[str, tuple[str, Callable[[], tuple[Stage, ...]]]] = {
+    "cp": ("dp_shard=2,cp=2", lambda: (plan_cp(),)),
+    "ep": ("dp_shard=4,ep=2", lambda: (plan_ep(),)),
+    "ac": ("dp_shard=4", lambda: (plan_ac(mode="full"),)),
+    "fsdp": ("dp_shard=4", lambda: (plan_fsdp(precision="fp32"),)),
+    "all": ("dp_shard=2,cp=2,ep=2", lambda: (plan_cp(), plan_ep(), plan_ac(), plan_fsdp())),
+}
+
+
+def _snapshot(model: nn.Module) -> dict[str, Any]:
+    """Everything a second realize could change: values, parameter objects, hooks, attributes."""
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "params": {k: id(v) for k, v in model.named_parameters()},
+        "hooks": {k: len(v._backward_hooks or {}) for k, v in model.named_parameters()},
+        "attrs": {p: {k: id(v) for k, v in vars(m).items()} for p, m in model.named_modules()},
+    }
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return (a["params"] == b["params"] and a["hooks"] == b["hooks"] and a["attrs"] == b["attrs"]
+            and all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"]))
+
+
+def _realize_twice(rank: int, world: int) -> dict[str, str]:
+    """Realize each kind of plan, then realize it again: the second must refuse, untouched."""
+    outcome: dict[str, str] = {}
+    for name, (mesh_text, stages) in PLANS.items():
+        torch.manual_seed(0)
+        model = MoETransformer(get_preset("tiny"))
+        mesh = MeshSpec.parse(mesh_text)
+        plan = compose(*stages())(copy.deepcopy(model), mesh).unwrap()
+        meshes = build_device_meshes(mesh, "cpu")
+        realize(plan, model, meshes)
+        before = _snapshot(model)
+        try:
+            realize(plan, model, meshes)
+            outcome[name] = "accepted"
+        except RealizeError as err:
+            outcome[name] = str(err) if _same(before, _snapshot(model)) else "changed the model"
+        replanned = compose(*stages())(model, mesh)
+        outcome[f"{name} replanned"] = str(replanned.failure()) \
+            if not is_successful(replanned) else "accepted"
+    return outcome
+
+
+def test_a_model_is_realized_once(ranks: Callable[[int], RankPool]) -> None:
+    for outcome in ranks(WORLD).run(_realize_twice):
+        for name in PLANS:
+            assert "model is already parallelized" in outcome[name], (name, outcome[name])
+            assert "realized by moefn" in outcome[name], outcome[name]
+            assert "realize on a fresh model" in outcome[name]
+            assert "model is already parallelized" in outcome[f"{name} replanned"], name
+
+
+def _realize_per_rank_seeds(rank: int, world: int, how: str) -> str:
+    seed = {"same": 0, "rank": rank, "one-differs": int(rank == 2)}.get(how, 0)
+    torch.manual_seed(seed)
+    device = "meta" if how == "one-meta" and rank == 1 else "cpu"
+    with torch.device(device):
+        model = MoETransformer(get_preset("tiny"))
+    mesh = MeshSpec(dp_shard=world, ep=2)
+    plan = compose(plan_ep(), plan_fsdp(precision="fp32"))(model, mesh).unwrap()
+    try:
+        realize(plan, model, build_device_meshes(mesh, "cpu"))
+    except RealizeError as err:
+        untouched = not any(isinstance(p, DTensor) for p in model.parameters())
+        return str(err) if untouched else "changed the model"
+    return "accepted"
+
+
+@pytest.mark.parametrize("how", ["same", "rank", "one-differs", "one-meta"])
+def test_ranks_with_different_weights_are_refused(ranks: Callable[[int], RankPool],
+                                                  how: str) -> None:
+    outcomes = ranks(WORLD).run(_realize_per_rank_seeds, how)
+    if how == "same":
+        assert outcomes == ["accepted"] * WORLD
+        return
+    assert len(set(outcomes)) == 1, outcomes  # the same error on every rank
+    text = outcomes[0]
+    assert "embed.weight: ranks hold different values" in text, text  # the first parameter
+    assert ("rank 1 meta" if how == "one-meta" else f"rank {1 if how == 'rank' else 2} digest") \
+        in text, text
+    assert "same seed on every rank" in text
+
+
+def test_value_digest_sees_every_byte_and_position() -> None:
+    t = torch.randn(3, 5, dtype=torch.float64)
+    digest = int(tensor_digest(t))
+    assert digest == int(tensor_digest(t.clone().t().contiguous().t()))  # layout does not matter
+    for index in range(t.numel()):
+        changed = t.clone().reshape(-1)
+        changed[index] = torch.nextafter(changed[index], torch.tensor(torch.inf, dtype=t.dtype))
+        assert int(tensor_digest(changed)) != digest, index
+    assert int(tensor_digest(t.flip(0))) != digest  # a permutation is a difference
+    assert int(tensor_digest(torch.ones(3, dtype=torch.int8))) \
+        != int(tensor_digest(torch.ones(4, dtype=torch.int8)))
+
+
+# --- fp32 parameters inside a bf16 model ----------------------------------------------------
+
+
+def _bf16_with_fp32_norms(seed: int = 0) -> MoETransformer:
+    """A bf16 model whose norms and routers keep fp32 parameters (both compute in x's dtype)."""
+    torch.manual_seed(seed)
+    model = MoETransformer(get_preset("tiny")).to(torch.bfloat16)
+    for module in model.modules():
+        if type(module).__name__ in ("RMSNorm", "Router"):
+            module.float()
+    return model
+
+
+def _train_bf16_with_fp32_norms(rank: int, world: int) -> dict[str, Any]:
+    reference = _bf16_with_fp32_norms()
+    model = copy.deepcopy(reference)
+    mesh = MeshSpec(dp_shard=world, ep=2)
+    plan = compose(plan_ep(), plan_ac(), plan_fsdp())(model, mesh).unwrap()
+    realize(plan, model, build_device_meshes(mesh, "cpu"))
+    batch = global_batch(reference.config, 4, 16, 0)
+    mine = local_batch(batch, mesh, rank)
+    loss = causal_lm_loss(model(mine.input_ids, mine.position_ids), mine.labels, batch.num_valid)
+    loss.backward()
+    total = loss.detach().float()
+    torch.distributed.all_reduce(total)
+    ref = causal_lm_loss(reference(batch.input_ids, batch.position_ids), batch.labels,
+                         batch.num_valid)
+    ref.backward()
+    result: dict[str, Any] = {"loss": float(total), "reference": float(ref)}
+    for name in ("layers.0.attn_norm.weight", "layers.1.mlp.router.weight"):
+        param, want = model.get_parameter(name), reference.get_parameter(name).grad
+        assert isinstance(param, DTensor) and isinstance(param.grad, DTensor) and want is not None
+        got = param.grad.full_tensor()
+        result[name] = (str(param.dtype), str(param.grad.dtype),
+                        float((got - want).abs().max() / want.abs().max()))
+    return result
+
+
+def test_fp32_parameters_in_a_bf16_model_stay_fp32(ranks: Callable[[int], RankPool]) -> None:
+    result = ranks(WORLD).run(_train_bf16_with_fp32_norms)[0]
+    assert abs(result["loss"] - result["reference"]) <= 2e-2 * abs(result["reference"]), result
+    for name in ("layers.0.attn_norm.weight", "layers.1.mlp.router.weight"):
+        param_dtype, grad_dtype, error = result[name]
+        assert param_dtype == grad_dtype == "torch.float32", result
+        assert error <= 5e-2, result  # bf16 compute on both sides, summed in another order
+
+
+def test_fp32_modules_get_units_that_keep_their_dtype() -> None:
+    with torch.device("meta"):
+        model = _bf16_with_fp32_norms()
+    plan = compose(plan_fsdp())(model, MeshSpec(dp_shard=4)).unwrap()
+    units = {s.path: s for s in plan.steps if type(s).__name__ == "FullyShard"}
+    assert (units["layers.0.attn_norm"].param_dtype, units["layers.0.attn_norm"].reduce_dtype) \
+        == (None, None)
+    assert units["layers.0"].param_dtype == "bfloat16"
+    assert units[""].param_dtype is None  # the root holds only the final fp32 norm
+
+
+def test_mixed_dtypes_that_cannot_be_split_are_refused_in_planning() -> None:
+    with torch.device("meta"):
+        model = _bf16_with_fp32_norms()
+    model.layers[0].register_parameter("scale", nn.Parameter(torch.ones(4, device="meta")))
+    failure = compose(plan_fsdp())(model, MeshSpec(dp_shard=4)).failure()
+    assert isinstance(failure, PlanError)
+    text = str(failure)
+    assert "layers.0: parameters of different dtypes in one FSDP unit" in text, text
+    assert "float32 (layers.0.scale)" in text and "modules of their own" in text, text
+
+
+def test_fp32_precision_on_a_bf16_model_is_refused() -> None:
+    with torch.device("meta"):
+        model = _bf16_with_fp32_norms()
+    failure = compose(plan_fsdp(precision="fp32"))(model, MeshSpec(dp_shard=4)).failure()
+    assert isinstance(failure, PlanError)
+    assert 'precision="fp32" on parameters that are not fp32' in str(failure)
+    assert "model.float()" in str(failure)
+    assert is_successful(compose(plan_fsdp(precision="fp32"))(model.float(), MeshSpec(dp_shard=4)))
+
+
+# --- refusals answer at once ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("sizes", "fix"), [
+    ({"dp_shard": MAX_WORLD, "ep": 2}, "use ep in (1, 2147483647)"),  # a prime world
+    ({"dp_shard": 2**30, "cp": 1, "ep": 3}, "use ep in (1, 2, 4, 8, 16, 32, 64, 128)"),
+    ({"dp_shard": 2**31, "ep": 2}, f"at or below {MAX_WORLD} ranks"),
+    ({"dp_replicate": 10**40, "ep": 1}, f"at or below {MAX_WORLD} ranks"),
+])
+def test_mesh_refusals_answer_at_once(sizes: dict[str, int], fix: str) -> None:
+    start = time.monotonic()
+    with pytest.raises(PlanError) as err:
+        MeshSpec(**sizes)
+    assert time.monotonic() - start < 5.0  # a hang guard, not a speed target
+    assert fix in str(err.value)
+
+
+def test_expert_count_refusal_names_a_bounded_list() -> None:
+    with torch.device("meta"):
+        model = MoETransformer(get_preset("tiny"))
+    start = time.monotonic()
+    failure = compose(plan_ep())(model, MeshSpec(dp_shard=720720 * 16, ep=16)).failure()
+    assert time.monotonic() - start < 5.0
+    assert "use ep in (1, 2, 4, 8)" in str(failure)
