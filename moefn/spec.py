@@ -115,19 +115,24 @@ REALIZED = "_moefn_realized"
 
 
 def _already_parallel(model: nn.Module) -> Iterator[str]:
+    """Modules that moefn, FSDP or checkpointing changed; DTensor parameters when none did."""
     from torch.distributed.tensor import DTensor
 
+    flagged = False
     for path, module in model.named_modules():
         kind = type(module).__name__
+        signs = [kind] if "FSDP" in kind or kind == "CheckpointWrapper" else []
         if getattr(module, REALIZED, None):
-            yield f"{path or '(root)'}: realized by moefn ({getattr(module, REALIZED)})"
-        elif "FSDP" in kind or kind == "CheckpointWrapper":
-            yield f"{path or '(root)'}: {kind}"
-        elif getattr(module, "_moefn_checkpoint", None):
-            yield f"{path or '(root)'}: checkpointed block"
-    for name, param in model.named_parameters():
-        if isinstance(param, DTensor):
-            yield f"{name}: DTensor parameter"
+            signs.append(f"realized by moefn ({getattr(module, REALIZED)})")
+        if getattr(module, "_moefn_checkpoint", None):
+            signs.append("checkpointed block")
+        if signs:
+            flagged = True
+            yield f"{path or '(root)'}: {', '.join(signs)}"
+    if not flagged:
+        for name, param in model.named_parameters():
+            if isinstance(param, DTensor):
+                yield f"{name}: DTensor parameter"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

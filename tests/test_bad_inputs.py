@@ -22,7 +22,8 @@ import torch
 from attrs import evolve, frozen
 from returns.result import Failure
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import Shard as DShard
 
 from moefn import (
     MeshSpec,
@@ -358,6 +359,15 @@ def _replan_dtensors(rank: int) -> object:
     return compose(plan_ep())(_realized((plan_ep(),)), EP2)
 
 
+def _replan_hand_distributed(rank: int) -> object:
+    """DTensor parameters that moefn did not make are refused too."""
+    model = MoETransformer(get_preset("tiny"))
+    mesh = build_device_meshes(EP2, "cpu").get(("ep",))
+    experts = model.get_submodule("layers.1.mlp.experts")
+    experts.gate_up = nn.Parameter(distribute_tensor(experts.gate_up.detach(), mesh, [DShard(0)]))
+    return compose(plan_ep())(model, EP2)
+
+
 def _replan_fsdp(rank: int) -> object:
     return compose(plan_fsdp())(_realized((plan_fsdp(precision="fp32"),)), EP2)
 
@@ -367,11 +377,14 @@ def _replan_checkpointed(rank: int) -> object:
 
 
 REPLAN: dict[str, tuple[Callable[[int], object], Expect]] = {
-    "replan-dtensor-params": (_replan_dtensors, Expect(
+    "replan-ep-realized": (_replan_dtensors, Expect(
+        PlanError, "layers.1.mlp.experts", "already parallelized",
+        "realized by moefn (DistributeParams, InstallDispatch", "plan the unparallelized model")),
+    "replan-dtensor-params": (_replan_hand_distributed, Expect(
         PlanError, "layers.1.mlp.experts.gate_up", "already parallelized", "DTensor parameter",
         "plan the unparallelized model")),
     "replan-fsdp-units": (_replan_fsdp, Expect(
-        PlanError, "(root)", "already parallelized", "FSDPMoETransformer",
+        PlanError, "(root)", "already parallelized", "FSDPMoETransformer, realized by moefn",
         "plan the unparallelized model")),
     "replan-checkpointed-blocks": (_replan_checkpointed, Expect(
         PlanError, "layers.0", "already parallelized", "checkpointed block",
@@ -473,8 +486,8 @@ REALIZE: list[tuple[str, Callable[[int], Built], Expect]] = [
         RealizeError, "lm_head.weight", "tensor in the model is not in the plan", "lm_head.weight",
         "re-plan this model")),
     ("model-already-realized", _realize_twice, Expect(
-        RealizeError, "(root)", "model is already parallelized", "FSDPMoETransformer",
-        "realize on a fresh model")),
+        RealizeError, "(root)", "model is already parallelized",
+        "FSDPMoETransformer, realized by moefn", "realize on a fresh model")),
     ("step-on-a-missing-module", _from_file(
         lambda d: _set(step_of(d, "FullyShard", "layers.2"), path="layers.9")), Expect(
         RealizeError, "layers.9", "module in the plan is missing", "FullyShard",

@@ -25,11 +25,13 @@ from moefn.realize import build_device_meshes, realize
 from moefn.realize.digest import tensor_digest
 from moefn.stage import Stage
 from moefn.train import global_batch, local_batch
+from tests.hf_parity import build_hf
 from tests.ranks import RankPool
 
 WORLD = 4
 PLANS: dict[str, tuple[str, Callable[[], tuple[Stage, ...]]]] = {
     "cp": ("dp_shard=2,cp=2", lambda: (plan_cp(),)),
+    "hf-cp": ("dp_shard=2,cp=2", lambda: (plan_cp(),)),  # transformers' attention registry
     "ep": ("dp_shard=4,ep=2", lambda: (plan_ep(),)),
     "ac": ("dp_shard=4", lambda: (plan_ac(mode="full"),)),
     "fsdp": ("dp_shard=4", lambda: (plan_fsdp(precision="fp32"),)),
@@ -57,7 +59,7 @@ def _realize_twice(rank: int, world: int) -> dict[str, str]:
     outcome: dict[str, str] = {}
     for name, (mesh_text, stages) in PLANS.items():
         torch.manual_seed(0)
-        model = MoETransformer(get_preset("tiny"))
+        model = build_hf("qwen3_moe") if name.startswith("hf") else MoETransformer(get_preset("tiny"))
         mesh = MeshSpec.parse(mesh_text)
         plan = compose(*stages())(copy.deepcopy(model), mesh).unwrap()
         meshes = build_device_meshes(mesh, "cpu")

@@ -99,7 +99,8 @@ def _split_by_dtype(spec: ModelSpec, units: list[FullyShard]
                 value=", ".join(f"{d} ({n})" for d, n in sorted(first.items())),
                 fix="keep each dtype's parameters in modules of their own, or cast the model to "
                     "one dtype (model.to(torch.bfloat16))"))
-        elif first and model_dtype not in first:
+        elif first and model_dtype not in first and by_path[unit].param_dtype not in (
+                None, *first):
             by_path[unit] = evolve(by_path[unit], param_dtype=None, reduce_dtype=None)
     return list(by_path.values()), problems
 
