@@ -66,14 +66,14 @@ def _measure_adamw(rank: int, world: int, master: str) -> dict[str, int]:
     FSDP computing in bf16 (what ``moefn plan --master-dtype ... --precision bf16`` describes)."""
     import torch
 
-    from moefn import compose, plan_ep, plan_fsdp
+    from moefn import compose, plan_fsdp
     from moefn.models import MoETransformer, get_preset
     from moefn.realize import build_device_meshes, realize
 
     torch.manual_seed(0)
     model = MoETransformer(get_preset("tiny")).to(getattr(torch, master))
-    mesh = MeshSpec(dp_shard=world, ep=2)
-    plan = compose(plan_ep(), plan_fsdp(precision="bf16"))(model, mesh).unwrap()
+    mesh = MeshSpec(dp_shard=world)
+    plan = compose(plan_fsdp(precision="bf16"))(model, mesh).unwrap()
     realize(plan, model, build_device_meshes(mesh, "cpu"))
     batch = global_batch(model.config, 4, 16, 0)
     mine = local_batch(batch, mesh, rank)
@@ -94,7 +94,7 @@ def test_master_dtype_estimate_is_what_a_rank_allocates(
     """fp32 masters with bf16 compute: 16 bytes per parameter with AdamW, not the 8 of bf16."""
     from moefn.cli import main
 
-    assert main(["plan", "--model", "tiny", "--mesh", "dp_shard=2,ep=2", "--precision", "bf16",
+    assert main(["plan", "--model", "tiny", "--mesh", "dp_shard=2", "--precision", "bf16",
                  "--master-dtype", master, "--json"]) == 0
     memory = json.loads(capsys.readouterr().out)["memory"]
     assert set(memory["dtypes"].values()) == {dtype}
