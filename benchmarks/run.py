@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -81,6 +82,7 @@ def bench_dispatch(steps: int) -> list[dict[str, Any]]:
     rows = []
     for ep in (2, 4):
         for dispatch in ("all_to_all", "all_gather"):
+            _progress(f"  dispatch: ep={ep} {dispatch}")
             result = run_local(4, _train_rank, f"dp_shard=4,ep={ep}", dispatch, "off", steps, 32)
             rows.append({"ep": ep, "dispatch": dispatch, "median_step_s": result[0]["median_s"],
                          "received_bytes_rank0": result[0]["received"],
@@ -163,6 +165,7 @@ def bench_planning() -> list[dict[str, Any]]:
     with torch.device("meta"):
         model = MoETransformer(config)
     for world, ep in ((256, 32), (1024, 64), (4096, 64)):
+        _progress(f"  planning: world {world}, ep {ep} (a fake-world realize of rank 0 included)")
         mesh = MeshSpec(dp_shard=world, ep=ep)
         planner = compose(plan_ep(), plan_ac(), plan_fsdp())
         plan = planner(model, mesh).unwrap()
@@ -191,6 +194,11 @@ def bench_planning_sweep() -> list[dict[str, Any]]:
     return rows
 
 
+def _progress(line: str) -> None:
+    """A progress line on stderr (the tables go to stdout and docs/benchmarks.md)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def _machine() -> dict[str, Any]:
     return {"python": platform.python_version(), "torch": torch.__version__,
             "cpus": os.cpu_count(), "load_average": os.getloadavg(),
@@ -213,10 +221,17 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.peer import bench_peer
 
     machine = _machine()
-    results: dict[str, Any] = {
-        "machine": machine, "peer": bench_peer(), "dispatch": bench_dispatch(args.steps),
-        "ac": bench_ac(args.steps), "cp": bench_cp(args.steps),
-        "planning": bench_planning(), "planning_sweep": bench_planning_sweep()}
+    benches: dict[str, Callable[[], list[dict[str, Any]]]] = {
+        "peer": bench_peer, "dispatch": partial(bench_dispatch, args.steps),
+        "ac": partial(bench_ac, args.steps), "cp": partial(bench_cp, args.steps),
+        "planning": bench_planning, "planning_sweep": bench_planning_sweep}
+    results: dict[str, Any] = {"machine": machine}
+    for i, (name, bench) in enumerate(benches.items()):
+        _progress(f"[{i + 1}/{len(benches)}] {name} ...")
+        start = time.perf_counter()
+        results[name] = bench()
+        _progress(f"[{i + 1}/{len(benches)}] {name}: {len(results[name])} rows in "
+                  f"{time.perf_counter() - start:.0f} s")
     machine["load_average_after"] = os.getloadavg()
     (ROOT / "results").mkdir(exist_ok=True)
     (ROOT / "results" / "benchmarks.json").write_text(json.dumps(results, indent=1))

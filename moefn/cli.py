@@ -14,20 +14,19 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-import attrs
-import torch
-from torch import nn
+from moefn.errors import PlanError, group_problems
+from moefn.names import HF_PRESET_NAMES, MODEL_PRESETS
 
-from moefn.errors import PlanError
-from moefn.estimate import Estimate, estimate
-from moefn.hf.presets import HF_PRESETS
-from moefn.layout import param_layouts
-from moefn.mesh import MeshSpec
-from moefn.models import PRESETS, MoETransformer, get_preset
-from moefn.plan import ShardPlan
-from moefn.stage import Stage, compose, plan_or_raise
-from moefn.stages import plan_ep, plan_fsdp
+if TYPE_CHECKING:  # torch loads after argument parsing, so that --help answers at once
+    from torch import nn
+
+    from moefn.estimate import Estimate
+    from moefn.mesh import MeshSpec
+    from moefn.plan import ShardPlan
+
+_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
 def _mesh_text(text: str) -> str:
@@ -42,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="print the plan of a preset on a mesh (no GPU needed)")
     source = plan.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", choices=(*PRESETS, *HF_PRESETS),
+    source.add_argument("--model", choices=(*MODEL_PRESETS, *HF_PRESET_NAMES),
                         help="preset (hf-* presets are transformers models, need moefn[hf])")
     source.add_argument("--hf-config", metavar="PATH",
                         help="a transformers config.json (MoE causal LM, built on meta; moefn[hf])")
@@ -51,7 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("--compare", nargs=2, type=_mesh_text, metavar=("MESH_A", "MESH_B"),
                         help="print what changes from the plan on MESH_A to the one on MESH_B")
     plan.add_argument("--dispatch", choices=("all_to_all", "all_gather"), default="all_to_all")
-    plan.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    plan.add_argument("--precision", "--param-dtype", dest="precision", choices=tuple(_DTYPES),
+                      default="bf16", help="dtype FSDP gathers parameters in and computes with")
+    plan.add_argument("--master-dtype", choices=tuple(_DTYPES), default=None,
+                      help="dtype the sharded parameters, gradients and optimizer states are "
+                           "kept in (default: the model's own; fp32 with AdamW = 16 bytes per "
+                           "parameter)")
     plan.add_argument("--no-fsdp", action="store_true", help="leave plan_fsdp out")
     plan.add_argument("--tokens", type=int, default=4096, help="tokens per rank per step")
     plan.add_argument("--optimizer", choices=("adamw", "sgd", "sgd_momentum"), default="adamw",
@@ -70,43 +74,46 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true")
     bench = sub.add_parser("bench", help="run benchmarks/ (from a repository checkout): tables "
                                          "in docs/benchmarks.md, JSON in results/")
-    bench.add_argument("--steps", type=int, default=6)
+    bench.add_argument("--steps", type=int, default=6,
+                       help="timed steps per configuration (the first is warm-up)")
     return parser
 
 
-def _size(n: int) -> str:
-    """Bytes in the largest unit that keeps the number at or above 1 (B up to GiB)."""
-    value, unit = float(n), "B"
-    for bigger in ("KiB", "MiB", "GiB"):
-        if value < 1024:
-            break
-        value, unit = value / 1024, bigger
-    return f"{value:.3f} {unit}" if unit != "B" else f"{n} B"
-
-
 def _memory_table(est: Estimate, optimizer: str) -> str:
+    from moefn.estimate import STATE_COPIES
+    from moefn.render import format_bytes as size
+
     m = est.memory
-    rows = [f"memory of rank {est.rank} ({optimizer} states in the parameter dtype):",
-            f"  {'kind':<12}{'params':>15}{'grads':>15}{'optimizer':>15}"]
-    grads, states = dict(m.grads), dict(m.optimizer)
-    for kind, size in m.params:
-        rows.append(f"  {kind:<12}{_size(size):>15}{_size(grads.get(kind, 0)):>15}"
-                    f"{_size(states.get(kind, 0)):>15}")
-    rows.append(f"  total {_size(m.total)}; most gathered at once in forward {_size(m.gathered_peak)}")
+    rows = [f"memory of rank {est.rank} (gradients and {optimizer}'s {STATE_COPIES[optimizer]} "
+            "states per parameter in the parameter's dtype):",
+            f"  {'kind':<12}{'dtype':<18}{'params':>15}{'grads':>15}{'optimizer':>15}"]
+    grads, states, dtypes = dict(m.grads), dict(m.optimizer), dict(m.dtypes)
+    for kind, held in m.params:
+        rows.append(f"  {kind:<12}{dtypes[kind]:<18}{size(held):>15}"
+                    f"{size(grads.get(kind, 0)):>15}{size(states.get(kind, 0)):>15}")
+    rows.append(f"  total {size(m.total)}, held all step; FSDP's forward all-gathers add up to "
+                f"{size(m.gathered_peak)} at once on top")
+    rows.append("  (unsharded parameters in the compute dtype); activations are not counted")
     return "\n".join(rows)
 
 
 def _comm_table(est: Estimate) -> str:
+    from moefn.render import format_bytes as size
+
     rows = [f"communication per step of rank {est.rank} (bytes each way):",
             f"  {'collective':<42}{'group':<14}{'calls':>6}{'received':>15}{'lower bound':>15}"]
-    rows += [f"  {c.collective:<42}{'×'.join(c.axes):<14}{c.calls:>6}{_size(c.received):>15}"
-             f"{_size(c.lower_bound):>15}" for c in est.comm]
+    rows += [f"  {c.collective:<42}{'×'.join(c.axes):<14}{c.calls:>6}{size(c.received):>15}"
+             f"{size(c.lower_bound):>15}" for c in est.comm]
     return "\n".join(rows)
 
 
 def _model_builder(args: argparse.Namespace) -> Callable[[], nn.Module]:
-    """What --model / --hf-config names, as a function that builds it (call it under meta)."""
-    if args.hf_config or args.model in HF_PRESETS:
+    """What --model / --hf-config names, as a function that builds it (call it under meta),
+    in --master-dtype when given."""
+    import torch
+
+    master = getattr(torch, _DTYPES[args.master_dtype]) if args.master_dtype else None
+    if args.hf_config or args.model in HF_PRESET_NAMES:
         from moefn.hf.presets import build_hf_model, hf_config_from_json, hf_preset_config
 
         try:
@@ -116,12 +123,20 @@ def _model_builder(args: argparse.Namespace) -> Callable[[], nn.Module]:
             raise PlanError.single("", "cannot build the transformers config",
                                    args.hf_config or args.model,
                                    f"{err} (transformers models need moefn[hf])") from err
-        return lambda: build_hf_model(config, device=str(torch.get_default_device()))
+        return lambda: build_hf_model(config, device=str(torch.get_default_device()),
+                                      dtype=master or torch.bfloat16)
+    from moefn.models import MoETransformer, get_preset
+
     preset = get_preset(args.model)
-    return lambda: MoETransformer(preset)
+    return lambda: MoETransformer(preset).to(master) if master else MoETransformer(preset)
 
 
 def _build_plan(args: argparse.Namespace, mesh: MeshSpec) -> ShardPlan:
+    import torch
+
+    from moefn.stage import Stage, compose, plan_or_raise
+    from moefn.stages import plan_ep, plan_fsdp
+
     with torch.device("meta"):
         model = _model_builder(args)()
     stages: list[Stage] = [plan_ep(dispatch=args.dispatch)] if mesh.ep > 1 else []
@@ -131,6 +146,8 @@ def _build_plan(args: argparse.Namespace, mesh: MeshSpec) -> ShardPlan:
 
 
 def _compare_command(args: argparse.Namespace) -> int:
+    from moefn.mesh import MeshSpec
+
     try:
         a, b = (_build_plan(args, MeshSpec.parse(text)) for text in args.compare)
         print(a.diff(b))
@@ -143,7 +160,13 @@ def _compare_command(args: argparse.Namespace) -> int:
 def _plan_command(args: argparse.Namespace) -> int:
     if args.compare:
         return _compare_command(args)
-    problems: list[dict[str, str]] = []
+    import attrs
+
+    from moefn.estimate import estimate
+    from moefn.layout import param_layouts
+    from moefn.mesh import MeshSpec
+
+    problems: list[dict[str, object]] = []
     steps: list[object] = []
     shapes: dict[str, list[object]] = {}
     memory: dict[str, object] = {}
@@ -163,6 +186,7 @@ def _plan_command(args: argparse.Namespace) -> int:
                        optimizer=args.optimizer)
         memory = {"rank": 0, "params": dict(est.memory.params), "grads": dict(est.memory.grads),
                   "optimizer": dict(est.memory.optimizer), "optimizer_name": args.optimizer,
+                  "dtypes": dict(est.memory.dtypes),
                   "total": est.memory.total,
                   "gathered_peak": est.memory.gathered_peak}
         comm = [attrs.asdict(c) for c in est.comm]
@@ -170,7 +194,8 @@ def _plan_command(args: argparse.Namespace) -> int:
         if args.simulate:
             from moefn.simulate import simulate
 
-            for r in simulate(plan, _model_builder(args)):
+            say = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+            for r in simulate(plan, _model_builder(args), progress=say):
                 simulated.append({"rank": r.rank, "seconds": round(r.seconds, 2),
                                   "parameters_checked": r.parameters,
                                   "ranks_checked": r.ranks_checked})
@@ -178,8 +203,9 @@ def _plan_command(args: argparse.Namespace) -> int:
                          f"{r.parameters} parameters match the plan; torch places the shards "
                          f"of {r.ranks_checked} ranks as planned")
     except PlanError as err:
-        problems = [{"path": p.path, "message": p.message, "value": p.value, "fix": p.fix}
-                    for p in err.problems]
+        problems = [{"path": g.pattern if g.count > 1 else g.paths[0], "count": g.count,
+                     "paths": list(g.paths), "message": g.message, "value": g.value,
+                     "fix": g.fix} for g in group_problems(err.problems)]
         text = str(err)
     if args.json:
         print(json.dumps({"world_size": world, "steps": steps, "problems": problems,
@@ -191,17 +217,14 @@ def _plan_command(args: argparse.Namespace) -> int:
 
 
 def _demo_command(args: argparse.Namespace) -> int:
-    from moefn.demo import DemoOptions, demo_mesh, demo_plan, run_demo
+    from moefn.demo import DemoOptions, run_demo
 
     if args.micro_batches < 1:
         print(f"moefn demo: --micro-batches must be at least 1, got {args.micro_batches}",
               file=sys.stderr)
         return 2
     options = DemoOptions(nproc=args.nproc, steps=args.steps, dispatch=args.dispatch,
-                          micro_batches=args.micro_batches)
-    if not args.json:
-        print(demo_plan(options, demo_mesh(options.nproc)).diff(), flush=True)
-        print(f"training {options.steps} steps on {options.nproc} ranks (gloo) ...", flush=True)
+                          micro_batches=args.micro_batches, verbose=not args.json)
     result = run_demo(options)
     if result is None:
         return 0
@@ -212,8 +235,11 @@ def _demo_command(args: argparse.Namespace) -> int:
         for i, (a, b) in enumerate(zip(result["losses"], result["reference_losses"],
                                        strict=True)):
             print(f"{i + 1:>4}  {a:>12.7f}  {b:>12.7f}  {abs(a - b):>9.2e}")
-        print(f"max |loss diff| = {result['max_abs_loss_diff']:.2e} on mesh {result['mesh']} "
-              f"in {result['seconds']} s")
+        if options.micro_batches > 1:
+            print(f"accumulated {options.micro_batches} micro-batches per step (gradients "
+                  "reduced once per step)")
+        print(f"max |loss diff| = {result['max_abs_loss_diff']:.2e} on {result['nproc']} ranks, "
+              f"mesh {result['mesh']}, in {result['seconds']} s")
     return 0
 
 

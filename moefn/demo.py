@@ -18,7 +18,6 @@ from attrs import frozen
 from moefn.launch import init_from_env, launched_by_torchrun, run_local
 from moefn.mesh import MeshSpec
 from moefn.models import MoETransformer, get_preset
-from moefn.plan import ShardPlan
 from moefn.realize import build_device_meshes, realize
 from moefn.stage import Stage, compose
 from moefn.stages import plan_ac, plan_cp, plan_ep, plan_fsdp
@@ -36,6 +35,7 @@ class DemoOptions:
     seed: int = 0
     dispatch: str = "all_to_all"
     micro_batches: int = 1
+    verbose: bool = False  # rank 0 prints the plan and a header (stdout), progress (stderr)
 
 
 def demo_mesh(nproc: int) -> MeshSpec:
@@ -58,14 +58,19 @@ def demo_rows(options: DemoOptions, mesh: MeshSpec) -> int:
     return -(-options.batch // dp) * dp
 
 
-def demo_plan(options: DemoOptions, mesh: MeshSpec) -> ShardPlan:
-    with torch.device("meta"):
-        model = MoETransformer(get_preset(options.preset))
-    return compose(*demo_stages(mesh, options))(model, mesh).unwrap()
+def demo_header(options: DemoOptions, world: int, backend: str, device: torch.device) -> str:
+    """What the demo is about to do, on the world it really runs on."""
+    mesh = demo_mesh(world)
+    stages = ", ".join(s.name for s in demo_stages(mesh, options))
+    accumulate = (f"; each step accumulates {options.micro_batches} micro-batches, gradients "
+                  "reduced once per step" if options.micro_batches > 1 else "")
+    return (f"training {options.steps} steps on {world} rank{'s' if world != 1 else ''} "
+            f"({backend}, {device.type}), mesh {mesh.as_text()}, stages {stages}, global batch "
+            f"{demo_rows(options, mesh)}×{options.seq} tokens{accumulate} ...")
 
 
-def _progress(step: int, loss: float, total: int) -> None:
-    print(f"  step {step + 1}/{total}  loss {loss:.6f}", file=sys.stderr, flush=True)
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _train_rank(rank: int, world: int, options: DemoOptions, device: torch.device) -> list[float]:
@@ -74,31 +79,42 @@ def _train_rank(rank: int, world: int, options: DemoOptions, device: torch.devic
     torch.manual_seed(options.seed)
     model = MoETransformer(config).to(device)
     plan = compose(*demo_stages(mesh, options))(model, mesh).unwrap()
+    talk = options.verbose and rank == 0
+    if talk:
+        print(plan.diff(), flush=True)
+        print(demo_header(options, world, dist.get_backend(), device), flush=True)
     realize(plan, model, build_device_meshes(mesh, device.type))
     batch = global_batch(config, demo_rows(options, mesh), options.seq, options.seed)
     mine = local_batch(batch, mesh, rank).to(device)
-    report = (lambda s, loss: _progress(s, loss, options.steps)) if rank == 0 else None
-    return train(model, mine, batch.num_valid, options.steps, options.lr, on_step=report,
-                 micro_batches=options.micro_batches)
+    micro = f" ({options.micro_batches} micro-batches)" if options.micro_batches > 1 else ""
+
+    def report(step: int, loss: float) -> None:
+        _progress(f"  step {step + 1}/{options.steps}  loss {loss:.6f}{micro}")
+
+    return train(model, mine, batch.num_valid, options.steps, options.lr,
+                 on_step=report if talk else None, micro_batches=options.micro_batches)
 
 
 def _local_rank(rank: int, world: int, options: DemoOptions) -> list[float]:
     return _train_rank(rank, world, options, torch.device("cpu"))
 
 
-def reference_losses(options: DemoOptions, device: torch.device) -> list[float]:
-    """The same steps in one process on the whole global batch."""
+def reference_losses(options: DemoOptions, world: int, device: torch.device) -> list[float]:
+    """The same steps in one process on the whole global batch of a ``world``-rank run."""
     config = get_preset(options.preset)
     torch.manual_seed(options.seed)
     model = MoETransformer(config).to(device)
-    rows = demo_rows(options, demo_mesh(options.nproc))
+    rows = demo_rows(options, demo_mesh(world))
     batch = global_batch(config, rows, options.seq, options.seed).to(device)
     return train(model, batch, batch.num_valid, options.steps, options.lr,
                  distributed=False)
 
 
 def run_demo(options: DemoOptions) -> dict[str, Any] | None:
-    """Run the demo; under torchrun every rank trains and rank 0 returns the comparison."""
+    """Run the demo; under torchrun every rank trains and rank 0 returns the comparison.
+
+    With ``options.verbose`` only rank 0 prints: the plan and a header naming the real world
+    size, mesh and backend (stdout), then each step's loss and the reference run (stderr)."""
     started = time.perf_counter()
     if launched_by_torchrun():
         device = init_from_env()
@@ -106,11 +122,13 @@ def run_demo(options: DemoOptions) -> dict[str, Any] | None:
         losses = _train_rank(dist.get_rank(), world, options, device)
         if dist.get_rank() != 0:
             return None
-        reference = reference_losses(options, device)
     else:
+        device = torch.device("cpu")
         world = options.nproc
         losses = run_local(world, _local_rank, options)[0]
-        reference = reference_losses(options, torch.device("cpu"))
+    if options.verbose:
+        _progress(f"the same {options.steps} steps in one process ...")
+    reference = reference_losses(options, world, device)
     diffs = [abs(a - b) for a, b in zip(losses, reference, strict=True)]
     return {
         "nproc": world,

@@ -23,8 +23,7 @@ from moefn.layout import fsdp_shard_numel, fsdp_shard_ranks, local_shape, param_
 from moefn.plan import FullyShard, ShardPlan
 
 Optimizer = Literal["adamw", "sgd", "sgd_momentum"]
-_STATE_COPIES: dict[str, int] = {"adamw": 2, "sgd": 0, "sgd_momentum": 1}
-
+STATE_COPIES: dict[str, int] = {"adamw": 2, "sgd": 0, "sgd_momentum": 1}
 
 
 @frozen(kw_only=True)
@@ -34,6 +33,7 @@ class Memory:
     params: tuple[tuple[str, int], ...]
     grads: tuple[tuple[str, int], ...]
     optimizer: tuple[tuple[str, int], ...]
+    dtypes: tuple[tuple[str, str], ...]  # kind → its parameters' dtype(s), e.g. "bfloat16+float32"
     gathered_peak: int  # most unsharded parameter bytes FSDP holds at once in forward
 
     @property
@@ -70,6 +70,7 @@ def estimate_memory(plan: ShardPlan, rank: int, optimizer: Optimizer = "adamw") 
     states: Counter[str] = Counter()
     units = {u.path: u for u in plan.steps_of(FullyShard)}
     tensors = {t.name: t for t in plan.model.tensors}
+    dtypes: dict[str, set[str]] = {}
     for name, layout in param_layouts(plan).items():
         width = DTYPE_BYTES[tensors[name].dtype]
         local = math.prod(local_shape(layout, plan.mesh, rank)) * width
@@ -77,11 +78,14 @@ def estimate_memory(plan: ShardPlan, rank: int, optimizer: Optimizer = "adamw") 
                 else fsdp_shard_numel(layout, units[layout.unit], plan.mesh)[0] * width)
         kind = _kind(name, plan)
         params[kind] += held
+        dtypes.setdefault(kind, set()).add(tensors[name].dtype)
         if tensors[name].requires_grad:
             grads[kind] += held
-            states[kind] += local * _STATE_COPIES[optimizer]
+            states[kind] += local * STATE_COPIES[optimizer]
     return Memory(params=tuple(sorted(params.items())), grads=tuple(sorted(grads.items())),
-                  optimizer=tuple(sorted(states.items())), gathered_peak=_gathered_peak(plan))
+                  optimizer=tuple(sorted(states.items())),
+                  dtypes=tuple((k, "+".join(sorted(v))) for k, v in sorted(dtypes.items())),
+                  gathered_peak=_gathered_peak(plan))
 
 
 def _gathered_peak(plan: ShardPlan) -> int:

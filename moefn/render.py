@@ -10,8 +10,7 @@ moefn plan: MoETransformer (moefn) on dp_replicate=1 dp_shard=4 cp=1 ep=2 ...
 
 from __future__ import annotations
 
-import re
-
+from moefn.errors import path_pattern
 from moefn.layout import ParamLayout, param_layouts
 from moefn.mesh import MeshSpec
 from moefn.plan import (
@@ -24,8 +23,6 @@ from moefn.plan import (
     Step,
     SyncGradients,
 )
-
-_INDEX = re.compile(r"(?<![^.])\d+(?=\.|$)")
 
 
 def _axes(dims: tuple[str, ...], mesh: MeshSpec) -> str:
@@ -53,6 +50,21 @@ def _step_text(step: Step, mesh: MeshSpec) -> tuple[str, str]:
     placements = ", ".join(f"{p}@{d}" for d, p in zip(step.mesh_dims, step.placements,
                                                       strict=True))
     return "~", f"distribute {', '.join(step.params)} → {placements}"
+
+
+def format_bytes(n: int, signed: bool = False) -> str:
+    """Bytes in the largest unit (B up to GiB) that keeps the number at or above 1.
+
+    >>> format_bytes(3 * 1024 ** 3 // 2), format_bytes(-2048, signed=True), format_bytes(0, signed=True)
+    ('1.500 GiB', '-2.000 KiB', '+0 B')
+    """
+    value, unit = float(abs(n)), "B"
+    for bigger in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    sign = "-" if n < 0 else "+" if signed else ""
+    return f"{sign}{value:.3f} {unit}" if unit != "B" else f"{sign}{abs(n)} B"
 
 
 def format_local_shapes(shapes: tuple[tuple[tuple[int, ...], int], ...]) -> str:
@@ -98,7 +110,7 @@ def render_diff(plan: ShardPlan) -> str:
     lines = diff_lines(plan)
     groups: dict[tuple[str, str, str, str], list[str]] = {}
     for symbol, path, stage, text in lines:
-        groups.setdefault((symbol, _INDEX.sub("*", path), stage, text), []).append(path)
+        groups.setdefault((symbol, path_pattern(path), stage, text), []).append(path)
     stages = ", ".join(plan.stages) or "none"
     out = [f"moefn plan: {plan.model.root_class} ({plan.model.family}) on {plan.mesh.describe()}; "
            f"stages: {stages}"]
@@ -148,7 +160,7 @@ def render_comparison(before: ShardPlan, after: ShardPlan) -> str:
             symbol, text = "~", f"{was}  ⇒  {now}"
         else:
             continue
-        groups.setdefault((symbol, _INDEX.sub("*", key[1]), text), []).append(key[1])
+        groups.setdefault((symbol, path_pattern(key[1]), text), []).append(key[1])
     lines = [f"moefn plan comparison: {before.mesh.describe()}  ⇒  {after.mesh.describe()}"]
     for (symbol, pattern, text), paths in groups.items():
         label = paths[0] if len(paths) == 1 else f"{pattern} ×{len(paths)}"
@@ -160,12 +172,13 @@ def render_comparison(before: ShardPlan, after: ShardPlan) -> str:
         new_bytes: dict[str, int] = dict(getattr(b_est.memory, part))
         for kind in sorted(old_bytes.keys() | new_bytes.keys()):
             x, y = old_bytes.get(kind, 0), new_bytes.get(kind, 0)
-            lines.append(f"  {part:<10}{kind:<12}{x:>16,} → {y:>16,}  ({y - x:+,} bytes)")
+            lines.append(f"  {part:<10}{kind:<12}{format_bytes(x):>14} → {format_bytes(y):>14}"
+                         f"  ({format_bytes(y - x, signed=True)})")
     lines.append("communication per step (rank 0, bytes received):")
     was_c = {f"{c.collective} ({'×'.join(c.axes)})": c.received for c in a_est.comm}
     now_c = {f"{c.collective} ({'×'.join(c.axes)})": c.received for c in b_est.comm}
     for name in sorted(was_c.keys() | now_c.keys()):
-        delta = now_c.get(name, 0) - was_c.get(name, 0)
-        lines.append(f"  {name:<44}{was_c.get(name, 0):>18,} → {now_c.get(name, 0):>18,}"
-                     f"  ({delta:+,} bytes)")
+        x, y = was_c.get(name, 0), now_c.get(name, 0)
+        lines.append(f"  {name:<44}{format_bytes(x):>14} → {format_bytes(y):>14}"
+                     f"  ({format_bytes(y - x, signed=True)})")
     return "\n".join(lines)

@@ -41,6 +41,7 @@ class MoefnRecogniser:
             Block,
             CoreAttention,
             GroupedExperts,
+            MLAttention,
             MoE,
             MoETransformer,
             MTPBlock,
@@ -58,7 +59,7 @@ class MoefnRecogniser:
                 tags.add("block")
             elif isinstance(module, MTPBlock):
                 tags.add("mtp")
-            elif isinstance(module, Attention):
+            elif isinstance(module, (Attention, MLAttention)):
                 tags.add("attention")
             elif isinstance(module, CoreAttention):
                 tags.add("core_attention")
@@ -76,9 +77,14 @@ class MoefnRecogniser:
                 tags.add("experts")
                 facts[path] = (("num_experts", int(module.gate_up.shape[0])),)
         config = model.config
+        # MLA: every head has its own K/V once expanded from the latent (that is what CP
+        # gathers); head_dim is the mean of the K and V widths, so 2·n_kv_heads·head_dim is exact
+        kv_heads, head_dim = ((config.n_heads, (config.head_dim + config.qk_rope_head_dim
+                                                + config.v_head_dim) // 2)
+                              if config.kv_lora_rank else (config.n_kv_heads, config.head_dim))
         for path in [p for p, t in roles.items() if "attention" in t]:
-            facts[path] = (("n_heads", config.n_heads), ("n_kv_heads", config.n_kv_heads),
-                           ("head_dim", config.head_dim))
+            facts[path] = (("n_heads", config.n_heads), ("n_kv_heads", kv_heads),
+                           ("head_dim", head_dim))
         return Recognition(family="moefn", roles={k: frozenset(v) for k, v in roles.items()},
                            facts=facts)
 

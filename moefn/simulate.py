@@ -116,14 +116,23 @@ def _check_every_rank(plan: ShardPlan, model: nn.Module) -> tuple[int, list[Prob
 
 
 def simulate(plan: ShardPlan, build_model: Callable[[], nn.Module],
-             ranks: Iterable[int] | None = None) -> tuple[SimulatedRank, ...]:
-    """Realize ``plan`` on a fake process group for ``ranks``; PlanError on any mismatch."""
+             ranks: Iterable[int] | None = None,
+             progress: Callable[[str], None] | None = None) -> tuple[SimulatedRank, ...]:
+    """Realize ``plan`` on a fake process group for ``ranks``; PlanError on any mismatch.
+
+    ``progress`` gets a line before and after each rank (a big world takes minutes per rank)."""
     if dist.is_initialized():
         raise PlanError.single("", "simulate needs a process without a process group",
                                dist.get_backend(), "run the simulation in its own process")
+    say = progress or (lambda line: None)
+    chosen = tuple(ranks) if ranks is not None else representative_ranks(plan.mesh)
     results, problems = [], []
-    for rank in ranks if ranks is not None else representative_ranks(plan.mesh):
+    for i, rank in enumerate(chosen):
+        say(f"simulating rank {rank} ({i + 1}/{len(chosen)}) of {plan.mesh.world_size} on a fake "
+            "process group: realize, then check every rank's shards ...")
         result, found = _simulate_rank(plan, build_model, rank)
+        say(f"  rank {rank}: realized in {result.seconds:.1f} s, {result.parameters} parameters, "
+            f"{result.ranks_checked} ranks' shards checked, {len(found)} problems")
         results.append(result)
         problems += found
     if problems:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 
@@ -33,7 +35,7 @@ def test_plan_json_lists_steps_problems_and_world(capsys: pytest.CaptureFixture[
 def test_plan_memory_follows_the_optimizer(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--model", "tiny", "--mesh", "dp_shard=4", "--optimizer", "sgd"]) == 0
     out = capsys.readouterr().out
-    assert "memory of rank 0 (sgd states in the parameter dtype)" in out
+    assert "memory of rank 0 (gradients and sgd's 0 states per parameter" in out
     assert main(["plan", "--model", "tiny", "--mesh", "dp_shard=4", "--optimizer", "sgd",
                  "--json"]) == 0
     assert set(json.loads(capsys.readouterr().out)["memory"]["optimizer"].values()) == {0}
@@ -42,10 +44,24 @@ def test_plan_memory_follows_the_optimizer(capsys: pytest.CaptureFixture[str]) -
 def test_plan_with_problems_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--model", "tiny", "--mesh", "dp_shard=3,ep=3", "--json"]) == 1
     doc = json.loads(capsys.readouterr().out)
-    assert [p["path"] for p in doc["problems"]] == ["layers.0.mlp.experts",
-                                                     "layers.1.mlp.experts"]
+    assert [(p["path"], p["count"], p["paths"]) for p in doc["problems"]] == [
+        ("layers.*.mlp.experts", 2, ["layers.0.mlp.experts", "layers.1.mlp.experts"])]
     assert main(["plan", "--model", "tiny", "--mesh", "dp_shard=3,ep=2"]) == 1
     assert "ep must divide" in capsys.readouterr().out
+
+
+def test_a_problem_of_every_layer_prints_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """Mixtral's 8 experts on ep=32: one grouped problem for its 32 layers (text and JSON)."""
+    pytest.importorskip("transformers")
+    argv = ["plan", "--model", "hf-mixtral-8x7b", "--mesh", "dp_shard=32,ep=32"]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("32 problems:\n") and len(out.strip().splitlines()) == 2
+    assert "  model.layers.*.mlp.experts ×32: " in out
+    assert main([*argv, "--json"]) == 1
+    (problem,) = json.loads(capsys.readouterr().out)["problems"]
+    assert problem["count"] == 32 and problem["path"] == "model.layers.*.mlp.experts"
+    assert problem["paths"] == [f"model.layers.{i}.mlp.experts" for i in range(32)]
 
 
 @pytest.mark.parametrize("argv", [
@@ -75,7 +91,8 @@ def test_demo_json_matches_one_process(micro_batches: int) -> None:
     out = subprocess.run([sys.executable, "-m", "moefn", "demo", "--nproc", "2", "--steps", "2",
                           "--micro-batches", str(micro_batches), "--json"],
                          capture_output=True, text=True, check=True, timeout=900)
-    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert out.stdout.count("\n") == 1 and "step" not in out.stderr  # quiet under --json
+    report = json.loads(out.stdout)
     assert report["nproc"] == 2 and len(report["losses"]) == 2
     assert report["micro_batches"] == micro_batches
     assert report["losses"][1] < report["losses"][0]  # it trains
@@ -89,5 +106,70 @@ def test_compare_prints_step_memory_and_comm_deltas(capsys: pytest.CaptureFixtur
     assert "~ layers.*.mlp.experts ×2  dispatch all_to_all over ep(2): 8 experts, 4 per rank  ⇒  " \
            "dispatch all_to_all over ep(4): 8 experts, 2 per rank" in out
     assert "params    experts" in out and "ep dispatch + combine (ep)" in out
+    # the units of `moefn plan`
+    assert "params    experts         24.000 KiB →     24.000 KiB  (+0 B)" in out
+    assert re.search(r"ep dispatch \+ combine \(ep\) +2\.000 MiB → +3\.000 MiB  \(\+1\.000 MiB\)", out)
     with pytest.raises(SystemExit):
         main(["plan", "--model", "tiny", "--mesh", "dp_shard=4", "--compare", "a=1", "b=2"])
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["plan", "--help"]])
+def test_help_answers_without_importing_torch(argv: list[str]) -> None:
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "moefn", *argv],
+                         capture_output=True, text=True, check=True, timeout=120)
+    assert "usage: moefn" in out.stdout
+    imported = {line.rpartition("|")[2].strip() for line in out.stderr.splitlines()}
+    assert "moefn.cli" in imported and "argparse" in imported
+    assert not {m for m in imported if m.split(".")[0] == "torch"}
+
+
+def test_preset_names_are_the_presets() -> None:
+    from moefn.hf.presets import HF_PRESETS
+    from moefn.models import PRESETS
+    from moefn.names import HF_PRESET_NAMES, MODEL_PRESETS
+
+    assert (MODEL_PRESETS, HF_PRESET_NAMES) == (tuple(PRESETS), tuple(HF_PRESETS))
+
+
+def test_memory_rows_state_their_dtype(capsys: pytest.CaptureFixture[str]) -> None:
+    """The reference model keeps fp32 masters (16 bytes per parameter with AdamW);
+    --master-dtype bf16 keeps bf16 ones (8 bytes): half of every row."""
+    argv = ["plan", "--model", "tiny", "--mesh", "dp_shard=4", "--json"]
+    memory = {}
+    for master in ("fp32", "bf16"):
+        assert main([*argv, "--master-dtype", master]) == 0
+        memory[master] = json.loads(capsys.readouterr().out)["memory"]
+    assert set(memory["fp32"]["dtypes"].values()) == {"float32"}
+    assert set(memory["bf16"]["dtypes"].values()) == {"bfloat16"}
+    for part in ("params", "grads", "optimizer"):
+        assert memory["fp32"][part] == {k: 2 * v for k, v in memory["bf16"][part].items()}
+    assert main(argv[:-1] + ["--master-dtype", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\n  experts     bfloat16 +\d", out), out
+    assert "FSDP's forward all-gathers add up to" in out
+
+
+def test_simulate_shows_progress_unless_json(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["plan", "--model", "tiny", "--mesh", "dp_shard=8,ep=2", "--simulate"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "simulating rank 0 (1/3) of 8 on a fake process group" in err
+    assert "  rank 7: realized in" in err and "8 ranks' shards checked, 0 problems" in err
+    assert main([*argv, "--json"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="needs torchrun")
+def test_torchrun_demo_prints_once_with_the_real_world() -> None:
+    """2 ranks under torchrun: one plan, one header naming 2 ranks, the 2-rank mesh and the
+    backend; micro-batches said; per-step progress once."""
+    out = subprocess.run(["torchrun", "--nproc-per-node", "2", "-m", "moefn", "demo", "--steps",
+                          "2", "--micro-batches", "2"],
+                         capture_output=True, text=True, check=True, timeout=900)
+    assert out.stdout.count("moefn plan: ") == 1
+    header = "training 2 steps on 2 ranks (gloo, cpu), mesh dp_replicate=1,dp_shard=1,cp=2,ep=2"
+    assert out.stdout.count(header) == 1, out.stdout
+    assert "each step accumulates 2 micro-batches" in out.stdout
+    assert out.stdout.count("accumulated 2 micro-batches per step") == 1
+    assert "on 2 ranks, mesh dp_replicate=1,dp_shard=1,cp=2,ep=2" in out.stdout
+    assert out.stderr.count("  step 2/2  loss") == 1

@@ -84,6 +84,8 @@ CASES = {
     "cp + ep all_gather + full AC + fsdp": Case(
         mesh="dp_shard=2,cp=2,ep=4", stages=(("cp", ()), AG, ("ac", (("mode", "full"),)), FP32),
         preset="tiny"),
+    "MLA (K and V widths differ): cp + ep all_gather + fsdp": Case(
+        mesh="dp_shard=2,cp=2,ep=2", stages=(("cp", ()), AG, FP32), preset="tiny-mla"),
     "hsdp + ep all_to_all": Case(mesh="dp_replicate=2,dp_shard=2,ep=2", stages=(A2A, FP32),
                                  preset="tiny-full", force_experts=(0, 4)),
     "ep all_to_all without fsdp": Case(mesh="dp_shard=4,ep=2", stages=(A2A,),

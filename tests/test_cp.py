@@ -30,6 +30,8 @@ CASES = [
     ("cp2-ep2-ag-selective-fsdp", "dp_shard=2,cp=2,ep=2",
      (CP, ("ep", (("dispatch", "all_gather"),)), ("ac", (("mode", "selective"),)), FSDP),
      "tiny-full"),
+    ("cp2-ep2-ac-fsdp-mla", "dp_shard=2,cp=2,ep=2",
+     (CP, ("ep", (("dispatch", "all_to_all"),)), ("ac", (("mode", "router"),)), FSDP), "tiny-mla"),
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +59,48 @@ def test_memory_estimate_is_exact_on_every_rank(ranks: Callable[[int], RankPool]
                                                               preset=preset))):
         assert m["params"] == m["predicted_params"], (rank, m)
         assert m["grads"] == m["predicted_grads"], (rank, m)
+
+
+def _measure_adamw(rank: int, world: int, master: str) -> dict[str, int]:
+    """Bytes a realized rank allocates after one AdamW step, masters kept in ``master`` and
+    FSDP computing in bf16 (what ``moefn plan --master-dtype ... --precision bf16`` describes)."""
+    import torch
+
+    from moefn import compose, plan_fsdp
+    from moefn.models import MoETransformer, get_preset
+    from moefn.realize import build_device_meshes, realize
+
+    torch.manual_seed(0)
+    model = MoETransformer(get_preset("tiny")).to(getattr(torch, master))
+    mesh = MeshSpec(dp_shard=world)
+    plan = compose(plan_fsdp(precision="bf16"))(model, mesh).unwrap()
+    realize(plan, model, build_device_meshes(mesh, "cpu"))
+    batch = global_batch(model.config, 4, 16, 0)
+    mine = local_batch(batch, mesh, rank)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    causal_lm_loss(model(mine.input_ids, mine.position_ids), mine.labels,
+                   batch.num_valid).backward()
+    optimizer.step()
+    return {"params": _allocated_bytes(model.parameters()),
+            "grads": _allocated_bytes(p.grad for p in model.parameters() if p.grad is not None),
+            "optimizer": _allocated_bytes(v for state in optimizer.state.values()
+                                          for k, v in state.items() if k != "step")}
+
+
+@pytest.mark.parametrize(("master", "dtype"), [("fp32", "float32"), ("bf16", "bfloat16")])
+def test_master_dtype_estimate_is_what_a_rank_allocates(
+        ranks: Callable[[int], RankPool], capsys: pytest.CaptureFixture[str], master: str,
+        dtype: str) -> None:
+    """fp32 masters with bf16 compute: 16 bytes per parameter with AdamW, not the 8 of bf16."""
+    from moefn.cli import main
+
+    assert main(["plan", "--model", "tiny", "--mesh", "dp_shard=2", "--precision", "bf16",
+                 "--master-dtype", master, "--json"]) == 0
+    memory = json.loads(capsys.readouterr().out)["memory"]
+    assert set(memory["dtypes"].values()) == {dtype}
+    measured = ranks(2).run(_measure_adamw, dtype)[0]
+    assert measured == {part: sum(memory[part].values())
+                        for part in ("params", "grads", "optimizer")}
 
 
 def test_estimate_at_scale_is_symbolic() -> None:

@@ -16,6 +16,7 @@ from moefn.models import (
     Attention,
     DenseMLP,
     GroupedExperts,
+    MLAttention,
     MoE,
     MoEConfig,
     MoETransformer,
@@ -315,7 +316,7 @@ def test_labels_and_batches() -> None:
 
 
 @pytest.mark.parametrize(("name", "low", "high"),
-                         [("deepseek-v3", 650e9, 720e9), ("qwen3-30b-a3b", 29e9, 32e9)])
+                         [("deepseek-v3", 682e9, 684e9), ("qwen3-30b-a3b", 29e9, 32e9)])
 def test_full_presets_build_on_meta(name: str, low: float, high: float) -> None:
     start = time.perf_counter()
     with torch.device("meta"):
@@ -325,6 +326,38 @@ def test_full_presets_build_on_meta(name: str, low: float, high: float) -> None:
     print(f"{name}: {total / 1e9:.1f}B parameters, built in {elapsed:.2f}s")
     assert low < total < high
     assert elapsed < 5.0
+
+
+def test_deepseek_v3_has_the_parameters_of_the_real_model() -> None:
+    """MLA and all: without its MTP block, what transformers' DeepSeek-V3 has (671 B) ± 0.5 %."""
+    pytest.importorskip("transformers")
+    from moefn.hf.presets import build_hf_model, hf_preset_config
+
+    with torch.device("meta"):
+        ours = MoETransformer(get_preset("deepseek-v3"))
+    hf = build_hf_model(hf_preset_config("hf-deepseek-v3"))
+    main = sum(p.numel() for n, p in ours.named_parameters() if not n.startswith("mtp."))
+    reference = sum(p.numel() for p in hf.parameters())
+    assert 670e9 < reference < 672e9
+    assert abs(main - reference) <= 0.005 * reference, (main, reference)
+    attention = {n.partition("attn.")[2]: tuple(p.shape)
+                 for n, p in ours.named_parameters() if n.startswith("layers.0.attn.")}
+    assert attention == {"q_a_proj.weight": (1536, 7168), "q_a_norm.weight": (1536,),
+                         "q_b_proj.weight": (128 * 192, 1536), "kv_a_proj.weight": (576, 7168),
+                         "kv_a_norm.weight": (512,), "kv_b_proj.weight": (128 * 256, 512),
+                         "o_proj.weight": (7168, 128 * 128)}
+
+
+def test_mla_attention_is_causal_and_uses_the_rope_head() -> None:
+    torch.manual_seed(0)
+    attn = MLAttention(get_preset("tiny-mla"))
+    x = torch.randn(1, 6, 32)
+    positions = torch.arange(6)[None]
+    full = attn(x, positions)
+    assert_close(attn(x[:, :4], positions[:, :4]), full[:, :4])  # the future is not seen
+    shifted = attn(x, positions + 3)  # relative positions unchanged: same output
+    assert_close(shifted, full)
+    assert not torch.allclose(attn(x, 2 * positions), full)  # distances reach the rope head
 
 
 def test_presets_and_config_validation() -> None:
@@ -339,3 +372,5 @@ def test_presets_and_config_validation() -> None:
         evolve(TINY, n_dense_layers=1)
     with pytest.raises(ValueError):
         evolve(TINY, score_func="relu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="MLA"):
+        evolve(TINY, kv_lora_rank=8)

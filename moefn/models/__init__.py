@@ -1,7 +1,14 @@
 """The reference MoE transformer (DeepSeek-V3 / Qwen3-MoE shaped) and its presets."""
 
 from moefn.models.config import MoEConfig
-from moefn.models.layers import Attention, CoreAttention, DenseMLP, RMSNorm, local_attention
+from moefn.models.layers import (
+    Attention,
+    CoreAttention,
+    DenseMLP,
+    MLAttention,
+    RMSNorm,
+    local_attention,
+)
 from moefn.models.moe import GroupedExperts, MoE, Router
 from moefn.models.presets import PRESETS, get_preset
 from moefn.models.transformer import (
@@ -15,6 +22,6 @@ from moefn.models.transformer import (
 
 __all__ = [
     "PRESETS", "Attention", "Block", "CoreAttention", "DenseMLP", "GroupedExperts", "MoE",
-    "MoEConfig", "MoETransformer", "MTPBlock", "RMSNorm", "Router", "causal_lm_loss",
+    "MLAttention", "MoEConfig", "MoETransformer", "MTPBlock", "RMSNorm", "Router", "causal_lm_loss",
     "get_preset", "local_attention", "make_batch", "next_token_labels",
 ]

@@ -28,6 +28,12 @@ def _even(instance: MoEConfig, attribute: Attribute[int], value: int) -> None:
         raise ValueError(f"{attribute.name}={value} must be even (rotary halves)")
 
 
+def _mla_fits(instance: MoEConfig, attribute: Attribute[int], value: int) -> None:
+    if value and not (instance.q_lora_rank and instance.qk_rope_head_dim and instance.v_head_dim):
+        raise ValueError("MLA (kv_lora_rank > 0) needs q_lora_rank, qk_rope_head_dim and "
+                         "v_head_dim >= 1")
+
+
 def _top_k_fits(instance: MoEConfig, attribute: Attribute[int], value: int) -> None:
     if value > instance.n_experts:
         raise ValueError(f"top_k={value} exceeds n_experts={instance.n_experts}")
@@ -49,6 +55,12 @@ class MoEConfig:
     ``dense_intermediate`` instead of MoE. ``expert_bias`` adds a DeepSeek-style aux-free bias
     buffer used only to pick the top-k; ``router_fp32`` computes routing in fp32 and marks the
     router fp32-only; ``mtp`` adds one multi-token-prediction block.
+
+    ``kv_lora_rank > 0`` makes attention DeepSeek's multi-head latent attention (`MLAttention`):
+    queries from a ``q_lora_rank`` latent, keys/values from a ``kv_lora_rank`` latent, each
+    head's query/key is ``head_dim`` (no rotary) + ``qk_rope_head_dim`` (rotary; one key rope
+    head shared by all heads) wide and its value ``v_head_dim``; ``n_kv_heads`` must equal
+    ``n_heads``.
 
     >>> MoEConfig(vocab_size=8, hidden=8, n_layers=1, n_heads=2, n_kv_heads=3, head_dim=4,
     ...           n_experts=2, top_k=1, moe_intermediate=4)
@@ -78,5 +90,9 @@ class MoEConfig:
     rope_theta: float = field(default=10000.0, validator=_positive_float)
     norm_eps: float = field(default=1e-6, validator=_positive_float)
     init_std: float = field(default=0.02, validator=_positive_float)
+    q_lora_rank: int = field(default=0, validator=_non_negative)
+    qk_rope_head_dim: int = field(default=0, validator=[_non_negative, _even])
+    v_head_dim: int = field(default=0, validator=_non_negative)
+    kv_lora_rank: int = field(default=0, validator=[_non_negative, _mla_fits])
     experts_impl: ExpertsImpl = field(
         default="auto", validator=validators.in_(("auto", "grouped_mm", "loop")))

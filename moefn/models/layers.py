@@ -1,4 +1,5 @@
-"""Building blocks: RMSNorm, rotary positions, attention with a swappable core, SwiGLU MLP.
+"""Building blocks: RMSNorm, rotary positions, attention (GQA or MLA) with a swappable core,
+SwiGLU MLP.
 
 >>> from moefn.models.presets import get_preset
 >>> attn = Attention(get_preset("tiny"))
@@ -109,6 +110,50 @@ class Attention(nn.Module):
         q = rotary(heads(self.q_proj(x), self.n_heads), position_ids, self.theta)
         k = rotary(heads(self.k_proj(x), self.n_kv_heads), position_ids, self.theta)
         v = heads(self.v_proj(x), self.n_kv_heads)
+        out = self.core(q, k, v, position_ids)
+        projected: Tensor = self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        return projected
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3): low-rank query and key/value projections,
+    each latent RMS-normed, and a decoupled rotary part (one key rope head shared by all heads).
+
+    The core attention sees ordinary per-head ``q``, ``k`` (``head_dim + qk_rope_head_dim``
+    wide) and ``v`` (``v_head_dim``), so context parallelism all-gathers K/V as for GQA.
+
+    >>> from moefn.models.presets import get_preset
+    >>> attn = MLAttention(get_preset("tiny-mla"))
+    >>> attn(torch.randn(2, 5, 32), torch.arange(5).expand(2, 5)).shape
+    torch.Size([2, 5, 32])
+    """
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.n_heads, self.theta = config.n_heads, config.rope_theta
+        self.nope, self.rope, self.v_dim = config.head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.kv_rank = config.kv_lora_rank
+        qk = self.nope + self.rope
+        self.q_a_proj = nn.Linear(config.hidden, config.q_lora_rank, bias=False)
+        self.q_a_norm = RMSNorm(config.q_lora_rank, config.norm_eps)
+        self.q_b_proj = nn.Linear(config.q_lora_rank, config.n_heads * qk, bias=False)
+        self.kv_a_proj = nn.Linear(config.hidden, self.kv_rank + self.rope, bias=False)
+        self.kv_a_norm = RMSNorm(self.kv_rank, config.norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_rank, config.n_heads * (self.nope + self.v_dim),
+                                   bias=False)
+        self.o_proj = nn.Linear(config.n_heads * self.v_dim, config.hidden, bias=False)
+        self.core = CoreAttention(config.causal)
+
+    def forward(self, x: Tensor, position_ids: Tensor) -> Tensor:
+        b, s, _ = x.shape
+        q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x))).view(b, s, self.n_heads, -1)
+        q_nope, q_rope = q.transpose(1, 2).split((self.nope, self.rope), dim=-1)
+        latent, k_rope = self.kv_a_proj(x).split((self.kv_rank, self.rope), dim=-1)
+        kv = self.kv_b_proj(self.kv_a_norm(latent)).view(b, s, self.n_heads, -1).transpose(1, 2)
+        k_nope, v = kv.split((self.nope, self.v_dim), dim=-1)
+        k_rope = rotary(k_rope.unsqueeze(1), position_ids, self.theta)  # [B,1,S,rope]
+        q = torch.cat((q_nope, rotary(q_rope, position_ids, self.theta)), dim=-1)
+        k = torch.cat((k_nope, k_rope.expand(-1, self.n_heads, -1, -1)), dim=-1)
         out = self.core(q, k, v, position_ids)
         projected: Tensor = self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
         return projected

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moefn.models.config import MoEConfig
-from moefn.models.layers import Attention, DenseMLP, RMSNorm
+from moefn.models.layers import Attention, DenseMLP, MLAttention, RMSNorm
 from moefn.models.moe import GroupedExperts, MoE, Router
 
 MTP_WEIGHT = 0.3
@@ -28,13 +28,14 @@ MTP_WEIGHT = 0.3
 class Block(nn.Module):
     """Pre-norm residual block: ``x + attn(attn_norm(x))``, then ``x + mlp(mlp_norm(x))``.
 
+    ``attn`` is `MLAttention` when the config has a ``kv_lora_rank``, else GQA `Attention`;
     ``mlp`` is a `DenseMLP` for ``dense=True``, else a `MoE`.
     """
 
     def __init__(self, config: MoEConfig, dense: bool) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden, config.norm_eps)
-        self.attn = Attention(config)
+        self.attn: nn.Module = MLAttention(config) if config.kv_lora_rank else Attention(config)
         self.mlp_norm = RMSNorm(config.hidden, config.norm_eps)
         self.mlp: nn.Module = (DenseMLP(config.hidden, config.dense_intermediate) if dense
                                else MoE(config))
