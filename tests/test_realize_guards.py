@@ -176,6 +176,31 @@ def test_fp32_parameters_in_a_bf16_model_stay_fp32(ranks: Callable[[int], RankPo
         assert error <= 5e-2, result  # bf16 compute on both sides, summed in another order
 
 
+def _bf16_compute_without_expert_units(rank: int, world: int) -> tuple[float, float]:
+    """ep = world leaves ep_shard = 1: the experts get no FSDP unit and stay fp32 while the
+    blocks compute in bf16 (grouped_mm refused the mix: "BFloat16 != float")."""
+    torch.manual_seed(0)
+    reference = MoETransformer(get_preset("tiny"))
+    model = copy.deepcopy(reference)
+    mesh = MeshSpec(dp_shard=world, ep=world)
+    plan = compose(plan_ep(), plan_fsdp(precision="bf16"))(model, mesh).unwrap()
+    realize(plan, model, build_device_meshes(mesh, "cpu"))
+    batch = global_batch(reference.config, 4, 16, 0)
+    mine = local_batch(batch, mesh, rank)
+    loss = causal_lm_loss(model(mine.input_ids, mine.position_ids), mine.labels, batch.num_valid)
+    loss.backward()
+    total = loss.detach().float()
+    torch.distributed.all_reduce(total)
+    ref = causal_lm_loss(reference(batch.input_ids, batch.position_ids), batch.labels,
+                         batch.num_valid)
+    return float(total), float(ref)
+
+
+def test_bf16_compute_reaches_experts_without_a_unit(ranks: Callable[[int], RankPool]) -> None:
+    loss, ref = ranks(WORLD).run(_bf16_compute_without_expert_units)[0]
+    assert abs(loss - ref) <= 2e-2 * abs(ref), (loss, ref)
+
+
 def test_fp32_modules_get_units_that_keep_their_dtype() -> None:
     with torch.device("meta"):
         model = _bf16_with_fp32_norms()

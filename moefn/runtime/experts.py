@@ -99,6 +99,11 @@ def run_grouped_experts(x_sorted: Tensor, counts: Tensor, gate_up: Tensor, down:
     >>> y.shape
     torch.Size([0, 4])
     """
+    # weights FSDP did not cast (experts without a unit when ep_shard = 1) follow the rows'
+    # dtype, as mixed precision would; gradients flow back to them in their own dtype
+    gate_up, down = gate_up.to(x_sorted.dtype), down.to(x_sorted.dtype)
+    up_bias = None if up_bias is None else up_bias.to(x_sorted.dtype)
+    down_bias = None if down_bias is None else down_bias.to(x_sorted.dtype)
     grouped = impl == "grouped_mm" or (impl == "auto"
                                        and grouped_mm_supported(x_sorted, gate_up))
     run = _grouped if grouped and x_sorted.shape[0] > 0 else _loop
