@@ -37,6 +37,13 @@ def _mesh_text(text: str) -> str:
     return text
 
 
+def _positive(text: str) -> int:
+    """A count flag (--tokens, --steps, ...): a whole number of at least 1 (else exit 2)."""
+    if not (text.strip().isascii() and text.strip().isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moefn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,24 +60,24 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--dispatch", choices=("all_to_all", "all_gather"), default="all_to_all")
     plan.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     plan.add_argument("--no-fsdp", action="store_true", help="leave plan_fsdp out")
-    plan.add_argument("--tokens", type=int, default=4096, help="tokens per rank per step")
+    plan.add_argument("--tokens", type=_positive, default=4096, help="tokens per rank per step")
     plan.add_argument("--optimizer", choices=("adamw", "sgd", "sgd_momentum"), default="adamw",
                       help="optimizer whose states the memory estimate counts")
-    plan.add_argument("--top-k", type=int, default=None,
+    plan.add_argument("--top-k", type=_positive, default=None,
                       help="experts per token for the comm estimate (default: the routers')")
     plan.add_argument("--simulate", action="store_true",
                       help="realize the plan for representative ranks on a fake process group")
     plan.add_argument("--json", action="store_true", help="one JSON object on stdout")
     demo = sub.add_parser("demo", help="train the small preset on N local ranks vs one process")
-    demo.add_argument("--nproc", type=int, default=4)
-    demo.add_argument("--steps", type=int, default=5)
+    demo.add_argument("--nproc", type=_positive, default=4)
+    demo.add_argument("--steps", type=_positive, default=5)
     demo.add_argument("--dispatch", choices=("all_to_all", "all_gather"), default="all_to_all")
-    demo.add_argument("--micro-batches", type=int, default=1,
+    demo.add_argument("--micro-batches", type=_positive, default=1,
                       help="gradient accumulation: micro-batches per step, reduced once")
     demo.add_argument("--json", action="store_true")
     bench = sub.add_parser("bench", help="run benchmarks/ (from a repository checkout): tables "
                                          "in docs/benchmarks.md, JSON in results/")
-    bench.add_argument("--steps", type=int, default=6)
+    bench.add_argument("--steps", type=_positive, default=6)
     return parser
 
 
@@ -112,13 +119,22 @@ def _model_builder(args: argparse.Namespace) -> Callable[[], nn.Module]:
         try:
             config = (hf_config_from_json(args.hf_config) if args.hf_config
                       else hf_preset_config(args.model))
-        except (ImportError, OSError, ValueError, TypeError, KeyError) as err:
+        except Exception as err:  # noqa: BLE001 - transformers' config classes raise their own
             raise PlanError.single("", "cannot build the transformers config",
                                    args.hf_config or args.model,
                                    f"{err} (transformers models need moefn[hf])") from err
-        return lambda: build_hf_model(config, device=str(torch.get_default_device()))
+        return lambda: _build_foreign(build_hf_model, config, args.hf_config or args.model)
     preset = get_preset(args.model)
     return lambda: MoETransformer(preset)
+
+
+def _build_foreign(build: Callable[..., nn.Module], config: object, source: str) -> nn.Module:
+    """Build a transformers model; any error its code raises on a config is the config's."""
+    try:
+        return build(config, device=str(torch.get_default_device()))
+    except Exception as err:  # noqa: BLE001 - transformers/torch raise anything on bad values
+        raise PlanError.single("", "transformers cannot build a model from this config", source,
+                               f"fix the config ({type(err).__name__}: {str(err)[:200]})") from err
 
 
 def _build_plan(args: argparse.Namespace, mesh: MeshSpec) -> ShardPlan:
@@ -193,14 +209,15 @@ def _plan_command(args: argparse.Namespace) -> int:
 def _demo_command(args: argparse.Namespace) -> int:
     from moefn.demo import DemoOptions, demo_mesh, demo_plan, run_demo
 
-    if args.micro_batches < 1:
-        print(f"moefn demo: --micro-batches must be at least 1, got {args.micro_batches}",
-              file=sys.stderr)
-        return 2
     options = DemoOptions(nproc=args.nproc, steps=args.steps, dispatch=args.dispatch,
                           micro_batches=args.micro_batches)
+    try:
+        plan = demo_plan(options, demo_mesh(options.nproc))
+    except PlanError as err:
+        print(f"moefn demo: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
     if not args.json:
-        print(demo_plan(options, demo_mesh(options.nproc)).diff(), flush=True)
+        print(plan.diff(), flush=True)
         print(f"training {options.steps} steps on {options.nproc} ranks (gloo) ...", flush=True)
     result = run_demo(options)
     if result is None:
