@@ -28,6 +28,7 @@ from moefn import (
     RealizeError,
     ShardPlan,
     compose,
+    inspect_model,
     plan_ac,
     plan_cp,
     plan_ep,
@@ -172,6 +173,7 @@ CALLS: dict[str, Callable[[Any], object]] = {
         lambda v: compose(plan_fsdp(lm_head_precision=v))(meta_model(), MESH),
     "plan_fsdp.offload": lambda v: compose(plan_fsdp(offload=v))(meta_model(), MESH),
     "compose": lambda v: compose(v),
+    "inspect_model": lambda v: inspect_model(v),
     "Planner.model": lambda v: compose(plan_fsdp())(v, MESH),
     "Planner.mesh": lambda v: compose(plan_fsdp())(meta_model(), v),
     "ShardPlan.from_json": lambda v: ShardPlan.from_json(v),
@@ -312,13 +314,15 @@ def test_hf_config_values_exit_1_or_0(field: str, tmp_path: Path,
     case()
 
 
-@pytest.mark.parametrize("content", [None, "{not json", "[]", '{"model_type": "no_such_model"}',
-                                     '{"model_type": "qwen3_moe", "num_experts_per_tok": 9, '
-                                     '"num_experts": 4}'])
+@pytest.mark.parametrize("content", [
+    None, "a directory", "{not json", "[]", '{"model_type": "no_such_model"}',
+    '{"model_type": "qwen3_moe", "num_experts_per_tok": 9, "num_experts": 4}'])
 def test_hf_config_files_that_cannot_be_read(content: str | None, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "config.json"
-    if content is not None:
+    if content == "a directory":
+        path.mkdir()
+    elif content is not None:
         path.write_text(content)
     assert run_cli(["plan", "--hf-config", str(path), "--mesh", "dp_shard=2,ep=2"]) == 1
     assert "fix:" in capsys.readouterr().out
