@@ -3,7 +3,7 @@
 A wrong type raises `ArgumentTypeError` (a PlanError and a TypeError), a wrong value a
 `PlanError`; both name the argument, the value and the fix.
 
->>> positive_int(0, "tokens_per_rank")
+>>> int_at_least(0, "tokens_per_rank")
 Traceback (most recent call last):
 ...
 moefn.errors.PlanError: 1 problem:
@@ -45,11 +45,11 @@ def expect_type(value: object, types: type | tuple[type, ...], path: str, expect
                                        shown(value), _type_fix(value, expected, fix))
 
 
-def positive_int(value: object, path: str, minimum: int = 1) -> int:
+def int_at_least(value: object, path: str, minimum: int = 1) -> int:
     """``value`` if it is an int (not a bool) of at least ``minimum``; raises otherwise."""
     if type(value) is not int:
         raise ArgumentTypeError.single(path, f"expected an int, got {type(value).__name__}",
-                                       shown(value), f"pass {path}={max(minimum, 1)} or larger")
+                                       shown(value), f"pass a whole number {path}={minimum} or larger")
     if value < minimum:
         raise PlanError.single(path, f"must be at least {minimum}", shown(value),
                                f"pass {path}={minimum} or larger")

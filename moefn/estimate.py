@@ -18,7 +18,7 @@ from typing import Literal
 
 from attrs import frozen
 
-from moefn.arguments import expect_type, one_of, positive_int
+from moefn.arguments import expect_type, int_at_least, one_of
 from moefn.comm import DTYPE_BYTES, Comm, predict_comm
 from moefn.errors import PlanError
 from moefn.layout import fsdp_shard_numel, fsdp_shard_ranks, local_shape, param_layouts
@@ -68,7 +68,7 @@ def estimate_memory(plan: ShardPlan, rank: int, optimizer: Optimizer = "adamw") 
     unpadded local shard, in the parameter dtype. Not counted: buffers, and AdamW's scalar
     ``step`` per parameter (a host tensor unless the optimizer is fused or capturable)."""
     expect_type(plan, ShardPlan, "plan", "a ShardPlan", "pass compose(...)(model, mesh).unwrap()")
-    if positive_int(rank, "rank", minimum=0) >= plan.mesh.world_size:
+    if int_at_least(rank, "rank", minimum=0) >= plan.mesh.world_size:
         raise PlanError.single("rank", "rank outside the plan's world", rank,
                                f"use a rank in 0..{plan.mesh.world_size - 1}")
     one_of(optimizer, tuple(_STATE_COPIES), "optimizer")
@@ -150,8 +150,8 @@ def estimate(plan: ShardPlan, rank: int = 0, tokens_per_rank: int = 4096, top_k:
     ``top_k`` defaults to the routers' top-k; ``hidden`` to the embedding width; the activation
     dtype to the FSDP compute dtype (else the embedding's)."""
     memory = estimate_memory(plan, rank, optimizer)
-    positive_int(tokens_per_rank, "tokens_per_rank")
-    k = _top_k(plan) if top_k is None else positive_int(top_k, "top_k")
+    int_at_least(tokens_per_rank, "tokens_per_rank")
+    k = _top_k(plan) if top_k is None else int_at_least(top_k, "top_k")
     experts = _num_experts(plan)
     if 0 < experts < k:
         raise PlanError.single("top_k", "top-k larger than the number of experts",
@@ -160,7 +160,7 @@ def estimate(plan: ShardPlan, rank: int = 0, tokens_per_rank: int = 4096, top_k:
                                else "fix the model's config: route each token to at most "
                                     f"{experts} experts")
     if hidden is not None:
-        positive_int(hidden, "hidden")
+        int_at_least(hidden, "hidden")
     if activation_dtype is not None:
         one_of(activation_dtype, tuple(DTYPE_BYTES), "activation_dtype")
     embed = [t for t in plan.model.tensors if t.module_path in plan.model.paths_with("embed")]

@@ -16,7 +16,7 @@ from typing import Final
 
 from attrs import frozen
 
-from moefn.arguments import expect_type, positive_int
+from moefn.arguments import expect_type, int_at_least
 from moefn.errors import PlanError, Problem
 
 BASE_AXES: Final = ("dp_replicate", "dp_shard", "cp", "ep")
@@ -67,7 +67,7 @@ class MeshSpec:
         """Parse ``"dp_shard=8,ep=4"``; when ``world_size`` is given the sizes must multiply to it."""
         expect_type(text, str, "mesh", "a str", 'pass text such as "dp_shard=8,ep=4"')
         if world_size is not None:
-            positive_int(world_size, "world_size")
+            int_at_least(world_size, "world_size")
         sizes: dict[str, int] = {}
         problems: list[Problem] = []
         for item in filter(None, (part.strip() for part in text.split(","))):
