@@ -1,8 +1,9 @@
 """realize's argument checks: run first, on every rank alike, before any other check.
 
 Wrong types raise `ArgumentTypeError`; device meshes whose names or sizes differ from their
-MeshSpec, or a process group smaller than the plan's world, raise `RealizeError`. Every rank computes the same
-answer from the same global facts, so all ranks raise together (no rank waits in a collective).
+MeshSpec, or a process group smaller than the plan's world, raise `RealizeError`. Every rank
+computes the same answer from the same global facts, so all ranks raise together (no rank waits
+in a collective).
 """
 
 from __future__ import annotations
