@@ -23,7 +23,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
-from moefn.errors import PlanError, Problem
+from moefn.arguments import expect_type, shown
+from moefn.errors import ArgumentTypeError, PlanError, Problem
 from moefn.layout import local_shape, local_shape_and_offset, param_layouts
 from moefn.mesh import MeshSpec
 from moefn.plan import ShardPlan
@@ -118,11 +119,21 @@ def _check_every_rank(plan: ShardPlan, model: nn.Module) -> tuple[int, list[Prob
 def simulate(plan: ShardPlan, build_model: Callable[[], nn.Module],
              ranks: Iterable[int] | None = None) -> tuple[SimulatedRank, ...]:
     """Realize ``plan`` on a fake process group for ``ranks``; PlanError on any mismatch."""
+    expect_type(plan, ShardPlan, "plan", "a ShardPlan", "pass compose(...)(model, mesh).unwrap()")
+    if not callable(build_model) or isinstance(build_model, nn.Module):
+        raise ArgumentTypeError.single("build_model", "expected a function that builds the model",
+                                       shown(build_model),
+                                       "pass lambda: MyModel(config) (each rank builds its own)")
+    ranks = representative_ranks(plan.mesh) if ranks is None else tuple(ranks)
+    wrong = [r for r in ranks if type(r) is not int or not 0 <= r < plan.mesh.world_size]
+    if wrong:
+        raise PlanError.single("ranks", "ranks outside the plan's world", shown(wrong),
+                               f"use ranks in 0..{plan.mesh.world_size - 1}")
     if dist.is_initialized():
         raise PlanError.single("", "simulate needs a process without a process group",
                                dist.get_backend(), "run the simulation in its own process")
     results, problems = [], []
-    for rank in ranks if ranks is not None else representative_ranks(plan.mesh):
+    for rank in ranks:
         result, found = _simulate_rank(plan, build_model, rank)
         results.append(result)
         problems += found

@@ -45,6 +45,7 @@ from moefn.hf.pretrained import load_pretrained
 from moefn.models import MoETransformer, get_preset
 from moefn.realize import build_device_meshes, realize
 from moefn.routing import update_expert_bias
+from moefn.simulate import simulate
 from moefn.train import Batch, global_batch, local_batch, train
 from tests.ranks import RankPool
 
@@ -192,6 +193,9 @@ CALLS: dict[str, Callable[[Any], object]] = {
     "estimate.optimizer": lambda v: estimate(PLAN, optimizer=v),
     "estimate.activation_dtype": lambda v: estimate(PLAN, activation_dtype=v),
     "get_preset": lambda v: get_preset(v),
+    "simulate.plan": lambda v: simulate(v, meta_model),
+    "simulate.build_model": lambda v: simulate(PLAN, v),
+    "simulate.ranks": lambda v: simulate(PLAN, meta_model, [v]),
     "global_batch.batch": lambda v: global_batch(get_preset("tiny"), batch=v, seq=4, seed=0)
     if not (type(v) is int and v > 64) else None,
     "global_batch.config": lambda v: global_batch(v, batch=2, seq=4, seed=0),
@@ -217,13 +221,15 @@ CALLS: dict[str, Callable[[Any], object]] = {
     "load_pretrained.device": lambda v: load_pretrained(meta_model(), MISSING, v),
 }
 # accepting a valid value would run long or write files: only values the call must refuse
-REFUSE_ONLY = {"train.steps", "train.lr", "save_checkpoint.path", "save_checkpoint.optimizer",
-               "load_pretrained.path"}
+REFUSE_ONLY = {"train.steps", "train.lr", "simulate.ranks", "save_checkpoint.path",
+               "save_checkpoint.optimizer", "load_pretrained.path"}
 
 
 @pytest.mark.parametrize("name", sorted(CALLS))
 def test_public_functions_refuse_with_typed_errors(name: str) -> None:
-    values = {"train.steps": NOT_A_COUNT, "train.lr": NOT_A_RATE}.get(name, ANYTHING)
+    not_a_rank = ANYTHING.filter(lambda v: not (type(v) is int and 0 <= v < 4))
+    values = {"train.steps": NOT_A_COUNT, "train.lr": NOT_A_RATE,
+              "simulate.ranks": not_a_rank}.get(name, ANYTHING)
     if name in ("save_checkpoint.path", "load_pretrained.path"):
         values = ANYTHING.filter(lambda v: not isinstance(v, str))
     if name == "save_checkpoint.optimizer":
