@@ -106,7 +106,7 @@ class MeshSpec:
 
     def size(self, axis: str) -> int:
         """Size of a named axis (base or flattened); raises PlanError for an unknown name."""
-        if axis not in AXIS_SPANS:
+        if not isinstance(axis, str) or axis not in AXIS_SPANS:
             raise PlanError.single("mesh", "unknown mesh axis", repr(axis),
                                    f"use one of {tuple(AXIS_SPANS)}")
         size = 1

@@ -162,6 +162,7 @@ CALLS: dict[str, Callable[[Any], object]] = {
     "MeshSpec.dp_shard": lambda v: MeshSpec(dp_shard=v),
     "MeshSpec.ep": lambda v: MeshSpec(dp_shard=4, ep=v),
     "MeshSpec.parse": lambda v: MeshSpec.parse(v),
+    "MeshSpec.size": lambda v: MESH.size(v),
     "MeshSpec.parse.world_size": lambda v: MeshSpec.parse("dp_shard=2", world_size=v),
     "plan_cp.seq_len": lambda v: compose(plan_cp(seq_len=v))(meta_model(), CP_MESH),
     "plan_cp.mesh": lambda v: compose(plan_cp(mesh=v))(meta_model(), CP_MESH),
