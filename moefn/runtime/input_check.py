@@ -1,11 +1,11 @@
 """Ranks of one cp group must feed the model inputs of one batch size and one chunk length.
 
-realize installs `check_input_shapes` as a forward pre-hook of the root module when the plan has
+realize installs `check_same_inputs` as a forward pre-hook of the root module when the plan has
 context-parallel attention: before the first collective of a forward, the ranks of each cp group
 all-gather dims 0 and 1 (batch, sequence chunk) of every tensor argument — one all-gather of
-``8 · (1 + 3 · MAX_TENSORS)`` = 200 bytes per rank — and raise the same `InputError` on every rank
-of the group when they differ, instead of failing (or hanging) inside a K/V all-gather. Token
-counts across an ep group may differ and are not checked.
+``8 · (1 + 3 · MAX_TENSORS)`` = 200 bytes per rank, and on CUDA one host–device sync — and raise
+the same `InputError` on every rank of the group when they differ, instead of failing (or
+hanging) inside a K/V all-gather. Token counts across an ep group may differ and are not checked.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def check_same_inputs(tensors: list[tuple[str, Tensor]], group: dist.ProcessGrou
     mine = _signature(tensors, device)
     gathered = torch.empty(dist.get_world_size(group) * mine.numel(), dtype=torch.int64,
                            device=device)
-    dist.all_gather_into_tensor(gathered, mine, group=group)
+    dist.all_gather_single(gathered, mine, group=group)
     rows = gathered.view(-1, mine.numel()).tolist()
     if all(row == rows[0] for row in rows):
         return
