@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from moefn.arguments import expect_type
+
 _sync_enabled = True  # read by the all-reduce hooks realize installs without FSDP
 
 
@@ -39,6 +41,7 @@ def no_gradient_sync(model: nn.Module) -> Iterator[None]:
     False
     """
     global _sync_enabled
+    expect_type(model, nn.Module, "model", "an nn.Module", "pass the realized model")
     previous = _sync_enabled
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     _sync_enabled = False

@@ -33,6 +33,8 @@ from torch.distributed.checkpoint.state_dict_loader import load
 from torch.distributed.checkpoint.state_dict_saver import save
 from torch.distributed.tensor import DTensor
 
+from moefn.arguments import device_arg, expect_type, shown
+from moefn.errors import PlanError
 from moefn.hf import is_transformers_module
 
 Path = str | os.PathLike[str]
@@ -60,12 +62,26 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[st
     return {"model": model_state, "optim": optim_state}
 
 
+def _check(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+           must_exist: bool) -> None:
+    """Raise moefn's typed errors for arguments the DCP calls would choke on."""
+    expect_type(path, (str, os.PathLike), "path", "a str or os.PathLike",
+                'pass a directory such as "ckpt/step-100"')
+    expect_type(model, nn.Module, "model", "an nn.Module", "pass the model")
+    expect_type(optimizer, (torch.optim.Optimizer, type(None)), "optimizer",
+                "a torch.optim.Optimizer or None", "pass the optimizer, or None for the model only")
+    if must_exist and not os.path.isdir(path):
+        raise PlanError.single("path", "no checkpoint directory", shown(os.fspath(path)),
+                               "pass the directory save_checkpoint wrote")
+
+
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Write ``model`` (and ``optimizer``) state to the directory ``path``; each rank writes its
     shards, replicated shards once.
 
     >>> save_checkpoint("ckpt/step-100", model, optimizer)   # doctest: +SKIP
     """
+    _check(path, model, optimizer, must_exist=False)
     with _quiet_no_dist():
         save(_state(model, optimizer), checkpoint_id=path, no_dist=_single_process(model))
 
@@ -76,6 +92,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
     >>> load_checkpoint("ckpt/step-100", model, optimizer)   # doctest: +SKIP
     """
+    _check(path, model, optimizer, must_exist=True)
     state = _state(model, optimizer)
     with _quiet_no_dist():
         load(state, checkpoint_id=path, no_dist=_single_process(model))
@@ -94,6 +111,7 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     >>> full_state_dict(nn.Linear(2, 1, bias=False))["weight"].shape
     torch.Size([1, 2])
     """
+    expect_type(model, nn.Module, "model", "an nn.Module", "pass the model")
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     full: dict[str, Tensor] = {}
     for key, value in state.items():
@@ -114,8 +132,10 @@ def materialize_from_checkpoint(path: Path, model: nn.Module,
     ...     model = realize(plan, MoETransformer(config), meshes)
     >>> materialize_from_checkpoint("ckpt/step-100", model, "cuda")  # doctest: +SKIP
     """
+    device = device_arg(device)
+    _check(path, model, None, must_exist=True)
     model.to_empty(device=device)
-    restore_non_persistent_buffers(model, torch.device(device))
+    restore_non_persistent_buffers(model, device)
     load_checkpoint(path, model, None)
     return model
 

@@ -20,6 +20,7 @@ from moefn.errors import PlanError, group_problems
 from moefn.names import HF_PRESET_NAMES, MODEL_PRESETS
 
 if TYPE_CHECKING:  # torch loads after argument parsing, so that --help answers at once
+    import torch
     from torch import nn
 
     from moefn.estimate import Estimate
@@ -34,6 +35,13 @@ def _mesh_text(text: str) -> str:
     if not re.fullmatch(r"\s*(\w+\s*=\s*\d+\s*)(,\s*\w+\s*=\s*\d+\s*)*", text):
         raise argparse.ArgumentTypeError(f"expected axis=size[,axis=size...], got {text!r}")
     return text
+
+
+def _positive(text: str) -> int:
+    """A count flag (--tokens, --steps, ...): a whole number of at least 1 (else exit 2)."""
+    if not (text.strip().isascii() and text.strip().isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,24 +65,24 @@ def _parser() -> argparse.ArgumentParser:
                            "kept in (default: the model's own; fp32 with AdamW = 16 bytes per "
                            "parameter)")
     plan.add_argument("--no-fsdp", action="store_true", help="leave plan_fsdp out")
-    plan.add_argument("--tokens", type=int, default=4096, help="tokens per rank per step")
+    plan.add_argument("--tokens", type=_positive, default=4096, help="tokens per rank per step")
     plan.add_argument("--optimizer", choices=("adamw", "sgd", "sgd_momentum"), default="adamw",
                       help="optimizer whose states the memory estimate counts")
-    plan.add_argument("--top-k", type=int, default=None,
+    plan.add_argument("--top-k", type=_positive, default=None,
                       help="experts per token for the comm estimate (default: the routers')")
     plan.add_argument("--simulate", action="store_true",
                       help="realize the plan for representative ranks on a fake process group")
     plan.add_argument("--json", action="store_true", help="one JSON object on stdout")
     demo = sub.add_parser("demo", help="train the small preset on N local ranks vs one process")
-    demo.add_argument("--nproc", type=int, default=4)
-    demo.add_argument("--steps", type=int, default=5)
+    demo.add_argument("--nproc", type=_positive, default=4)
+    demo.add_argument("--steps", type=_positive, default=5)
     demo.add_argument("--dispatch", choices=("all_to_all", "all_gather"), default="all_to_all")
-    demo.add_argument("--micro-batches", type=int, default=1,
+    demo.add_argument("--micro-batches", type=_positive, default=1,
                       help="gradient accumulation: micro-batches per step, reduced once")
     demo.add_argument("--json", action="store_true")
     bench = sub.add_parser("bench", help="run benchmarks/ (from a repository checkout): tables "
                                          "in docs/benchmarks.md, JSON in results/")
-    bench.add_argument("--steps", type=int, default=6,
+    bench.add_argument("--steps", type=_positive, default=6,
                        help="timed steps per configuration (the first is warm-up)")
     return parser
 
@@ -119,16 +127,28 @@ def _model_builder(args: argparse.Namespace) -> Callable[[], nn.Module]:
         try:
             config = (hf_config_from_json(args.hf_config) if args.hf_config
                       else hf_preset_config(args.model))
-        except (ImportError, OSError, ValueError, TypeError, KeyError) as err:
+        except Exception as err:  # noqa: BLE001 - transformers' config classes raise their own
             raise PlanError.single("", "cannot build the transformers config",
                                    args.hf_config or args.model,
                                    f"{err} (transformers models need moefn[hf])") from err
-        return lambda: build_hf_model(config, device=str(torch.get_default_device()),
+        return lambda: _build_foreign(build_hf_model, config, args.hf_config or args.model,
                                       dtype=master or torch.bfloat16)
     from moefn.models import MoETransformer, get_preset
 
     preset = get_preset(args.model)
     return lambda: MoETransformer(preset).to(master) if master else MoETransformer(preset)
+
+
+def _build_foreign(build: Callable[..., nn.Module], config: object, source: str,
+                   dtype: torch.dtype) -> nn.Module:
+    """Build a transformers model; any error its code raises on a config is the config's."""
+    import torch
+
+    try:
+        return build(config, device=str(torch.get_default_device()), dtype=dtype)
+    except Exception as err:  # noqa: BLE001 - transformers/torch raise anything on bad values
+        raise PlanError.single("", "transformers cannot build a model from this config", source,
+                               f"fix the config ({type(err).__name__}: {str(err)[:200]})") from err
 
 
 def _build_plan(args: argparse.Namespace, mesh: MeshSpec) -> ShardPlan:
@@ -219,13 +239,13 @@ def _plan_command(args: argparse.Namespace) -> int:
 def _demo_command(args: argparse.Namespace) -> int:
     from moefn.demo import DemoOptions, run_demo
 
-    if args.micro_batches < 1:
-        print(f"moefn demo: --micro-batches must be at least 1, got {args.micro_batches}",
-              file=sys.stderr)
-        return 2
     options = DemoOptions(nproc=args.nproc, steps=args.steps, dispatch=args.dispatch,
                           micro_batches=args.micro_batches, verbose=not args.json)
-    result = run_demo(options)
+    try:
+        result = run_demo(options)
+    except PlanError as err:
+        print(f"moefn demo: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
     if result is None:
         return 0
     if args.json:

@@ -17,6 +17,8 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
+from moefn.arguments import expect_type, finite_number
+
 
 def _shard_groups(grad: Tensor) -> tuple[tuple[DeviceMesh, int], ...]:
     if not isinstance(grad, DTensor):
@@ -26,11 +28,25 @@ def _shard_groups(grad: Tensor) -> tuple[tuple[DeviceMesh, int], ...]:
                  if not (p.is_replicate() or p.is_partial()))  # Shard and _StridedShard
 
 
+def _parameters(parameters: Iterable[torch.nn.Parameter] | Tensor) -> list[Tensor]:
+    """``parameters`` as a list of tensors (a bare tensor counts as one)."""
+    if isinstance(parameters, Tensor):
+        return [parameters]
+    expect_type(parameters, Iterable, "parameters", "an iterable of parameters",
+                "pass model.parameters()")
+    params = list(parameters)
+    for i, p in enumerate(params):
+        expect_type(p, Tensor, f"parameters[{i}]", "a Tensor", "pass model.parameters()")
+    return params
+
+
 def global_grad_norm(grads: Iterable[Tensor], norm_type: float = 2.0) -> Tensor:
     """The norm of all gradients as if they were full tensors in one process."""
+    inf = type(norm_type) is float and norm_type == float("inf")
+    if not inf:
+        finite_number(norm_type, "norm_type", minimum=1.0)
     partial: dict[tuple[tuple[DeviceMesh, int], ...], Tensor] = defaultdict(
         lambda: torch.zeros((), dtype=torch.float64))
-    inf = norm_type == float("inf")
     for grad in grads:
         local = grad.to_local() if isinstance(grad, DTensor) else grad
         local = local.detach().double()
@@ -52,7 +68,8 @@ def global_grad_norm(grads: Iterable[Tensor], norm_type: float = 2.0) -> Tensor:
 def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float,
                    norm_type: float = 2.0) -> Tensor:
     """Scale gradients in place so their global norm is at most ``max_norm``; returns the norm."""
-    params = [p for p in parameters if p.grad is not None]
+    finite_number(max_norm, "max_norm")
+    params = [p for p in _parameters(parameters) if p.grad is not None]
     grads = [p.grad for p in params if p.grad is not None]
     total = global_grad_norm(grads, norm_type)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)

@@ -110,3 +110,11 @@ class PlanFormatError(PlanError):
 
 class RealizeError(PlanError):
     """A plan that does not fit the model or mesh it is realized on (nothing was changed)."""
+
+
+class ArgumentTypeError(PlanError, TypeError):
+    """An argument of the wrong type passed to a public function (also a TypeError)."""
+
+
+class InputError(PlanError):
+    """Runtime inputs of a realized model that disagree across the ranks that must share them."""

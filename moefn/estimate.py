@@ -18,7 +18,9 @@ from typing import Literal
 
 from attrs import frozen
 
+from moefn.arguments import expect_type, int_at_least, one_of
 from moefn.comm import DTYPE_BYTES, Comm, predict_comm
+from moefn.errors import PlanError
 from moefn.layout import fsdp_shard_numel, fsdp_shard_ranks, local_shape, param_layouts
 from moefn.plan import FullyShard, ShardPlan
 
@@ -65,6 +67,11 @@ def estimate_memory(plan: ShardPlan, rank: int, optimizer: Optimizer = "adamw") 
     shard 0's size, so those are counted padded; optimizer states are ``zeros_like`` of the
     unpadded local shard, in the parameter dtype. Not counted: buffers, and AdamW's scalar
     ``step`` per parameter (a host tensor unless the optimizer is fused or capturable)."""
+    expect_type(plan, ShardPlan, "plan", "a ShardPlan", "pass compose(...)(model, mesh).unwrap()")
+    if int_at_least(rank, "rank", minimum=0) >= plan.mesh.world_size:
+        raise PlanError.single("rank", "rank outside the plan's world", rank,
+                               f"use a rank in 0..{plan.mesh.world_size - 1}")
+    one_of(optimizer, tuple(STATE_COPIES), "optimizer")
     params: Counter[str] = Counter()
     grads: Counter[str] = Counter()
     states: Counter[str] = Counter()
@@ -133,6 +140,12 @@ def _top_k(plan: ShardPlan) -> int:
                  if plan.model.module(p).get("top_k", 0)), 1)
 
 
+def _num_experts(plan: ShardPlan) -> int:
+    """The fewest experts of any MoE block (0 when the model has none)."""
+    return min((int(plan.model.module(p).fact("num_experts"))
+                for p in plan.model.paths_with("experts")), default=0)
+
+
 def estimate(plan: ShardPlan, rank: int = 0, tokens_per_rank: int = 4096, top_k: int | None = None,
              hidden: int | None = None, optimizer: Optimizer = "adamw",
              activation_dtype: str | None = None) -> Estimate:
@@ -140,9 +153,22 @@ def estimate(plan: ShardPlan, rank: int = 0, tokens_per_rank: int = 4096, top_k:
 
     ``top_k`` defaults to the routers' top-k; ``hidden`` to the embedding width; the activation
     dtype to the FSDP compute dtype (else the embedding's)."""
+    memory = estimate_memory(plan, rank, optimizer)
+    int_at_least(tokens_per_rank, "tokens_per_rank")
+    k = _top_k(plan) if top_k is None else int_at_least(top_k, "top_k")
+    experts = _num_experts(plan)
+    if 0 < experts < k:
+        raise PlanError.single("top_k", "top-k larger than the number of experts",
+                               f"top_k={k}, {experts} experts",
+                               f"use top_k in 1..{experts}" if top_k is not None
+                               else "fix the model's config: route each token to at most "
+                                    f"{experts} experts")
+    if hidden is not None:
+        int_at_least(hidden, "hidden")
+    if activation_dtype is not None:
+        one_of(activation_dtype, tuple(DTYPE_BYTES), "activation_dtype")
     embed = [t for t in plan.model.tensors if t.module_path in plan.model.paths_with("embed")]
     width = hidden if hidden is not None else (embed[0].shape[-1] if embed else 0)
     act = DTYPE_BYTES[activation_dtype or _activation_dtype(plan)]
-    comm = predict_comm(plan, tokens_per_rank, top_k if top_k is not None else _top_k(plan),
-                        width, act)
-    return Estimate(rank=rank, memory=estimate_memory(plan, rank, optimizer), comm=comm)
+    comm = predict_comm(plan, tokens_per_rank, k, width, act)
+    return Estimate(rank=rank, memory=memory, comm=comm)

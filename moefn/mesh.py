@@ -17,6 +17,7 @@ from typing import Final
 
 from attrs import frozen
 
+from moefn.arguments import expect_type, int_at_least
 from moefn.errors import PlanError, Problem
 
 BASE_AXES: Final = ("dp_replicate", "dp_shard", "cp", "ep")
@@ -94,6 +95,9 @@ class MeshSpec:
     @classmethod
     def parse(cls, text: str, world_size: int | None = None) -> MeshSpec:
         """Parse ``"dp_shard=8,ep=4"``; when ``world_size`` is given the sizes must multiply to it."""
+        expect_type(text, str, "mesh", "a str", 'pass text such as "dp_shard=8,ep=4"')
+        if world_size is not None:
+            int_at_least(world_size, "world_size")
         sizes: dict[str, int] = {}
         problems: list[Problem] = []
         for item in filter(None, (part.strip() for part in text.split(","))):
@@ -132,7 +136,7 @@ class MeshSpec:
 
     def size(self, axis: str) -> int:
         """Size of a named axis (base or flattened); raises PlanError for an unknown name."""
-        if axis not in AXIS_SPANS:
+        if not isinstance(axis, str) or axis not in AXIS_SPANS:
             raise PlanError.single("mesh", "unknown mesh axis", repr(axis),
                                    f"use one of {tuple(AXIS_SPANS)}")
         size = 1

@@ -152,8 +152,11 @@ class ShardPlan:
 
     def diff(self, other: ShardPlan | None = None) -> str:
         """The module-tree diff of this plan, or what changes from this plan to ``other``."""
+        from moefn.arguments import expect_type
         from moefn.render import render_comparison, render_diff
 
+        expect_type(other, (ShardPlan, type(None)), "other", "a ShardPlan or None",
+                    "pass another plan to compare with, or nothing")
         return render_diff(self) if other is None else render_comparison(self, other)
 
     def to_json(self) -> str:

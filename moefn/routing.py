@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moefn.arguments import expect_type, finite_number
 from moefn.models import Router
 
 
@@ -17,6 +18,9 @@ def global_expert_load(model: nn.Module, group: dist.ProcessGroup | None = None,
                        distributed: bool = True) -> dict[str, torch.Tensor]:
     """Tokens routed to each expert since the last reset, summed over ``group`` (default: all
     ranks — data-parallel and context-parallel ranks each route their own tokens)."""
+    expect_type(model, nn.Module, "model", "an nn.Module", "pass the realized model")
+    expect_type(group, (dist.ProcessGroup, type(None)), "group", "a ProcessGroup or None",
+                "pass None (all ranks) or a group such as meshes.group(('dp_shard_cp',))")
     loads: dict[str, torch.Tensor] = {}
     for path, module in model.named_modules():
         if isinstance(module, Router):
@@ -33,6 +37,7 @@ def update_expert_bias(model: nn.Module, rate: float = 1e-3,
                        distributed: bool = True) -> dict[str, torch.Tensor]:
     """Raise the bias of under-loaded experts and lower over-loaded ones by ``rate``, from the
     global load; resets the counts. Every rank applies the same update, so biases stay equal."""
+    finite_number(rate, "rate")
     loads = global_expert_load(model, group, distributed)
     modules = dict(model.named_modules())
     for path, load in loads.items():

@@ -23,7 +23,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
-from moefn.errors import PlanError, Problem
+from moefn.arguments import expect_type, shown
+from moefn.errors import ArgumentTypeError, PlanError, Problem
 from moefn.layout import local_shape, local_shape_and_offset, param_layouts
 from moefn.mesh import MeshSpec
 from moefn.plan import ShardPlan
@@ -121,11 +122,20 @@ def simulate(plan: ShardPlan, build_model: Callable[[], nn.Module],
     """Realize ``plan`` on a fake process group for ``ranks``; PlanError on any mismatch.
 
     ``progress`` gets a line before and after each rank (a big world takes minutes per rank)."""
+    expect_type(plan, ShardPlan, "plan", "a ShardPlan", "pass compose(...)(model, mesh).unwrap()")
+    if not callable(build_model) or isinstance(build_model, nn.Module):
+        raise ArgumentTypeError.single("build_model", "expected a function that builds the model",
+                                       shown(build_model),
+                                       "pass lambda: MyModel(config) (each rank builds its own)")
+    chosen = representative_ranks(plan.mesh) if ranks is None else tuple(ranks)
+    wrong = [r for r in chosen if type(r) is not int or not 0 <= r < plan.mesh.world_size]
+    if wrong:
+        raise PlanError.single("ranks", "ranks outside the plan's world", shown(wrong),
+                               f"use ranks in 0..{plan.mesh.world_size - 1}")
     if dist.is_initialized():
         raise PlanError.single("", "simulate needs a process without a process group",
                                dist.get_backend(), "run the simulation in its own process")
     say = progress or (lambda line: None)
-    chosen = tuple(ranks) if ranks is not None else representative_ranks(plan.mesh)
     results, problems = [], []
     for i, rank in enumerate(chosen):
         say(f"simulating rank {rank} ({i + 1}/{len(chosen)}) of {plan.mesh.world_size} on a fake "

@@ -18,6 +18,7 @@ from returns.result import Failure, Result, Success
 from toolz import compose_left
 from torch import nn
 
+from moefn.arguments import expect_type
 from moefn.errors import PlanError
 from moefn.mesh import MeshSpec
 from moefn.plan import STAGE_ORDER, ShardPlan, StageName
@@ -66,6 +67,11 @@ class Planner:
 
     def __call__(self, model: nn.Module, mesh: MeshSpec | None = None) -> PlanResult:
         names = tuple(s.name for s in self.stages)
+        try:
+            expect_type(model, nn.Module, "model", "an nn.Module",
+                        "pass the model (build it on the meta device to plan without memory)")
+        except PlanError as err:
+            return Failure(err)
         if mesh is not None and not isinstance(mesh, MeshSpec):
             return Failure(PlanError.single("mesh", "mesh is not a MeshSpec", repr(mesh),
                                             "pass MeshSpec(...) or MeshSpec.parse(text)"))
@@ -97,6 +103,7 @@ def _bind(stage: Stage) -> Callable[[PlanResult], PlanResult]:
 
 def plan_or_raise(result: PlanResult) -> ShardPlan:
     """The plan, or raise the PlanError itself (``result.unwrap()`` raises returns' own error)."""
+    expect_type(result, Result, "result", "a Result", "pass what compose(...)(model, mesh) returns")
     if isinstance(result, Failure):
         raise result.failure()
     return result.unwrap()
@@ -104,4 +111,7 @@ def plan_or_raise(result: PlanResult) -> ShardPlan:
 
 def compose(*stages: Stage) -> Planner:
     """Compose stages left to right: ``compose(plan_ep(...), plan_fsdp(...))(model, mesh)``."""
+    for i, stage in enumerate(stages):
+        expect_type(stage, Stage, f"compose argument {i}", "a Stage",
+                    "pass stages made by plan_cp(), plan_ep(), plan_ac() or plan_fsdp()")
     return Planner(tuple(stages))

@@ -18,6 +18,7 @@ from attrs import define
 from torch import Tensor, nn
 
 from moefn.accumulate import no_gradient_sync
+from moefn.arguments import expect_type, finite_number, int_at_least
 from moefn.errors import PlanError
 from moefn.mesh import MeshSpec
 from moefn.models import MoEConfig, causal_lm_loss, make_batch
@@ -40,7 +41,8 @@ class Batch:
     def split(self, parts: int) -> list[Batch]:
         """``parts`` micro-batches of equal rows (for gradient accumulation)."""
         rows = self.input_ids.shape[0]
-        if parts < 1 or rows % parts:
+        int_at_least(parts, "micro_batches")
+        if rows % parts:
             raise PlanError.single("batch", "rows not divisible into micro-batches",
                                    f"{rows} rows, {parts} micro-batches",
                                    "use a number of micro-batches that divides the local rows")
@@ -50,12 +52,22 @@ class Batch:
 
 
 def global_batch(config: MoEConfig, batch: int, seq: int, seed: int) -> Batch:
+    """``batch`` rows of ``seq`` random tokens of ``config``'s vocabulary (``seed`` fixes them)."""
+    expect_type(config, MoEConfig, "config", "a MoEConfig", 'pass get_preset("tiny") or MoEConfig(...)')
+    int_at_least(batch, "batch")
+    int_at_least(seq, "seq")
+    int_at_least(seed, "seed", minimum=0)
     input_ids, position_ids, labels = make_batch(config, batch, seq, seed)
     return Batch(input_ids=input_ids, position_ids=position_ids, labels=labels)
 
 
 def local_batch(batch: Batch, mesh: MeshSpec, rank: int) -> Batch:
     """This rank's rows (data-parallel index) and sequence chunks (cp index, head-tail)."""
+    expect_type(batch, Batch, "batch", "a Batch", "pass global_batch(...) or Batch(...)")
+    expect_type(mesh, MeshSpec, "mesh", "a MeshSpec", "pass plan.mesh")
+    if int_at_least(rank, "rank", minimum=0) >= mesh.world_size:
+        raise PlanError.single("rank", "rank outside the mesh", rank,
+                               f"use a rank in 0..{mesh.world_size - 1}")
     dp = mesh.dp_replicate * mesh.dp_shard
     rows = batch.input_ids.shape[0]
     if rows % dp:
@@ -84,6 +96,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
 
     With ``micro_batches > 1`` the batch runs in that many slices and gradients are reduced
     only after the last one (`moefn.accumulate.no_gradient_sync`)."""
+    expect_type(model, nn.Module, "model", "an nn.Module", "pass the realized model")
+    expect_type(optimizer, torch.optim.Optimizer, "optimizer", "a torch.optim.Optimizer",
+                "pass torch.optim.SGD(model.parameters(), lr=...) or another optimizer")
+    expect_type(batch, Batch, "batch", "a Batch", "pass local_batch(...)")
     optimizer.zero_grad(set_to_none=True)
     pieces = batch.split(micro_batches)
     total = torch.zeros((), device=batch.input_ids.device)
@@ -103,6 +119,8 @@ def train(model: nn.Module, batch: Batch, num_valid: int, steps: int, lr: float,
           on_step: Callable[[int, float], None] | None = None,
           distributed: bool = True, micro_batches: int = 1) -> list[float]:
     """``steps`` SGD steps on one fixed batch; the list of global losses."""
+    int_at_least(steps, "steps")
+    finite_number(lr, "lr")
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     losses = []
     for step in range(steps):

@@ -218,7 +218,7 @@ OFFLINE: list[tuple[str, Callable[[], object], Expect]] = [
     ("unknown-architecture", lambda: compose(plan_fsdp())(nn.Linear(4, 4), TWO),
      Expect(PlanError, "", "unrecognised model architecture", "Linear", "recognisers tried: moefn")),
     ("not-a-module", lambda: compose(plan_fsdp())("model", TWO),  # type: ignore[arg-type]
-     Expect(PlanError, "", "unrecognised model architecture", "str", "recognisers tried: moefn")),
+     Expect(PlanError, "model", "expected an nn.Module, got str", "'model'", "pass the model")),
     # --- composition ---
     ("stages-out-of-order", lambda: compose(plan_fsdp(), plan_ep())(meta(), EP2),
      Expect(PlanError, "", "out of the canonical order", "fsdp → ep", "cp, ep, ac, fsdp")),

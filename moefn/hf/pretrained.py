@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from moefn.arguments import device_arg, expect_type
 from moefn.checkpoint import restore_non_persistent_buffers
 from moefn.errors import PlanError, Problem
 from moefn.hf.recognise import is_fused_experts
@@ -156,7 +157,10 @@ def load_pretrained(model: nn.Module, path: str | Path, device: torch.device | s
 
     Raises PlanError listing the model keys the checkpoint lacks (the model is left untouched).
     """
-    device = torch.device(device)
+    expect_type(model, nn.Module, "model", "an nn.Module", "pass the realized model")
+    expect_type(path, (str, Path), "path", "a str or Path",
+                'pass the checkpoint directory, e.g. "path/to/checkpoint"')
+    device = device_arg(device)
     with ExitStack() as files:
         ckpt = SafetensorsCheckpoint(path, files)
         problems = [Problem(path=key, message=why, value=f"model {list(t.shape)}, {path}",

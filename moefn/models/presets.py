@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from attrs import evolve
 
+from moefn.arguments import one_of
 from moefn.models.config import MoEConfig
 
 _TINY = MoEConfig(vocab_size=64, hidden=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
@@ -45,11 +46,10 @@ PRESETS: dict[str, MoEConfig] = {
 
 
 def get_preset(name: str) -> MoEConfig:
-    """The preset called ``name``; ValueError lists the valid names.
+    """The preset called ``name``; a PlanError (a ValueError) lists the valid names.
 
     >>> get_preset("tiny-full").mtp
     True
     """
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    one_of(name, tuple(PRESETS), "preset")
     return PRESETS[name]

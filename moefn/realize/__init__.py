@@ -31,9 +31,11 @@ from moefn.realize.apply import (
     apply_fully_shard,
     apply_sync,
 )
+from moefn.realize.arguments import check_arguments
 from moefn.realize.checks import fingerprint, local_problems
 from moefn.realize.digest import value_digests
 from moefn.realize.meshes import DeviceMeshes, build_device_meshes
+from moefn.runtime.input_check import install_input_check
 from moefn.spec import REALIZED
 
 
@@ -46,8 +48,12 @@ def _mark_realized(plan: ShardPlan, modules: dict[str, nn.Module]) -> None:
         setattr(modules[path], REALIZED, ", ".join(sorted(kinds)))
 
 
-def realize(plan: ShardPlan, model: nn.Module, meshes: DeviceMeshes) -> nn.Module:
-    """Apply ``plan`` to ``model`` in place and return it (works on meta-device models too)."""
+def realize(plan: ShardPlan, model: nn.Module, meshes: DeviceMeshes,
+            check_inputs: bool = True) -> nn.Module:
+    """Apply ``plan`` to ``model`` in place and return it (works on meta-device models too).
+
+    ``check_inputs`` (with CP) compares every forward's input shapes across each cp group."""
+    check_arguments(plan, model, meshes, check_inputs)
     problems = local_problems(plan, model, meshes)
     agree(fingerprint(plan), problems, () if problems else value_digests(model))
     modules = dict(model.named_modules())
@@ -69,6 +75,8 @@ def realize(plan: ShardPlan, model: nn.Module, meshes: DeviceMeshes) -> nn.Modul
     units = [s for s in plan.steps if isinstance(s, FullyShard)]
     for unit in sorted(units, key=lambda s: (-s.path.count(".") - bool(s.path), s.path)):
         apply_fully_shard(unit, modules[unit.path], model, meshes)
+    if check_inputs and plan.steps_of(ContextParallelAttention):
+        install_input_check(model, meshes.get(("cp",)).get_group(), meshes.device_type)
     return model
 
 

@@ -12,11 +12,14 @@ can then shard ep-placed DTensors).
 
 from __future__ import annotations
 
+import torch.distributed as dist
 from attrs import frozen
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from moefn.arguments import expect_type
 from moefn.errors import RealizeError
+from moefn.launch import launched_by_torchrun
 from moefn.mesh import DENSE_DIMS, EXPERT_DIMS, MeshSpec
 
 
@@ -54,6 +57,18 @@ class DeviceMeshes:
 
 def build_device_meshes(spec: MeshSpec, device_type: str) -> DeviceMeshes:
     """Create the meshes for ``spec`` on ``device_type`` ("cpu" with gloo, "cuda" with NCCL)."""
+    expect_type(spec, MeshSpec, "spec", "a MeshSpec", "pass plan.mesh or MeshSpec(...)")
+    expect_type(device_type, str, "device_type", "a str", 'pass "cpu" (gloo) or "cuda" (NCCL)')
+    ranks = dist.get_world_size() if dist.is_initialized() else None
+    if ranks is None and not launched_by_torchrun():
+        raise RealizeError.single("mesh", "no process group to build the meshes on",
+                                  f"{spec.world_size} ranks wanted",
+                                  "call torch.distributed.init_process_group first "
+                                  "or launch with torchrun")
+    if ranks is not None and ranks < spec.world_size:
+        raise RealizeError.single("mesh", "process group smaller than the mesh",
+                                  f"mesh {spec.world_size} ranks, process group {ranks}",
+                                  f"launch {spec.world_size} ranks or plan for {ranks}")
     world = init_device_mesh(device_type, (spec.world_size,), mesh_dim_names=("world",))
     dense = world._unflatten(0, (spec.dp_replicate, spec.dp_shard, spec.cp), DENSE_DIMS)
     expert = world._unflatten(0, (spec.dp_replicate, spec.ep_shard, spec.ep), EXPERT_DIMS)

@@ -15,11 +15,12 @@ from typing import Literal
 
 from returns.result import Failure, Success
 
-from moefn.errors import PlanError, Problem
+from moefn.arguments import shown
+from moefn.errors import ArgumentTypeError, PlanError, Problem
 from moefn.mesh import MeshSpec
 from moefn.plan import Checkpoint, ShardPlan
 from moefn.stage import PlanResult, Stage
-from moefn.stages.common import already_parallel_problems
+from moefn.stages.common import already_parallel_problems, check_stage_mesh
 
 Mode = Literal["router", "full", "selective", "none"]
 SAVES: dict[str, tuple[str, ...]] = {
@@ -33,8 +34,12 @@ SAVES: dict[str, tuple[str, ...]] = {
 def plan_ac(mode: Mode = "router", skip: tuple[str, ...] = (), every: int = 1,
             mesh: MeshSpec | None = None) -> Stage:
     """Checkpoint every ``every``-th block (and MTP blocks) not matching a ``skip`` glob."""
-
-    globs = (skip,) if isinstance(skip, str) else tuple(skip)
+    check_stage_mesh(mesh)
+    globs = (skip,) if isinstance(skip, str) else skip
+    if not isinstance(globs, tuple | list) or not all(isinstance(g, str) for g in globs):
+        raise ArgumentTypeError.single("skip", "expected a tuple of glob strings", shown(skip),
+                                       'pass skip=("layers.0",) or skip=()')
+    globs = tuple(globs)
 
     def run(plan: ShardPlan) -> PlanResult:
         problems = already_parallel_problems(plan)
@@ -48,7 +53,7 @@ def plan_ac(mode: Mode = "router", skip: tuple[str, ...] = (), every: int = 1,
             problems.append(Problem(path="", message="every must be at least 1",
                                     value=str(every), fix="use every=1 for all blocks"))
         blocks = plan.model.paths_with("block")
-        problems += [Problem(path=glob, message="skip pattern matches no block", value=glob,
+        problems += [Problem(path=glob, message="skip pattern matches no block", value=repr(glob),
                              fix=f"use block paths such as {blocks[:2]}")
                      for glob in globs if not any(fnmatch.fnmatchcase(b, glob) for b in blocks)]
         if problems:

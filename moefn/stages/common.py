@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from attrs import evolve
 
+from moefn.arguments import expect_type
 from moefn.errors import Problem
 from moefn.mesh import MeshSpec
 from moefn.plan import DistributeParams, ShardPlan, StageName, SyncGradients
@@ -14,6 +15,12 @@ def already_parallel_problems(plan: ShardPlan) -> list[Problem]:
                     value=item.partition(": ")[2],
                     fix="plan the unparallelized model (build it fresh, e.g. on the meta device)")
             for item in plan.model.already_parallel]
+
+
+def check_stage_mesh(mesh: object) -> None:
+    """A stage's optional ``mesh`` must be a MeshSpec (raises ArgumentTypeError otherwise)."""
+    expect_type(mesh, (MeshSpec, type(None)), "mesh", "a MeshSpec or None",
+                "pass MeshSpec(...) or MeshSpec.parse(text)")
 
 
 def dense_dp_dims(mesh: MeshSpec) -> tuple[str, ...]:

@@ -15,7 +15,12 @@ from moefn.errors import PlanError, Problem
 from moefn.mesh import MeshSpec
 from moefn.plan import ContextParallelAttention, ShardPlan, Step
 from moefn.stage import PlanResult, Stage
-from moefn.stages.common import already_parallel_problems, gradient_sync, without_gradient_sync
+from moefn.stages.common import (
+    already_parallel_problems,
+    check_stage_mesh,
+    gradient_sync,
+    without_gradient_sync,
+)
 
 
 def _valid_lengths(seq_len: int, multiple: int) -> str:
@@ -26,6 +31,7 @@ def _valid_lengths(seq_len: int, multiple: int) -> str:
 
 def plan_cp(seq_len: int | None = None, mesh: MeshSpec | None = None) -> Stage:
     """Context parallel attention on the ``cp`` axis; ``seq_len`` (if known) is checked now."""
+    check_stage_mesh(mesh)
 
     def run(plan: ShardPlan) -> PlanResult:
         problems = already_parallel_problems(plan)

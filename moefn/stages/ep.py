@@ -17,6 +17,7 @@ from moefn.plan import DistributeParams, InstallDispatch, Shard, ShardPlan, Step
 from moefn.stage import PlanResult, Stage
 from moefn.stages.common import (
     already_parallel_problems,
+    check_stage_mesh,
     gradient_sync,
     without_gradient_sync,
 )
@@ -26,6 +27,7 @@ Dispatch = Literal["all_to_all", "all_gather"]
 
 def plan_ep(dispatch: Dispatch = "all_to_all", mesh: MeshSpec | None = None) -> Stage:
     """Shard every MoE block's fused experts (dim 0 = expert) with ``Shard(0)`` on ``ep``."""
+    check_stage_mesh(mesh)
 
     def run(plan: ShardPlan) -> PlanResult:
         problems = already_parallel_problems(plan)

@@ -26,6 +26,7 @@ from moefn.spec import ModelSpec, TensorInfo
 from moefn.stage import PlanResult, Stage
 from moefn.stages.common import (
     already_parallel_problems,
+    check_stage_mesh,
     dense_dp_dims,
     expert_dp_dims,
     without_gradient_sync,
@@ -131,12 +132,14 @@ def plan_fsdp(
     around a backbone that is not the model itself (e.g. transformers' ``model.model``);
     frozen sub-models (no trainable parameter) stay unsharded unless ``shard_frozen``.
     """
+    check_stage_mesh(mesh)
 
     def run(plan: ShardPlan) -> PlanResult:
         problems = already_parallel_problems(plan)
         problems += [Problem(path="", message="unknown precision", value=repr(p),
                              fix='use "bf16" or "fp32"')
-                     for p in (precision, lm_head_precision) if p is not None and p not in _DTYPES]
+                     for p in (precision, *([] if lm_head_precision is None else [lm_head_precision]))
+                     if not isinstance(p, str) or p not in _DTYPES]
         flags = {"reshard_after_forward": reshard_after_forward, "offload": offload,
                  "wrap_outer_model": wrap_outer_model, "shard_frozen": shard_frozen}
         problems += [Problem(path="", message=f"{name} must be a bool", value=repr(flag),
