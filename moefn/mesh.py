@@ -18,7 +18,7 @@ from typing import Final
 from attrs import frozen
 
 from moefn.arguments import expect_type, int_at_least
-from moefn.errors import PlanError, Problem
+from moefn.errors import ArgumentTypeError, PlanError, Problem
 
 BASE_AXES: Final = ("dp_replicate", "dp_shard", "cp", "ep")
 DENSE_DIMS: Final = ("dp_replicate", "dp_shard", "cp")
@@ -88,9 +88,11 @@ class MeshSpec:
     ep: int = 1
 
     def __attrs_post_init__(self) -> None:
-        problems = _mesh_problems(self.dp_replicate, self.dp_shard, self.cp, self.ep)
+        sizes = (self.dp_replicate, self.dp_shard, self.cp, self.ep)
+        problems = _mesh_problems(*sizes)
         if problems:
-            raise PlanError(problems)
+            wrong_type = any(type(size) is not int for size in sizes)
+            raise (ArgumentTypeError if wrong_type else PlanError)(problems)
 
     @classmethod
     def parse(cls, text: str, world_size: int | None = None) -> MeshSpec:
