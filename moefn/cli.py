@@ -37,6 +37,35 @@ def _mesh_text(text: str) -> str:
     return text
 
 
+AC_MODES = ("none", "full", "router", "selective")
+LAYOUT_OPTIONS: dict[str, tuple[str, ...] | None] = {
+    "ac": AC_MODES, "dispatch": ("all_to_all", "all_gather"), "precision": tuple(_DTYPES),
+    "seq_len": None, "rows": None}  # None: a whole number of at least 1
+
+
+def _layout_text(text: str) -> tuple[str, dict[str, str | int]]:
+    """``MESH[:option=value,...]`` for --compare (a usage error, exit 2, when malformed).
+
+    >>> _layout_text("dp_shard=8,ep=4:ac=full,seq_len=4096")
+    ('dp_shard=8,ep=4', {'ac': 'full', 'seq_len': 4096})
+    """
+    mesh, _, rest = text.partition(":")
+    options: dict[str, str | int] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        name, _, value = item.partition("=")
+        if name not in LAYOUT_OPTIONS:
+            raise argparse.ArgumentTypeError(
+                f"unknown option {name!r} in {text!r}; options: {', '.join(LAYOUT_OPTIONS)}")
+        allowed = LAYOUT_OPTIONS[name]
+        if allowed is None:
+            options[name] = _positive(value)
+        elif value in allowed:
+            options[name] = value
+        else:
+            raise argparse.ArgumentTypeError(f"{name}={value!r} in {text!r}: use one of {allowed}")
+    return _mesh_text(mesh), options
+
+
 def _positive(text: str) -> int:
     """A count flag (--tokens, --steps, ...): a whole number of at least 1 (else exit 2)."""
     if not (text.strip().isascii() and text.strip().isdigit()) or int(text) < 1:
@@ -55,8 +84,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="a transformers config.json (MoE causal LM, built on meta; moefn[hf])")
     target = plan.add_mutually_exclusive_group(required=True)
     target.add_argument("--mesh", type=_mesh_text, help="e.g. dp_shard=1024,ep=64")
-    target.add_argument("--compare", nargs=2, type=_mesh_text, metavar=("MESH_A", "MESH_B"),
-                        help="print what changes from the plan on MESH_A to the one on MESH_B")
+    target.add_argument("--compare", nargs=2, type=_layout_text, metavar=("LAYOUT_A", "LAYOUT_B"),
+                        help="print what changes from the plan on LAYOUT_A to the one on "
+                             "LAYOUT_B; each is MESH[:option=value,...] with options "
+                             f"{', '.join(LAYOUT_OPTIONS)} (e.g. dp_shard=8,ep=4:ac=full)")
     plan.add_argument("--dispatch", choices=("all_to_all", "all_gather"), default="all_to_all")
     plan.add_argument("--precision", "--param-dtype", dest="precision", choices=tuple(_DTYPES),
                       default="bf16", help="dtype FSDP gathers parameters in and computes with")
@@ -65,7 +96,15 @@ def _parser() -> argparse.ArgumentParser:
                            "kept in (default: the model's own; fp32 with AdamW = 16 bytes per "
                            "parameter)")
     plan.add_argument("--no-fsdp", action="store_true", help="leave plan_fsdp out")
-    plan.add_argument("--tokens", type=_positive, default=4096, help="tokens per rank per step")
+    plan.add_argument("--ac", choices=AC_MODES, default="none",
+                      help="activation checkpointing of every block (plan_ac); none leaves it out")
+    plan.add_argument("--seq-len", type=_positive, default=None,
+                      help="sequence length (required with cp > 1: plan_cp checks it)")
+    plan.add_argument("--rows", type=_positive, default=1,
+                      help="sequences per rank per micro-batch (with --seq-len)")
+    plan.add_argument("--tokens", type=_positive, default=None,
+                      help="tokens per rank per step, a shorthand for rows × seq_len / cp "
+                           "(default 4096; not with --seq-len)")
     plan.add_argument("--optimizer", choices=("adamw", "sgd", "sgd_momentum"), default="adamw",
                       help="optimizer whose states the memory estimate counts")
     plan.add_argument("--top-k", type=_positive, default=None,
@@ -151,25 +190,61 @@ def _build_foreign(build: Callable[..., nn.Module], config: object, source: str,
                                f"fix the config ({type(err).__name__}: {str(err)[:200]})") from err
 
 
-def _build_plan(args: argparse.Namespace, mesh: MeshSpec) -> ShardPlan:
+def _layout(args: argparse.Namespace, mesh: MeshSpec,
+            options: dict[str, str | int] | None = None) -> argparse.Namespace:
+    """The command's flags, overridden by one --compare side's options."""
+    return argparse.Namespace(**{**vars(args), "mesh_spec": mesh, **(options or {})})
+
+
+def _tokens_per_rank(layout: argparse.Namespace) -> int:
+    """rows × seq_len / cp with --seq-len, else --tokens (default 4096)."""
+    if layout.seq_len is None:
+        return int(layout.tokens or 4096)
+    return int(layout.rows * layout.seq_len // layout.mesh_spec.cp)
+
+
+def _build_plan(layout: argparse.Namespace) -> ShardPlan:
+    """compose(plan_cp, plan_ep, plan_ac, plan_fsdp) as the mesh and flags ask."""
     import torch
 
     from moefn.stage import Stage, compose, plan_or_raise
-    from moefn.stages import plan_ep, plan_fsdp
+    from moefn.stages import plan_ac, plan_cp, plan_ep, plan_fsdp
 
+    mesh = layout.mesh_spec
     with torch.device("meta"):
-        model = _model_builder(args)()
-    stages: list[Stage] = [plan_ep(dispatch=args.dispatch)] if mesh.ep > 1 else []
-    if not args.no_fsdp:
-        stages.append(plan_fsdp(precision=args.precision))
+        model = _model_builder(layout)()
+    stages: list[Stage] = []
+    if mesh.cp > 1:
+        stages.append(plan_cp(seq_len=layout.seq_len))
+    if mesh.ep > 1:
+        stages.append(plan_ep(dispatch=layout.dispatch))
+    if layout.ac != "none":
+        stages.append(plan_ac(mode=layout.ac))
+    if not layout.no_fsdp:
+        stages.append(plan_fsdp(precision=layout.precision))
     return plan_or_raise(compose(*stages)(model, mesh))
+
+
+def _usage_problem(layout: argparse.Namespace) -> str | None:
+    """What makes this layout a usage error (exit 2), if anything."""
+    if layout.seq_len is not None and layout.tokens is not None:
+        return "give --tokens or --seq-len (with --rows), not both"
+    if layout.mesh_spec.cp > 1 and layout.seq_len is None:
+        return (f"cp={layout.mesh_spec.cp} composes plan_cp, which needs the sequence length: "
+                "add --seq-len (or seq_len=... on a --compare side)")
+    return None
 
 
 def _compare_command(args: argparse.Namespace) -> int:
     from moefn.mesh import MeshSpec
 
     try:
-        a, b = (_build_plan(args, MeshSpec.parse(text)) for text in args.compare)
+        layouts = [_layout(args, MeshSpec.parse(mesh), options) for mesh, options in args.compare]
+        usage = next(filter(None, map(_usage_problem, layouts)), None)
+        if usage:
+            print(f"moefn plan: {usage}", file=sys.stderr)
+            return 2
+        a, b = map(_build_plan, layouts)
         print(a.diff(b))
     except PlanError as err:
         print(err)
@@ -193,16 +268,22 @@ def _plan_command(args: argparse.Namespace) -> int:
     simulated: list[dict[str, object]] = []
     comm: list[dict[str, object]] = []
     text = ""
-    world = 0
+    world = tokens = 0
     try:
         mesh = MeshSpec.parse(args.mesh)
         world = mesh.world_size
-        plan = _build_plan(args, mesh)
+        layout = _layout(args, mesh)
+        usage = _usage_problem(layout)
+        if usage:
+            print(f"moefn plan: {usage}", file=sys.stderr)
+            return 2
+        plan = _build_plan(layout)
         steps = json.loads(plan.to_json())["plan"]["steps"]
         shapes = {name: [{"shape": list(shape), "ranks": ranks}
                          for shape, ranks in layout.local_shapes(mesh)]
                   for name, layout in param_layouts(plan).items()}
-        est = estimate(plan, rank=0, tokens_per_rank=args.tokens, top_k=args.top_k,
+        tokens = _tokens_per_rank(layout)
+        est = estimate(plan, rank=0, tokens_per_rank=tokens, top_k=args.top_k,
                        optimizer=args.optimizer)
         memory = {"rank": 0, "params": dict(est.memory.params), "grads": dict(est.memory.grads),
                   "optimizer": dict(est.memory.optimizer), "optimizer_name": args.optimizer,
@@ -228,7 +309,8 @@ def _plan_command(args: argparse.Namespace) -> int:
                      "fix": g.fix} for g in group_problems(err.problems)]
         text = str(err)
     if args.json:
-        print(json.dumps({"world_size": world, "steps": steps, "problems": problems,
+        print(json.dumps({"world_size": world, "tokens_per_rank": tokens, "steps": steps,
+                          "problems": problems,
                           "local_shapes": shapes, "memory": memory, "comm": comm,
                           "simulated": simulated}))
     else:

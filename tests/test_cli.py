@@ -173,3 +173,37 @@ def test_torchrun_demo_prints_once_with_the_real_world() -> None:
     assert out.stdout.count("accumulated 2 micro-batches per step") == 1
     assert "on 2 ranks, mesh dp_replicate=1,dp_shard=1,cp=2,ep=2" in out.stdout
     assert out.stderr.count("  step 2/2  loss") == 1
+
+
+def test_plan_composes_every_stage_the_flags_ask_for(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["plan", "--model", "tiny", "--mesh", "dp_shard=2,cp=2,ep=2", "--seq-len", "32",
+            "--rows", "3", "--ac", "selective", "--json"]
+    assert main(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    records = {s["record"] for s in doc["steps"]}
+    assert {"ContextParallelAttention", "DistributeParams", "Checkpoint", "FullyShard"} <= records
+    assert {s["mode"] for s in doc["steps"] if s["record"] == "Checkpoint"} == {"selective"}
+    assert doc["tokens_per_rank"] == 3 * 32 // 2
+    assert any(c["collective"].startswith("cp K/V") for c in doc["comm"])
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--mesh", "dp_shard=2,cp=2"], "add --seq-len"),
+    (["--mesh", "dp_shard=4", "--seq-len", "8", "--tokens", "8"], "not both"),
+    (["--compare", "dp_shard=4", "dp_shard=2,cp=2:ac=full"], "add --seq-len"),
+])
+def test_cp_without_a_sequence_length_is_a_usage_error(
+        argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--model", "tiny", *argv]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_compare_sides_take_their_own_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--model", "tiny", "--compare", "dp_shard=4,ep=2:ac=full",
+                 "dp_shard=2,cp=2,ep=2:ac=router,seq_len=64,dispatch=all_gather"]) == 0
+    out = capsys.readouterr().out
+    assert "mode=full" in out and "mode=router" in out, out
+    assert "cp K/V all-gather" in out and "all_gather" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--model", "tiny", "--compare", "dp_shard=4:rows=0", "dp_shard=4"])
+    assert exit_info.value.code == 2
