@@ -27,7 +27,6 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
 
-
 RECYCLE_THREADS = 60  # a worker above this is replaced (each gloo group holds 3 threads)
 
 
@@ -129,7 +128,7 @@ class RankPool:
                 if conn in ready:
                     answers[rank] = conn.recv()
             if any(status == "err" for status, _ in answers.values()):  # peers may now hang
-                deadline = min(deadline, time.monotonic() + 20.0)
+                deadline = min(deadline, time.monotonic() + 5.0)
         return answers
 
     def close(self, force: bool = False) -> None:
