@@ -1,4 +1,4 @@
-"""Sessions: tests, typecheck, lint, demo, demo_cuda (torchrun on GPUs), bench."""
+"""Sessions: tests, tests_slow, typecheck, lint, demo, demo_cuda (torchrun on GPUs), bench."""
 
 from __future__ import annotations
 
@@ -12,6 +12,13 @@ INSTALL = ("-c", "constraints.txt", "-e")
 def tests(session: nox.Session) -> None:
     session.install(*INSTALL, ".[dev,hf]")
     session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session
+def tests_slow(session: nox.Session) -> None:
+    """The tests marked ``slow`` (fake worlds of 1024/4096 ranks), which ``tests`` leaves out."""
+    session.install(*INSTALL, ".[dev,hf]")
+    session.run("pytest", "-q", "-m", "slow", *session.posargs)
 
 
 @nox.session

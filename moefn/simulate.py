@@ -12,6 +12,7 @@ gives the local shape and offset of every rank of that mesh, and each must equal
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from collections.abc import Callable, Iterable
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 from attrs import frozen
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Placement
 from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
 from moefn.arguments import expect_type, shown
@@ -79,6 +80,14 @@ def _simulate_rank(plan: ShardPlan, build_model: Callable[[], nn.Module],
 _REPORT = "report this: the plan's layout and torch disagree"
 
 
+@functools.lru_cache(maxsize=1 << 16)  # simulated ranks share most meshes' shapes and placements
+def _torch_places(shape: tuple[int, ...], mesh_shape: tuple[int, ...], coordinate: tuple[int, ...],
+                  placements: tuple[Placement, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """torch's local shape and global offset of the shard at ``coordinate`` of a mesh."""
+    got = _compute_local_shape_and_global_offset(shape, mesh_shape, list(coordinate), placements)
+    return tuple(got[0]), tuple(got[1])
+
+
 def _check_every_rank(plan: ShardPlan, model: nn.Module) -> tuple[int, list[Problem]]:
     """Every rank of each parameter's mesh: torch's local shape and offset against the plan's.
 
@@ -101,13 +110,12 @@ def _check_every_rank(plan: ShardPlan, model: nn.Module) -> tuple[int, list[Prob
             continue
         seen.add(key)
         ranks = mesh.mesh
-        for coordinate in itertools.product(*(range(n) for n in ranks.shape)):
-            rank = int(ranks[coordinate])
+        coordinates = itertools.product(*(range(n) for n in ranks.shape))
+        for coordinate, rank in zip(coordinates, ranks.flatten().tolist(), strict=True):
             checked.add(rank)
-            got = _compute_local_shape_and_global_offset(param.shape, tuple(ranks.shape),
-                                                         list(coordinate), placements)
+            got = _torch_places(tuple(param.shape), tuple(ranks.shape), coordinate, placements)
             want = local_shape_and_offset(layout, plan.mesh, rank)
-            if (tuple(got[0]), tuple(got[1])) != want:
+            if got != want:
                 problems.append(Problem(
                     path=name, message=f"rank {rank}: torch places the shard elsewhere",
                     value=f"torch shape {list(got[0])} offset {list(got[1])}, planned shape "

@@ -6,11 +6,13 @@
 Workers are forked from the pytest process (torch already imported), so a case is any
 module-level function ``fn(rank, world_size, *args)``; results must be picklable. A failing
 or hanging case tears the pool down (the next `run` starts a fresh one) and raises here with
-every rank's traceback.
+every rank's traceback; a case that outlives the pool's deadline, or a test interrupted by
+pytest-timeout, kills the pool too, so the next case never meets ranks stuck in the last one.
 """
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import tempfile
@@ -24,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
+
+RECYCLE_THREADS = 60  # a worker above this is replaced (each gloo group holds 3 threads)
 
 
 class RankFailure(RuntimeError):
@@ -44,6 +48,7 @@ def _release_groups() -> None:
     torch._C._clear_DTensor_sharding_propagator_cache()
     DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
     clear_redistribute_planner_cache()
+    gc.collect()  # a realized model's hooks form reference cycles that keep its groups alive
 
 
 def _worker(rank: int, world_size: int, store_path: str, conn: Connection) -> None:
@@ -67,11 +72,15 @@ def _worker(rank: int, world_size: int, store_path: str, conn: Connection) -> No
 
 
 class RankPool:
-    def __init__(self, world_size: int, timeout: float = 900.0) -> None:
+    def __init__(self, world_size: int, timeout: float = 240.0) -> None:
         self.world_size = world_size
-        self.timeout = timeout
+        self.timeout = timeout  # below pytest-timeout's, so the pool names a hung case first
         self._procs: list[Any] = []
         self._conns: list[Connection] = []
+
+    @property
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self._procs]
 
     def _start(self) -> None:
         ctx = mp.get_context("fork")
@@ -90,6 +99,26 @@ class RankPool:
             self._start()
         for conn in self._conns:
             conn.send((fn, args))
+        try:
+            answers = self._answers()
+        except BaseException:  # interrupted (pytest-timeout, ^C): the ranks may be mid-case
+            self.close(force=True)
+            raise
+        errors = [f"rank {r}:\n{value}" for r, (status, value) in sorted(answers.items())
+                  if status == "err"]
+        errors += [f"rank {r}: no answer within {self.timeout:.0f} s (hang?)"
+                   for r in range(self.world_size) if r not in answers]
+        if errors:
+            self.close(force=True)
+            case = ", ".join(repr(a) for a in args)[:2000]
+            test = os.environ.get("PYTEST_CURRENT_TEST", "")
+            raise RankFailure(f"{test}: {fn.__name__}({case}) failed on {self.world_size} ranks:\n"
+                              + "\n".join(errors))
+        if max(len(os.listdir(f"/proc/{pid}/task")) for pid in self.pids) > RECYCLE_THREADS:
+            self.close()  # groups torch still holds after _release_groups: start afresh next run
+        return [answers[r][1] for r in range(self.world_size)]
+
+    def _answers(self) -> dict[int, tuple[str, Any]]:
         answers: dict[int, tuple[str, Any]] = {}
         deadline = time.monotonic() + self.timeout  # one deadline for all ranks
         while len(answers) < self.world_size and time.monotonic() < deadline:
@@ -99,16 +128,8 @@ class RankPool:
                 if conn in ready:
                     answers[rank] = conn.recv()
             if any(status == "err" for status, _ in answers.values()):  # peers may now hang
-                deadline = min(deadline, time.monotonic() + 20.0)
-        errors = [f"rank {r}:\n{value}" for r, (status, value) in sorted(answers.items())
-                  if status == "err"]
-        errors += [f"rank {r}: no answer within the deadline (hang?)"
-                   for r in range(self.world_size) if r not in answers]
-        results = [answers[r][1] for r in range(self.world_size) if r in answers]
-        if errors:
-            self.close(force=True)
-            raise RankFailure(f"{fn.__name__} failed:\n" + "\n".join(errors))
-        return results
+                deadline = min(deadline, time.monotonic() + 5.0)
+        return answers
 
     def close(self, force: bool = False) -> None:
         for proc, conn in zip(self._procs, self._conns, strict=True):

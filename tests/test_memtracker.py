@@ -47,6 +47,8 @@ from moefn.models.config import MoEConfig
 from moefn.plan import FullyShard, ShardPlan
 from moefn.runtime.dispatch import LocalExpertsFn
 
+pytestmark = pytest.mark.slow  # a fake world of 1024 ranks: minutes; `nox -s tests_slow`
+
 MESH = MeshSpec(dp_shard=1024, ep=64)
 RANKS = (0, MESH.world_size - 1)
 STEP_BYTES = 4  # AdamW's per-parameter `step`: torch.tensor(0.0), fp32 on CPU (not capturable/fused)

@@ -87,7 +87,8 @@ class MoETransformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.mtp = MTPBlock(config) if config.mtp else None
-        self.init_weights()
+        if not self.embed.weight.is_meta:  # nothing to fill on meta (and torch's meta normal_ is slow)
+            self.init_weights()
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Self:
         """Conversions (``to_empty`` from meta makes new Parameters) keep an existing tie."""
