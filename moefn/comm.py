@@ -16,7 +16,8 @@ measure `moefn.comm_ledger.CommLedger` counts on a real run (all-gather and redu
   the all-gather dispatcher gathers tokens with their weights and routing, and reduce-scatters
   results. Backward repeats the row exchanges for gradients.
 - CP: each attention all-gathers K and V (and the global positions when causal), and
-  reduce-scatters their gradients.
+  reduce-scatters their gradients; realize's input check (``check_inputs=True``, the default)
+  all-gathers a 200-byte shape signature over ``cp`` once per forward.
 - A block checkpointed in "full" or "router" mode runs its forward collectives again in
   backward (EP and CP; FSDP units are not gathered again), up to the last one whose result
   backward needs; "selective" keeps them.
@@ -45,6 +46,7 @@ from moefn.plan import (
     ShardPlan,
     SyncGradients,
 )
+from moefn.runtime.input_check import SIGNATURE_BYTES
 
 Op = Literal["all_gather", "reduce_scatter", "all_reduce", "all_to_all"]
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8,
@@ -192,6 +194,10 @@ def _cp(plan: ShardPlan, tokens: int, act: int) -> list[Comm]:
                             forwards * gathered, kv * (cp - 1)))
         out.append(_traffic("cp K/V gradient reduce-scatter", "reduce_scatter", axes, 2,
                             kv * (cp - 1), kv * (cp - 1)))
+    if out:  # realize's input check (on by default): one small all-gather per root forward
+        cp = plan.mesh.size("cp")
+        out.append(_traffic("cp input shape check", "all_gather", ("cp",), 1,
+                            SIGNATURE_BYTES * (cp - 1), 0))
     return out
 
 
