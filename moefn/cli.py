@@ -73,6 +73,18 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+MAX_LOCAL_RANKS = 64  # processes the CPU demo starts on one machine
+
+
+def _local_ranks(text: str) -> int:
+    """--nproc: 1 to MAX_LOCAL_RANKS processes (else exit 2, before any process starts)."""
+    n = _positive(text)
+    if n > MAX_LOCAL_RANKS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_LOCAL_RANKS} local ranks, got {n}; "
+                                         "for more, launch on a cluster with torchrun")
+    return n
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moefn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,7 +125,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="realize the plan for representative ranks on a fake process group")
     plan.add_argument("--json", action="store_true", help="one JSON object on stdout")
     demo = sub.add_parser("demo", help="train the small preset on N local ranks vs one process")
-    demo.add_argument("--nproc", type=_positive, default=4)
+    demo.add_argument("--nproc", type=_local_ranks, default=4,
+                      help=f"local CPU ranks (processes), 1 to {MAX_LOCAL_RANKS}")
     demo.add_argument("--steps", type=_positive, default=5)
     demo.add_argument("--dispatch", choices=("all_to_all", "all_gather"), default="all_to_all")
     demo.add_argument("--micro-batches", type=_positive, default=1,

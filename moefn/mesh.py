@@ -17,7 +17,7 @@ from typing import Final
 
 from attrs import frozen
 
-from moefn.arguments import expect_type, int_at_least
+from moefn.arguments import expect_type, int_at_least, one_of
 from moefn.errors import ArgumentTypeError, PlanError, Problem
 
 BASE_AXES: Final = ("dp_replicate", "dp_shard", "cp", "ep")
@@ -146,8 +146,15 @@ class MeshSpec:
             size *= self.base_size(dim)
         return size
 
+    def _check_rank(self, rank: int) -> None:
+        if int_at_least(rank, "rank", 0) >= self.world_size:
+            raise PlanError.single("rank", "rank outside the mesh's world", rank,
+                                   f"use a rank in 0..{self.world_size - 1}")
+
     def coordinate(self, rank: int, axis: str) -> int:
         """This rank's index along ``axis`` (row-major, outer to inner, as the DeviceMesh lays it)."""
+        self._check_rank(rank)
+        one_of(axis, tuple(AXIS_SPANS), "axis")
         dims = EXPERT_DIMS if axis in ("ep", "ep_shard") else DENSE_DIMS
         coords: dict[str, int] = {}
         rest = rank
@@ -165,6 +172,10 @@ class MeshSpec:
         >>> MeshSpec(dp_shard=4, ep=2).group_ranks(3, ("ep_shard",))
         (1, 3)
         """
+        self._check_rank(rank)
+        expect_type(axes, tuple, "axes", "a tuple of axis names", 'pass axes=("ep",)')
+        for axis in axes:
+            one_of(axis, tuple(AXIS_SPANS), "axes")
         spanned = {dim for axis in axes for dim in AXIS_SPANS[axis]}
         view = EXPERT_DIMS if spanned & {"ep", "ep_shard"} else DENSE_DIMS
         fixed = [dim for dim in view if dim not in spanned]

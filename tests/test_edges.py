@@ -415,3 +415,23 @@ def test_input_check_cost_is_what_the_readme_says() -> None:
     assert 8 * (1 + 3 * MAX_TENSORS) == 200
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert "200 bytes" in readme
+
+
+@pytest.mark.parametrize(("call", "error", "says"), [
+    (lambda: MeshSpec(dp_shard=4, ep=2).coordinate(4, "ep"), PlanError, "use a rank in 0..3"),
+    (lambda: MeshSpec(dp_shard=4, ep=2).coordinate(-1, "ep"), PlanError, "rank"),
+    (lambda: MeshSpec(dp_shard=4, ep=2).coordinate(1, "tp"), PlanError, "use one of"),
+    (lambda: MeshSpec(dp_shard=4, ep=2).group_ranks(1.0, ("ep",)), TypeError, "int"),
+    (lambda: MeshSpec(dp_shard=4, ep=2).group_ranks(1, "ep"), TypeError, "axes"),
+])
+def test_mesh_coordinates_check_their_arguments(call: Callable[[], object], error: type,
+                                                says: str) -> None:
+    with pytest.raises(error) as info:
+        call()
+    assert says in str(info.value) and isinstance(info.value, PlanError)
+
+
+def test_demo_refuses_more_local_ranks_than_it_can_start() -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--nproc", "100000"])
+    assert exit_info.value.code == 2
