@@ -10,17 +10,18 @@ Digests = tuple[tuple[str, int | None], ...]
 """(tensor name, value digest or None for meta) — see `moefn.realize.digest.value_digests`."""
 
 
+def _shown(digest: int | str | None) -> str:
+    return "meta (no values)" if digest is None else f"digest {digest}"
+
+
 def _value_problems(digests: list[Digests]) -> list[Problem]:
     """The first tensor whose values differ between ranks (every rank must hold the same model)."""
     for index, (name, mine) in enumerate(digests[0]):
         for rank, theirs in enumerate(digests[1:], start=1):
             other = theirs[index][1] if index < len(theirs) else "missing"
             if other != mine:
-                def show(d: int | str | None) -> str:
-                    return "meta (no values)" if d is None else f"digest {d}"
-
                 return [Problem(path=name, message="ranks hold different values",
-                                value=f"rank 0 {show(mine)}, rank {rank} {show(other)}",
+                                value=f"rank 0 {_shown(mine)}, rank {rank} {_shown(other)}",
                                 fix="build the model with the same seed on every rank "
                                     "(torch.manual_seed before construction) or on the meta "
                                     "device everywhere, then load one checkpoint")]

@@ -3,11 +3,11 @@
 Every rank must hold the same full tensors before realize keeps its slice of each (no data
 moves when distributing), so ranks built with different seeds would otherwise train a silent
 mix. One integer per tensor: the tensor's bytes read as 32-bit integers, weighted by their
-position, summed modulo 2**64 on the tensor's own device (integer sums are exact and order-free, so equal
-tensors give equal digests on every rank and device).
+position, summed modulo 2**64 on the tensor's own device (integer sums are exact and
+order-free, so equal tensors give equal digests on every rank and device).
 
 >>> a, b = torch.ones(3), torch.tensor([1.0, 1.0, 1.5])
->>> tensor_digest(a) == tensor_digest(a.clone()), tensor_digest(a) == tensor_digest(b)
+>>> int(tensor_digest(a)) == int(tensor_digest(a.clone())), int(tensor_digest(a)) == int(tensor_digest(b))
 (True, False)
 """
 
