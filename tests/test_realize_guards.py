@@ -20,12 +20,13 @@ from torch.distributed.tensor import DTensor
 
 from moefn import MeshSpec, PlanError, RealizeError, compose, plan_ac, plan_cp, plan_ep, plan_fsdp
 from moefn.mesh import MAX_WORLD
-from moefn.models import MoETransformer, causal_lm_loss, get_preset
+from moefn.models import MoETransformer, get_preset
 from moefn.realize import build_device_meshes, realize
 from moefn.realize.digest import tensor_digest
 from moefn.stage import Stage
 from moefn.train import global_batch, local_batch
 from tests.hf_parity import build_hf
+from tests.parity import train_side_by_side
 from tests.ranks import RankPool
 
 WORLD = 4
@@ -142,34 +143,31 @@ def _bf16_with_fp32_norms(seed: int = 0) -> MoETransformer:
     return model
 
 
-def _train_bf16_with_fp32_norms(rank: int, world: int) -> dict[str, Any]:
-    reference = _bf16_with_fp32_norms()
+def _one_step_side_by_side(reference: nn.Module, stages: tuple[Stage, ...], mesh: MeshSpec,
+                           rank: int) -> tuple[nn.Module, dict[str, Any]]:
+    """Realize a copy of ``reference`` and run one step of both (`train_side_by_side`)."""
     model = copy.deepcopy(reference)
-    mesh = MeshSpec(dp_shard=world, ep=2)
-    plan = compose(plan_ep(), plan_ac(), plan_fsdp())(model, mesh).unwrap()
-    realize(plan, model, build_device_meshes(mesh, "cpu"))
+    realize(compose(*stages)(model, mesh).unwrap(), model, build_device_meshes(mesh, "cpu"))
     batch = global_batch(reference.config, 4, 16, 0)
-    mine = local_batch(batch, mesh, rank)
-    loss = causal_lm_loss(model(mine.input_ids, mine.position_ids), mine.labels, batch.num_valid)
-    loss.backward()
-    total = loss.detach().float()
-    torch.distributed.all_reduce(total)
-    ref = causal_lm_loss(reference(batch.input_ids, batch.position_ids), batch.labels,
-                         batch.num_valid)
-    ref.backward()
-    result: dict[str, Any] = {"loss": float(total), "reference": float(ref)}
+    return model, train_side_by_side(reference, model, batch, local_batch(batch, mesh, rank),
+                                     lr=0.0, steps=1)
+
+
+def _train_bf16_with_fp32_norms(rank: int, world: int) -> dict[str, Any]:
+    mesh = MeshSpec(dp_shard=world, ep=2)
+    model, result = _one_step_side_by_side(_bf16_with_fp32_norms(),
+                                           (plan_ep(), plan_ac(), plan_fsdp()), mesh, rank)
     for name in ("layers.0.attn_norm.weight", "layers.1.mlp.router.weight"):
-        param, want = model.get_parameter(name), reference.get_parameter(name).grad
-        assert isinstance(param, DTensor) and isinstance(param.grad, DTensor) and want is not None
-        got = param.grad.full_tensor()
-        result[name] = (str(param.dtype), str(param.grad.dtype),
-                        float((got - want).abs().max() / want.abs().max()))
+        param = model.get_parameter(name)
+        assert isinstance(param, DTensor) and isinstance(param.grad, DTensor)
+        result[name] = (str(param.dtype), str(param.grad.dtype), result["grad_errors"][name])
     return result
 
 
 def test_fp32_parameters_in_a_bf16_model_stay_fp32(ranks: Callable[[int], RankPool]) -> None:
     result = ranks(WORLD).run(_train_bf16_with_fp32_norms)[0]
-    assert abs(result["loss"] - result["reference"]) <= 2e-2 * abs(result["reference"]), result
+    (loss,), (ref,) = result["losses"], result["reference"]
+    assert abs(loss - ref) <= 2e-2 * abs(ref), result
     for name in ("layers.0.attn_norm.weight", "layers.1.mlp.router.weight"):
         param_dtype, grad_dtype, error = result[name]
         assert param_dtype == grad_dtype == "torch.float32", result
@@ -180,20 +178,10 @@ def _bf16_compute_without_expert_units(rank: int, world: int) -> tuple[float, fl
     """ep = world leaves ep_shard = 1: the experts get no FSDP unit and stay fp32 while the
     blocks compute in bf16 (grouped_mm refused the mix: "BFloat16 != float")."""
     torch.manual_seed(0)
-    reference = MoETransformer(get_preset("tiny"))
-    model = copy.deepcopy(reference)
     mesh = MeshSpec(dp_shard=world, ep=world)
-    plan = compose(plan_ep(), plan_fsdp(precision="bf16"))(model, mesh).unwrap()
-    realize(plan, model, build_device_meshes(mesh, "cpu"))
-    batch = global_batch(reference.config, 4, 16, 0)
-    mine = local_batch(batch, mesh, rank)
-    loss = causal_lm_loss(model(mine.input_ids, mine.position_ids), mine.labels, batch.num_valid)
-    loss.backward()
-    total = loss.detach().float()
-    torch.distributed.all_reduce(total)
-    ref = causal_lm_loss(reference(batch.input_ids, batch.position_ids), batch.labels,
-                         batch.num_valid)
-    return float(total), float(ref)
+    _, result = _one_step_side_by_side(MoETransformer(get_preset("tiny")),
+                                       (plan_ep(), plan_fsdp(precision="bf16")), mesh, rank)
+    return result["losses"][0], result["reference"][0]
 
 
 def test_bf16_compute_reaches_experts_without_a_unit(ranks: Callable[[int], RankPool]) -> None:
