@@ -28,16 +28,25 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
 
 RECYCLE_THREADS = 60  # a worker above this is replaced (each gloo group holds 3 threads)
+MAX_THREADS = 100  # a case that ever holds more fails: its groups would load the machine
+_PEAK = [0]  # most threads this worker held at a release_groups() during the current case
+
+
+def _threads(pid: int | str = "self") -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
 
 
 class RankFailure(RuntimeError):
     pass
 
 
-def _release_groups() -> None:
+def release_groups() -> None:
     """Destroy every process group a case created (each realize builds several for its device
     meshes). Each gloo group keeps its own polling threads: left alive, hundreds of them
-    accumulate over a test session and starve the machine."""
+    accumulate over a test session and starve the machine. A case that realizes many models
+    calls this between them (a group lives until the last reference to it is gone: drop
+    exceptions' tracebacks, whose frames hold the meshes, before calling)."""
+    _PEAK[0] = max(_PEAK[0], _threads())
     dist.barrier()  # every rank is done with the case's groups
     world = dist.group.WORLD
     for group in list(dist.distributed_c10d._world.pg_map):
@@ -62,8 +71,12 @@ def _worker(rank: int, world_size: int, store_path: str, conn: Connection) -> No
             break
         fn, args = task
         try:
+            _PEAK[0] = 0
             result = fn(rank, world_size, *args)
-            _release_groups()
+            release_groups()
+            if _PEAK[0] > MAX_THREADS:
+                raise RankFailure(f"the case held {_PEAK[0]} threads (at most {MAX_THREADS}): "
+                                  "call release_groups() between its realizes")
             conn.send(("ok", result))
         except BaseException:  # noqa: BLE001 - report everything to the parent
             conn.send(("err", traceback.format_exc()))
@@ -114,8 +127,8 @@ class RankPool:
             test = os.environ.get("PYTEST_CURRENT_TEST", "")
             raise RankFailure(f"{test}: {fn.__name__}({case}) failed on {self.world_size} ranks:\n"
                               + "\n".join(errors))
-        if max(len(os.listdir(f"/proc/{pid}/task")) for pid in self.pids) > RECYCLE_THREADS:
-            self.close()  # groups torch still holds after _release_groups: start afresh next run
+        if max(_threads(pid) for pid in self.pids) > RECYCLE_THREADS:
+            self.close()  # groups torch still holds after release_groups: start afresh next run
         return [answers[r][1] for r in range(self.world_size)]
 
     def _answers(self) -> dict[int, tuple[str, Any]]:

@@ -40,7 +40,7 @@ from moefn import (
 from moefn.models import MoETransformer, get_preset, make_batch
 from moefn.realize import DeviceMeshes, build_device_meshes, realize
 from moefn.runtime.dispatch import LocalDispatch
-from tests.ranks import RankPool
+from tests.ranks import RankPool, release_groups
 
 WORLD = 4
 SENTINEL = Path(tempfile.gettempdir()) / f"moefn-smuggled-{os.getpid()}"
@@ -583,9 +583,20 @@ def _multi_rank_corpus(rank: int, world: int) -> dict[str, Any]:
             out[name] = error_of(lambda call=call: call(rank))  # type: ignore[misc]
         except Exception as err:  # noqa: BLE001
             out[name] = f"{type(err).__name__}: {err}"[:500]
+        _free(out[name])
     for name, build, _ in REALIZE:
         out[name] = _attempt(rank, build)
+        _free(out[name]["error"])
     return out
+
+
+def _free(error: object) -> None:
+    """Destroy the case's process groups (each gloo group holds threads until it is freed);
+    the error's traceback would keep the case's meshes, and so its groups, alive."""
+    while isinstance(error, BaseException):
+        error.__traceback__ = None
+        error = error.__cause__ or error.__context__
+    release_groups()
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from moefn.runtime.experts import run_grouped_experts
 from moefn.stage import Stage
 from moefn.train import Batch, global_batch, local_batch
 from tests.parity import Case, assert_parity, build_pair, full_grad, run_parity
-from tests.ranks import RankPool
+from tests.ranks import RankPool, release_groups
 
 WORLD = 4
 Stages = tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
@@ -46,7 +46,11 @@ def ep(dispatch: str = "all_to_all") -> tuple[str, tuple[tuple[str, Any], ...]]:
 
 
 def _parities(rank: int, world: int, cases: list[Case]) -> list[dict[str, Any]]:
-    return [run_parity(rank, world, case) for case in cases]
+    results = []
+    for case in cases:
+        results.append(run_parity(rank, world, case))
+        release_groups()  # each case's gloo groups hold threads until destroyed
+    return results
 
 
 def _full(t: Tensor) -> Tensor:
@@ -411,6 +415,8 @@ def _checkpoint_keys(rank: int, world: int) -> dict[str, list[str]]:
         found += [f"value {k}" for k in sorted(set(want) & set(got))
                   if got[k].dtype != want[k].dtype or not torch.equal(_full(got[k]), want[k])]
         problems[name] = found
+        del model, got
+        release_groups()
     return problems
 
 
