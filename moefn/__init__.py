@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from moefn.errors import PlanError, PlanFormatError, Problem, RealizeError
     from moefn.mesh import MeshSpec
+    from moefn.parallel import parallelize
     from moefn.plan import ShardPlan
     from moefn.spec import ModelSpec, inspect_model
     from moefn.stage import Planner, Stage, compose, plan_or_raise
@@ -30,7 +31,7 @@ _HOMES = {
     "RealizeError": "moefn.errors", "ShardPlan": "moefn.plan", "Stage": "moefn.stage",
     "compose": "moefn.stage", "inspect_model": "moefn.spec", "plan_ac": "moefn.stages",
     "plan_cp": "moefn.stages", "plan_ep": "moefn.stages", "plan_fsdp": "moefn.stages",
-    "plan_or_raise": "moefn.stage",
+    "plan_or_raise": "moefn.stage", "parallelize": "moefn.parallel",
 }
 
 
@@ -56,5 +57,6 @@ __all__ = [
     "plan_cp",
     "plan_ep",
     "plan_fsdp",
+    "parallelize",
     "plan_or_raise",
 ]

@@ -1,0 +1,123 @@
+"""`moefn.parallelize`: one call that plans the stages the mesh asks for and realizes them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from moefn import MeshSpec, PlanError, compose, parallelize
+from moefn.demo import DemoOptions, demo_mesh, demo_rows, demo_stages
+from moefn.errors import ArgumentTypeError
+from moefn.models import MoETransformer, get_preset
+from moefn.realize import DeviceMeshes, build_device_meshes, realize
+from moefn.train import global_batch, local_batch, train
+from tests.ranks import RankPool
+
+OPTIONS = DemoOptions(steps=3)
+
+
+def _demo_losses(rank: int, world: int) -> dict[str, Any]:
+    """The demo's model and stages, once through compose + realize, once through parallelize."""
+    mesh = demo_mesh(world)
+    config = get_preset(OPTIONS.preset)
+    batch = global_batch(config, demo_rows(OPTIONS, mesh), OPTIONS.seq, OPTIONS.seed)
+    mine = local_batch(batch, mesh, rank)
+    out: dict[str, Any] = {}
+    for way in ("compose", "parallelize"):
+        torch.manual_seed(OPTIONS.seed)
+        model = MoETransformer(config)
+        meshes = build_device_meshes(mesh, "cpu")
+        if way == "compose":
+            plan = compose(*demo_stages(mesh, OPTIONS))(model, mesh).unwrap()
+            realize(plan, model, meshes)
+        else:
+            model, plan = parallelize(model, meshes, cp={"seq_len": OPTIONS.seq}, ac="router",
+                                      fsdp={"precision": "fp32"})
+        out[way] = (plan.to_json(), train(model, mine, batch.num_valid, OPTIONS.steps,
+                                          OPTIONS.lr))
+    return out
+
+
+def test_parallelize_trains_the_demo_like_compose_and_realize(
+        ranks: Callable[[int], RankPool]) -> None:
+    for per_rank in ranks(4).run(_demo_losses):
+        (plan_a, losses_a), (plan_b, losses_b) = per_rank["compose"], per_rank["parallelize"]
+        assert plan_a == plan_b  # auto turned on cp and ep (the mesh has both) and fsdp
+        assert losses_a == losses_b and len(losses_a) == OPTIONS.steps
+        assert losses_a[-1] < losses_a[0]
+
+
+@pytest.fixture
+def fake_world() -> Iterator[Callable[[MeshSpec], DeviceMeshes]]:
+    """Device meshes on torch's fake process group (rank 0 of the mesh's world)."""
+    def meshes(spec: MeshSpec) -> DeviceMeshes:
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=spec.world_size)
+        return build_device_meshes(spec, "cpu")
+
+    yield meshes
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _meta(preset: str = "tiny") -> nn.Module:
+    with torch.device("meta"):
+        return MoETransformer(get_preset(preset))
+
+
+@pytest.mark.parametrize(("mesh", "choices", "stages"), [
+    ("dp_shard=4,ep=2", {}, ("ep", "fsdp")),
+    ("dp_shard=2,cp=2", {}, ("cp", "fsdp")),
+    ("dp_shard=4,ep=2", {"ac": True}, ("ep", "ac", "fsdp")),
+    ("dp_shard=4,ep=2", {"ac": "full", "fsdp": False}, ("ep", "ac")),
+    ("dp_shard=4,ep=2", {"ep": {"dispatch": "all_gather"}}, ("ep", "fsdp")),
+])
+def test_auto_turns_on_the_stages_the_mesh_has(
+        fake_world: Callable[[MeshSpec], DeviceMeshes], mesh: str, choices: dict[str, Any],
+        stages: tuple[str, ...]) -> None:
+    _, plan = parallelize(_meta(), fake_world(MeshSpec.parse(mesh)), **choices)
+    assert plan.stages == stages
+    modes = {getattr(step, "mode") for step in plan.steps if hasattr(step, "mode")}
+    assert modes == {True: {"router"}, "full": {"full"}}.get(choices.get("ac"), set())
+
+
+@pytest.mark.parametrize(("choices", "error", "words"), [
+    ({"ep": {"dispatch": "all_gather", "dispatcher": 1}}, ArgumentTypeError,
+     ("ep", "unknown plan_ep option", "dispatcher", "use options among ('dispatch',)")),
+    ({"fsdp": "yes"}, ArgumentTypeError, ("fsdp", "'yes'", "fsdp=True")),
+    ({"ac": "sometimes"}, ArgumentTypeError, ("ac", "a mode", "'sometimes'")),
+    ({"ep": {"dispatch": "broadcast"}}, PlanError, ("unknown dispatch", "'broadcast'")),
+    ({"cp": True}, PlanError, ("cp",)),  # the mesh has no cp axis: plan_cp says why
+])
+def test_bad_choices_are_refused_and_leave_the_model_untouched(
+        fake_world: Callable[[MeshSpec], DeviceMeshes], choices: dict[str, Any],
+        error: type[Exception], words: tuple[str, ...]) -> None:
+    model = _meta()
+    before = {n: (type(p), p.shape) for n, p in model.named_parameters()}
+    with pytest.raises(error) as raised:
+        parallelize(model, fake_world(MeshSpec(dp_shard=4, ep=2)), **choices)
+    assert all(word in str(raised.value) for word in words), str(raised.value)
+    assert {n: (type(p), p.shape) for n, p in model.named_parameters()} == before
+
+
+def test_meshes_must_be_device_meshes() -> None:
+    with pytest.raises(ArgumentTypeError, match="build_device_meshes"):
+        parallelize(_meta(), MeshSpec(dp_shard=4, ep=2))  # type: ignore[arg-type]
+
+
+REFERENCE_ARGUMENTS = (  # nemo_automodel.components.moe.parallelizer.parallelize_model
+    "model", "world_mesh", "moe_mesh", "dp_axis_names", "cp_axis_name", "tp_axis_name",
+    "ep_axis_name", "ep_shard_axis_names", "activation_checkpointing", "ignore_router_for_ac",
+    "reshard_after_forward", "lm_head_precision", "wrap_outer_model", "mp_policy")
+
+
+def test_the_migration_table_maps_every_reference_argument() -> None:
+    text = (Path(__file__).parents[1] / "docs" / "migration.md").read_text()
+    rows = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| `")]
+    assert rows[1:] == [f"`{name}`" for name in REFERENCE_ARGUMENTS]  # after the header
