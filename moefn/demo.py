@@ -15,13 +15,13 @@ import torch
 import torch.distributed as dist
 from attrs import frozen
 
+from moefn.adapters.reference import MoETransformer, get_preset
 from moefn.launch import init_from_env, launched_by_torchrun, run_local
-from moefn.mesh import MeshSpec
-from moefn.models import MoETransformer, get_preset
+from moefn.plan.compose import Stage, compose
+from moefn.plan.mesh import MeshSpec
+from moefn.plan.stages import plan_ac, plan_cp, plan_ep, plan_fsdp
 from moefn.realize import build_device_meshes, realize
-from moefn.stage import Stage, compose
-from moefn.stages import plan_ac, plan_cp, plan_ep, plan_fsdp
-from moefn.train import global_batch, local_batch, train
+from moefn.train.loop import global_batch, local_batch, train
 
 
 @frozen(kw_only=True)

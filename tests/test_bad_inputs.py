@@ -37,9 +37,9 @@ from moefn import (
     plan_ep,
     plan_fsdp,
 )
-from moefn.models import MoETransformer, get_preset, make_batch
+from moefn.adapters.reference import MoETransformer, get_preset, make_batch
 from moefn.realize import DeviceMeshes, build_device_meshes, realize
-from moefn.runtime.dispatch import LocalDispatch
+from moefn.realize.dispatch import LocalDispatch
 from tests.ranks import RankPool
 
 WORLD = 4

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from moefn import MeshSpec, compose, plan_cp, plan_fsdp
-from moefn.models import MoETransformer, get_preset
+from moefn.adapters.reference import MoETransformer, get_preset
 from moefn.realize import build_device_meshes, realize
-from moefn.runtime.context_parallel import shard_sequence, unshard_sequence
-from moefn.train import global_batch, local_batch
+from moefn.realize.context_parallel import shard_sequence, unshard_sequence
+from moefn.train.loop import global_batch, local_batch
 from tests.parity import Case, assert_parity, run_parity
 from tests.ranks import RankPool
 

@@ -21,8 +21,8 @@ from moefn import (
     plan_ep,
     plan_fsdp,
 )
-from moefn.models import MoETransformer, get_preset
-from moefn.plan import Checkpoint, FullyShard
+from moefn.adapters.reference import MoETransformer, get_preset
+from moefn.plan.records import Checkpoint, FullyShard
 
 GOLDEN = Path(__file__).parent / "golden"
 

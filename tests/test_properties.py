@@ -23,9 +23,9 @@ from torch.distributed.tensor import Shard as DShard
 from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
 from moefn import MeshSpec, ShardPlan, Stage, compose, inspect_model, plan_ac, plan_cp, plan_ep, plan_fsdp
-from moefn.layout import ParamLayout, owning_unit, param_layouts
-from moefn.models import MoEConfig, MoETransformer
-from moefn.plan import STAGE_ORDER, Checkpoint, DistributeParams, FullyShard, InstallDispatch
+from moefn.adapters.reference import MoEConfig, MoETransformer
+from moefn.analyse.layout import ParamLayout, owning_unit, param_layouts
+from moefn.plan.records import STAGE_ORDER, Checkpoint, DistributeParams, FullyShard, InstallDispatch
 
 EXAMPLES: Counter[str] = Counter()
 PROPERTY_SETTINGS = settings(max_examples=100, deadline=None, database=None,

@@ -12,9 +12,9 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from moefn import MeshSpec, RealizeError, ShardPlan, compose, plan_fsdp
-from moefn.layout import param_layouts
-from moefn.models import MoETransformer, get_preset
-from moefn.plan import DistributeParams, FullyShard, InstallDispatch, Shard
+from moefn.adapters.reference import MoETransformer, get_preset
+from moefn.analyse.layout import param_layouts
+from moefn.plan.records import DistributeParams, FullyShard, InstallDispatch, Shard
 from moefn.realize import build_device_meshes, realize
 from tests.parity import Case, assert_parity, run_parity
 from tests.ranks import RankPool

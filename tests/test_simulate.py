@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from moefn.mesh import MeshSpec
-from moefn.simulate import representative_ranks
+from moefn.plan.mesh import MeshSpec
+from moefn.realize.simulate import representative_ranks
 
 
 def _simulate(model: str, mesh: str) -> dict[str, object]:
@@ -44,7 +44,7 @@ def test_a_layout_disagreement_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> 
 
     from moefn import PlanError, compose, plan_ep, plan_fsdp
     from moefn import simulate as sim
-    from moefn.models import MoETransformer, get_preset
+    from moefn.adapters.reference import MoETransformer, get_preset
 
     with torch.device("meta"):
         model = MoETransformer(get_preset("tiny"))
@@ -61,8 +61,8 @@ def test_ranks_that_are_not_realized_are_checked_too(monkeypatch: pytest.MonkeyP
 
     from moefn import PlanError, compose, plan_ep, plan_fsdp
     from moefn import simulate as sim
-    from moefn.layout import local_shape_and_offset
-    from moefn.models import MoETransformer, get_preset
+    from moefn.adapters.reference import MoETransformer, get_preset
+    from moefn.analyse.layout import local_shape_and_offset
 
     with torch.device("meta"):
         model = MoETransformer(get_preset("tiny"))
@@ -85,8 +85,8 @@ def test_experts_with_an_uneven_dim_1_shard_on_dim_0() -> None:
 
     from moefn import RealizeError, compose, plan_ep, plan_fsdp
     from moefn import simulate as sim
-    from moefn.models import MoETransformer, get_preset
-    from moefn.plan import FullyShard
+    from moefn.adapters.reference import MoETransformer, get_preset
+    from moefn.plan.records import FullyShard
 
     with torch.device("meta"):
         model = MoETransformer(get_preset("tiny-2experts"))

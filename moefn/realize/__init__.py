@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from moefn.plan import (
+from moefn.plan.records import (
     Checkpoint,
     ContextParallelAttention,
     DistributeParams,
@@ -22,6 +22,7 @@ from moefn.plan import (
     ShardPlan,
     SyncGradients,
 )
+from moefn.plan.spec import REALIZED
 from moefn.realize.agree import agree
 from moefn.realize.apply import (
     apply_checkpoint,
@@ -34,9 +35,8 @@ from moefn.realize.apply import (
 from moefn.realize.arguments import check_arguments
 from moefn.realize.checks import fingerprint, local_problems
 from moefn.realize.digest import value_digests
+from moefn.realize.input_check import install_input_check
 from moefn.realize.meshes import DeviceMeshes, build_device_meshes
-from moefn.runtime.input_check import install_input_check
-from moefn.spec import REALIZED
 
 
 def _mark_realized(plan: ShardPlan, modules: dict[str, nn.Module]) -> None:

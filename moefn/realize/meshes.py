@@ -17,10 +17,10 @@ from attrs import frozen
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from moefn.arguments import expect_type
-from moefn.errors import RealizeError
 from moefn.launch import launched_by_torchrun
-from moefn.mesh import DENSE_DIMS, EXPERT_DIMS, MeshSpec
+from moefn.plan.arguments import expect_type
+from moefn.plan.errors import RealizeError
+from moefn.plan.mesh import DENSE_DIMS, EXPERT_DIMS, MeshSpec
 
 
 @frozen

@@ -1,0 +1,171 @@
+"""ShardPlan and its step records: what each stage decided, as plain frozen data.
+
+Step kinds, in the order realize applies them (CP → EP → AC → FSDP):
+
+- `ContextParallelAttention`: a core attention all-gathers K/V over ``cp`` (head-tail layout);
+- `DistributeParams`: parameters of a module become DTensors with placements on mesh axes;
+- `InstallDispatch`: an experts module sends tokens to the ranks that own their experts;
+- `SyncGradients`: gradients of a module all-reduce (sum) over data-parallel axes, without FSDP;
+- `Checkpoint`: a block is wrapped for activation checkpointing;
+- `FullyShard`: a module becomes one `fully_shard` unit with its options.
+
+>>> plan = ShardPlan.empty(spec, MeshSpec(dp_shard=2))          # doctest: +SKIP
+>>> plan.add_steps([FullyShard(stage="fsdp", path="", mesh_dims=("dp_shard_cp",))])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal, TypeVar
+
+from attrs import evolve, field, frozen
+
+from moefn.plan.mesh import MeshSpec
+from moefn.plan.spec import ModelSpec
+
+STAGE_ORDER = ("cp", "ep", "ac", "fsdp")
+StageName = Literal["cp", "ep", "ac", "fsdp"]
+
+
+@frozen
+class Shard:
+    dim: int
+
+    def __str__(self) -> str:
+        return f"Shard({self.dim})"
+
+
+@frozen
+class Replicate:
+    def __str__(self) -> str:
+        return "Replicate()"
+
+
+Placement = Shard | Replicate
+
+
+@frozen(kw_only=True)
+class ContextParallelAttention:
+    stage: StageName
+    path: str
+    mesh_dims: tuple[str, ...]
+    layout: Literal["head_tail"] = "head_tail"
+    seq_len: int | None = None
+
+
+@frozen(kw_only=True)
+class DistributeParams:
+    stage: StageName
+    path: str
+    params: tuple[str, ...]
+    mesh_dims: tuple[str, ...]
+    placements: tuple[Placement, ...]
+
+
+@frozen(kw_only=True)
+class InstallDispatch:
+    stage: StageName
+    path: str
+    kind: Literal["all_to_all", "all_gather"]
+    mesh_dims: tuple[str, ...]
+    num_experts: int
+
+
+@frozen(kw_only=True)
+class SyncGradients:
+    stage: StageName
+    path: str
+    mesh_dims: tuple[str, ...]
+
+
+@frozen(kw_only=True)
+class Checkpoint:
+    """Activation checkpointing of a block; ``saves`` names what recompute reuses."""
+
+    stage: StageName
+    path: str
+    mode: Literal["full", "router", "selective"]
+    saves: tuple[str, ...] = ()
+
+
+@frozen(kw_only=True)
+class FullyShard:
+    """One ``fully_shard`` unit. ``param_dtype``/``reduce_dtype`` of None keep the parameter dtype."""
+
+    stage: StageName
+    path: str
+    mesh_dims: tuple[str, ...]
+    shard_dim: int = 0
+    reshard_after_forward: bool = True
+    param_dtype: str | None = None
+    reduce_dtype: str | None = None
+    offload: bool = False
+    ignored: tuple[str, ...] = ()  # full parameter names this unit (and its parents) leave alone
+
+
+Step = (ContextParallelAttention | DistributeParams | InstallDispatch | SyncGradients | Checkpoint
+        | FullyShard)
+STEP_KINDS: tuple[type, ...] = (ContextParallelAttention, DistributeParams, InstallDispatch,
+                                SyncGradients, Checkpoint, FullyShard)
+
+
+S = TypeVar("S", ContextParallelAttention, DistributeParams, InstallDispatch, SyncGradients,
+              Checkpoint, FullyShard)
+
+
+def _step_sort_key(step: Step) -> tuple[int, int]:
+    return STAGE_ORDER.index(step.stage), STEP_KINDS.index(type(step))
+
+
+@frozen(kw_only=True)
+class ShardPlan:
+    """The composed decisions of every stage for one model on one mesh."""
+
+    model: ModelSpec
+    mesh: MeshSpec
+    stages: tuple[StageName, ...] = ()
+    steps: tuple[Step, ...] = field(default=())
+
+    @classmethod
+    def empty(cls, model: ModelSpec, mesh: MeshSpec) -> ShardPlan:
+        return cls(model=model, mesh=mesh)
+
+    def add_steps(self, steps: Iterable[Step]) -> ShardPlan:
+        """A new plan with ``steps`` merged in (stable order: by stage, then by step kind)."""
+        return evolve(self, steps=tuple(sorted((*self.steps, *steps), key=_step_sort_key)))
+
+    def with_stage(self, stage: StageName) -> ShardPlan:
+        """A new plan that records ``stage`` as applied."""
+        return evolve(self, stages=(*self.stages, stage))
+
+    def steps_of(self, kind: type[S]) -> tuple[S, ...]:
+        return tuple(s for s in self.steps if isinstance(s, kind))
+
+    def distributed_params(self) -> dict[str, DistributeParams]:
+        """Full parameter name → the DistributeParams step that placed it."""
+        out: dict[str, DistributeParams] = {}
+        for step in self.steps:
+            if isinstance(step, DistributeParams):
+                for name in step.params:
+                    out[f"{step.path}.{name}" if step.path else name] = step
+        return out
+
+    def diff(self, other: ShardPlan | None = None) -> str:
+        """The module-tree diff of this plan, or what changes from this plan to ``other``."""
+        from moefn.analyse.render import render_comparison, render_diff
+        from moefn.plan.arguments import expect_type
+
+        expect_type(other, (ShardPlan, type(None)), "other", "a ShardPlan or None",
+                    "pass another plan to compare with, or nothing")
+        return render_diff(self) if other is None else render_comparison(self, other)
+
+    def to_json(self) -> str:
+        from moefn.plan.serialize import plan_to_json
+
+        return plan_to_json(self)
+
+    @classmethod
+    def from_json(cls, text: str) -> ShardPlan:
+        from moefn.plan.serialize import plan_from_json
+
+        return plan_from_json(text)
