@@ -16,10 +16,12 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from moefn.analyse.render import diff
     from moefn.plan.compose import Planner, Stage, compose, plan_or_raise
     from moefn.plan.errors import PlanError, PlanFormatError, Problem, RealizeError
     from moefn.plan.mesh import MeshSpec
     from moefn.plan.records import ShardPlan
+    from moefn.plan.serialize import from_json, to_json
     from moefn.plan.spec import ModelSpec, inspect_model
     from moefn.plan.stages import plan_ac, plan_cp, plan_ep, plan_fsdp
 
@@ -33,6 +35,8 @@ _HOMES = {
     "inspect_model": "moefn.plan.spec", "plan_ac": "moefn.plan.stages",
     "plan_cp": "moefn.plan.stages", "plan_ep": "moefn.plan.stages",
     "plan_fsdp": "moefn.plan.stages", "plan_or_raise": "moefn.plan.compose",
+    "to_json": "moefn.plan.serialize", "from_json": "moefn.plan.serialize",
+    "diff": "moefn.analyse.render",
 }
 
 
@@ -53,10 +57,13 @@ __all__ = [
     "ShardPlan",
     "Stage",
     "compose",
+    "diff",
+    "from_json",
     "inspect_model",
     "plan_ac",
     "plan_cp",
     "plan_ep",
     "plan_fsdp",
     "plan_or_raise",
+    "to_json",
 ]

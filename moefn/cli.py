@@ -249,6 +249,7 @@ def _usage_problem(layout: argparse.Namespace) -> str | None:
 
 
 def _compare_command(args: argparse.Namespace) -> int:
+    from moefn.analyse.render import diff
     from moefn.plan.mesh import MeshSpec
 
     try:
@@ -258,7 +259,7 @@ def _compare_command(args: argparse.Namespace) -> int:
             print(f"moefn plan: {usage}", file=sys.stderr)
             return 2
         a, b = map(_build_plan, layouts)
-        print(a.diff(b))
+        print(diff(a, b))
     except PlanError as err:
         print(err)
         return 1
@@ -272,7 +273,9 @@ def _plan_command(args: argparse.Namespace) -> int:
 
     from moefn.analyse.estimate import estimate
     from moefn.analyse.layout import param_layouts
+    from moefn.analyse.render import diff
     from moefn.plan.mesh import MeshSpec
+    from moefn.plan.serialize import to_json
 
     problems: list[dict[str, object]] = []
     steps: list[object] = []
@@ -291,7 +294,7 @@ def _plan_command(args: argparse.Namespace) -> int:
             print(f"moefn plan: {usage}", file=sys.stderr)
             return 2
         plan = _build_plan(layout)
-        steps = json.loads(plan.to_json())["plan"]["steps"]
+        steps = json.loads(to_json(plan))["plan"]["steps"]
         shapes = {name: [{"shape": list(shape), "ranks": ranks}
                          for shape, ranks in layout.local_shapes(mesh)]
                   for name, layout in param_layouts(plan).items()}
@@ -304,7 +307,7 @@ def _plan_command(args: argparse.Namespace) -> int:
                   "total": est.memory.total,
                   "gathered_peak": est.memory.gathered_peak}
         comm = [attrs.asdict(c) for c in est.comm]
-        text = "\n".join([plan.diff(), "", _memory_table(est, args.optimizer), "", _comm_table(est)])
+        text = "\n".join([diff(plan), "", _memory_table(est, args.optimizer), "", _comm_table(est)])
         if args.simulate:
             from moefn.realize.simulate import simulate
 

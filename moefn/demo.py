@@ -16,6 +16,7 @@ import torch.distributed as dist
 from attrs import frozen
 
 from moefn.adapters.reference import MoETransformer, get_preset
+from moefn.analyse.render import diff
 from moefn.launch import init_from_env, launched_by_torchrun, run_local
 from moefn.plan.compose import Stage, compose
 from moefn.plan.mesh import MeshSpec
@@ -81,7 +82,7 @@ def _train_rank(rank: int, world: int, options: DemoOptions, device: torch.devic
     plan = compose(*demo_stages(mesh, options))(model, mesh).unwrap()
     talk = options.verbose and rank == 0
     if talk:
-        print(plan.diff(), flush=True)
+        print(diff(plan), flush=True)
         print(demo_header(options, world, dist.get_backend(), device), flush=True)
     realize(plan, model, build_device_meshes(mesh, device.type))
     batch = global_batch(config, demo_rows(options, mesh), options.seq, options.seed)

@@ -26,7 +26,6 @@ from moefn import (
     MeshSpec,
     PlanError,
     RealizeError,
-    ShardPlan,
     compose,
     inspect_model,
     plan_ac,
@@ -38,8 +37,10 @@ from moefn import (
 from moefn.adapters.reference import MoETransformer, get_preset
 from moefn.adapters.transformers.pretrained import load_pretrained
 from moefn.analyse.estimate import estimate
+from moefn.analyse.render import diff
 from moefn.cli import main
 from moefn.plan.errors import ArgumentTypeError, InputError
+from moefn.plan.serialize import from_json, to_json
 from moefn.realize import build_device_meshes, realize
 from moefn.realize.simulate import simulate
 from moefn.train.accumulate import no_gradient_sync
@@ -178,8 +179,10 @@ CALLS: dict[str, Callable[[Any], object]] = {
     "inspect_model": lambda v: inspect_model(v),
     "Planner.model": lambda v: compose(plan_fsdp())(v, MESH),
     "Planner.mesh": lambda v: compose(plan_fsdp())(meta_model(), v),
-    "ShardPlan.from_json": lambda v: ShardPlan.from_json(v),
-    "ShardPlan.diff": lambda v: PLAN.diff(v) if v is not None else None,
+    "from_json": lambda v: from_json(v),
+    "to_json": lambda v: to_json(v),
+    "diff.plan": lambda v: diff(v),
+    "diff.other": lambda v: diff(PLAN, v) if v is not None else None,
     "plan_or_raise": lambda v: plan_or_raise(v),
     "realize.plan": lambda v: realize(v, meta_model(), None),  # type: ignore[arg-type]
     "realize.model": lambda v: realize(PLAN, v, None),  # type: ignore[arg-type]

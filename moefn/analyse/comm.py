@@ -46,7 +46,9 @@ from moefn.plan.records import (
     ShardPlan,
     SyncGradients,
 )
-from moefn.realize.input_check import SIGNATURE_BYTES
+
+MAX_TENSORS = 8  # tensor arguments realize's input check compares (a forward rarely takes more)
+SIGNATURE_BYTES = 8 * (1 + 3 * MAX_TENSORS)  # its all-gather: int64 count, (ndim, dim 0, dim 1) each
 
 Op = Literal["all_gather", "reduce_scatter", "all_reduce", "all_to_all"]
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8,

@@ -3,7 +3,7 @@
 ``+`` a wrapper or unit added, ``~`` a placement changed, ``[stage]`` the stage that decided it;
 identical changes across repeated blocks collapse to one glob line (``layers.*.attn ×61``).
 
->>> print(plan.diff())                                   # doctest: +SKIP
+>>> print(diff(plan))                                    # doctest: +SKIP
 moefn plan: MoETransformer (moefn) on dp_replicate=1 dp_shard=4 cp=1 ep=2 ...
 + layers.*.mlp.experts  [ep] dispatch all_to_all over ep(2): 8 experts, 4 per rank  ×2
 """
@@ -11,6 +11,7 @@ moefn plan: MoETransformer (moefn) on dp_replicate=1 dp_shard=4 cp=1 ep=2 ...
 from __future__ import annotations
 
 from moefn.analyse.layout import ParamLayout, param_layouts
+from moefn.plan.arguments import expect_type
 from moefn.plan.errors import path_pattern
 from moefn.plan.mesh import MeshSpec
 from moefn.plan.records import (
@@ -182,3 +183,11 @@ def render_comparison(before: ShardPlan, after: ShardPlan) -> str:
         lines.append(f"  {name:<44}{format_bytes(x):>14} → {format_bytes(y):>14}"
                      f"  ({format_bytes(y - x, signed=True)})")
     return "\n".join(lines)
+
+
+def diff(plan: ShardPlan, other: ShardPlan | None = None) -> str:
+    """The module-tree diff of ``plan``, or what changes from ``plan`` to ``other``."""
+    expect_type(plan, ShardPlan, "plan", "a ShardPlan", "pass the plan (result.unwrap())")
+    expect_type(other, (ShardPlan, type(None)), "other", "a ShardPlan or None",
+                "pass another plan to compare with, or nothing")
+    return render_diff(plan) if other is None else render_comparison(plan, other)

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from moefn.plan.errors import PlanError, Problem
-from moefn.plan.roles import Fact, Recognition
+from moefn.plan.roles import Fact, Recognition, Role
 
 TRANSFORMERS_PREFIX = "transformers."
 ROUTER_NAMES = ("gate", "router")
@@ -135,11 +135,11 @@ def _path_of(model: nn.Module, target: object) -> str | None:
 
 class _Collector:
     def __init__(self) -> None:
-        self.roles: dict[str, set[str]] = {}
+        self.roles: dict[str, set[Role]] = {}
         self.facts: dict[str, tuple[Fact, ...]] = {}
         self.problems: list[Problem] = []
 
-    def tag(self, path: str, *roles: str) -> None:
+    def tag(self, path: str, *roles: Role) -> None:
         self.roles.setdefault(path, set()).update(roles)
 
     def missing(self, path: str, piece: str, found: str, expected: str) -> None:

@@ -149,23 +149,3 @@ class ShardPlan:
                 for name in step.params:
                     out[f"{step.path}.{name}" if step.path else name] = step
         return out
-
-    def diff(self, other: ShardPlan | None = None) -> str:
-        """The module-tree diff of this plan, or what changes from this plan to ``other``."""
-        from moefn.analyse.render import render_comparison, render_diff
-        from moefn.plan.arguments import expect_type
-
-        expect_type(other, (ShardPlan, type(None)), "other", "a ShardPlan or None",
-                    "pass another plan to compare with, or nothing")
-        return render_diff(self) if other is None else render_comparison(self, other)
-
-    def to_json(self) -> str:
-        from moefn.plan.serialize import plan_to_json
-
-        return plan_to_json(self)
-
-    @classmethod
-    def from_json(cls, text: str) -> ShardPlan:
-        from moefn.plan.serialize import plan_from_json
-
-        return plan_from_json(text)

@@ -1,7 +1,10 @@
 """Plan JSON: data only (no pickle, no eval), with a format version and strict type checks.
 
->>> text = plan.to_json()                       # doctest: +SKIP
->>> ShardPlan.from_json(text) == plan            # doctest: +SKIP
+>>> from moefn.plan.mesh import MeshSpec
+>>> from moefn.plan.spec import ModelSpec
+>>> model = ModelSpec(family="demo", root_class="Demo", modules=(), tensors=(), tied=())
+>>> plan = ShardPlan.empty(model, MeshSpec(dp_shard=2))
+>>> from_json(to_json(plan)) == plan
 True
 """
 
@@ -14,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from moefn.plan.arguments import expect_type
 from moefn.plan.errors import PlanError, PlanFormatError, Problem
 from moefn.plan.records import STAGE_ORDER, ShardPlan
 
@@ -34,7 +38,9 @@ def _encode(value: Any) -> Any:
     raise TypeError(f"cannot encode {type(value).__name__} in a plan")
 
 
-def plan_to_json(plan: ShardPlan, indent: int | None = None) -> str:
+def to_json(plan: ShardPlan, indent: int | None = None) -> str:
+    """The plan as JSON text (format "moefn.plan", version 1)."""
+    expect_type(plan, ShardPlan, "plan", "a ShardPlan", "pass the plan (result.unwrap())")
     return json.dumps({"format": FORMAT, "version": VERSION, "plan": _encode(plan)},
                       indent=indent, sort_keys=False)
 
@@ -110,13 +116,13 @@ def _short(data: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def plan_from_json(text: str) -> ShardPlan:
+def from_json(text: str) -> ShardPlan:
     """Parse a plan; raises PlanFormatError naming the offending field on any deviation."""
     try:
         doc = json.loads(text)
     except (ValueError, TypeError, RecursionError) as err:
         raise PlanFormatError([Problem(path="(plan file)", message="not valid JSON",
-                                       value=str(err), fix="pass the output of plan.to_json()")]
+                                       value=str(err), fix="pass the output of to_json(plan)")]
                               ) from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise PlanFormatError([Problem(path="(plan file)", message="not a moefn plan",

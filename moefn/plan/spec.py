@@ -20,7 +20,11 @@ from attrs import frozen
 from torch import nn
 
 from moefn.plan.errors import PlanError
-from moefn.plan.roles import RECOGNISERS, Fact, Recognition
+from moefn.plan.hf_roles import HFRecogniser
+from moefn.plan.reference_roles import ReferenceRecogniser
+from moefn.plan.roles import Fact, Recogniser, Recognition, Role
+
+RECOGNISERS: tuple[Recogniser, ...] = (ReferenceRecogniser(), HFRecogniser())
 
 
 @frozen(kw_only=True)
@@ -49,7 +53,7 @@ class TensorInfo:
 class ModuleInfo:
     path: str
     cls: str
-    roles: tuple[str, ...]
+    roles: tuple[Role, ...]
     facts: tuple[Fact, ...] = ()
 
     def get(self, key: str, default: int | str | bool) -> int | str | bool:
@@ -79,7 +83,7 @@ class ModelSpec:
         raise PlanError.single(path, "no such module in the model", path,
                                "plan against the model you realize")
 
-    def paths_with(self, role: str) -> tuple[str, ...]:
+    def paths_with(self, role: Role) -> tuple[str, ...]:
         return tuple(m.path for m in self.modules if role in m.roles)
 
     def params_under(self, path: str) -> tuple[TensorInfo, ...]:

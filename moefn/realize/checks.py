@@ -18,6 +18,7 @@ from moefn.plan.records import (
     Shard,
     ShardPlan,
 )
+from moefn.plan.serialize import to_json
 from moefn.plan.spec import ModelSpec, inspect_model
 from moefn.realize.apply import TORCH_DTYPES
 from moefn.realize.meshes import DeviceMeshes
@@ -182,4 +183,4 @@ def local_problems(plan: ShardPlan, model: nn.Module, meshes: DeviceMeshes) -> l
 
 
 def fingerprint(plan: ShardPlan) -> str:
-    return hashlib.sha256(plan.to_json().encode()).hexdigest()[:16]
+    return hashlib.sha256(to_json(plan).encode()).hexdigest()[:16]

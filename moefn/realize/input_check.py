@@ -16,10 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from moefn.analyse.comm import MAX_TENSORS
 from moefn.plan.errors import InputError
-
-MAX_TENSORS = 8  # tensor arguments compared (a forward rarely takes more)
-SIGNATURE_BYTES = 8 * (1 + 3 * MAX_TENSORS)  # int64 count, then (ndim, dim 0, dim 1) each
 
 
 def tensor_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[tuple[str, Tensor]]:
