@@ -14,7 +14,10 @@ from moefn import (
     MeshSpec,
     PlanError,
     PlanFormatError,
+    ShardPlan,
+    Stage,
     compose,
+    inspect_model,
     plan_ac,
     plan_cp,
     plan_ep,
@@ -211,3 +214,22 @@ def test_readme_quickstart_runs_verbatim() -> None:
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     block = readme.split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(block, "README.md", "exec"), {})
+
+
+@pytest.mark.parametrize("helper", ["ModuleInfo.fact", "ModelSpec.module", "MeshSpec.size"])
+def test_a_helper_raising_plan_error_inside_a_stage_is_a_failure(helper: str) -> None:
+    """One error channel: what a helper raises while a stage runs comes back as a Failure."""
+    plan = ShardPlan.empty(inspect_model(meta_model()), MeshSpec(dp_shard=4, ep=2))
+    experts = plan.model.module("layers.0.mlp.experts")
+    calls = {
+        "ModuleInfo.fact": lambda: experts.fact("no_such_fact"),
+        "ModelSpec.module": lambda: plan.model.module("no.such.module"),
+        "MeshSpec.size": lambda: plan.mesh.size("no_such_axis"),  # type: ignore[arg-type]
+    }
+
+    def run(p: ShardPlan) -> object:
+        calls[helper]()
+        raise AssertionError("the helper should have raised")
+
+    result = Stage(name="ep", run=run)(plan)  # type: ignore[arg-type]
+    assert isinstance(result, Failure) and isinstance(result.failure(), PlanError)

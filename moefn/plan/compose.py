@@ -29,7 +29,10 @@ PlanResult = Result[ShardPlan, PlanError]
 
 @frozen(kw_only=True)
 class Stage:
-    """A named planning step; call it on a plan to get the next plan or every problem found."""
+    """A named planning step; call it on a plan to get the next plan or every problem found.
+
+    Problems come back as a Failure, never raised: a PlanError raised inside ``run`` (by a
+    helper such as `ModuleInfo.fact`) becomes the Failure too."""
 
     name: StageName
     run: Callable[[ShardPlan], PlanResult]
@@ -45,7 +48,10 @@ class Stage:
         later = [s for s in plan.stages if STAGE_ORDER.index(s) > STAGE_ORDER.index(self.name)]
         if later:
             return Failure(_order_error((*plan.stages, self.name)))
-        return self.run(plan)
+        try:
+            return self.run(plan)
+        except PlanError as err:  # a helper's (ModelSpec.module, MeshSpec.size, ...): one channel
+            return Failure(err)
 
 
 def _order_error(names: tuple[str, ...]) -> PlanError:
