@@ -2,7 +2,9 @@
 
 Exit codes: 0 valid, 1 the plan has problems, 2 usage errors.
 
->>> main(["plan", "--model", "tiny", "--mesh", "dp_shard=4,ep=2"])     # doctest: +SKIP
+>>> main(["plan", "--model", "tiny", "--mesh", "dp_shard=4,ep=2"])  # doctest: +ELLIPSIS
+moefn plan: MoETransformer (moefn) on dp_replicate=1 dp_shard=4 cp=1 ep=2 ...
+0
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`moefn demo`: plan, realize and train the small preset on N ranks, next to one process.
 
->>> result = run_demo(DemoOptions(nproc=4, steps=3))     # doctest: +SKIP
->>> result["max_abs_loss_diff"] <= 1e-5                   # doctest: +SKIP
+>>> options = DemoOptions(nproc=4, steps=3)
+>>> run_demo(options)["max_abs_loss_diff"] <= 1e-5  # 4 ranks, a minute; tests/test_cli.py  # doctest: +SKIP
 True
 """
 

@@ -6,8 +6,15 @@ shards to shard 0's size. Communication is every collective of one
 training step with its calls and the bytes the rank sends and receives (`moefn.analyse.comm`), for a
 stated tokens-per-rank and top-k.
 
->>> est = estimate(plan, rank=0, tokens_per_rank=4096, optimizer="adamw")   # doctest: +SKIP
->>> est.memory.total                                                       # doctest: +SKIP
+>>> import torch
+>>> from moefn import MeshSpec, compose, plan_ep, plan_fsdp
+>>> from moefn.adapters.reference import MoETransformer, get_preset
+>>> with torch.device("meta"):
+...     model = MoETransformer(get_preset("tiny"))
+>>> plan = compose(plan_ep(), plan_fsdp())(model, MeshSpec(dp_shard=4, ep=2)).unwrap()
+>>> est = estimate(plan, rank=0, tokens_per_rank=4096, optimizer="adamw")
+>>> est.memory.total > 0
+True
 """
 
 from __future__ import annotations

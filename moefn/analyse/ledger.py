@@ -12,10 +12,13 @@ process group's ranks, with the logical payload this rank sends and receives:
 
 Padding (FSDP pads each shard to equal size) is part of the payload, as it is on the wire.
 
->>> with CommLedger() as ledger:            # doctest: +SKIP
-...     loss.backward()
->>> ledger.totals()[("all_gather", (0, 1, 2, 3))]   # doctest: +SKIP
-Traffic(calls=12, sent=49152, received=49152)
+>>> import torch
+>>> import torch.distributed as dist
+>>> from moefn.launch import fake_world
+>>> with fake_world(world_size=4), CommLedger() as ledger:
+...     dist.all_reduce(torch.ones(256))  # 1 KiB
+>>> ledger.totals()
+{('all_reduce', (0, 1, 2, 3)): Traffic(calls=1, sent=1536, received=1536)}
 """
 
 from __future__ import annotations

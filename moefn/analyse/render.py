@@ -3,9 +3,16 @@
 ``+`` a wrapper or unit added, ``~`` a placement changed, ``[stage]`` the stage that decided it;
 identical changes across repeated blocks collapse to one glob line (``layers.*.attn ×61``).
 
->>> print(diff(plan))                                    # doctest: +SKIP
+>>> import torch
+>>> from moefn import MeshSpec, compose, plan_ep, plan_fsdp
+>>> from moefn.adapters.reference import MoETransformer, get_preset
+>>> with torch.device("meta"):
+...     model = MoETransformer(get_preset("tiny"))
+>>> plan = compose(plan_ep(), plan_fsdp())(model, MeshSpec(dp_shard=4, ep=2)).unwrap()
+>>> print(diff(plan))  # doctest: +ELLIPSIS
 moefn plan: MoETransformer (moefn) on dp_replicate=1 dp_shard=4 cp=1 ep=2 ...
-+ layers.*.mlp.experts  [ep] dispatch all_to_all over ep(2): 8 experts, 4 per rank  ×2
++ layers.*.mlp.experts ×2 ... [ep] dispatch all_to_all over ep(2): 8 experts, 4 per rank
+...
 """
 
 from __future__ import annotations

@@ -3,10 +3,17 @@
 A stage is a pure function ``ShardPlan -> Result[ShardPlan, PlanError]`` with a name; `compose`
 runs stages left to right (as you read them) on the snapshot of a model and a MeshSpec.
 
->>> from moefn import compose, plan_fsdp, MeshSpec
+>>> import torch
+>>> from moefn import MeshSpec, compose, plan_ep, plan_fsdp
+>>> from moefn.adapters.reference import MoETransformer, get_preset
+>>> with torch.device("meta"):
+...     model = MoETransformer(get_preset("tiny"))
 >>> planner = compose(plan_fsdp(precision="fp32"))
->>> result = planner(model, MeshSpec(dp_shard=4))        # doctest: +SKIP
->>> plan = result.unwrap()                               # doctest: +SKIP
+>>> planner(model, MeshSpec(dp_shard=4)).unwrap().stages
+('fsdp',)
+>>> compose(plan_ep())(model, MeshSpec(dp_shard=4))  # doctest: +ELLIPSIS
+<Failure: 1 problem:
+  mesh: plan_ep needs an ep axis larger than 1 ...>
 """
 
 from __future__ import annotations

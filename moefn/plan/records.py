@@ -9,8 +9,10 @@ Step kinds, in the order realize applies them (CP → EP → AC → FSDP):
 - `Checkpoint`: a block is wrapped for activation checkpointing;
 - `FullyShard`: a module becomes one `fully_shard` unit with its options.
 
->>> plan = ShardPlan.empty(spec, MeshSpec(dp_shard=2))          # doctest: +SKIP
->>> plan.add_steps([FullyShard(stage="fsdp", path="", mesh_dims=("dp_shard_cp",))])  # doctest: +SKIP
+>>> spec = ModelSpec(family="demo", root_class="Demo", modules=(), tensors=(), tied=())
+>>> plan = ShardPlan.empty(spec, MeshSpec(dp_shard=2))
+>>> plan.add_steps([FullyShard(stage="fsdp", path="", mesh_dims=("dp_shard_cp",))]).steps
+(FullyShard(stage='fsdp', path='', mesh_dims=('dp_shard_cp',), shard_dim=0, ...),)
 """
 
 from __future__ import annotations

@@ -1,7 +1,16 @@
 """realize: the only effectful step — apply a ShardPlan to a model on a device mesh.
 
->>> meshes = build_device_meshes(plan.mesh, "cuda")      # doctest: +SKIP
->>> model = realize(plan, model, meshes)                 # doctest: +SKIP
+>>> import torch
+>>> from moefn import MeshSpec, compose, plan_ep, plan_fsdp
+>>> from moefn.adapters.reference import MoETransformer, get_preset
+>>> from moefn.launch import fake_world
+>>> with torch.device("meta"):
+...     model = MoETransformer(get_preset("tiny"))
+>>> plan = compose(plan_ep(), plan_fsdp())(model, MeshSpec(dp_shard=4, ep=2)).unwrap()
+>>> with fake_world(world_size=4):  # on GPUs: under torchrun, with build_device_meshes(..., "cuda")
+...     model = realize(plan, model, build_device_meshes(plan.mesh, "cpu"))
+>>> type(model).__name__
+'FSDPMoETransformer'
 
 Order: check everything on every rank, agree across ranks (same plan, no problems anywhere,
 the same values in every tensor that is not on meta), then mutate CP → EP → AC → FSDP

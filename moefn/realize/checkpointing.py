@@ -7,7 +7,11 @@ during recompute (the scores — and so the routing weights' gradients — are r
 everything else is recomputed. ``"selective"`` mode saves matmuls, attention, collectives and
 top-k through torch's selective checkpointing and recomputes the rest; ``"full"`` recomputes all.
 
->>> install_checkpoint(block, mode="router")          # doctest: +SKIP
+>>> from moefn.adapters.reference import MoETransformer, get_preset
+>>> block = MoETransformer(get_preset("tiny")).layers[0]
+>>> install_checkpoint(block, mode="router")
+>>> getattr(block, MARKER)
+'router'
 """
 
 from __future__ import annotations

@@ -8,7 +8,12 @@ positions, so it works for any layout.
 
 >>> head_tail_indices(8, cp=2, cp_rank=0).tolist()
 [0, 1, 6, 7]
->>> core_attention.impl = AllGatherKVAttention(cp_group)     # doctest: +SKIP
+>>> from moefn.launch import one_rank_group
+>>> q = k = v = torch.randn(1, 2, 8, 4)  # batch, heads, local sequence, head dim
+>>> with one_rank_group() as cp_group:  # realize sets CoreAttention.impl to one of these
+...     out = AllGatherKVAttention(cp_group)(q, k, v, torch.arange(8)[None], causal=True)
+>>> tuple(out.shape)
+(1, 2, 8, 4)
 """
 
 from __future__ import annotations

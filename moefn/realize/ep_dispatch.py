@@ -6,8 +6,17 @@ Rank ``r`` of an expert-parallel group of size ``ep`` owns the global experts
 the tokens, the routing weights and the local experts' parameters). Every rank of the group must
 call them (and run backward) the same number of times; token counts may differ per rank.
 
->>> d = AllToAllDispatch(num_experts=8, group=ep_group)   # doctest: +SKIP
->>> y = d(x, top_k_index, top_k_weights, experts.local_fn)  # doctest: +SKIP
+>>> import torch
+>>> from moefn.launch import one_rank_group
+>>> x, top_k_weights = torch.randn(3, 4), torch.full((3, 2), 0.5)  # 3 tokens, 2 experts each
+>>> top_k_index = torch.tensor([[0, 1], [2, 3], [1, 2]])
+>>> def double(x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+...     return 2 * x_sorted  # this rank's experts, on their tokens sorted by expert
+>>> with one_rank_group() as group:
+...     a = AllToAllDispatch(num_experts=4, group=group)(x, top_k_index, top_k_weights, double)
+...     b = AllGatherDispatch(num_experts=4, group=group)(x, top_k_index, top_k_weights, double)
+>>> torch.allclose(a, 2 * x) and torch.allclose(b, 2 * x)
+True
 """
 
 from __future__ import annotations
@@ -55,11 +64,7 @@ class AllToAllDispatch:
 
     Per call a rank sends its ``T*K`` slot rows of ``H`` and gets as many results back; in
     between it receives and returns the ``R`` rows routed to its experts. Counts travel as
-    ``E`` int64 values; backward repeats both row exchanges for the gradients.
-
-    >>> d = AllToAllDispatch(num_experts=8, group=ep_group)   # doctest: +SKIP
-    >>> y = d(x, top_k_index, top_k_weights, local_fn)         # doctest: +SKIP
-    """
+    ``E`` int64 values; backward repeats both row exchanges for the gradients."""
 
     def __init__(self, num_experts: int, group: ProcessGroup) -> None:
         self.experts_per_rank = _experts_per_rank(num_experts, group)
@@ -93,11 +98,7 @@ class AllGatherDispatch:
 
     Ranks may hold different token counts; they are padded to the group maximum ``T_max``.
     Routing weights travel with the tokens (in ``x.dtype``) and are applied on the expert's
-    rank, so the reduce-scatter carries ``ep * T_max`` rows of ``H``, not one per (token, k).
-
-    >>> d = AllGatherDispatch(num_experts=8, group=ep_group)  # doctest: +SKIP
-    >>> y = d(x, top_k_index, top_k_weights, local_fn)         # doctest: +SKIP
-    """
+    rank, so the reduce-scatter carries ``ep * T_max`` rows of ``H``, not one per (token, k)."""
 
     def __init__(self, num_experts: int, group: ProcessGroup) -> None:
         self.experts_per_rank = _experts_per_rank(num_experts, group)

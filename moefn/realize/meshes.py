@@ -5,8 +5,10 @@ One 1-D world mesh is unflattened three times — dense ``(dp_replicate, dp_shar
 group comes from adjacent dimensions of one parent and the submeshes of the views agree (FSDP
 can then shard ep-placed DTensors).
 
->>> meshes = build_device_meshes(MeshSpec(dp_shard=4, ep=2), "cpu")   # doctest: +SKIP
->>> meshes.get(("ep_shard",)).size()                                   # doctest: +SKIP
+>>> from moefn.launch import fake_world
+>>> with fake_world(world_size=4):
+...     meshes = build_device_meshes(MeshSpec(dp_shard=4, ep=2), "cpu")
+...     meshes.get(("ep_shard",)).size()
 2
 """
 

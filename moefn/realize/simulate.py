@@ -7,7 +7,14 @@ we realize the first rank, the last, and one in the middle of an EP group; from 
 parameter's mesh and placements, torch's own ``compute_local_shape_and_global_offset`` then
 gives the local shape and offset of every rank of that mesh, and each must equal the plan's.
 
->>> report = simulate(plan, lambda: MoETransformer(get_preset("deepseek-v3")))   # doctest: +SKIP
+>>> import torch
+>>> from moefn import MeshSpec, compose, plan_ep, plan_fsdp
+>>> from moefn.adapters.reference import MoETransformer, get_preset
+>>> build = lambda: MoETransformer(get_preset("tiny"))
+>>> with torch.device("meta"):
+...     plan = compose(plan_ep(), plan_fsdp())(build(), MeshSpec(dp_shard=64, ep=8)).unwrap()
+>>> [r.rank for r in simulate(plan, build)]  # first, middle of an EP group, last
+[0, ..., 63]
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from torch.distributed.tensor import DTensor, Placement
 from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
 from moefn.analyse.layout import local_shape, local_shape_and_offset, param_layouts
+from moefn.launch import fake_world
 from moefn.plan.arguments import expect_type, shown
 from moefn.plan.errors import ArgumentTypeError, PlanError, Problem
 from moefn.plan.mesh import MeshSpec
@@ -47,13 +55,9 @@ class SimulatedRank:
 
 def _simulate_rank(plan: ShardPlan, build_model: Callable[[], nn.Module],
                    rank: int) -> tuple[SimulatedRank, list[Problem]]:
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
     from moefn.realize import build_device_meshes, realize
 
-    dist.init_process_group("fake", store=FakeStore(), rank=rank,
-                            world_size=plan.mesh.world_size)
-    try:
+    with fake_world(plan.mesh.world_size, rank):
         start = time.perf_counter()
         with torch.device("meta"):
             model = build_model()
@@ -73,8 +77,6 @@ def _simulate_rank(plan: ShardPlan, build_model: Callable[[], nn.Module],
         checked, wrong = _check_every_rank(plan, model)
         return (SimulatedRank(rank=rank, seconds=seconds, parameters=count,
                               ranks_checked=checked), problems + wrong)
-    finally:
-        dist.destroy_process_group()
 
 
 _REPORT = "report this: the plan's layout and torch disagree"

@@ -3,8 +3,11 @@
 Loss rule that keeps every gradient exact under any layout: each rank's loss is the sum over
 its own tokens divided by the global valid-token count, and every reduction is a sum.
 
->>> batch = global_batch(get_preset("tiny"), batch=4, seq=16, seed=0)   # doctest: +SKIP
->>> mine = local_batch(batch, MeshSpec(dp_shard=2, cp=2), rank=3)       # doctest: +SKIP
+>>> from moefn.adapters.reference import get_preset
+>>> batch = global_batch(get_preset("tiny"), batch=4, seq=16, seed=0)
+>>> mine = local_batch(batch, MeshSpec(dp_shard=2, cp=2), rank=3)
+>>> tuple(mine.input_ids.shape)  # half the rows, the head and tail chunks of the sequence
+(2, 8)
 """
 
 from __future__ import annotations

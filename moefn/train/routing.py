@@ -1,7 +1,10 @@
 """Routing statistics across ranks: load counts summed over every data-parallel rank, and the
 aux-loss-free expert-bias update (DeepSeek-V3) applied identically on every rank.
 
->>> update_expert_bias(model, rate=1e-3)      # after optimizer.step()   # doctest: +SKIP
+>>> from moefn.adapters.reference import MoETransformer, get_preset
+>>> model = MoETransformer(get_preset("tiny"))
+>>> sorted(update_expert_bias(model, rate=1e-3))  # after optimizer.step(); returns the loads
+['layers.0.mlp.router', 'layers.1.mlp.router']
 """
 
 from __future__ import annotations

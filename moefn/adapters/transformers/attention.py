@@ -11,8 +11,7 @@ attend locally the same way. Call the model with ``position_ids`` (global positi
 ``use_cache=False``; padding masks are refused (use ``-100`` labels for padding instead), and
 packed sequences are not supported.
 
->>> register()                                         # doctest: +SKIP
->>> install_context_parallel(model.model.layers[0].self_attn, cp_group)   # doctest: +SKIP
+>>> register()  # realize then calls install_context_parallel on each attention (tests/test_hf.py)
 """
 
 from __future__ import annotations

@@ -15,8 +15,7 @@ is recorded on that checkpoint call's routing tape (`moefn.realize.checkpointing
 and replayed in recompute (the values are gathered from the recomputed scores at the recorded
 indices, so gradients flow as through ``topk``). Outside such a checkpoint the hooks do nothing.
 
->>> register()                                   # doctest: +SKIP
->>> install_dispatcher(experts, dispatcher)      # doctest: +SKIP
+>>> register()  # realize then calls install_dispatcher on each experts module (tests/test_hf.py)
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ config or model imports transformers (``moefn[hf]``).
 
 >>> "hf-deepseek-v3" in HF_PRESETS
 True
->>> model = build_hf_model(hf_preset_config("hf-mixtral-8x7b"))  # meta, bf16  # doctest: +SKIP
+>>> model = build_hf_model(hf_preset_config("hf-mixtral-8x7b"))  # meta, bf16
+>>> round(sum(p.numel() for p in model.parameters()) / 1e9, 1)  # billions of parameters
+46.7
 """
 
 from __future__ import annotations

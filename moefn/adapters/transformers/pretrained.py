@@ -8,10 +8,19 @@ up_proj / down_proj`` (Mixtral: ``block_sparse_moe.experts.{e}.w1 / w3 / w2``) b
 ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``; keys already fused (GPT-OSS) load as is.
 Non-persistent buffers (rotary ``inv_freq``) are rebuilt from the module's config.
 
->>> with torch.device("meta"):                                          # doctest: +SKIP
-...     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
->>> realize(plan, model, meshes)                                         # doctest: +SKIP
->>> load_pretrained(model, path, device="cuda")                          # doctest: +SKIP
+>>> import tempfile
+>>> from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+>>> config = Qwen3MoeConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32,
+...                         num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+...                         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+...                         vocab_size=32)
+>>> path = tempfile.mkdtemp()
+>>> AutoModelForCausalLM.from_config(config).save_pretrained(path)
+>>> with torch.device("meta"):
+...     model = AutoModelForCausalLM.from_config(config)
+>>> model = load_pretrained(model, path, device="cpu")  # realize(plan, model, meshes) first
+>>> any(p.is_meta for p in model.parameters())
+False
 """
 
 from __future__ import annotations
