@@ -303,6 +303,9 @@ OFFLINE: list[tuple[str, Callable[[], object], Expect]] = [
     ("json-step-field-wrong-type", load(edited(
         lambda d: _set(step_of(d, "FullyShard", ""), shard_dim="0"))),
      Expect(PlanFormatError, "plan.steps[13].shard_dim", "expected int", "'0'", FORMAT_FIX)),
+    ("json-unknown-mesh-axis", load(edited(
+        lambda d: _set(step_of(d, "FullyShard", ""), mesh_dims=["tp"]))),
+     Expect(PlanFormatError, "plan.steps[13].mesh_dims[0]", "expected one of", "tp", FORMAT_FIX)),
     ("json-pickle-bytes", load(PICKLE_PAYLOAD),
      Expect(PlanFormatError, "(plan file)", "not valid JSON", "utf-8", "to_json(plan)")),
     ("json-deeply-nested", load('{"format": "moefn.plan", "version": 1, "plan": '
@@ -461,6 +464,17 @@ def _all_steps(record: str, **values: Any) -> Callable[[dict[str, Any]], None]:
 
 
 ROOT_UNIT = ("FullyShard", "")
+
+
+def _in_code(record: str, path: str, **values: Any) -> Callable[[int], Built]:
+    """The good plan with one step changed in code, past the types (a plan file is refused on
+    load instead: json-unknown-mesh-axis)."""
+    def build(rank: int) -> Built:
+        plan = _good_plan()
+        steps = tuple(evolve(s, **values) if (type(s).__name__, s.path) == (record, path) else s
+                      for s in plan.steps)
+        return evolve(plan, steps=steps), _seeded(), build_device_meshes(EP2, "cpu")
+    return build
 EXPERTS = "layers.1.mlp.experts"
 
 # (id, builder, expected problem)
@@ -501,8 +515,7 @@ REALIZE: list[tuple[str, Callable[[int], Built], Expect]] = [
     ("distributed-parameter-missing", _from_file(
         lambda d: _set(step_of(d, "DistributeParams", EXPERTS), params=["gate_up", "bias"])),
      Expect(RealizeError, f"{EXPERTS}.bias", "parameter missing", "bias", "re-plan this model")),
-    ("unit-on-an-unknown-mesh-axis", _from_file(
-        lambda d: _set(step_of(d, *ROOT_UNIT), mesh_dims=["tp"])), Expect(
+    ("unit-on-an-unknown-mesh-axis", _in_code(*ROOT_UNIT, mesh_dims=("tp",)), Expect(
         RealizeError, "mesh", "no such mesh axes", "tp", "use axes of one view")),
     ("unit-with-an-unknown-dtype", _from_file(
         lambda d: _set(step_of(d, *ROOT_UNIT), param_dtype="float8")), Expect(

@@ -45,6 +45,7 @@ from typing import Literal
 from attrs import evolve, frozen
 
 from moefn.analyse.layout import fsdp_shard_numel, fsdp_shard_ranks, local_shape, param_layouts
+from moefn.plan.mesh import Axis
 from moefn.plan.records import (
     Checkpoint,
     ContextParallelAttention,
@@ -69,14 +70,14 @@ class Comm:
 
     collective: str
     op: Op
-    axes: tuple[str, ...]
+    axes: tuple[Axis, ...]
     calls: int
     sent: int
     received: int
     lower_bound: int
 
 
-def _traffic(collective: str, op: Op, axes: tuple[str, ...], calls: int, each_way: int,
+def _traffic(collective: str, op: Op, axes: tuple[Axis, ...], calls: int, each_way: int,
              lower_bound: int) -> Comm:
     return Comm(collective=collective, op=op, axes=axes, calls=calls, sent=each_way,
                 received=each_way, lower_bound=lower_bound)

@@ -10,11 +10,12 @@ and FSDP2 do): ``ceil(n / k)`` rows per shard, the last shards short or empty.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 from attrs import frozen
 
-from moefn.plan.mesh import MeshSpec
+from moefn.plan.mesh import Axis, MeshSpec
 from moefn.plan.records import DistributeParams, FullyShard, Shard, ShardPlan
 
 
@@ -43,7 +44,7 @@ class ParamLayout:
 
     name: str
     shape: tuple[int, ...]
-    shards: tuple[tuple[str, int], ...]  # (mesh axis, tensor dim), EP first, then FSDP
+    shards: tuple[tuple[Axis, int], ...]  # (mesh axis, tensor dim), EP first, then FSDP
     unit: str | None
 
     def local_shapes(self, mesh: MeshSpec) -> tuple[tuple[tuple[int, ...], int], ...]:
@@ -62,9 +63,7 @@ class ParamLayout:
                 for size, n in dim_counts.items():
                     grown[(*shape, size)] += count * n
             shapes = grown
-        sharded_ranks = 1
-        for axis, _ in self.shards:
-            sharded_ranks *= mesh.size(axis)
+        sharded_ranks = math.prod(mesh.size(axis) for axis, _ in self.shards)
         scale = mesh.world_size // sharded_ranks
         return tuple(sorted(((s, c * scale) for s, c in shapes.items()),
                             key=lambda item: (-item[1], item[0])))
@@ -132,7 +131,7 @@ def param_layouts(plan: ShardPlan) -> dict[str, ParamLayout]:
     for info in plan.model.tensors:
         if info.is_buffer:
             continue
-        shards: list[tuple[str, int]] = []
+        shards: list[tuple[Axis, int]] = []
         step = distributed.get(info.name)
         if isinstance(step, DistributeParams):
             for axis, placement in zip(step.mesh_dims, step.placements, strict=True):

@@ -20,7 +20,7 @@ from __future__ import annotations
 from moefn.analyse.layout import ParamLayout, param_layouts
 from moefn.plan.arguments import expect_type
 from moefn.plan.errors import path_pattern
-from moefn.plan.mesh import MeshSpec
+from moefn.plan.mesh import Axis, MeshSpec
 from moefn.plan.records import (
     Checkpoint,
     ContextParallelAttention,
@@ -33,7 +33,7 @@ from moefn.plan.records import (
 )
 
 
-def _axes(dims: tuple[str, ...], mesh: MeshSpec) -> str:
+def _axes(dims: tuple[Axis, ...], mesh: MeshSpec) -> str:
     return "×".join(f"{d}({mesh.size(d)})" for d in dims)
 
 

@@ -13,18 +13,25 @@ data-parallel group) and ``ep_shard`` (ranks holding the same experts).
 from __future__ import annotations
 
 import math
-from typing import Final
+from typing import Final, Literal, get_args
 
 from attrs import frozen
 
 from moefn.plan.arguments import expect_type, int_at_least, one_of
 from moefn.plan.errors import ArgumentTypeError, PlanError, Problem
 
-BASE_AXES: Final = ("dp_replicate", "dp_shard", "cp", "ep")
-DENSE_DIMS: Final = ("dp_replicate", "dp_shard", "cp")
-EXPERT_DIMS: Final = ("dp_replicate", "ep_shard", "ep")
-#: Every axis name a plan may refer to, with the base dimensions it spans (outer to inner).
-AXIS_SPANS: Final[dict[str, tuple[str, ...]]] = {
+Axis = Literal["dp_replicate", "dp_shard", "cp", "dp_shard_cp", "ep_shard", "ep"]
+"""Every axis name a plan may refer to."""
+Dim = Literal["dp_replicate", "dp_shard", "cp", "ep_shard", "ep"]
+"""The dimensions of the device mesh's views (flattened axes span several)."""
+BaseAxis = Literal["dp_replicate", "dp_shard", "cp", "ep"]
+"""The sizes a MeshSpec is made of."""
+
+BASE_AXES: Final[tuple[BaseAxis, ...]] = get_args(BaseAxis)
+DENSE_DIMS: Final[tuple[Dim, ...]] = ("dp_replicate", "dp_shard", "cp")
+EXPERT_DIMS: Final[tuple[Dim, ...]] = ("dp_replicate", "ep_shard", "ep")
+#: Every axis, with the dimensions it spans (outer to inner).
+AXIS_SPANS: Final[dict[Axis, tuple[Dim, ...]]] = {
     "dp_replicate": ("dp_replicate",),
     "dp_shard": ("dp_shard",),
     "cp": ("cp",),
@@ -131,27 +138,24 @@ class MeshSpec:
     def ep_shard(self) -> int:
         return self.dp_shard * self.cp // self.ep
 
-    def base_size(self, dim: str) -> int:
+    def base_size(self, dim: Dim) -> int:
         sizes = {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "cp": self.cp,
                  "ep": self.ep, "ep_shard": self.ep_shard}
         return sizes[dim]
 
-    def size(self, axis: str) -> int:
+    def size(self, axis: Axis) -> int:
         """Size of a named axis (base or flattened); raises PlanError for an unknown name."""
         if not isinstance(axis, str) or axis not in AXIS_SPANS:
             raise PlanError.single("mesh", "unknown mesh axis", repr(axis),
                                    f"use one of {tuple(AXIS_SPANS)}")
-        size = 1
-        for dim in AXIS_SPANS[axis]:
-            size *= self.base_size(dim)
-        return size
+        return math.prod(self.base_size(dim) for dim in AXIS_SPANS[axis])
 
     def _check_rank(self, rank: int) -> None:
         if int_at_least(rank, "rank", 0) >= self.world_size:
             raise PlanError.single("rank", "rank outside the mesh's world", rank,
                                    f"use a rank in 0..{self.world_size - 1}")
 
-    def coordinate(self, rank: int, axis: str) -> int:
+    def coordinate(self, rank: int, axis: Axis) -> int:
         """This rank's index along ``axis`` (row-major, outer to inner, as the DeviceMesh lays it)."""
         self._check_rank(rank)
         one_of(axis, tuple(AXIS_SPANS), "axis")
@@ -166,7 +170,7 @@ class MeshSpec:
             index = index * self.base_size(dim) + coords[dim]
         return index
 
-    def group_ranks(self, rank: int, axes: tuple[str, ...]) -> tuple[int, ...]:
+    def group_ranks(self, rank: int, axes: tuple[Axis, ...]) -> tuple[int, ...]:
         """The global ranks of ``rank``'s group over ``axes`` (e.g. its EP group), ascending.
 
         >>> MeshSpec(dp_shard=4, ep=2).group_ranks(3, ("ep_shard",))

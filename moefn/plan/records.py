@@ -18,11 +18,11 @@ Step kinds, in the order realize applies them (CP → EP → AC → FSDP):
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, get_args
 
 from attrs import evolve, field, frozen
 
-from moefn.plan.mesh import MeshSpec
+from moefn.plan.mesh import Axis, MeshSpec
 from moefn.plan.spec import ModelSpec
 
 STAGE_ORDER = ("cp", "ep", "ac", "fsdp")
@@ -50,7 +50,7 @@ Placement = Shard | Replicate
 class ContextParallelAttention:
     stage: StageName
     path: str
-    mesh_dims: tuple[str, ...]
+    mesh_dims: tuple[Axis, ...]
     layout: Literal["head_tail"] = "head_tail"
     seq_len: int | None = None
 
@@ -60,7 +60,7 @@ class DistributeParams:
     stage: StageName
     path: str
     params: tuple[str, ...]
-    mesh_dims: tuple[str, ...]
+    mesh_dims: tuple[Axis, ...]
     placements: tuple[Placement, ...]
 
 
@@ -69,7 +69,7 @@ class InstallDispatch:
     stage: StageName
     path: str
     kind: Literal["all_to_all", "all_gather"]
-    mesh_dims: tuple[str, ...]
+    mesh_dims: tuple[Axis, ...]
     num_experts: int
 
 
@@ -77,7 +77,7 @@ class InstallDispatch:
 class SyncGradients:
     stage: StageName
     path: str
-    mesh_dims: tuple[str, ...]
+    mesh_dims: tuple[Axis, ...]
 
 
 @frozen(kw_only=True)
@@ -96,7 +96,7 @@ class FullyShard:
 
     stage: StageName
     path: str
-    mesh_dims: tuple[str, ...]
+    mesh_dims: tuple[Axis, ...]
     shard_dim: int = 0
     reshard_after_forward: bool = True
     param_dtype: str | None = None
@@ -107,12 +107,10 @@ class FullyShard:
 
 Step = (ContextParallelAttention | DistributeParams | InstallDispatch | SyncGradients | Checkpoint
         | FullyShard)
-STEP_KINDS: tuple[type, ...] = (ContextParallelAttention, DistributeParams, InstallDispatch,
-                                SyncGradients, Checkpoint, FullyShard)
+"""Every step kind, listed once here, in the order realize applies them."""
+STEP_KINDS: tuple[type[Step], ...] = get_args(Step)
 
-
-S = TypeVar("S", ContextParallelAttention, DistributeParams, InstallDispatch, SyncGradients,
-              Checkpoint, FullyShard)
+S = TypeVar("S", bound=Step)
 
 
 def _step_sort_key(step: Step) -> tuple[int, int]:

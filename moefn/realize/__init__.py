@@ -20,6 +20,8 @@ leaves the model untouched.
 
 from __future__ import annotations
 
+from typing import assert_never
+
 from torch import nn
 
 from moefn.plan.records import (
@@ -29,6 +31,7 @@ from moefn.plan.records import (
     FullyShard,
     InstallDispatch,
     ShardPlan,
+    Step,
     SyncGradients,
 )
 from moefn.plan.spec import REALIZED
@@ -57,6 +60,25 @@ def _mark_realized(plan: ShardPlan, modules: dict[str, nn.Module]) -> None:
         setattr(modules[path], REALIZED, ", ".join(sorted(kinds)))
 
 
+def _realize_order(item: tuple[int, Step]) -> tuple[int, int, str]:
+    """CP first, then EP (parameters and dispatchers in plan order), gradient sync,
+    checkpointing, and FSDP units inner before outer (a unit wraps its units' leftovers)."""
+    index, step = item
+    match step:
+        case ContextParallelAttention():
+            return 0, index, ""
+        case DistributeParams() | InstallDispatch():
+            return 1, index, ""
+        case SyncGradients():
+            return 2, index, ""
+        case Checkpoint():
+            return 3, index, ""
+        case FullyShard():
+            return 4, -step.path.count(".") - bool(step.path), step.path
+        case _:
+            assert_never(step)
+
+
 def realize(plan: ShardPlan, model: nn.Module, meshes: DeviceMeshes,
             check_inputs: bool = True) -> nn.Module:
     """Apply ``plan`` to ``model`` in place and return it (works on meta-device models too).
@@ -67,23 +89,23 @@ def realize(plan: ShardPlan, model: nn.Module, meshes: DeviceMeshes,
     agree(fingerprint(plan), problems, () if problems else value_digests(model))
     modules = dict(model.named_modules())
     _mark_realized(plan, modules)
-    for step in plan.steps:
-        if isinstance(step, ContextParallelAttention):
-            apply_context_parallel(step, modules[step.path], meshes)
-    for step in plan.steps:
-        if isinstance(step, DistributeParams):
-            apply_distribute(step, modules[step.path], meshes)
-        elif isinstance(step, InstallDispatch):
-            apply_dispatch(step, modules[step.path], meshes)
-    sync = tuple(s for s in plan.steps if isinstance(s, SyncGradients))
-    if sync:
-        apply_sync(sync, model, meshes)
-    for step in plan.steps:
-        if isinstance(step, Checkpoint):
-            apply_checkpoint(step, modules[step.path])
-    units = [s for s in plan.steps if isinstance(s, FullyShard)]
-    for unit in sorted(units, key=lambda s: (-s.path.count(".") - bool(s.path), s.path)):
-        apply_fully_shard(unit, modules[unit.path], model, meshes)
+    sync = plan.steps_of(SyncGradients)
+    for _, step in sorted(enumerate(plan.steps), key=_realize_order):
+        match step:
+            case ContextParallelAttention():
+                apply_context_parallel(step, modules[step.path], meshes)
+            case DistributeParams():
+                apply_distribute(step, modules[step.path], meshes)
+            case InstallDispatch():
+                apply_dispatch(step, modules[step.path], meshes)
+            case SyncGradients():
+                apply_sync(step, sync, model, meshes)
+            case Checkpoint():
+                apply_checkpoint(step, modules[step.path])
+            case FullyShard():
+                apply_fully_shard(step, modules[step.path], model, meshes)
+            case _:
+                assert_never(step)
     if check_inputs and plan.steps_of(ContextParallelAttention):
         install_input_check(model, meshes.get(("cp",)).get_group(), meshes.device_type)
     return model

@@ -103,15 +103,16 @@ class _SumOver:
         return total
 
 
-def apply_sync(steps: tuple[SyncGradients, ...], model: nn.Module, meshes: DeviceMeshes) -> None:
-    """Register gradient hooks that all-reduce (sum) over each step's axes; the deepest path
-    covering a parameter wins, so expert parameters sync over the expert data-parallel axes."""
+def apply_sync(step: SyncGradients, steps: tuple[SyncGradients, ...], model: nn.Module,
+               meshes: DeviceMeshes) -> None:
+    """Hook each trainable parameter ``step`` covers most deeply among ``steps`` to all-reduce
+    (sum) over its axes: expert parameters sync over the expert data-parallel axes."""
     by_depth = sorted(steps, key=lambda s: -len(s.path))
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        step = next(s for s in by_depth if s.path == "" or name.startswith(s.path + "."))
-        param.register_hook(_SumOver(meshes.group(step.mesh_dims)))  # type: ignore[no-untyped-call]
+        if next(s for s in by_depth if s.path == "" or name.startswith(s.path + ".")) is step:
+            param.register_hook(_SumOver(meshes.group(step.mesh_dims)))  # type: ignore[no-untyped-call]
 
 
 def apply_fully_shard(step: FullyShard, module: nn.Module, root: nn.Module,

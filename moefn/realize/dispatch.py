@@ -39,6 +39,14 @@ def sort_by_expert(top_k_index: Tensor, num_experts: int) -> tuple[Tensor, Tenso
     return order, counts
 
 
+def combine(y_slots: Tensor, order: Tensor, top_k_weights: Tensor, dtype: torch.dtype) -> Tensor:
+    """Un-permute expert outputs (row ``i`` belongs to slot ``order[i]``) and weight-sum over k."""
+    tokens, k = top_k_weights.shape
+    y = torch.empty_like(y_slots).index_copy(0, order, y_slots)
+    weighted = y.view(tokens, k, y.shape[-1]) * top_k_weights.unsqueeze(-1).to(y.dtype)
+    return weighted.sum(dim=1).to(dtype)
+
+
 class LocalDispatch:
     """No expert parallelism: every expert lives on this rank."""
 
@@ -51,7 +59,4 @@ class LocalDispatch:
         tokens, k = top_k_index.shape
         order, counts = sort_by_expert(top_k_index, self.num_experts)
         x_sorted = x[order // k]
-        y_sorted = local_fn(x_sorted, counts.cpu())
-        y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)
-        weighted = y.view(tokens, k, y.shape[-1]) * top_k_weights.unsqueeze(-1).to(y.dtype)
-        return weighted.sum(dim=1).to(x.dtype)
+        return combine(local_fn(x_sorted, counts.cpu()), order, top_k_weights, x.dtype)

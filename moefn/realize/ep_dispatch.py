@@ -27,7 +27,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from moefn.realize.dispatch import LocalExpertsFn, sort_by_expert
+from moefn.realize.dispatch import LocalExpertsFn, combine, sort_by_expert
 
 
 def _experts_per_rank(num_experts: int, group: ProcessGroup) -> int:
@@ -49,14 +49,6 @@ def _all_to_all(x: Tensor, output_splits: list[int], input_splits: list[int],
                 group: ProcessGroup) -> Tensor:
     """Differentiable uneven all-to-all along dim 0 (backward swaps the splits)."""
     return _wait(funcol.all_to_all_single_autograd(x, output_splits, input_splits, group))
-
-
-def _combine(y_slots: Tensor, order: Tensor, top_k_weights: Tensor, dtype: torch.dtype) -> Tensor:
-    """Un-permute expert outputs (row ``i`` belongs to slot ``order[i]``) and weight-sum over k."""
-    tokens, k = top_k_weights.shape
-    y = torch.empty_like(y_slots).index_copy(0, order, y_slots)
-    weighted = y.view(tokens, k, y.shape[-1]) * top_k_weights.unsqueeze(-1).to(y.dtype)
-    return weighted.sum(dim=1).to(dtype)
 
 
 class AllToAllDispatch:
@@ -90,7 +82,7 @@ class AllToAllDispatch:
         y_local = local_fn(received[regroup], recv_counts.view(ep, local).sum(dim=0).cpu())
         y_received = torch.empty_like(y_local).index_copy(0, regroup, y_local)
         y_slots = _all_to_all(y_received, send_splits, recv_splits, self.group)
-        return _combine(y_slots, order, top_k_weights, x.dtype)
+        return combine(y_slots, order, top_k_weights, x.dtype)
 
 
 class AllGatherDispatch:

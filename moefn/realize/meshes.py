@@ -22,7 +22,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from moefn.launch import launched_by_torchrun
 from moefn.plan.arguments import expect_type
 from moefn.plan.errors import RealizeError
-from moefn.plan.mesh import DENSE_DIMS, EXPERT_DIMS, MeshSpec
+from moefn.plan.mesh import DENSE_DIMS, EXPERT_DIMS, Axis, MeshSpec
 
 
 @frozen
@@ -37,7 +37,7 @@ class DeviceMeshes:
     def device_type(self) -> str:
         return self.world.device_type
 
-    def get(self, dims: tuple[str, ...]) -> DeviceMesh:
+    def get(self, dims: tuple[Axis, ...]) -> DeviceMesh:
         """The (sub)mesh over named axes, e.g. ``("dp_replicate", "dp_shard_cp")`` or ``("ep",)``."""
         if "dp_shard_cp" in dims:
             return self.data[dims]
@@ -49,7 +49,7 @@ class DeviceMeshes:
                                   "use axes of one view: dense or expert")
 
 
-    def group(self, dims: tuple[str, ...]) -> ProcessGroup:
+    def group(self, dims: tuple[Axis, ...]) -> ProcessGroup:
         """One process group spanning ``dims`` (several axes are flattened into one)."""
         mesh = self.get(dims)
         if mesh.ndim > 1:

@@ -6,7 +6,7 @@ from attrs import evolve
 
 from moefn.plan.arguments import expect_type
 from moefn.plan.errors import Problem
-from moefn.plan.mesh import MeshSpec
+from moefn.plan.mesh import Axis, MeshSpec
 from moefn.plan.records import DistributeParams, ShardPlan, StageName, SyncGradients
 
 
@@ -23,12 +23,12 @@ def check_stage_mesh(mesh: object) -> None:
                 "pass MeshSpec(...) or MeshSpec.parse(text)")
 
 
-def dense_dp_dims(mesh: MeshSpec) -> tuple[str, ...]:
+def dense_dp_dims(mesh: MeshSpec) -> tuple[Axis, ...]:
     """Data-parallel axes of dense parameters: dp_shard_cp (with dp_replicate for HSDP)."""
     return ("dp_replicate", "dp_shard_cp") if mesh.dp_replicate > 1 else ("dp_shard_cp",)
 
 
-def expert_dp_dims(mesh: MeshSpec) -> tuple[str, ...]:
+def expert_dp_dims(mesh: MeshSpec) -> tuple[Axis, ...]:
     """Data-parallel axes of expert parameters: ep_shard (with dp_replicate for HSDP)."""
     return ("dp_replicate", "ep_shard") if mesh.dp_replicate > 1 else ("ep_shard",)
 

@@ -21,7 +21,7 @@ from returns.result import Failure, Success
 
 from moefn.plan.compose import PlanResult, Stage
 from moefn.plan.errors import PlanError, Problem
-from moefn.plan.mesh import MeshSpec
+from moefn.plan.mesh import Axis, MeshSpec
 from moefn.plan.records import DistributeParams, FullyShard, ShardPlan
 from moefn.plan.spec import ModelSpec, TensorInfo
 from moefn.plan.stages.common import (
@@ -152,7 +152,7 @@ def plan_fsdp(
         spec, mesh_spec = plan.model, plan.mesh
         dense = dense_dp_dims(mesh_spec)
 
-        def unit(path: str, dims: tuple[str, ...], shard_dim: int = 0,
+        def unit(path: str, dims: tuple[Axis, ...], shard_dim: int = 0,
                  dtypes: tuple[str | None, str | None] = (param_dtype, reduce_dtype)) -> FullyShard:
             return FullyShard(stage="fsdp", path=path, mesh_dims=dims, shard_dim=shard_dim,
                               reshard_after_forward=reshard_after_forward, param_dtype=dtypes[0],
