@@ -58,19 +58,25 @@ def _using(mode: str, tape: RoutingTape) -> Iterator[None]:
         _TAPES.pop()
 
 
-def route(choice: Tensor, top_k: int) -> Tensor:
-    """``topk(choice).indices``, recorded in forward and replayed in recompute under "router"."""
+def taped(choose: Callable[[], Tensor], what: str = "routers") -> Tensor:
+    """``choose()`` (top-k indices), recorded on the innermost routing tape in forward and
+    replayed from it in recompute; outside a router-mode checkpoint just ``choose()``."""
     if _TAPES and _TAPES[-1][0] == "replay":
         tape = _TAPES[-1][1]
         if tape.replay_position >= len(tape.entries):
-            raise RuntimeError("recompute ran more routers than the forward it replays")
+            raise RuntimeError(f"recompute ran more {what} than the forward it replays")
         index = tape.entries[tape.replay_position]
         tape.replay_position += 1
         return index
-    index = torch.topk(choice.detach(), top_k, dim=-1).indices  # no autograd state: replayable
+    index = choose().detach()  # no autograd state: replayable
     if _TAPES and _TAPES[-1][0] == "record":
-        _TAPES[-1][1].entries.append(index.detach())
+        _TAPES[-1][1].entries.append(index)
     return index
+
+
+def route(choice: Tensor, top_k: int) -> Tensor:
+    """``topk(choice).indices``, recorded in forward and replayed in recompute under "router"."""
+    return taped(lambda: torch.topk(choice.detach(), top_k, dim=-1).indices)
 
 
 def _routing_contexts() -> tuple[contextlib.AbstractContextManager[None],

@@ -26,15 +26,14 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor
 
+from moefn.plan.stages.cp import head_tail_lengths
+
 
 def check_seq_len(seq_len: int, cp: int) -> None:
     """Raise ValueError (with the nearest valid lengths) unless 2·cp divides ``seq_len``."""
-    step = 2 * cp
-    if seq_len % step:
-        lower = seq_len // step * step
-        options = " or ".join(str(n) for n in (lower, lower + step) if n > 0)
-        raise ValueError(f"sequence length {seq_len} is not divisible by 2·cp = {step} "
-                         f"(head-tail layout); use {options}")
+    if seq_len % (2 * cp):
+        raise ValueError(f"sequence length {seq_len} is not divisible by 2·cp = {2 * cp} "
+                         f"(head-tail layout); use {head_tail_lengths(seq_len, cp)}")
 
 
 def head_tail_indices(seq_len: int, cp: int, cp_rank: int) -> Tensor:

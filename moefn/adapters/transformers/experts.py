@@ -132,17 +132,12 @@ class _TopKTape(TorchFunctionMode):
         kwargs = kwargs or {}
         if func not in (torch.topk, Tensor.topk) or not checkpointing._TAPES:
             return func(*args, **kwargs)
-        mode, tape = checkpointing._TAPES[-1]
-        if mode == "replay":
-            if tape.replay_position >= len(tape.entries):
-                raise RuntimeError("recompute ran more router top-k calls than the forward it replays")
-            index = tape.entries[tape.replay_position]
-            tape.replay_position += 1
-        else:
+
+        def choose() -> Tensor:
             with torch.no_grad():
-                index = func(*args, **kwargs)[1]
-            if mode == "record":
-                tape.entries.append(index)
+                return func(*args, **kwargs)[1]  # type: ignore[no-any-return]
+
+        index = checkpointing.taped(choose, "router top-k calls")
         dim = kwargs.get("dim", args[2] if len(args) > 2 else -1)
         values = _GatherAt.apply(args[0], dim, index)  # type: ignore[no-untyped-call]
         return torch.return_types.topk((values, index))

@@ -23,10 +23,14 @@ from moefn.plan.stages.common import (
 )
 
 
-def _valid_lengths(seq_len: int, multiple: int) -> str:
-    lower = seq_len // multiple * multiple
-    options = [n for n in (lower, lower + multiple) if n > 0]
-    return " or ".join(str(n) for n in options)
+def head_tail_lengths(seq_len: int, cp: int) -> str:
+    """The sequence lengths nearest ``seq_len`` that 2·cp divides (the head-tail layout).
+
+    >>> head_tail_lengths(30, cp=4)
+    '24 or 32'
+    """
+    lower = seq_len // (2 * cp) * (2 * cp)
+    return " or ".join(str(n) for n in (lower, lower + 2 * cp) if n > 0)
 
 
 def plan_cp(seq_len: int | None = None, mesh: MeshSpec | None = None) -> Stage:
@@ -47,7 +51,7 @@ def plan_cp(seq_len: int | None = None, mesh: MeshSpec | None = None) -> Stage:
             problems.append(Problem(
                 path="", message="sequence length not divisible by 2·cp (head-tail layout)",
                 value=f"seq_len={seq_len}, cp={cp}",
-                fix=f"use seq_len {_valid_lengths(seq_len, 2 * cp)}"))
+                fix=f"use seq_len {head_tail_lengths(seq_len, cp)}"))
         targets = plan.model.paths_with("core_attention")
         if not targets:
             problems.append(Problem(path="", message="no attention module to make context-parallel",
