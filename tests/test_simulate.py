@@ -43,7 +43,7 @@ def test_a_layout_disagreement_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> 
     import torch
 
     from moefn import PlanError, compose, plan_ep, plan_fsdp
-    from moefn import simulate as sim
+    from moefn.realize import simulate as sim
     from moefn.adapters.reference import MoETransformer, get_preset
 
     with torch.device("meta"):
@@ -60,7 +60,7 @@ def test_ranks_that_are_not_realized_are_checked_too(monkeypatch: pytest.MonkeyP
     import torch
 
     from moefn import PlanError, compose, plan_ep, plan_fsdp
-    from moefn import simulate as sim
+    from moefn.realize import simulate as sim
     from moefn.adapters.reference import MoETransformer, get_preset
     from moefn.analyse.layout import local_shape_and_offset
 
@@ -84,7 +84,7 @@ def test_experts_with_an_uneven_dim_1_shard_on_dim_0() -> None:
     from attrs import evolve
 
     from moefn import RealizeError, compose, plan_ep, plan_fsdp
-    from moefn import simulate as sim
+    from moefn.realize import simulate as sim
     from moefn.adapters.reference import MoETransformer, get_preset
     from moefn.plan.records import FullyShard
 
