@@ -37,11 +37,11 @@ import torch.distributed as dist
 from torch import nn
 
 from moefn import MeshSpec, compose, plan_ep, plan_fsdp
-from moefn.comm_ledger import CommLedger
+from moefn.adapters.reference import causal_lm_loss, next_token_labels
+from moefn.analyse.ledger import CommLedger
 from moefn.launch import run_local
-from moefn.models import causal_lm_loss, next_token_labels
 from moefn.realize import build_device_meshes, realize
-from moefn.train import Batch, local_batch
+from moefn.train.loop import Batch, local_batch
 
 NPROC, FSDP, EP = 4, 4, 2
 ROWS, SEQ, VOCAB = 8, 128, 1024

@@ -14,9 +14,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import peer
 from moefn import MeshSpec
+from moefn.adapters.reference import causal_lm_loss
 from moefn.launch import run_local
-from moefn.models import causal_lm_loss
-from moefn.train import local_batch
+from moefn.train.loop import local_batch
 
 
 def _profile_rank(rank: int, world: int, path: str, system: str) -> str | None:

@@ -23,13 +23,13 @@ import torch
 from attrs import evolve
 
 from moefn import MeshSpec, compose, plan_ac, plan_cp, plan_ep, plan_fsdp
-from moefn.comm_ledger import CommLedger
-from moefn.estimate import estimate
+from moefn.adapters.reference import MoETransformer, causal_lm_loss, get_preset
+from moefn.analyse.estimate import estimate
+from moefn.analyse.ledger import CommLedger
 from moefn.launch import run_local
-from moefn.models import MoETransformer, causal_lm_loss, get_preset
+from moefn.plan.compose import Planner, Stage
 from moefn.realize import build_device_meshes, realize
-from moefn.stage import Planner, Stage
-from moefn.train import global_batch, local_batch
+from moefn.train.loop import global_batch, local_batch
 
 ROOT = Path(__file__).parents[1]
 
@@ -157,8 +157,8 @@ def _plan_once(planner: Planner, model: torch.nn.Module, mesh: MeshSpec) -> None
 def bench_planning() -> list[dict[str, Any]]:
     """Plan, diff, JSON and estimate times, and one fake-world realize (rank 0), for the 671B
     preset at 256/1024/4096 ranks: a plan is symbolic, its cost must not grow with the world."""
-    from moefn.estimate import estimate
-    from moefn.simulate import simulate
+    from moefn.analyse.estimate import estimate
+    from moefn.realize.simulate import simulate
 
     rows = []
     config = get_preset("deepseek-v3")

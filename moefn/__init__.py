@@ -2,7 +2,7 @@
 
 >>> import torch
 >>> from moefn import MeshSpec, compose, plan_ep, plan_fsdp
->>> from moefn.models import MoETransformer, get_preset
+>>> from moefn.adapters.reference import MoETransformer, get_preset
 >>> with torch.device("meta"):
 ...     model = MoETransformer(get_preset("tiny"))
 >>> plan = compose(plan_ep(), plan_fsdp())(model, MeshSpec(dp_shard=4, ep=2)).unwrap()
@@ -16,22 +16,28 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from moefn.errors import PlanError, PlanFormatError, Problem, RealizeError
-    from moefn.mesh import MeshSpec
+    from moefn.analyse.render import diff
     from moefn.parallel import parallelize
-    from moefn.plan import ShardPlan
-    from moefn.spec import ModelSpec, inspect_model
-    from moefn.stage import Planner, Stage, compose, plan_or_raise
-    from moefn.stages import plan_ac, plan_cp, plan_ep, plan_fsdp
+    from moefn.plan.compose import Planner, Stage, compose, plan_or_raise
+    from moefn.plan.errors import PlanError, PlanFormatError, Problem, RealizeError
+    from moefn.plan.mesh import MeshSpec
+    from moefn.plan.records import ShardPlan
+    from moefn.plan.serialize import from_json, to_json
+    from moefn.plan.spec import ModelSpec, inspect_model
+    from moefn.plan.stages import plan_ac, plan_cp, plan_ep, plan_fsdp
 
 # name → module; loaded on first use, so that `moefn --help` does not wait for torch
 _HOMES = {
-    "MeshSpec": "moefn.mesh", "ModelSpec": "moefn.spec", "PlanError": "moefn.errors",
-    "PlanFormatError": "moefn.errors", "Planner": "moefn.stage", "Problem": "moefn.errors",
-    "RealizeError": "moefn.errors", "ShardPlan": "moefn.plan", "Stage": "moefn.stage",
-    "compose": "moefn.stage", "inspect_model": "moefn.spec", "plan_ac": "moefn.stages",
-    "plan_cp": "moefn.stages", "plan_ep": "moefn.stages", "plan_fsdp": "moefn.stages",
-    "plan_or_raise": "moefn.stage", "parallelize": "moefn.parallel",
+    "MeshSpec": "moefn.plan.mesh", "ModelSpec": "moefn.plan.spec",
+    "PlanError": "moefn.plan.errors", "PlanFormatError": "moefn.plan.errors",
+    "Planner": "moefn.plan.compose", "Problem": "moefn.plan.errors",
+    "RealizeError": "moefn.plan.errors", "ShardPlan": "moefn.plan.records",
+    "Stage": "moefn.plan.compose", "compose": "moefn.plan.compose",
+    "inspect_model": "moefn.plan.spec", "plan_ac": "moefn.plan.stages",
+    "plan_cp": "moefn.plan.stages", "plan_ep": "moefn.plan.stages",
+    "plan_fsdp": "moefn.plan.stages", "plan_or_raise": "moefn.plan.compose",
+    "to_json": "moefn.plan.serialize", "from_json": "moefn.plan.serialize",
+    "diff": "moefn.analyse.render", "parallelize": "moefn.parallel",
 }
 
 
@@ -52,6 +58,8 @@ __all__ = [
     "ShardPlan",
     "Stage",
     "compose",
+    "diff",
+    "from_json",
     "inspect_model",
     "plan_ac",
     "plan_cp",
@@ -59,4 +67,5 @@ __all__ = [
     "plan_fsdp",
     "parallelize",
     "plan_or_raise",
+    "to_json",
 ]

@@ -1,55 +1,5 @@
-"""Gradient accumulation without communication: ``no_gradient_sync`` for realized models.
+"""`moefn.accumulate` moved to `moefn.train.accumulate` (training helpers); this path keeps working."""
 
-Run micro-batches 1..n-1 inside the context and the last one outside; each rank's loss for a
-micro-batch is its token sum over the valid-token count of ALL n micro-batches together.
+from moefn.train.accumulate import gradient_sync_enabled, no_gradient_sync
 
->>> for i, mb in enumerate(micro_batches):                              # doctest: +SKIP
-...     with no_gradient_sync(model) if i < len(micro_batches) - 1 else nullcontext():
-...         causal_lm_loss(model(mb.input_ids, mb.position_ids), mb.labels, total).backward()
->>> optimizer.step()                                                    # doctest: +SKIP
-"""
-
-from __future__ import annotations
-
-from collections.abc import Iterator
-from contextlib import contextmanager
-
-from torch import nn
-from torch.distributed.fsdp import FSDPModule
-
-from moefn.arguments import expect_type
-
-_sync_enabled = True  # read by the all-reduce hooks realize installs without FSDP
-
-
-def gradient_sync_enabled() -> bool:
-    """Whether gradient hooks should reduce now (False inside `no_gradient_sync`).
-
-    >>> gradient_sync_enabled()
-    True
-    """
-    return _sync_enabled
-
-
-@contextmanager
-def no_gradient_sync(model: nn.Module) -> Iterator[None]:
-    """Turn gradient reduction off for every FSDP unit of ``model`` (experts' units included)
-    and for realize's all-reduce hooks; restore the previous setting at exit.
-
-    >>> with no_gradient_sync(nn.Linear(2, 2)):
-    ...     gradient_sync_enabled()
-    False
-    """
-    global _sync_enabled
-    expect_type(model, nn.Module, "model", "an nn.Module", "pass the realized model")
-    previous = _sync_enabled
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    _sync_enabled = False
-    for unit in units:
-        unit.set_requires_gradient_sync(False, recurse=False)
-    try:
-        yield
-    finally:
-        _sync_enabled = previous
-        for unit in units:
-            unit.set_requires_gradient_sync(previous, recurse=False)
+__all__ = ["gradient_sync_enabled", "no_gradient_sync"]

@@ -2,7 +2,9 @@
 
 Exit codes: 0 valid, 1 the plan has problems, 2 usage errors.
 
->>> main(["plan", "--model", "tiny", "--mesh", "dp_shard=4,ep=2"])     # doctest: +SKIP
+>>> main(["plan", "--model", "tiny", "--mesh", "dp_shard=4,ep=2"])  # doctest: +ELLIPSIS
+moefn plan: MoETransformer (moefn) on dp_replicate=1 dp_shard=4 cp=1 ep=2 ...
+0
 """
 
 from __future__ import annotations
@@ -16,16 +18,16 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from moefn.errors import PlanError, group_problems
 from moefn.names import HF_PRESET_NAMES, MODEL_PRESETS
+from moefn.plan.errors import PlanError, group_problems
 
 if TYPE_CHECKING:  # torch loads after argument parsing, so that --help answers at once
     import torch
     from torch import nn
 
-    from moefn.estimate import Estimate
-    from moefn.mesh import MeshSpec
-    from moefn.plan import ShardPlan
+    from moefn.analyse.estimate import Estimate
+    from moefn.plan.mesh import MeshSpec
+    from moefn.plan.records import ShardPlan
 
 _DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 
@@ -140,8 +142,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _memory_table(est: Estimate, optimizer: str) -> str:
-    from moefn.estimate import STATE_COPIES
-    from moefn.render import format_bytes as size
+    from moefn.analyse.estimate import STATE_COPIES
+    from moefn.analyse.render import format_bytes as size
 
     m = est.memory
     rows = [f"memory of rank {est.rank} (gradients and {optimizer}'s {STATE_COPIES[optimizer]} "
@@ -158,7 +160,7 @@ def _memory_table(est: Estimate, optimizer: str) -> str:
 
 
 def _comm_table(est: Estimate) -> str:
-    from moefn.render import format_bytes as size
+    from moefn.analyse.render import format_bytes as size
 
     rows = [f"communication per step of rank {est.rank} (bytes each way):",
             f"  {'collective':<42}{'group':<14}{'calls':>6}{'received':>15}{'lower bound':>15}"]
@@ -174,7 +176,7 @@ def _model_builder(args: argparse.Namespace) -> Callable[[], nn.Module]:
 
     master = getattr(torch, _DTYPES[args.master_dtype]) if args.master_dtype else None
     if args.hf_config or args.model in HF_PRESET_NAMES:
-        from moefn.hf.presets import build_hf_model, hf_config_from_json, hf_preset_config
+        from moefn.adapters.transformers.presets import build_hf_model, hf_config_from_json, hf_preset_config
 
         try:
             config = (hf_config_from_json(args.hf_config) if args.hf_config
@@ -185,7 +187,7 @@ def _model_builder(args: argparse.Namespace) -> Callable[[], nn.Module]:
                                    f"{err} (transformers models need moefn[hf])") from err
         return lambda: _build_foreign(build_hf_model, config, args.hf_config or args.model,
                                       dtype=master or torch.bfloat16)
-    from moefn.models import MoETransformer, get_preset
+    from moefn.adapters.reference import MoETransformer, get_preset
 
     preset = get_preset(args.model)
     return lambda: MoETransformer(preset).to(master) if master else MoETransformer(preset)
@@ -220,8 +222,8 @@ def _build_plan(layout: argparse.Namespace) -> ShardPlan:
     """compose(plan_cp, plan_ep, plan_ac, plan_fsdp) as the mesh and flags ask."""
     import torch
 
-    from moefn.stage import Stage, compose, plan_or_raise
-    from moefn.stages import plan_ac, plan_cp, plan_ep, plan_fsdp
+    from moefn.plan.compose import Stage, compose, plan_or_raise
+    from moefn.plan.stages import plan_ac, plan_cp, plan_ep, plan_fsdp
 
     mesh = layout.mesh_spec
     with torch.device("meta"):
@@ -249,7 +251,8 @@ def _usage_problem(layout: argparse.Namespace) -> str | None:
 
 
 def _compare_command(args: argparse.Namespace) -> int:
-    from moefn.mesh import MeshSpec
+    from moefn.analyse.render import diff
+    from moefn.plan.mesh import MeshSpec
 
     try:
         layouts = [_layout(args, MeshSpec.parse(mesh), options) for mesh, options in args.compare]
@@ -258,7 +261,7 @@ def _compare_command(args: argparse.Namespace) -> int:
             print(f"moefn plan: {usage}", file=sys.stderr)
             return 2
         a, b = map(_build_plan, layouts)
-        print(a.diff(b))
+        print(diff(a, b))
     except PlanError as err:
         print(err)
         return 1
@@ -270,9 +273,11 @@ def _plan_command(args: argparse.Namespace) -> int:
         return _compare_command(args)
     import attrs
 
-    from moefn.estimate import estimate
-    from moefn.layout import param_layouts
-    from moefn.mesh import MeshSpec
+    from moefn.analyse.estimate import estimate
+    from moefn.analyse.layout import param_layouts
+    from moefn.analyse.render import diff
+    from moefn.plan.mesh import MeshSpec
+    from moefn.plan.serialize import to_json
 
     problems: list[dict[str, object]] = []
     steps: list[object] = []
@@ -291,7 +296,7 @@ def _plan_command(args: argparse.Namespace) -> int:
             print(f"moefn plan: {usage}", file=sys.stderr)
             return 2
         plan = _build_plan(layout)
-        steps = json.loads(plan.to_json())["plan"]["steps"]
+        steps = json.loads(to_json(plan))["plan"]["steps"]
         shapes = {name: [{"shape": list(shape), "ranks": ranks}
                          for shape, ranks in layout.local_shapes(mesh)]
                   for name, layout in param_layouts(plan).items()}
@@ -304,9 +309,9 @@ def _plan_command(args: argparse.Namespace) -> int:
                   "total": est.memory.total,
                   "gathered_peak": est.memory.gathered_peak}
         comm = [attrs.asdict(c) for c in est.comm]
-        text = "\n".join([plan.diff(), "", _memory_table(est, args.optimizer), "", _comm_table(est)])
+        text = "\n".join([diff(plan), "", _memory_table(est, args.optimizer), "", _comm_table(est)])
         if args.simulate:
-            from moefn.simulate import simulate
+            from moefn.realize.simulate import simulate
 
             say = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
             for r in simulate(plan, _model_builder(args), progress=say):

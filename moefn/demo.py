@@ -1,7 +1,7 @@
 """`moefn demo`: plan, realize and train the small preset on N ranks, next to one process.
 
->>> result = run_demo(DemoOptions(nproc=4, steps=3))     # doctest: +SKIP
->>> result["max_abs_loss_diff"] <= 1e-5                   # doctest: +SKIP
+>>> options = DemoOptions(nproc=4, steps=3)
+>>> run_demo(options)["max_abs_loss_diff"] <= 1e-5  # 4 ranks, a minute; tests/test_cli.py  # doctest: +SKIP
 True
 """
 
@@ -15,13 +15,14 @@ import torch
 import torch.distributed as dist
 from attrs import frozen
 
+from moefn.adapters.reference import MoETransformer, get_preset
+from moefn.analyse.render import diff
 from moefn.launch import init_from_env, launched_by_torchrun, run_local
-from moefn.mesh import MeshSpec
-from moefn.models import MoETransformer, get_preset
+from moefn.plan.compose import Stage, compose
+from moefn.plan.mesh import MeshSpec
+from moefn.plan.stages import plan_ac, plan_cp, plan_ep, plan_fsdp
 from moefn.realize import build_device_meshes, realize
-from moefn.stage import Stage, compose
-from moefn.stages import plan_ac, plan_cp, plan_ep, plan_fsdp
-from moefn.train import global_batch, local_batch, train
+from moefn.train.loop import global_batch, local_batch, train
 
 
 @frozen(kw_only=True)
@@ -81,7 +82,7 @@ def _train_rank(rank: int, world: int, options: DemoOptions, device: torch.devic
     plan = compose(*demo_stages(mesh, options))(model, mesh).unwrap()
     talk = options.verbose and rank == 0
     if talk:
-        print(plan.diff(), flush=True)
+        print(diff(plan), flush=True)
         print(demo_header(options, world, dist.get_backend(), device), flush=True)
     realize(plan, model, build_device_meshes(mesh, device.type))
     batch = global_batch(config, demo_rows(options, mesh), options.seq, options.seed)

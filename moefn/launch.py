@@ -1,6 +1,11 @@
 """Start local ranks (fork + gloo) or join a torchrun launch (NCCL on CUDA, gloo otherwise).
 
->>> results = run_local(4, my_rank_fn, arg)  # my_rank_fn(rank, world, arg)  # doctest: +SKIP
+>>> with one_rank_group() as group:  # a real gloo group of this process alone
+...     group.size()
+1
+>>> with fake_world(world_size=4, rank=3):  # torch's fake group: no peers, no traffic
+...     dist.get_rank(), dist.get_world_size()
+(3, 4)
 """
 
 from __future__ import annotations
@@ -9,15 +14,42 @@ import multiprocessing as mp
 import os
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import HashStore
 
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+@contextmanager
+def one_rank_group(backend: str = "gloo") -> Iterator[dist.ProcessGroup]:
+    """A default process group of this process alone (examples, debugging); destroyed at exit."""
+    dist.init_process_group(backend, store=HashStore(), rank=0, world_size=1)
+    group = dist.group.WORLD
+    assert group is not None  # set by init_process_group
+    try:
+        yield group
+    finally:
+        dist.destroy_process_group()
+
+
+@contextmanager
+def fake_world(world_size: int, rank: int = 0) -> Iterator[None]:
+    """torch's fake process group: this process is ``rank`` of ``world_size``, collectives do
+    nothing (realize a big layout without the ranks); destroyed at exit."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def init_from_env() -> torch.device:

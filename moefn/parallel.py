@@ -6,19 +6,18 @@ more than one data-parallel rank for FSDP), ``True`` (on, default options), ``Fa
 the stage's options: ``ep={"dispatch": "all_gather"}``, ``fsdp={"precision": "fp32"}``; ``ac``
 also takes a mode (``ac="full"``). Nothing changes unless every stage plans and every rank agrees.
 
->>> import torch, torch.distributed as dist
->>> from torch.testing._internal.distributed.fake_pg import FakeStore
+>>> import torch
 >>> from moefn import MeshSpec
->>> from moefn.models import MoETransformer, get_preset
+>>> from moefn.adapters.reference import MoETransformer, get_preset
+>>> from moefn.launch import fake_world
 >>> from moefn.realize import build_device_meshes
->>> dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
 >>> with torch.device("meta"):
 ...     model = MoETransformer(get_preset("tiny"))
->>> model, plan = parallelize(model, build_device_meshes(MeshSpec(dp_shard=4, ep=2), "cpu"),
-...                           ac="router")
+>>> with fake_world(4):  # torch's fake process group: rank 0 of 4, no communication
+...     model, plan = parallelize(model, build_device_meshes(MeshSpec(dp_shard=4, ep=2), "cpu"),
+...                               ac="router")
 >>> plan.stages
 ('ep', 'ac', 'fsdp')
->>> dist.destroy_process_group()
 """
 
 from __future__ import annotations
@@ -29,13 +28,13 @@ from typing import Literal
 
 from torch import nn
 
-from moefn.arguments import expect_type, shown
-from moefn.errors import ArgumentTypeError
-from moefn.mesh import MeshSpec
-from moefn.plan import ShardPlan
+from moefn.plan.arguments import expect_type, shown
+from moefn.plan.compose import Stage, compose, plan_or_raise
+from moefn.plan.errors import ArgumentTypeError
+from moefn.plan.mesh import MeshSpec
+from moefn.plan.records import ShardPlan
+from moefn.plan.stages import plan_ac, plan_cp, plan_ep, plan_fsdp
 from moefn.realize import DeviceMeshes, realize
-from moefn.stage import Stage, compose, plan_or_raise
-from moefn.stages import plan_ac, plan_cp, plan_ep, plan_fsdp
 
 StageChoice = bool | Literal["auto"] | Mapping[str, object]
 AC_MODES = ("none", "full", "router", "selective")
@@ -75,7 +74,7 @@ def parallelize(model: nn.Module, meshes: DeviceMeshes, *, cp: StageChoice = "au
                 fsdp: StageChoice = "auto") -> tuple[nn.Module, ShardPlan]:
     """Plan CP → EP → AC → FSDP for ``meshes.spec`` and realize the plan on ``model``, in place.
 
-    Returns the model and its plan (print ``plan.diff()``; estimate memory from it). Raises
+    Returns the model and its plan (print ``moefn.diff(plan)``; estimate memory from it). Raises
     PlanError (nothing planned) or RealizeError (the model untouched) naming every problem."""
     expect_type(model, nn.Module, "model", "an nn.Module", "pass the model to parallelize")
     expect_type(meshes, DeviceMeshes, "meshes", "DeviceMeshes",

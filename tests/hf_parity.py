@@ -17,10 +17,10 @@ from attrs import frozen
 from torch import nn
 
 from moefn import MeshSpec, compose
-from moefn.models import next_token_labels
-from moefn.plan import ShardPlan
+from moefn.adapters.reference import next_token_labels
+from moefn.plan.records import ShardPlan
 from moefn.realize import build_device_meshes, realize
-from moefn.train import Batch, local_batch
+from moefn.train.loop import Batch, local_batch
 from tests.parity import STAGES, train_side_by_side
 
 _COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -86,7 +86,7 @@ def build_hf(family: str, seed: int = 0, device: str | None = None, **extra: Any
     """A tiny seeded fp32 transformers model; routers get std 1/√H so routing is decisive."""
     from transformers import AutoModelForCausalLM
 
-    from moefn.hf.recognise import routers_in
+    from moefn.plan.hf_roles import routers_in
 
     config = CONFIGS[family](**extra)
     torch.manual_seed(seed)
@@ -162,9 +162,9 @@ def installed(model: nn.Module) -> dict[str, Any]:
     """What realize put into the model: dispatchers, DTensor experts, checkpoints, CP groups."""
     from torch.distributed.tensor import DTensor
 
-    from moefn.hf.attention import CP_GROUP
-    from moefn.hf.experts import ROUTER_REPLAY
-    from moefn.hf.recognise import is_fused_experts
+    from moefn.adapters.transformers.attention import CP_GROUP
+    from moefn.adapters.transformers.experts import ROUTER_REPLAY
+    from moefn.plan.hf_roles import is_fused_experts
 
     experts = [m for m in model.modules() if is_fused_experts(m)]
     return {

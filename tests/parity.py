@@ -16,11 +16,11 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from moefn import MeshSpec, compose, plan_ac, plan_cp, plan_ep, plan_fsdp
-from moefn.models import MoETransformer, Router, causal_lm_loss, get_preset
-from moefn.plan import ShardPlan
+from moefn.adapters.reference import MoETransformer, Router, causal_lm_loss, get_preset
+from moefn.plan.compose import Stage
+from moefn.plan.records import ShardPlan
 from moefn.realize import build_device_meshes, realize
-from moefn.stage import Stage
-from moefn.train import Batch, global_batch, local_batch
+from moefn.train.loop import Batch, global_batch, local_batch
 
 STAGES: dict[str, Any] = {"cp": plan_cp, "ep": plan_ep, "ac": plan_ac, "fsdp": plan_fsdp}
 

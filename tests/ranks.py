@@ -1,7 +1,6 @@
 """A pool of forked gloo ranks that runs many test cases inside one process group.
 
->>> pool = RankPool(2)
->>> pool.run(some_module_level_function, arg)   # -> [result_rank0, result_rank1]
+``RankPool(2).run(some_module_level_function, arg)`` returns ``[result_rank0, result_rank1]``.
 
 Workers are forked from the pytest process (torch already imported), so a case is any
 module-level function ``fn(rank, world_size, *args)``; results must be picklable. A failing

@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moefn import MeshSpec, compose, plan_ac, plan_ep, plan_fsdp
-from moefn.models import (
+from moefn.adapters.reference import (
     Block,
     MoETransformer,
     MTPBlock,
@@ -20,8 +20,8 @@ from moefn.models import (
     make_batch,
 )
 from moefn.realize import build_device_meshes, realize
-from moefn.runtime.checkpointing import install_checkpoint, is_recomputing
-from moefn.train import global_batch, local_batch
+from moefn.realize.checkpointing import install_checkpoint, is_recomputing
+from moefn.train.loop import global_batch, local_batch
 from tests.parity import (
     Case,
     assert_parity,

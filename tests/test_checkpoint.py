@@ -17,16 +17,16 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from moefn import MeshSpec, compose
-from moefn.accumulate import no_gradient_sync
-from moefn.checkpoint import (
+from moefn.adapters.reference import MoETransformer, Router, causal_lm_loss, get_preset
+from moefn.realize import build_device_meshes, realize
+from moefn.train.accumulate import no_gradient_sync
+from moefn.train.dcp import (
     full_state_dict,
     load_checkpoint,
     materialize_from_checkpoint,
     save_checkpoint,
 )
-from moefn.models import MoETransformer, Router, causal_lm_loss, get_preset
-from moefn.realize import build_device_meshes, realize
-from moefn.train import Batch, global_batch, local_batch, train_step
+from moefn.train.loop import Batch, global_batch, local_batch, train_step
 from tests.parity import Case, build_pair, full_grad
 from tests.ranks import RankPool, release_groups
 

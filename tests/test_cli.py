@@ -124,8 +124,8 @@ def test_help_answers_without_importing_torch(argv: list[str]) -> None:
 
 
 def test_preset_names_are_the_presets() -> None:
-    from moefn.hf.presets import HF_PRESETS
-    from moefn.models import PRESETS
+    from moefn.adapters.reference import PRESETS
+    from moefn.adapters.transformers.presets import HF_PRESETS
     from moefn.names import HF_PRESET_NAMES, MODEL_PRESETS
 
     assert (MODEL_PRESETS, HF_PRESET_NAMES) == (tuple(PRESETS), tuple(HF_PRESETS))

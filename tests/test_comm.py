@@ -14,12 +14,12 @@ from collections.abc import Callable
 import pytest
 
 from moefn import MeshSpec
-from moefn.comm_ledger import CommLedger, Traffic
-from moefn.estimate import estimate
-from moefn.models import causal_lm_loss
-from moefn.models.moe import Router
-from moefn.plan import ShardPlan
-from moefn.train import global_batch, local_batch
+from moefn.adapters.reference import causal_lm_loss
+from moefn.adapters.reference.moe import Router
+from moefn.analyse.estimate import estimate
+from moefn.analyse.ledger import CommLedger, Traffic
+from moefn.plan.records import ShardPlan
+from moefn.train.loop import global_batch, local_batch
 from tests.hf_parity import HFCase, build_hf_pair, hf_batch, logits_of
 from tests.parity import Case, build_pair
 from tests.ranks import RankPool

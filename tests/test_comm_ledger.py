@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-from moefn.comm_ledger import CommLedger, Traffic
+from moefn.analyse.ledger import CommLedger, Traffic
 from tests.ranks import RankPool
 
 

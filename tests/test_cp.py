@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from moefn import MeshSpec, compose, plan_cp, plan_fsdp
-from moefn.models import MoETransformer, get_preset
+from moefn.adapters.reference import MoETransformer, get_preset
+from moefn.analyse.render import diff
 from moefn.realize import build_device_meshes, realize
-from moefn.runtime.context_parallel import shard_sequence, unshard_sequence
-from moefn.train import global_batch, local_batch
+from moefn.realize.context_parallel import shard_sequence, unshard_sequence
+from moefn.train.loop import global_batch, local_batch
 from tests.parity import Case, assert_parity, run_parity
 from tests.ranks import RankPool
 
@@ -82,6 +83,6 @@ def test_cp_plan_targets_every_core_attention_and_refuses_missing_attention() ->
 
     plan = compose(plan_cp(seq_len=32))(meta_model(), MeshSpec(dp_shard=2, cp=2)).unwrap()
     assert [s.path for s in plan.steps] == ["layers.0.attn.core", "layers.1.attn.core", ""]
-    assert "all-gather K/V over cp(2), head_tail layout, seq_len 32" in plan.diff()
+    assert "all-gather K/V over cp(2), head_tail layout, seq_len 32" in diff(plan)
     result = compose(plan_cp())(torch.nn.Sequential(), MeshSpec(cp=2))
     assert "unrecognised model architecture" in str(result.failure())

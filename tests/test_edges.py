@@ -26,7 +26,6 @@ from moefn import (
     MeshSpec,
     PlanError,
     RealizeError,
-    ShardPlan,
     compose,
     inspect_model,
     plan_ac,
@@ -35,18 +34,20 @@ from moefn import (
     plan_fsdp,
     plan_or_raise,
 )
-from moefn.accumulate import no_gradient_sync
-from moefn.checkpoint import load_checkpoint, materialize_from_checkpoint, save_checkpoint
+from moefn.adapters.reference import MoETransformer, get_preset
+from moefn.adapters.transformers.pretrained import load_pretrained
+from moefn.analyse.estimate import estimate
+from moefn.analyse.render import diff
 from moefn.cli import main
-from moefn.clip import clip_grad_norm
-from moefn.errors import ArgumentTypeError, InputError
-from moefn.estimate import estimate
-from moefn.hf.pretrained import load_pretrained
-from moefn.models import MoETransformer, get_preset
+from moefn.plan.errors import ArgumentTypeError, InputError
+from moefn.plan.serialize import from_json, to_json
 from moefn.realize import build_device_meshes, realize
-from moefn.routing import update_expert_bias
-from moefn.simulate import simulate
-from moefn.train import Batch, global_batch, local_batch, train
+from moefn.realize.simulate import simulate
+from moefn.train.accumulate import no_gradient_sync
+from moefn.train.clip import clip_grad_norm
+from moefn.train.dcp import load_checkpoint, materialize_from_checkpoint, save_checkpoint
+from moefn.train.loop import Batch, global_batch, local_batch, train
+from moefn.train.routing import update_expert_bias
 from tests.ranks import RankPool
 
 FAST = settings(max_examples=10, deadline=2000, derandomize=True,
@@ -178,8 +179,10 @@ CALLS: dict[str, Callable[[Any], object]] = {
     "inspect_model": lambda v: inspect_model(v),
     "Planner.model": lambda v: compose(plan_fsdp())(v, MESH),
     "Planner.mesh": lambda v: compose(plan_fsdp())(meta_model(), v),
-    "ShardPlan.from_json": lambda v: ShardPlan.from_json(v),
-    "ShardPlan.diff": lambda v: PLAN.diff(v) if v is not None else None,
+    "from_json": lambda v: from_json(v),
+    "to_json": lambda v: to_json(v),
+    "diff.plan": lambda v: diff(v),
+    "diff.other": lambda v: diff(PLAN, v) if v is not None else None,
     "plan_or_raise": lambda v: plan_or_raise(v),
     "realize.plan": lambda v: realize(v, meta_model(), None),  # type: ignore[arg-type]
     "realize.model": lambda v: realize(PLAN, v, None),  # type: ignore[arg-type]
@@ -410,7 +413,7 @@ def test_ranks_refuse_meshes_and_inputs_that_do_not_fit(ranks: Callable[[int], R
 
 
 def test_input_check_cost_is_what_the_readme_says() -> None:
-    from moefn.runtime.input_check import MAX_TENSORS
+    from moefn.realize.input_check import MAX_TENSORS
 
     assert 8 * (1 + 3 * MAX_TENSORS) == 200
     readme = (Path(__file__).parent.parent / "README.md").read_text()

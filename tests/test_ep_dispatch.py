@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from moefn.runtime.dispatch import Dispatcher, LocalDispatch, LocalExpertsFn
-from moefn.runtime.ep_dispatch import AllGatherDispatch, AllToAllDispatch
+from moefn.realize.dispatch import Dispatcher, LocalDispatch, LocalExpertsFn
+from moefn.realize.ep_dispatch import AllGatherDispatch, AllToAllDispatch
 from tests.ranks import RankPool
 
 E, H, INTER, K = 8, 16, 8, 2

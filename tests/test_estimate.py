@@ -10,9 +10,9 @@ import pytest
 from torch.distributed.tensor import DTensor
 
 from moefn import MeshSpec
-from moefn.estimate import estimate, estimate_memory
-from moefn.models import causal_lm_loss
-from moefn.train import global_batch, local_batch
+from moefn.adapters.reference import causal_lm_loss
+from moefn.analyse.estimate import estimate, estimate_memory
+from moefn.train.loop import global_batch, local_batch
 from tests.parity import Case, build_pair
 from tests.ranks import RankPool
 from tests.test_plan import meta_model
@@ -67,7 +67,7 @@ def _measure_adamw(rank: int, world: int, master: str) -> dict[str, int]:
     import torch
 
     from moefn import compose, plan_fsdp
-    from moefn.models import MoETransformer, get_preset
+    from moefn.adapters.reference import MoETransformer, get_preset
     from moefn.realize import build_device_meshes, realize
 
     torch.manual_seed(0)

@@ -11,9 +11,9 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from moefn import MeshSpec, compose, plan_fsdp
-from moefn.models import causal_lm_loss
-from moefn.plan import FullyShard
-from moefn.train import global_batch, local_batch
+from moefn.adapters.reference import causal_lm_loss
+from moefn.plan.records import FullyShard
+from moefn.train.loop import global_batch, local_batch
 from tests.parity import Case, assert_parity, build_pair, run_parity
 from tests.ranks import RankPool
 

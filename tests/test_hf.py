@@ -19,14 +19,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 pytest.importorskip("transformers")
 
 from moefn import MeshSpec, PlanError, compose, inspect_model, plan_cp, plan_ep, plan_fsdp
+from moefn.adapters.reference import causal_lm_loss
+from moefn.adapters.transformers.experts import local_experts, moefn_experts_forward
 from moefn.cli import main
-from moefn.hf.experts import local_experts, moefn_experts_forward
-from moefn.hf.recognise import is_fused_experts
-from moefn.models import causal_lm_loss
-from moefn.plan import Checkpoint
+from moefn.plan.hf_roles import is_fused_experts
+from moefn.plan.records import Checkpoint
 from moefn.realize.apply import apply_checkpoint
-from moefn.runtime.checkpointing import is_recomputing
-from moefn.train import local_batch
+from moefn.realize.checkpointing import is_recomputing
+from moefn.train.loop import local_batch
 from tests.hf_parity import CONFIGS, HFCase, assert_hf_parity, build_hf, hf_batch, logits_of, run_hf_parity
 from tests.parity import worst_relative_error
 from tests.ranks import RankPool
@@ -289,9 +289,10 @@ class Blocked(importlib.abc.MetaPathFinder):
             raise ImportError("transformers is blocked")
 sys.meta_path.insert(0, Blocked())
 import torch
-import moefn, moefn.cli, moefn.realize, moefn.hf, moefn.hf.presets, moefn.hf.recognise
+import moefn, moefn.cli, moefn.realize, moefn.hf, moefn.adapters.transformers
+import moefn.adapters.transformers.presets, moefn.plan.hf_roles
 from moefn import MeshSpec, compose, plan_ep
-from moefn.models import MoETransformer, get_preset
+from moefn.adapters.reference import MoETransformer, get_preset
 with torch.device("meta"):
     model = MoETransformer(get_preset("tiny"))
 assert compose(plan_ep())(model, MeshSpec(dp_shard=2, ep=2)).unwrap().stages == ("ep",)
@@ -315,10 +316,10 @@ def _from_pretrained_on_ranks(rank: int, world: int, family: str, root: str) -> 
     import torch.distributed as dist
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from moefn.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
-    from moefn.hf.pretrained import load_pretrained
+    from moefn.adapters.transformers.pretrained import load_pretrained
+    from moefn.plan.stages import plan_ac
     from moefn.realize import build_device_meshes, realize
-    from moefn.stages import plan_ac
+    from moefn.train.dcp import full_state_dict, load_checkpoint, save_checkpoint
 
     path = os.path.join(root, family)
     if rank == 0:
@@ -369,7 +370,7 @@ def test_meta_realized_model_loads_pretrained_shards_like_from_pretrained(
 
 
 def test_load_pretrained_names_missing_keys(tmp_path: Path) -> None:
-    from moefn.hf.pretrained import load_pretrained
+    from moefn.adapters.transformers.pretrained import load_pretrained
 
     model = build_hf("qwen3_moe")
     model.save_pretrained(tmp_path)

@@ -40,12 +40,12 @@ import torch
 from torch import Tensor
 
 from moefn import MeshSpec, compose, plan_ep, plan_fsdp
-from moefn.estimate import Memory, estimate_memory
-from moefn.layout import fsdp_shard_numel, fsdp_shard_ranks, param_layouts
-from moefn.models import MoETransformer, get_preset
-from moefn.models.config import MoEConfig
-from moefn.plan import FullyShard, ShardPlan
-from moefn.runtime.dispatch import LocalExpertsFn
+from moefn.adapters.reference import MoETransformer, get_preset
+from moefn.adapters.reference.config import MoEConfig
+from moefn.analyse.estimate import Memory, estimate_memory
+from moefn.analyse.layout import fsdp_shard_numel, fsdp_shard_ranks, param_layouts
+from moefn.plan.records import FullyShard, ShardPlan
+from moefn.realize.dispatch import LocalExpertsFn
 
 pytestmark = pytest.mark.slow  # a fake world of 1024 ranks: minutes; `nox -s tests_slow`
 
@@ -106,8 +106,8 @@ def _measure(rank: int) -> dict[str, Any]:
     )
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from moefn.models import causal_lm_loss
-    from moefn.models.moe import GroupedExperts
+    from moefn.adapters.reference import causal_lm_loss
+    from moefn.adapters.reference.moe import GroupedExperts
     from moefn.realize import build_device_meshes, realize
 
     config, plan = _config(), _plan()

@@ -11,7 +11,7 @@ from attrs import evolve
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from moefn.models import (
+from moefn.adapters.reference import (
     PRESETS,
     Attention,
     DenseMLP,
@@ -26,7 +26,7 @@ from moefn.models import (
     make_batch,
     next_token_labels,
 )
-from moefn.runtime.experts import ExpertsImpl, grouped_mm_supported, run_grouped_experts
+from moefn.realize.experts import ExpertsImpl, grouped_mm_supported, run_grouped_experts
 
 TINY = get_preset("tiny")
 TINY_FULL = get_preset("tiny-full")
@@ -331,7 +331,7 @@ def test_full_presets_build_on_meta(name: str, low: float, high: float) -> None:
 def test_deepseek_v3_has_the_parameters_of_the_real_model() -> None:
     """MLA and all: without its MTP block, what transformers' DeepSeek-V3 has (671 B) ± 0.5 %."""
     pytest.importorskip("transformers")
-    from moefn.hf.presets import build_hf_model, hf_preset_config
+    from moefn.adapters.transformers.presets import build_hf_model, hf_preset_config
 
     with torch.device("meta"):
         ours = MoETransformer(get_preset("deepseek-v3"))

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from moefn import MeshSpec, PlanError, compose, parallelize
+from moefn import MeshSpec, PlanError, compose, launch, parallelize, to_json
+from moefn.adapters.reference import MoETransformer, get_preset
 from moefn.demo import DemoOptions, demo_mesh, demo_rows, demo_stages
-from moefn.errors import ArgumentTypeError
-from moefn.models import MoETransformer, get_preset
+from moefn.plan.errors import ArgumentTypeError
 from moefn.realize import DeviceMeshes, build_device_meshes, realize
-from moefn.train import global_batch, local_batch, train
+from moefn.train.loop import global_batch, local_batch, train
 from tests.ranks import RankPool
 
 OPTIONS = DemoOptions(steps=3)
@@ -40,7 +39,7 @@ def _demo_losses(rank: int, world: int) -> dict[str, Any]:
         else:
             model, plan = parallelize(model, meshes, cp={"seq_len": OPTIONS.seq}, ac="router",
                                       fsdp={"precision": "fp32"})
-        out[way] = (plan.to_json(), train(model, mine, batch.num_valid, OPTIONS.steps,
+        out[way] = (to_json(plan), train(model, mine, batch.num_valid, OPTIONS.steps,
                                           OPTIONS.lr))
     return out
 
@@ -57,13 +56,12 @@ def test_parallelize_trains_the_demo_like_compose_and_realize(
 @pytest.fixture
 def fake_world() -> Iterator[Callable[[MeshSpec], DeviceMeshes]]:
     """Device meshes on torch's fake process group (rank 0 of the mesh's world)."""
-    def meshes(spec: MeshSpec) -> DeviceMeshes:
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=spec.world_size)
-        return build_device_meshes(spec, "cpu")
+    with ExitStack() as stack:
+        def meshes(spec: MeshSpec) -> DeviceMeshes:
+            stack.enter_context(launch.fake_world(spec.world_size))
+            return build_device_meshes(spec, "cpu")
 
-    yield meshes
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        yield meshes
 
 
 def _meta(preset: str = "tiny") -> nn.Module:

@@ -15,14 +15,18 @@ from moefn import (
     PlanError,
     PlanFormatError,
     ShardPlan,
+    Stage,
     compose,
+    inspect_model,
     plan_ac,
     plan_cp,
     plan_ep,
     plan_fsdp,
 )
-from moefn.models import MoETransformer, get_preset
-from moefn.plan import Checkpoint, FullyShard
+from moefn.adapters.reference import MoETransformer, get_preset
+from moefn.analyse.render import diff
+from moefn.plan.records import Checkpoint, FullyShard
+from moefn.plan.serialize import from_json, to_json
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -157,8 +161,8 @@ def test_experts_shard_on_dim_one_when_shards_outnumber_local_experts() -> None:
 def test_json_round_trip_is_identity() -> None:
     plan = compose(plan_ep(dispatch="all_gather"), plan_fsdp())(
         meta_model("tiny-full"), MeshSpec(dp_replicate=2, dp_shard=2, ep=2)).unwrap()
-    text = plan.to_json()
-    assert ShardPlan.from_json(text) == plan
+    text = to_json(plan)
+    assert from_json(text) == plan
     doc = json.loads(text)
     assert doc["version"] == 1 and doc["format"] == "moefn.plan"
 
@@ -172,34 +176,34 @@ def test_json_round_trip_is_identity() -> None:
     ],
 )
 def test_bad_plan_files_are_refused(mutate, message) -> None:  # type: ignore[no-untyped-def]
-    doc = json.loads(compose(plan_fsdp())(meta_model(), MeshSpec(dp_shard=2)).unwrap().to_json())
+    doc = json.loads(to_json(compose(plan_fsdp())(meta_model(), MeshSpec(dp_shard=2)).unwrap()))
     bad = mutate(doc)
     with pytest.raises(PlanFormatError, match=message):
-        ShardPlan.from_json(bad if isinstance(bad, str) else json.dumps(bad))
+        from_json(bad if isinstance(bad, str) else json.dumps(bad))
 
 
 def test_plan_file_with_unexpected_types_names_the_field() -> None:
-    doc = json.loads(compose(plan_fsdp())(meta_model(), MeshSpec(dp_shard=2)).unwrap().to_json())
+    doc = json.loads(to_json(compose(plan_fsdp())(meta_model(), MeshSpec(dp_shard=2)).unwrap()))
     doc["plan"]["steps"][0]["shard_dim"] = "0"
     with pytest.raises(PlanFormatError) as err:
-        ShardPlan.from_json(json.dumps(doc))
+        from_json(json.dumps(doc))
     assert err.value.problems[0].path == "plan.steps[0].shard_dim"
     doc["plan"]["steps"][0]["record"] = "os.system"
     with pytest.raises(PlanFormatError):
-        ShardPlan.from_json(json.dumps(doc))
+        from_json(json.dumps(doc))
 
 
 def test_golden_diff() -> None:
     plan = compose(plan_ep(), plan_fsdp(precision="fp32"))(
         meta_model(), MeshSpec(dp_shard=4, ep=2)).unwrap()
     golden = GOLDEN / "tiny_ep2_fsdp4.txt"
-    assert plan.diff() == golden.read_text().rstrip("\n")
+    assert diff(plan) == golden.read_text().rstrip("\n")
 
 
 def test_full_size_plan_shows_expert_local_shapes() -> None:
     plan = compose(plan_ep(), plan_fsdp())(
         meta_model("deepseek-v3"), MeshSpec(dp_shard=1024, ep=64)).unwrap()
-    text = plan.diff()
+    text = diff(plan)
     assert "layers.*.mlp.experts.gate_up ×58" in text
     assert "[4, 448, 4096]×1024 ranks" in text  # 256/64 experts, dim 1 over ep_shard=16
     dp_steps = [s for s in plan.steps_of(FullyShard) if s.path.startswith("layers.")]
@@ -210,3 +214,22 @@ def test_readme_quickstart_runs_verbatim() -> None:
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     block = readme.split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(block, "README.md", "exec"), {})
+
+
+@pytest.mark.parametrize("helper", ["ModuleInfo.fact", "ModelSpec.module", "MeshSpec.size"])
+def test_a_helper_raising_plan_error_inside_a_stage_is_a_failure(helper: str) -> None:
+    """One error channel: what a helper raises while a stage runs comes back as a Failure."""
+    plan = ShardPlan.empty(inspect_model(meta_model()), MeshSpec(dp_shard=4, ep=2))
+    experts = plan.model.module("layers.0.mlp.experts")
+    calls = {
+        "ModuleInfo.fact": lambda: experts.fact("no_such_fact"),
+        "ModelSpec.module": lambda: plan.model.module("no.such.module"),
+        "MeshSpec.size": lambda: plan.mesh.size("no_such_axis"),  # type: ignore[arg-type]
+    }
+
+    def run(p: ShardPlan) -> object:
+        calls[helper]()
+        raise AssertionError("the helper should have raised")
+
+    result = Stage(name="ep", run=run)(plan)  # type: ignore[arg-type]
+    assert isinstance(result, Failure) and isinstance(result.failure(), PlanError)

@@ -12,9 +12,10 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from moefn import MeshSpec, RealizeError, ShardPlan, compose, plan_fsdp
-from moefn.layout import param_layouts
-from moefn.models import MoETransformer, get_preset
-from moefn.plan import DistributeParams, FullyShard, InstallDispatch, Shard
+from moefn.adapters.reference import MoETransformer, get_preset
+from moefn.analyse.layout import param_layouts
+from moefn.plan.records import DistributeParams, FullyShard, InstallDispatch, Shard
+from moefn.plan.serialize import from_json, to_json
 from moefn.realize import build_device_meshes, realize
 from tests.parity import Case, assert_parity, run_parity
 from tests.ranks import RankPool
@@ -99,7 +100,7 @@ def _ep_style_plan(world: int) -> ShardPlan:
 
 
 def _realize_from_json(rank: int, world: int, text: str) -> list[str]:
-    plan = ShardPlan.from_json(text)
+    plan = from_json(text)
     torch.manual_seed(0)
     model = MoETransformer(get_preset("tiny"))
     realize(plan, model, build_device_meshes(plan.mesh, "cpu"))
@@ -134,6 +135,6 @@ def _realize_from_json(rank: int, world: int, text: str) -> list[str]:
 
 def test_realize_from_json_follows_the_plan_exactly(ranks: Callable[[int], RankPool]) -> None:
     plan = _ep_style_plan(4)
-    assert ShardPlan.from_json(plan.to_json()) == plan
-    for mismatches in ranks(4).run(_realize_from_json, plan.to_json()):
+    assert from_json(to_json(plan)) == plan
+    for mismatches in ranks(4).run(_realize_from_json, to_json(plan)):
         assert mismatches == []

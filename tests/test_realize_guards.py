@@ -19,12 +19,12 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from moefn import MeshSpec, PlanError, RealizeError, compose, plan_ac, plan_cp, plan_ep, plan_fsdp
-from moefn.mesh import MAX_WORLD
-from moefn.models import MoETransformer, get_preset
+from moefn.adapters.reference import MoETransformer, get_preset
+from moefn.plan.compose import Stage
+from moefn.plan.mesh import MAX_WORLD
 from moefn.realize import build_device_meshes, realize
 from moefn.realize.digest import tensor_digest
-from moefn.stage import Stage
-from moefn.train import global_batch, local_batch
+from moefn.train.loop import global_batch, local_batch
 from tests.hf_parity import build_hf
 from tests.parity import train_side_by_side
 from tests.ranks import RankPool, release_groups

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from moefn import MeshSpec, compose, plan_ac, plan_cp, plan_ep, plan_fsdp
-from moefn.models import (
+from moefn.adapters.reference import (
     Block,
     MoETransformer,
     MTPBlock,
@@ -26,13 +26,13 @@ from moefn.models import (
     make_batch,
     next_token_labels,
 )
+from moefn.plan.compose import Stage
 from moefn.realize import build_device_meshes, realize
-from moefn.runtime.checkpointing import install_checkpoint, is_recomputing
-from moefn.runtime.dispatch import LocalDispatch
-from moefn.runtime.ep_dispatch import AllGatherDispatch, AllToAllDispatch
-from moefn.runtime.experts import run_grouped_experts
-from moefn.stage import Stage
-from moefn.train import Batch, global_batch, local_batch
+from moefn.realize.checkpointing import install_checkpoint, is_recomputing
+from moefn.realize.dispatch import LocalDispatch
+from moefn.realize.ep_dispatch import AllGatherDispatch, AllToAllDispatch
+from moefn.realize.experts import run_grouped_experts
+from moefn.train.loop import Batch, global_batch, local_batch
 from tests.parity import Case, assert_parity, build_pair, full_grad, run_parity
 from tests.ranks import RankPool, release_groups
 

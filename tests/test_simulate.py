@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from moefn.mesh import MeshSpec
-from moefn.simulate import representative_ranks
+from moefn.plan.mesh import MeshSpec
+from moefn.realize.simulate import representative_ranks
 
 
 def _simulate(model: str, mesh: str) -> dict[str, object]:
@@ -43,8 +43,8 @@ def test_a_layout_disagreement_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> 
     import torch
 
     from moefn import PlanError, compose, plan_ep, plan_fsdp
-    from moefn import simulate as sim
-    from moefn.models import MoETransformer, get_preset
+    from moefn.realize import simulate as sim
+    from moefn.adapters.reference import MoETransformer, get_preset
 
     with torch.device("meta"):
         model = MoETransformer(get_preset("tiny"))
@@ -60,9 +60,9 @@ def test_ranks_that_are_not_realized_are_checked_too(monkeypatch: pytest.MonkeyP
     import torch
 
     from moefn import PlanError, compose, plan_ep, plan_fsdp
-    from moefn import simulate as sim
-    from moefn.layout import local_shape_and_offset
-    from moefn.models import MoETransformer, get_preset
+    from moefn.realize import simulate as sim
+    from moefn.adapters.reference import MoETransformer, get_preset
+    from moefn.analyse.layout import local_shape_and_offset
 
     with torch.device("meta"):
         model = MoETransformer(get_preset("tiny"))
@@ -84,9 +84,9 @@ def test_experts_with_an_uneven_dim_1_shard_on_dim_0() -> None:
     from attrs import evolve
 
     from moefn import RealizeError, compose, plan_ep, plan_fsdp
-    from moefn import simulate as sim
-    from moefn.models import MoETransformer, get_preset
-    from moefn.plan import FullyShard
+    from moefn.realize import simulate as sim
+    from moefn.adapters.reference import MoETransformer, get_preset
+    from moefn.plan.records import FullyShard
 
     with torch.device("meta"):
         model = MoETransformer(get_preset("tiny-2experts"))

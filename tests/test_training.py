@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import torch
 
-from moefn.clip import clip_grad_norm
-from moefn.models import Router, causal_lm_loss
-from moefn.routing import update_expert_bias
-from moefn.train import global_batch, local_batch
+from moefn.adapters.reference import Router, causal_lm_loss
+from moefn.train.clip import clip_grad_norm
+from moefn.train.loop import global_batch, local_batch
+from moefn.train.routing import update_expert_bias
 from tests.parity import Case, build_pair, full_grad
 from tests.ranks import RankPool
 

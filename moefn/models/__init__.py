@@ -1,21 +1,22 @@
-"""The reference MoE transformer (DeepSeek-V3 / Qwen3-MoE shaped) and its presets."""
+"""`moefn.models` moved to `moefn.adapters.reference` (the reference model); this path keeps working."""
 
-from moefn.models.config import MoEConfig
-from moefn.models.layers import (
+from moefn.adapters.reference import (
+    PRESETS,
     Attention,
+    Block,
     CoreAttention,
     DenseMLP,
+    GroupedExperts,
     MLAttention,
-    RMSNorm,
-    local_attention,
-)
-from moefn.models.moe import GroupedExperts, MoE, Router
-from moefn.models.presets import PRESETS, get_preset
-from moefn.models.transformer import (
-    Block,
+    MoE,
+    MoEConfig,
     MoETransformer,
     MTPBlock,
+    RMSNorm,
+    Router,
     causal_lm_loss,
+    get_preset,
+    local_attention,
     make_batch,
     next_token_labels,
 )

@@ -1,7 +1,16 @@
 """realize: the only effectful step — apply a ShardPlan to a model on a device mesh.
 
->>> meshes = build_device_meshes(plan.mesh, "cuda")      # doctest: +SKIP
->>> model = realize(plan, model, meshes)                 # doctest: +SKIP
+>>> import torch
+>>> from moefn import MeshSpec, compose, plan_ep, plan_fsdp
+>>> from moefn.adapters.reference import MoETransformer, get_preset
+>>> from moefn.launch import fake_world
+>>> with torch.device("meta"):
+...     model = MoETransformer(get_preset("tiny"))
+>>> plan = compose(plan_ep(), plan_fsdp())(model, MeshSpec(dp_shard=4, ep=2)).unwrap()
+>>> with fake_world(world_size=4):  # on GPUs: under torchrun, with build_device_meshes(..., "cuda")
+...     model = realize(plan, model, build_device_meshes(plan.mesh, "cpu"))
+>>> type(model).__name__
+'FSDPMoETransformer'
 
 Order: check everything on every rank, agree across ranks (same plan, no problems anywhere,
 the same values in every tensor that is not on meta), then mutate CP → EP → AC → FSDP
@@ -11,17 +20,21 @@ leaves the model untouched.
 
 from __future__ import annotations
 
+from typing import assert_never
+
 from torch import nn
 
-from moefn.plan import (
+from moefn.plan.records import (
     Checkpoint,
     ContextParallelAttention,
     DistributeParams,
     FullyShard,
     InstallDispatch,
     ShardPlan,
+    Step,
     SyncGradients,
 )
+from moefn.plan.spec import REALIZED
 from moefn.realize.agree import agree
 from moefn.realize.apply import (
     apply_checkpoint,
@@ -34,9 +47,8 @@ from moefn.realize.apply import (
 from moefn.realize.arguments import check_arguments
 from moefn.realize.checks import fingerprint, local_problems
 from moefn.realize.digest import value_digests
+from moefn.realize.input_check import install_input_check
 from moefn.realize.meshes import DeviceMeshes, build_device_meshes
-from moefn.runtime.input_check import install_input_check
-from moefn.spec import REALIZED
 
 
 def _mark_realized(plan: ShardPlan, modules: dict[str, nn.Module]) -> None:
@@ -46,6 +58,25 @@ def _mark_realized(plan: ShardPlan, modules: dict[str, nn.Module]) -> None:
         changes.setdefault(step.path, set()).add(type(step).__name__)
     for path, kinds in changes.items():
         setattr(modules[path], REALIZED, ", ".join(sorted(kinds)))
+
+
+def _realize_order(item: tuple[int, Step]) -> tuple[int, int, str]:
+    """CP first, then EP (parameters and dispatchers in plan order), gradient sync,
+    checkpointing, and FSDP units inner before outer (a unit wraps its units' leftovers)."""
+    index, step = item
+    match step:
+        case ContextParallelAttention():
+            return 0, index, ""
+        case DistributeParams() | InstallDispatch():
+            return 1, index, ""
+        case SyncGradients():
+            return 2, index, ""
+        case Checkpoint():
+            return 3, index, ""
+        case FullyShard():
+            return 4, -step.path.count(".") - bool(step.path), step.path
+        case _:
+            assert_never(step)
 
 
 def realize(plan: ShardPlan, model: nn.Module, meshes: DeviceMeshes,
@@ -58,23 +89,23 @@ def realize(plan: ShardPlan, model: nn.Module, meshes: DeviceMeshes,
     agree(fingerprint(plan), problems, () if problems else value_digests(model))
     modules = dict(model.named_modules())
     _mark_realized(plan, modules)
-    for step in plan.steps:
-        if isinstance(step, ContextParallelAttention):
-            apply_context_parallel(step, modules[step.path], meshes)
-    for step in plan.steps:
-        if isinstance(step, DistributeParams):
-            apply_distribute(step, modules[step.path], meshes)
-        elif isinstance(step, InstallDispatch):
-            apply_dispatch(step, modules[step.path], meshes)
-    sync = tuple(s for s in plan.steps if isinstance(s, SyncGradients))
-    if sync:
-        apply_sync(sync, model, meshes)
-    for step in plan.steps:
-        if isinstance(step, Checkpoint):
-            apply_checkpoint(step, modules[step.path])
-    units = [s for s in plan.steps if isinstance(s, FullyShard)]
-    for unit in sorted(units, key=lambda s: (-s.path.count(".") - bool(s.path), s.path)):
-        apply_fully_shard(unit, modules[unit.path], model, meshes)
+    sync = plan.steps_of(SyncGradients)
+    for _, step in sorted(enumerate(plan.steps), key=_realize_order):
+        match step:
+            case ContextParallelAttention():
+                apply_context_parallel(step, modules[step.path], meshes)
+            case DistributeParams():
+                apply_distribute(step, modules[step.path], meshes)
+            case InstallDispatch():
+                apply_dispatch(step, modules[step.path], meshes)
+            case SyncGradients():
+                apply_sync(step, sync, model, meshes)
+            case Checkpoint():
+                apply_checkpoint(step, modules[step.path])
+            case FullyShard():
+                apply_fully_shard(step, modules[step.path], model, meshes)
+            case _:
+                assert_never(step)
     if check_inputs and plan.steps_of(ContextParallelAttention):
         install_input_check(model, meshes.get(("cp",)).get_group(), meshes.device_type)
     return model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from moefn.errors import Problem, RealizeError
+from moefn.plan.errors import Problem, RealizeError
 
 Digests = tuple[tuple[str, int | None], ...]
 """(tensor name, value digest or None for meta) — see `moefn.realize.digest.value_digests`."""

@@ -17,9 +17,8 @@ from torch.distributed.tensor import Replicate as DReplicate
 from torch.distributed.tensor import Shard as DShard
 from torch.distributed.tensor.placement_types import Placement as DPlacement
 
-from moefn.accumulate import gradient_sync_enabled
-from moefn.hf import is_transformers_module
-from moefn.plan import (
+from moefn.plan.hf_roles import is_transformers_module
+from moefn.plan.records import (
     Checkpoint,
     ContextParallelAttention,
     DistributeParams,
@@ -30,6 +29,7 @@ from moefn.plan import (
     SyncGradients,
 )
 from moefn.realize.meshes import DeviceMeshes
+from moefn.realize.sync import gradient_sync_enabled
 
 TORCH_DTYPES: dict[str | None, torch.dtype | None] = {
     None: None, "bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -42,10 +42,10 @@ def to_dtensor_placement(placement: Placement) -> DPlacement:
 
 def apply_context_parallel(step: ContextParallelAttention, module: nn.Module,
                            meshes: DeviceMeshes) -> None:
-    from moefn.runtime.context_parallel import AllGatherKVAttention
+    from moefn.realize.context_parallel import AllGatherKVAttention
 
     if is_transformers_module(module):  # through transformers' attention registry
-        from moefn.hf.attention import install_context_parallel
+        from moefn.adapters.transformers.attention import install_context_parallel
 
         install_context_parallel(module, meshes.group(step.mesh_dims))
         return
@@ -63,12 +63,12 @@ def apply_distribute(step: DistributeParams, module: nn.Module, meshes: DeviceMe
 
 
 def apply_dispatch(step: InstallDispatch, module: nn.Module, meshes: DeviceMeshes) -> None:
-    from moefn.runtime.ep_dispatch import AllGatherDispatch, AllToAllDispatch
+    from moefn.realize.ep_dispatch import AllGatherDispatch, AllToAllDispatch
 
     group = meshes.group(step.mesh_dims)
     kind = AllToAllDispatch if step.kind == "all_to_all" else AllGatherDispatch
     if is_transformers_module(module):  # through transformers' experts interface
-        from moefn.hf.experts import install_dispatcher
+        from moefn.adapters.transformers.experts import install_dispatcher
 
         install_dispatcher(module, kind(step.num_experts, group))
         return
@@ -76,10 +76,10 @@ def apply_dispatch(step: InstallDispatch, module: nn.Module, meshes: DeviceMeshe
 
 
 def apply_checkpoint(step: Checkpoint, block: nn.Module) -> None:
-    from moefn.runtime.checkpointing import install_checkpoint
+    from moefn.realize.checkpointing import install_checkpoint
 
     if step.mode == "router" and is_transformers_module(block):  # HF routers run topk themselves
-        from moefn.hf.experts import install_router_replay
+        from moefn.adapters.transformers.experts import install_router_replay
 
         install_router_replay(block)
     install_checkpoint(block, step.mode)
@@ -103,15 +103,16 @@ class _SumOver:
         return total
 
 
-def apply_sync(steps: tuple[SyncGradients, ...], model: nn.Module, meshes: DeviceMeshes) -> None:
-    """Register gradient hooks that all-reduce (sum) over each step's axes; the deepest path
-    covering a parameter wins, so expert parameters sync over the expert data-parallel axes."""
+def apply_sync(step: SyncGradients, steps: tuple[SyncGradients, ...], model: nn.Module,
+               meshes: DeviceMeshes) -> None:
+    """Hook each trainable parameter ``step`` covers most deeply among ``steps`` to all-reduce
+    (sum) over its axes: expert parameters sync over the expert data-parallel axes."""
     by_depth = sorted(steps, key=lambda s: -len(s.path))
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        step = next(s for s in by_depth if s.path == "" or name.startswith(s.path + "."))
-        param.register_hook(_SumOver(meshes.group(step.mesh_dims)))  # type: ignore[no-untyped-call]
+        if next(s for s in by_depth if s.path == "" or name.startswith(s.path + ".")) is step:
+            param.register_hook(_SumOver(meshes.group(step.mesh_dims)))  # type: ignore[no-untyped-call]
 
 
 def apply_fully_shard(step: FullyShard, module: nn.Module, root: nn.Module,

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import nn
 
-from moefn.arguments import expect_type
-from moefn.errors import Problem, RealizeError
-from moefn.mesh import DENSE_DIMS, EXPERT_DIMS, MeshSpec
-from moefn.plan import ShardPlan
+from moefn.plan.arguments import expect_type
+from moefn.plan.errors import Problem, RealizeError
+from moefn.plan.mesh import DENSE_DIMS, EXPERT_DIMS, MeshSpec
+from moefn.plan.records import ShardPlan
 from moefn.realize.meshes import DeviceMeshes
 
 

@@ -7,10 +7,10 @@ import hashlib
 import torch.distributed as dist
 from torch import nn
 
-from moefn.errors import PlanError, Problem
-from moefn.hf import is_transformers_module
-from moefn.layout import fsdp_shard_ranks
-from moefn.plan import (
+from moefn.analyse.layout import fsdp_shard_ranks
+from moefn.plan.errors import PlanError, Problem
+from moefn.plan.hf_roles import is_transformers_module
+from moefn.plan.records import (
     ContextParallelAttention,
     DistributeParams,
     FullyShard,
@@ -18,9 +18,10 @@ from moefn.plan import (
     Shard,
     ShardPlan,
 )
+from moefn.plan.serialize import to_json
+from moefn.plan.spec import ModelSpec, inspect_model
 from moefn.realize.apply import TORCH_DTYPES
 from moefn.realize.meshes import DeviceMeshes
-from moefn.spec import ModelSpec, inspect_model
 
 
 def _structure_problems(planned: ModelSpec, actual: ModelSpec) -> list[Problem]:
@@ -48,11 +49,11 @@ def _structure_problems(planned: ModelSpec, actual: ModelSpec) -> list[Problem]:
 
 
 def _hf_accepts(module: nn.Module, kind: str) -> bool:
-    """transformers experts / attention modules take a dispatcher / CP through moefn.hf."""
+    """transformers experts / attention modules take a dispatcher / CP through moefn.adapters.transformers."""
     if not is_transformers_module(module):
         return False
     if kind == "experts":
-        from moefn.hf.recognise import is_fused_experts
+        from moefn.plan.hf_roles import is_fused_experts
 
         return is_fused_experts(module)
     return hasattr(module, "config")
@@ -182,4 +183,4 @@ def local_problems(plan: ShardPlan, model: nn.Module, meshes: DeviceMeshes) -> l
 
 
 def fingerprint(plan: ShardPlan) -> str:
-    return hashlib.sha256(plan.to_json().encode()).hexdigest()[:16]
+    return hashlib.sha256(to_json(plan).encode()).hexdigest()[:16]

@@ -5,8 +5,10 @@ One 1-D world mesh is unflattened three times — dense ``(dp_replicate, dp_shar
 group comes from adjacent dimensions of one parent and the submeshes of the views agree (FSDP
 can then shard ep-placed DTensors).
 
->>> meshes = build_device_meshes(MeshSpec(dp_shard=4, ep=2), "cpu")   # doctest: +SKIP
->>> meshes.get(("ep_shard",)).size()                                   # doctest: +SKIP
+>>> from moefn.launch import fake_world
+>>> with fake_world(world_size=4):
+...     meshes = build_device_meshes(MeshSpec(dp_shard=4, ep=2), "cpu")
+...     meshes.get(("ep_shard",)).size()
 2
 """
 
@@ -17,10 +19,10 @@ from attrs import frozen
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from moefn.arguments import expect_type
-from moefn.errors import RealizeError
 from moefn.launch import launched_by_torchrun
-from moefn.mesh import DENSE_DIMS, EXPERT_DIMS, MeshSpec
+from moefn.plan.arguments import expect_type
+from moefn.plan.errors import RealizeError
+from moefn.plan.mesh import DENSE_DIMS, EXPERT_DIMS, Axis, MeshSpec
 
 
 @frozen
@@ -35,7 +37,7 @@ class DeviceMeshes:
     def device_type(self) -> str:
         return self.world.device_type
 
-    def get(self, dims: tuple[str, ...]) -> DeviceMesh:
+    def get(self, dims: tuple[Axis, ...]) -> DeviceMesh:
         """The (sub)mesh over named axes, e.g. ``("dp_replicate", "dp_shard_cp")`` or ``("ep",)``."""
         if "dp_shard_cp" in dims:
             return self.data[dims]
@@ -47,7 +49,7 @@ class DeviceMeshes:
                                   "use axes of one view: dense or expert")
 
 
-    def group(self, dims: tuple[str, ...]) -> ProcessGroup:
+    def group(self, dims: tuple[Axis, ...]) -> ProcessGroup:
         """One process group spanning ``dims`` (several axes are flattened into one)."""
         mesh = self.get(dims)
         if mesh.ndim > 1:

@@ -6,7 +6,7 @@ import torch
 from returns.result import Result
 
 from moefn import MeshSpec, PlanError, ShardPlan, compose, plan_ep, plan_fsdp
-from moefn.models import MoETransformer, get_preset
+from moefn.adapters.reference import MoETransformer, get_preset
 
 with torch.device("meta"):
     model = MoETransformer(get_preset("tiny"))

@@ -1,0 +1,81 @@
+"""Context parallelism for transformers attention through its attention-function registry.
+
+`register` adds an attention implementation ``"moefn"`` to ``AttentionInterface`` (and a mask
+function to ``AttentionMaskInterface`` that builds no mask: the attention builds its own from
+global positions). `install_context_parallel` gives one attention module a cp process group and
+switches the model's config to ``"moefn"``. The function keeps this rank's queries, all-gathers
+keys, values and their ``position_ids`` over the cp group (an autograd all-gather: gradients
+reduce-scatter back) before grouped KV heads are expanded, and masks causally by global
+position, so the head-tail layout of `moefn.train.local_batch` works. Modules without a cp group
+attend locally the same way. Call the model with ``position_ids`` (global positions) and
+``use_cache=False``; padding masks are refused (use ``-100`` labels for padding instead), and
+packed sequences are not supported.
+
+>>> register()  # realize then calls install_context_parallel on each attention (tests/test_hf.py)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from moefn.realize.context_parallel import attend_all_gathered
+
+IMPLEMENTATION = "moefn"
+CP_GROUP = "moefn_cp_group"
+
+
+def moefn_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                            attention_mask: Tensor | None, dropout: float = 0.0,
+                            scaling: float | None = None, sliding_window: int | None = None,
+                            **kwargs: Any) -> tuple[Tensor, None]:
+    """``query[B,Hq,S,D]``, ``key``/``value[B,Hkv,S,D]`` → ``(out[B,S,Hq,Dv], None)``."""
+    if sliding_window or kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
+        raise ValueError("moefn attention supports neither sliding windows nor attention sinks; "
+                         "leave plan_cp out for this model")
+    if attention_mask is not None:
+        raise ValueError("moefn attention builds its causal mask from position_ids; a prepared "
+                         "attention mask is not supported")
+    position_ids = kwargs.get("position_ids")
+    if not isinstance(position_ids, Tensor):
+        raise ValueError("moefn attention needs the global position_ids: call the model with "
+                         "position_ids=...")
+    position_ids = position_ids.expand(query.shape[0], -1)
+    out = attend_all_gathered(query, key, value, position_ids, bool(getattr(module, "is_causal", True)),
+                              getattr(module, CP_GROUP, None), scaling,
+                              dropout if module.training else 0.0)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def moefn_mask(*args: Any, attention_mask: Tensor | None = None, **kwargs: Any) -> None:
+    """No mask (the attention builds one from global positions); refuse real padding."""
+    if attention_mask is not None and not bool(torch.as_tensor(attention_mask).all()):
+        raise ValueError("moefn attention does not support padding masks; pad with label -100 "
+                         "and drop attention_mask")
+    return None
+
+
+def register() -> None:
+    """Add ``"moefn"`` to transformers' attention and mask implementations (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(IMPLEMENTATION, moefn_attention_forward)
+    AttentionMaskInterface.register(IMPLEMENTATION, moefn_mask)
+
+
+def install_context_parallel(module: nn.Module, group: dist.ProcessGroup) -> None:
+    """Make ``module`` (a transformers attention) context-parallel over ``group``.
+
+    The switch to ``"moefn"`` is on the module's config (shared by the whole model, as
+    ``model.set_attn_implementation`` does).
+    """
+    register()
+    config = getattr(module, "config", None)
+    if config is None:
+        raise ValueError(f"{type(module).__name__} has no config: not a transformers attention")
+    setattr(module, CP_GROUP, group)
+    config._attn_implementation_internal = IMPLEMENTATION

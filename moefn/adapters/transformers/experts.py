@@ -1,0 +1,175 @@
+"""Expert parallelism and router-saving checkpointing for transformers' fused experts.
+
+EP goes through transformers' own extension point: `register` adds an experts implementation
+``"moefn"`` to ``ExpertsInterface``; `install_dispatcher` gives one experts module a moefn
+dispatcher and switches the model's config to ``"moefn"``. The implementation sends each
+(token, k) slot to the rank owning its expert (``self.dispatcher``, a local one when none is
+installed) and runs this rank's experts in the HF layout (`local_experts`): ``gate_up_proj[e]``
+is ``[2I, H]`` (``[H, 2I]`` when the class is transposed, e.g. GPT-OSS, whose gate/up are
+interleaved, biased and use the class's own ``_apply_gate``). Parameters may be DTensors
+(``Shard(0)`` on ``ep``): the local experts are ``.to_local()``.
+
+Router-saving AC: transformers routers call ``torch.topk`` themselves. `install_router_replay`
+hooks each router of a block so that, inside a router-mode checkpoint, every ``topk`` it runs
+is recorded on that checkpoint call's routing tape (`moefn.realize.checkpointing`) in forward
+and replayed in recompute (the values are gathered from the recomputed scores at the recorded
+indices, so gradients flow as through ``topk``). Outside such a checkpoint the hooks do nothing.
+
+>>> register()  # realize then calls install_dispatcher on each experts module (tests/test_hf.py)
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+from torch.overrides import TorchFunctionMode
+
+from moefn.realize import checkpointing
+from moefn.realize.dispatch import Dispatcher, LocalDispatch
+from moefn.realize.experts import ExpertsImpl, run_grouped_experts
+
+IMPLEMENTATION = "moefn"
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _weights(module: nn.Module) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """This rank's ``(up[E,in,out], up_bias, down[E,in,out], down_bias)`` of a fused experts module."""
+    has_gate = bool(getattr(module, "has_gate", True))
+    has_bias = bool(getattr(module, "has_bias", False))
+    up_name = "gate_up_proj" if has_gate else "up_proj"
+    up = _local(module.get_parameter(up_name))
+    down = _local(module.get_parameter("down_proj"))
+    if not getattr(module, "is_transposed", False):  # stored [E, out, in]
+        up, down = up.transpose(1, 2), down.transpose(1, 2)
+    up_bias = _local(module.get_parameter(f"{up_name}_bias")) if has_bias else None
+    down_bias = _local(module.get_parameter("down_proj_bias")) if has_bias else None
+    return up, up_bias, down, down_bias
+
+
+def _activate(module: nn.Module, h: Tensor) -> Tensor:
+    if getattr(module, "has_gate", True):
+        gated: Tensor = module._apply_gate(h)  # type: ignore[operator]
+        return gated
+    out: Tensor = module.act_fn(h)  # type: ignore[operator]
+    return out
+
+
+def local_experts(module: nn.Module, x_sorted: Tensor, counts: Tensor, impl: ExpertsImpl = "auto") -> Tensor:
+    """This rank's experts on rows grouped by local expert (``counts[e]`` rows for expert ``e``):
+    `moefn.realize.experts.run_grouped_experts` with the module's weights, biases and gate."""
+    up, up_bias, down, down_bias = _weights(module)
+    y = run_grouped_experts(x_sorted.to(up.dtype), counts, up, down, impl,
+                            partial(_activate, module), up_bias, down_bias)
+    if getattr(module, "has_post_expert_norm", False):
+        norm: nn.Module = module.get_submodule("post_expert_norm")
+        y = norm(y)
+    return y
+
+
+def moefn_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
+                          top_k_weights: Tensor) -> Tensor:
+    """transformers experts function ``(self, hidden[T,H], top_k_index[T,K], top_k_weights[T,K])``."""
+    dispatcher: Dispatcher | None = getattr(self, "dispatcher", None)
+    if dispatcher is None:
+        dispatcher = LocalDispatch(int(self.get_parameter("down_proj").shape[0]))
+
+    def local_fn(x_sorted: Tensor, counts: Tensor) -> Tensor:
+        impl: ExpertsImpl = getattr(self, "moefn_impl", "auto")
+        return local_experts(self, x_sorted, counts, impl)
+
+    return dispatcher(hidden_states, top_k_index, top_k_weights, local_fn)
+
+
+def register() -> None:
+    """Add ``"moefn"`` to transformers' experts implementations (idempotent)."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(IMPLEMENTATION, moefn_experts_forward)
+
+
+def install_dispatcher(module: nn.Module, dispatcher: Dispatcher) -> None:
+    """Give ``module`` (fused experts) ``dispatcher`` and switch its model to ``"moefn"``.
+
+    The switch is on the module's config (shared by the whole model, as
+    ``model.set_experts_implementation`` does); experts without a dispatcher run locally.
+    """
+    register()
+    setattr(module, "dispatcher", dispatcher)
+    config = getattr(module, "config", None)
+    if config is None:
+        raise ValueError(f"{type(module).__name__} has no config: not a transformers experts module")
+    config._experts_implementation_internal = IMPLEMENTATION
+
+
+class _GatherAt(torch.autograd.Function):
+    """``source.gather(dim, index)`` that saves only ``index`` for backward, as ``topk`` does, so
+    the recorded forward and the replayed recompute save the same tensors (checkpoint checks)."""
+
+    @staticmethod
+    def forward(ctx: Any, source: Tensor, dim: int, index: Tensor) -> Tensor:
+        ctx.dim, ctx.shape = dim, source.shape
+        ctx.save_for_backward(index)
+        return source.gather(dim, index)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.shape).scatter(ctx.dim, index, grad), None, None
+
+
+class _TopKTape(TorchFunctionMode):
+    """Inside a router-mode checkpoint, every ``topk`` is recorded on the active routing tape in
+    forward and replayed in recompute; its values are gathered at the indices either way."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func not in (torch.topk, Tensor.topk) or not checkpointing._TAPES:
+            return func(*args, **kwargs)
+
+        def choose() -> Tensor:
+            with torch.no_grad():
+                return func(*args, **kwargs)[1]  # type: ignore[no-any-return]
+
+        index = checkpointing.taped(choose, "router top-k calls")
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else -1)
+        values = _GatherAt.apply(args[0], dim, index)  # type: ignore[no-untyped-call]
+        return torch.return_types.topk((values, index))
+
+
+ROUTER_REPLAY = "_moefn_router_replay"
+
+
+def install_router_replay(block: nn.Module) -> int:
+    """Hook every router of ``block`` so router-mode checkpointing replays its top-k choice;
+    returns the number of routers hooked (hooking twice is a no-op)."""
+    from moefn.plan.hf_roles import routers_in
+
+    count = 0
+    for router in routers_in(block):
+        count += 1
+        if getattr(router, ROUTER_REPLAY, False):
+            continue
+        active: list[_TopKTape] = []
+
+        def enter(module: nn.Module, args: Any, active: list[_TopKTape] = active) -> None:
+            if checkpointing._TAPES:
+                mode = _TopKTape()
+                mode.__enter__()  # type: ignore[no-untyped-call]  # untyped in torch
+                active.append(mode)
+
+        def leave(module: nn.Module, args: Any, output: Any,
+                  active: list[_TopKTape] = active) -> None:
+            if active:
+                active.pop().__exit__(None, None, None)  # type: ignore[no-untyped-call]
+
+        router.register_forward_pre_hook(enter)
+        router.register_forward_hook(leave, always_call=True)
+        setattr(router, ROUTER_REPLAY, True)
+    return count

@@ -1,0 +1,181 @@
+"""Predict per-rank memory and per-step communication from a plan (pure; no GPU, no ranks).
+
+Memory is what each rank allocates, exactly: each parameter's local shape on that rank follows
+the plan's shards (``torch.chunk`` semantics, as DTensor and FSDP2 use), and FSDP2 pads its
+shards to shard 0's size. Communication is every collective of one
+training step with its calls and the bytes the rank sends and receives (`moefn.analyse.comm`), for a
+stated tokens-per-rank and top-k.
+
+>>> import torch
+>>> from moefn import MeshSpec, compose, plan_ep, plan_fsdp
+>>> from moefn.adapters.reference import MoETransformer, get_preset
+>>> with torch.device("meta"):
+...     model = MoETransformer(get_preset("tiny"))
+>>> plan = compose(plan_ep(), plan_fsdp())(model, MeshSpec(dp_shard=4, ep=2)).unwrap()
+>>> est = estimate(plan, rank=0, tokens_per_rank=4096, optimizer="adamw")
+>>> est.memory.total > 0
+True
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Literal
+
+from attrs import frozen
+
+from moefn.analyse.comm import DTYPE_BYTES, Comm, predict_comm
+from moefn.analyse.layout import fsdp_shard_numel, fsdp_shard_ranks, local_shape, param_layouts
+from moefn.plan.arguments import expect_type, int_at_least, one_of
+from moefn.plan.errors import PlanError
+from moefn.plan.records import FullyShard, ShardPlan
+
+Optimizer = Literal["adamw", "sgd", "sgd_momentum"]
+STATE_COPIES: dict[str, int] = {"adamw": 2, "sgd": 0, "sgd_momentum": 1}
+
+
+@frozen(kw_only=True)
+class Memory:
+    """Bytes one rank holds, by kind (``dense``, ``experts``, ``embeddings``)."""
+
+    params: tuple[tuple[str, int], ...]
+    grads: tuple[tuple[str, int], ...]
+    optimizer: tuple[tuple[str, int], ...]
+    dtypes: tuple[tuple[str, str], ...]  # kind → its parameters' dtype(s), e.g. "bfloat16+float32"
+    gathered_peak: int  # most unsharded parameter bytes FSDP holds at once in forward
+
+    @property
+    def total(self) -> int:
+        return sum(v for part in (self.params, self.grads, self.optimizer) for _, v in part)
+
+
+@frozen(kw_only=True)
+class Estimate:
+    rank: int
+    memory: Memory
+    comm: tuple[Comm, ...]
+
+
+def _kind(name: str, plan: ShardPlan) -> str:
+    spec = plan.model
+    if any(name.startswith(p + ".") for p in spec.paths_with("experts")):
+        return "experts"
+    if any(name.startswith(p + ".") for p in (*spec.paths_with("embed"),
+                                              *spec.paths_with("lm_head"))):
+        return "embeddings"
+    return "dense"
+
+
+def estimate_memory(plan: ShardPlan, rank: int, optimizer: Optimizer = "adamw") -> Memory:
+    """Bytes ``rank`` allocates for parameters, gradients and optimizer state, by kind.
+
+    FSDP2 keeps every shard (and the gradient views of its reduce-scatter output) padded to
+    shard 0's size, so those are counted padded; optimizer states are ``zeros_like`` of the
+    unpadded local shard, in the parameter dtype. Not counted: buffers, and AdamW's scalar
+    ``step`` per parameter (a host tensor unless the optimizer is fused or capturable)."""
+    expect_type(plan, ShardPlan, "plan", "a ShardPlan", "pass compose(...)(model, mesh).unwrap()")
+    if int_at_least(rank, "rank", minimum=0) >= plan.mesh.world_size:
+        raise PlanError.single("rank", "rank outside the plan's world", rank,
+                               f"use a rank in 0..{plan.mesh.world_size - 1}")
+    one_of(optimizer, tuple(STATE_COPIES), "optimizer")
+    params: Counter[str] = Counter()
+    grads: Counter[str] = Counter()
+    states: Counter[str] = Counter()
+    units = {u.path: u for u in plan.steps_of(FullyShard)}
+    tensors = {t.name: t for t in plan.model.tensors}
+    dtypes: dict[str, set[str]] = {}
+    for name, layout in param_layouts(plan).items():
+        width = DTYPE_BYTES[tensors[name].dtype]
+        local = math.prod(local_shape(layout, plan.mesh, rank)) * width
+        held = (local if layout.unit is None
+                else fsdp_shard_numel(layout, units[layout.unit], plan.mesh)[0] * width)
+        kind = _kind(name, plan)
+        params[kind] += held
+        dtypes.setdefault(kind, set()).add(tensors[name].dtype)
+        if tensors[name].requires_grad:
+            grads[kind] += held
+            states[kind] += local * STATE_COPIES[optimizer]
+    return Memory(params=tuple(sorted(params.items())), grads=tuple(sorted(grads.items())),
+                  optimizer=tuple(sorted(states.items())),
+                  dtypes=tuple((k, "+".join(sorted(v))) for k, v in sorted(dtypes.items())),
+                  gathered_peak=_gathered_peak(plan))
+
+
+def _gathered_peak(plan: ShardPlan) -> int:
+    """Most bytes of unsharded parameters FSDP2 holds at once in forward.
+
+    Units run in module order (each from its first parameter). While one runs, FSDP2 holds it,
+    the units it is nested in, and every earlier unit that is not resharded after forward (e.g.
+    lm_head while an MTP block runs), each padded as gathered, in its param dtype.
+    """
+    layouts = param_layouts(plan)
+    units = {u.path: u for u in plan.steps_of(FullyShard)}
+    tensors = {t.name: t for t in plan.model.tensors}
+    size: Counter[str] = Counter()
+    first: dict[str, int] = {}
+    for index, name in enumerate(tensors):
+        layout = layouts.get(name)
+        if layout is None or layout.unit is None:
+            continue
+        unit = units[layout.unit]
+        padded = fsdp_shard_numel(layout, unit, plan.mesh)[0] * fsdp_shard_ranks(unit, plan.mesh)
+        size[unit.path] += padded * DTYPE_BYTES[unit.param_dtype or tensors[name].dtype]
+        first.setdefault(unit.path, index)
+    peak, kept = 0, set[str]()
+    for path in sorted(first, key=first.__getitem__):
+        held = {p for p in size if p == path or p == "" or path.startswith(p + ".")} | kept
+        peak = max(peak, sum(size[p] for p in held))
+        if not units[path].reshard_after_forward:
+            kept.add(path)
+    return peak
+
+
+def _activation_dtype(plan: ShardPlan) -> str:
+    """Hidden states travel in the FSDP compute dtype, else in the embedding's dtype."""
+    blocks = set(plan.model.paths_with("block"))
+    for unit in plan.steps_of(FullyShard):
+        if unit.path in blocks and unit.param_dtype is not None:
+            return unit.param_dtype
+    embed = [t for t in plan.model.tensors if t.module_path in plan.model.paths_with("embed")]
+    return embed[0].dtype if embed else "float32"
+
+
+def _top_k(plan: ShardPlan) -> int:
+    """The routers' top-k (the first router's; 1 when the model has none)."""
+    return next((int(plan.model.module(p).fact("top_k")) for p in plan.model.paths_with("router")
+                 if plan.model.module(p).get("top_k", 0)), 1)
+
+
+def _num_experts(plan: ShardPlan) -> int:
+    """The fewest experts of any MoE block (0 when the model has none)."""
+    return min((int(plan.model.module(p).fact("num_experts"))
+                for p in plan.model.paths_with("experts")), default=0)
+
+
+def estimate(plan: ShardPlan, rank: int = 0, tokens_per_rank: int = 4096, top_k: int | None = None,
+             hidden: int | None = None, optimizer: Optimizer = "adamw",
+             activation_dtype: str | None = None) -> Estimate:
+    """Memory of ``rank`` and per-step communication for ``tokens_per_rank`` local tokens.
+
+    ``top_k`` defaults to the routers' top-k; ``hidden`` to the embedding width; the activation
+    dtype to the FSDP compute dtype (else the embedding's)."""
+    memory = estimate_memory(plan, rank, optimizer)
+    int_at_least(tokens_per_rank, "tokens_per_rank")
+    k = _top_k(plan) if top_k is None else int_at_least(top_k, "top_k")
+    experts = _num_experts(plan)
+    if 0 < experts < k:
+        raise PlanError.single("top_k", "top-k larger than the number of experts",
+                               f"top_k={k}, {experts} experts",
+                               f"use top_k in 1..{experts}" if top_k is not None
+                               else "fix the model's config: route each token to at most "
+                                    f"{experts} experts")
+    if hidden is not None:
+        int_at_least(hidden, "hidden")
+    if activation_dtype is not None:
+        one_of(activation_dtype, tuple(DTYPE_BYTES), "activation_dtype")
+    embed = [t for t in plan.model.tensors if t.module_path in plan.model.paths_with("embed")]
+    width = hidden if hidden is not None else (embed[0].shape[-1] if embed else 0)
+    act = DTYPE_BYTES[activation_dtype or _activation_dtype(plan)]
+    comm = predict_comm(plan, tokens_per_rank, k, width, act)
+    return Estimate(rank=rank, memory=memory, comm=comm)

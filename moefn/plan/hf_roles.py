@@ -1,0 +1,241 @@
+"""Recogniser for transformers (>= 5) MoE causal-LM models: pure reads of the module tree.
+
+Recognised: models whose experts are *fused* 3-D parameters behind transformers' experts
+interface (``@use_experts_implementation``: Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V3,
+GPT-OSS, ...). Roles: decoder layers ``block``; each layer's attention module ``attention`` and
+``core_attention`` (the module whose attention function CP replaces, with ``cp_supported=False``
+and a ``kind`` for sliding-window, chunked or sink attention); the MoE block ``moe``; its router
+``router`` (``keep_fp32`` when the model keeps it in fp32, e.g. DeepSeek-V3); the fused experts
+``experts`` (fact ``num_experts``); shared experts ``shared_experts``; ``embed``; ``lm_head``;
+the backbone (``model``) ``backbone`` unless the embeddings are tied to the lm_head (a tied weight
+must stay with the root FSDP unit, which also runs the lm_head).
+
+A transformers model without fused experts is not recognised (None); a transformers MoE model
+with pieces missing raises a PlanError that lists what was found and what was expected.
+
+>>> HFRecogniser().recognise(object())  # type: ignore[arg-type]
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+from moefn.plan.errors import PlanError, Problem
+from moefn.plan.roles import Fact, Recognition, Role
+
+TRANSFORMERS_PREFIX = "transformers."
+ROUTER_NAMES = ("gate", "router")
+SHARED_NAMES = ("shared_expert", "shared_experts")
+ATTENTION_NAMES = ("self_attn", "attention", "attn")
+
+
+def is_transformers_module(module: object) -> bool:
+    """Whether ``module``'s class (or a base class) is defined inside the transformers package.
+
+    >>> is_transformers_module(object())
+    False
+    """
+    return any(cls.__module__.startswith(TRANSFORMERS_PREFIX) for cls in type(module).__mro__)
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """transformers fused experts: 3-D ``gate_up_proj`` (or ``up_proj``) and ``down_proj``
+    parameters on a class decorated with ``@use_experts_implementation``."""
+    if not is_transformers_module(module) or not hasattr(module, "is_transposed"):
+        return False
+    own = dict(module.named_parameters(recurse=False))
+    up = own.get("gate_up_proj", own.get("up_proj"))
+    down = own.get("down_proj")
+    return up is not None and down is not None and up.dim() == 3 and down.dim() == 3
+
+
+def num_experts(experts: nn.Module) -> int:
+    return int(experts.get_parameter("down_proj").shape[0])
+
+
+def router_of(moe: nn.Module, experts: nn.Module) -> tuple[str, nn.Module] | None:
+    """The sibling router of ``experts``: a child called gate/router with a weight [E, H]."""
+    for name in ROUTER_NAMES:
+        child = getattr(moe, name, None)
+        weight = getattr(child, "weight", None)
+        if (isinstance(child, nn.Module) and isinstance(weight, nn.Parameter) and weight.dim() == 2
+                and weight.shape[0] == num_experts(experts)):
+            return name, child
+    return None
+
+
+def routers_in(module: nn.Module) -> Iterator[nn.Module]:
+    """Every router of a fused-experts MoE block under ``module`` (``module`` included)."""
+    for sub in module.modules():
+        for child in sub.children():
+            if is_fused_experts(child):
+                found = router_of(sub, child)
+                if found is not None:
+                    yield found[1]
+
+
+def _attention_of(layer: nn.Module) -> tuple[str, nn.Module] | None:
+    for name in ATTENTION_NAMES:
+        child = getattr(layer, name, None)
+        if isinstance(child, nn.Module):
+            return name, child
+    for name, child in layer.named_children():
+        if "Attention" in type(child).__name__:
+            return name, child
+    return None
+
+
+def _unsupported_kind(attention: nn.Module, config: object, index: int) -> str | None:
+    """Why this attention cannot be context-parallel (None when it can)."""
+    kinds = []
+    if getattr(attention, "sinks", None) is not None:
+        kinds.append("attention sinks")
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)) and index < len(layer_types):
+        if layer_types[index] not in ("full_attention", "attention"):
+            kinds.append(str(layer_types[index]))
+    else:
+        window = (getattr(attention, "sliding_window") if hasattr(attention, "sliding_window")
+                  else getattr(config, "sliding_window", None))
+        if window:
+            kinds.append(f"sliding_window={window}")
+    if getattr(config, "attention_chunk_size", None):
+        kinds.append("chunked attention")
+    return ", ".join(kinds) if kinds else None
+
+
+def _attention_facts(attention: nn.Module, config: object) -> tuple[Fact, ...]:
+    """Heads as the attention function sees them. MLA (DeepSeek) expands K/V per head before the
+    attention function, so ``n_kv_heads = n_heads`` there; ``head_dim`` is then the mean of the K
+    and V head dims, so that the CP estimate's ``2·n_kv_heads·head_dim`` per token is exact."""
+    n_heads = int(getattr(config, "num_attention_heads", 0))
+    if hasattr(attention, "kv_b_proj"):
+        head_dim = (int(getattr(attention, "qk_head_dim")) + int(getattr(attention, "v_head_dim"))) // 2
+        return (("n_heads", n_heads), ("n_kv_heads", n_heads), ("head_dim", head_dim))
+    n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
+    head_dim = int(getattr(attention, "head_dim", 0) or getattr(config, "head_dim", 0)
+                   or int(getattr(config, "hidden_size", 0)) // max(n_heads, 1))
+    return (("n_heads", n_heads), ("n_kv_heads", n_kv), ("head_dim", head_dim))
+
+
+def _keeps_fp32(model: nn.Module, router_path: str, router: nn.Module) -> bool:
+    patterns = list(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    names = [f"{router_path}.{n}" for n, _ in router.named_parameters(recurse=False)]
+    return any(re.search(rf"(^|\.){re.escape(p)}($|\.)", name) for p in patterns for name in names)
+
+
+def _path_of(model: nn.Module, target: object) -> str | None:
+    if not isinstance(target, nn.Module):
+        return None
+    return next((p for p, m in model.named_modules() if m is target), None)
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.roles: dict[str, set[Role]] = {}
+        self.facts: dict[str, tuple[Fact, ...]] = {}
+        self.problems: list[Problem] = []
+
+    def tag(self, path: str, *roles: Role) -> None:
+        self.roles.setdefault(path, set()).update(roles)
+
+    def missing(self, path: str, piece: str, found: str, expected: str) -> None:
+        self.problems.append(Problem(path=path, message=f"transformers MoE model: no {piece}",
+                                     value=f"found {found}", fix=f"expected {expected}"))
+
+
+class HFRecogniser:
+    """transformers (>= 5) MoE causal-LM models with fused experts."""
+
+    name = "transformers"
+
+    def recognise(self, model: nn.Module) -> Recognition | None:
+        if not is_transformers_module(model):
+            return None
+        experts = [(p, m) for p, m in model.named_modules() if is_fused_experts(m)]
+        if not experts:
+            return None  # not an MoE model moefn can parallelize: inspect_model says so
+        out = _Collector()
+        config = getattr(model, "config", None)
+        prefix = getattr(model, "base_model_prefix", "")
+        backbone = getattr(model, prefix, None) if prefix else None
+        backbone_path = prefix if isinstance(backbone, nn.Module) else ""
+        base = backbone if isinstance(backbone, nn.Module) else model
+        layers = getattr(base, "layers", None)
+        found = (f"{type(model).__name__} with {len(experts)} fused experts modules "
+                 f"({experts[0][0]}, ...)")
+        blocks: list[str] = []
+        if config is None:
+            out.missing("", "config", found, "a transformers PreTrainedModel (model.config)")
+        if not isinstance(layers, nn.ModuleList) or not len(layers):
+            out.missing(f"{backbone_path}.layers".lstrip("."), "decoder layers", found,
+                        "decoder layers in <backbone>.layers (an nn.ModuleList)")
+        else:
+            for i, layer in enumerate(layers):
+                path = f"{backbone_path}.layers.{i}".lstrip(".")
+                blocks.append(path)
+                out.tag(path, "block")
+                attention = _attention_of(layer)
+                if attention is None:
+                    children = [n for n, _ in layer.named_children()]
+                    out.missing(path, "attention module", f"children {children}",
+                                f"one of {ATTENTION_NAMES} in each decoder layer")
+                    continue
+                attn_path = f"{path}.{attention[0]}"
+                out.tag(attn_path, "attention", "core_attention")
+                facts = _attention_facts(attention[1], config)
+                out.facts[path] = facts  # the CP estimate reads heads on the core's parent
+                kind = _unsupported_kind(attention[1], config, i)
+                cp: tuple[Fact, ...] = (("cp_supported", False), ("kind", kind)) if kind else ()
+                out.facts[attn_path] = (*facts, ("causal", bool(getattr(attention[1], "is_causal", True))),
+                                        *cp)
+        for path, module in experts:
+            moe_path = path.rpartition(".")[0]
+            moe = model.get_submodule(moe_path)
+            out.tag(path, "experts")
+            out.facts[path] = (("num_experts", num_experts(module)),)
+            out.tag(moe_path, "moe")
+            if not any(path.startswith(b + ".") for b in blocks) and blocks:
+                out.missing(path, "decoder layer around these experts", found,
+                            "fused experts inside a decoder layer")
+            router = router_of(moe, module)
+            if router is None:
+                out.missing(moe_path, "router", f"children {[n for n, _ in moe.named_children()]}",
+                            f"a sibling of the experts called one of {ROUTER_NAMES} with weight "
+                            f"[{num_experts(module)}, hidden]")
+            else:
+                router_path = f"{moe_path}.{router[0]}"
+                out.tag(router_path, "router")
+                top_k = getattr(router[1], "top_k", None)
+                if top_k is not None:
+                    out.facts[router_path] = (("top_k", int(top_k)),)
+                if _keeps_fp32(model, router_path, router[1]):
+                    out.tag(router_path, "keep_fp32")
+            for name in SHARED_NAMES:
+                if isinstance(getattr(moe, name, None), nn.Module):
+                    out.tag(f"{moe_path}.{name}", "shared_experts")
+        get_in = getattr(model, "get_input_embeddings", None)
+        get_out = getattr(model, "get_output_embeddings", None)
+        embed = _path_of(model, get_in()) if callable(get_in) else None
+        lm_head = _path_of(model, get_out()) if callable(get_out) else None
+        if embed is None:
+            out.missing("", "input embeddings", found, "model.get_input_embeddings()")
+        else:
+            out.tag(embed, "embed")
+        if lm_head is None:
+            out.missing("", "lm_head", found, "a causal LM (e.g. *ForCausalLM) with "
+                                               "model.get_output_embeddings()")
+        else:
+            out.tag(lm_head, "lm_head")
+        if out.problems:
+            raise PlanError(out.problems)
+        tied = embed is not None and lm_head is not None and any(
+            p is q for p in model.get_submodule(embed).parameters()
+            for q in model.get_submodule(lm_head).parameters())
+        if backbone_path and not tied:
+            out.tag(backbone_path, "backbone")
+        return Recognition(family=f"transformers:{getattr(config, 'model_type', type(model).__name__)}",
+                           roles={k: frozenset(v) for k, v in out.roles.items()}, facts=out.facts)

@@ -1,0 +1,151 @@
+"""ShardPlan and its step records: what each stage decided, as plain frozen data.
+
+Step kinds, in the order realize applies them (CP → EP → AC → FSDP):
+
+- `ContextParallelAttention`: a core attention all-gathers K/V over ``cp`` (head-tail layout);
+- `DistributeParams`: parameters of a module become DTensors with placements on mesh axes;
+- `InstallDispatch`: an experts module sends tokens to the ranks that own their experts;
+- `SyncGradients`: gradients of a module all-reduce (sum) over data-parallel axes, without FSDP;
+- `Checkpoint`: a block is wrapped for activation checkpointing;
+- `FullyShard`: a module becomes one `fully_shard` unit with its options.
+
+>>> spec = ModelSpec(family="demo", root_class="Demo", modules=(), tensors=(), tied=())
+>>> plan = ShardPlan.empty(spec, MeshSpec(dp_shard=2))
+>>> plan.add_steps([FullyShard(stage="fsdp", path="", mesh_dims=("dp_shard_cp",))]).steps
+(FullyShard(stage='fsdp', path='', mesh_dims=('dp_shard_cp',), shard_dim=0, ...),)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal, TypeVar, get_args
+
+from attrs import evolve, field, frozen
+
+from moefn.plan.mesh import Axis, MeshSpec
+from moefn.plan.spec import ModelSpec
+
+STAGE_ORDER = ("cp", "ep", "ac", "fsdp")
+StageName = Literal["cp", "ep", "ac", "fsdp"]
+
+
+@frozen
+class Shard:
+    dim: int
+
+    def __str__(self) -> str:
+        return f"Shard({self.dim})"
+
+
+@frozen
+class Replicate:
+    def __str__(self) -> str:
+        return "Replicate()"
+
+
+Placement = Shard | Replicate
+
+
+@frozen(kw_only=True)
+class ContextParallelAttention:
+    stage: StageName
+    path: str
+    mesh_dims: tuple[Axis, ...]
+    layout: Literal["head_tail"] = "head_tail"
+    seq_len: int | None = None
+
+
+@frozen(kw_only=True)
+class DistributeParams:
+    stage: StageName
+    path: str
+    params: tuple[str, ...]
+    mesh_dims: tuple[Axis, ...]
+    placements: tuple[Placement, ...]
+
+
+@frozen(kw_only=True)
+class InstallDispatch:
+    stage: StageName
+    path: str
+    kind: Literal["all_to_all", "all_gather"]
+    mesh_dims: tuple[Axis, ...]
+    num_experts: int
+
+
+@frozen(kw_only=True)
+class SyncGradients:
+    stage: StageName
+    path: str
+    mesh_dims: tuple[Axis, ...]
+
+
+@frozen(kw_only=True)
+class Checkpoint:
+    """Activation checkpointing of a block; ``saves`` names what recompute reuses."""
+
+    stage: StageName
+    path: str
+    mode: Literal["full", "router", "selective"]
+    saves: tuple[str, ...] = ()
+
+
+@frozen(kw_only=True)
+class FullyShard:
+    """One ``fully_shard`` unit. ``param_dtype``/``reduce_dtype`` of None keep the parameter dtype."""
+
+    stage: StageName
+    path: str
+    mesh_dims: tuple[Axis, ...]
+    shard_dim: int = 0
+    reshard_after_forward: bool = True
+    param_dtype: str | None = None
+    reduce_dtype: str | None = None
+    offload: bool = False
+    ignored: tuple[str, ...] = ()  # full parameter names this unit (and its parents) leave alone
+
+
+Step = (ContextParallelAttention | DistributeParams | InstallDispatch | SyncGradients | Checkpoint
+        | FullyShard)
+"""Every step kind, listed once here, in the order realize applies them."""
+STEP_KINDS: tuple[type[Step], ...] = get_args(Step)
+
+S = TypeVar("S", bound=Step)
+
+
+def _step_sort_key(step: Step) -> tuple[int, int]:
+    return STAGE_ORDER.index(step.stage), STEP_KINDS.index(type(step))
+
+
+@frozen(kw_only=True)
+class ShardPlan:
+    """The composed decisions of every stage for one model on one mesh."""
+
+    model: ModelSpec
+    mesh: MeshSpec
+    stages: tuple[StageName, ...] = ()
+    steps: tuple[Step, ...] = field(default=())
+
+    @classmethod
+    def empty(cls, model: ModelSpec, mesh: MeshSpec) -> ShardPlan:
+        return cls(model=model, mesh=mesh)
+
+    def add_steps(self, steps: Iterable[Step]) -> ShardPlan:
+        """A new plan with ``steps`` merged in (stable order: by stage, then by step kind)."""
+        return evolve(self, steps=tuple(sorted((*self.steps, *steps), key=_step_sort_key)))
+
+    def with_stage(self, stage: StageName) -> ShardPlan:
+        """A new plan that records ``stage`` as applied."""
+        return evolve(self, stages=(*self.stages, stage))
+
+    def steps_of(self, kind: type[S]) -> tuple[S, ...]:
+        return tuple(s for s in self.steps if isinstance(s, kind))
+
+    def distributed_params(self) -> dict[str, DistributeParams]:
+        """Full parameter name → the DistributeParams step that placed it."""
+        out: dict[str, DistributeParams] = {}
+        for step in self.steps:
+            if isinstance(step, DistributeParams):
+                for name in step.params:
+                    out[f"{step.path}.{name}" if step.path else name] = step
+        return out

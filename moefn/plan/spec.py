@@ -1,0 +1,183 @@
+"""ModelSpec: a frozen, pure snapshot of a module tree with role tags.
+
+>>> import torch
+>>> from moefn.adapters.reference import MoETransformer, get_preset
+>>> with torch.device("meta"):
+...     model = MoETransformer(get_preset("tiny"))
+>>> spec = inspect_model(model)
+>>> spec.paths_with("experts")[:1]
+('layers.0.mlp.experts',)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import defaultdict
+from collections.abc import Iterator
+
+import torch
+from attrs import frozen
+from torch import nn
+
+from moefn.plan.errors import PlanError
+from moefn.plan.hf_roles import HFRecogniser
+from moefn.plan.reference_roles import ReferenceRecogniser
+from moefn.plan.roles import Fact, Recogniser, Recognition, Role
+
+RECOGNISERS: tuple[Recogniser, ...] = (ReferenceRecogniser(), HFRecogniser())
+
+
+@frozen(kw_only=True)
+class TensorInfo:
+    """A parameter or buffer, by its full dotted name (the first name of a tied parameter)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    requires_grad: bool
+    is_buffer: bool = False
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def module_path(self) -> str:
+        return self.name.rpartition(".")[0]
+
+
+@frozen(kw_only=True)
+class ModuleInfo:
+    path: str
+    cls: str
+    roles: tuple[Role, ...]
+    facts: tuple[Fact, ...] = ()
+
+    def get(self, key: str, default: int | str | bool) -> int | str | bool:
+        return next((value for name, value in self.facts if name == key), default)
+
+    def fact(self, key: str) -> int | str | bool:
+        for name, value in self.facts:
+            if name == key:
+                return value
+        raise PlanError.single(self.path, "module lacks a fact the planner needs", key,
+                               "extend the recogniser for this model family")
+
+
+@frozen(kw_only=True)
+class ModelSpec:
+    family: str
+    root_class: str
+    modules: tuple[ModuleInfo, ...]
+    tensors: tuple[TensorInfo, ...]
+    tied: tuple[tuple[str, ...], ...]
+    already_parallel: tuple[str, ...] = ()
+
+    def module(self, path: str) -> ModuleInfo:
+        for info in self.modules:
+            if info.path == path:
+                return info
+        raise PlanError.single(path, "no such module in the model", path,
+                               "plan against the model you realize")
+
+    def paths_with(self, role: Role) -> tuple[str, ...]:
+        return tuple(m.path for m in self.modules if role in m.roles)
+
+    def params_under(self, path: str) -> tuple[TensorInfo, ...]:
+        prefix = f"{path}." if path else ""
+        return tuple(t for t in self.tensors if not t.is_buffer and t.name.startswith(prefix))
+
+    def direct_params(self, path: str) -> tuple[TensorInfo, ...]:
+        return tuple(t for t in self.tensors if not t.is_buffer and t.module_path == path)
+
+    def tensor(self, name: str) -> TensorInfo:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise PlanError.single(name, "no such parameter", name, "plan against this model")
+
+    def tie_of(self, name: str) -> tuple[str, ...]:
+        for group in self.tied:
+            if name in group:
+                return group
+        return (name,)
+
+    def fingerprint(self) -> str:
+        """Digest of names, shapes, dtypes and ties (not values): equal for equal structure."""
+        h = hashlib.sha256()
+        for t in self.tensors:
+            h.update(f"{t.name}|{t.shape}|{t.dtype}|{t.requires_grad}|{t.is_buffer};".encode())
+        h.update(repr(self.tied).encode())
+        return h.hexdigest()[:16]
+
+
+REALIZED = "_moefn_realized"
+"""Attribute `realize` sets on the model and on every module it changes (value: what changed)."""
+
+
+def _already_parallel(model: nn.Module) -> Iterator[str]:
+    """Modules that moefn, FSDP or checkpointing changed; DTensor parameters when none did."""
+    from torch.distributed.tensor import DTensor
+
+    flagged = False
+    for path, module in model.named_modules():
+        kind = type(module).__name__
+        signs = [kind] if "FSDP" in kind or kind == "CheckpointWrapper" else []
+        if getattr(module, REALIZED, None):
+            signs.append(f"realized by moefn ({getattr(module, REALIZED)})")
+        if getattr(module, "_moefn_checkpoint", None):
+            signs.append("checkpointed block")
+        if signs:
+            flagged = True
+            yield f"{path or '(root)'}: {', '.join(signs)}"
+    if not flagged:
+        for name, param in model.named_parameters():
+            if isinstance(param, DTensor):
+                yield f"{name}: DTensor parameter"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def inspect_model(model: nn.Module) -> ModelSpec:
+    """Snapshot ``model`` (any device, meta included). Raises PlanError if no recogniser fits."""
+    recognition: Recognition | None = None
+    tried: list[str] = []
+    for recogniser in RECOGNISERS:
+        recognition = recogniser.recognise(model)
+        if recognition is not None:
+            break
+        tried.append(recogniser.name)
+    if recognition is None:
+        raise PlanError.single(
+            "", "unrecognised model architecture", type(model).__name__,
+            f"use a supported model (recognisers tried: {', '.join(tried)}); see docs/models.md")
+    modules = tuple(
+        ModuleInfo(path=path, cls=type(module).__name__,
+                   roles=tuple(sorted(recognition.roles.get(path, ()))),
+                   facts=recognition.facts.get(path, ()))
+        for path, module in model.named_modules()
+    )
+    groups: dict[int, list[str]] = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups[id(param)].append(name)
+    tensors = [
+        TensorInfo(name=name, shape=tuple(p.shape), dtype=_dtype_name(p.dtype),
+                   requires_grad=p.requires_grad)
+        for name, p in model.named_parameters()
+    ]
+    tensors += [
+        TensorInfo(name=name, shape=tuple(b.shape), dtype=_dtype_name(b.dtype),
+                   requires_grad=False, is_buffer=True)
+        for name, b in model.named_buffers()
+    ]
+    return ModelSpec(
+        family=recognition.family,
+        root_class=type(model).__name__,
+        modules=modules,
+        tensors=tuple(tensors),
+        tied=tuple(tuple(g) for g in groups.values() if len(g) > 1),
+        already_parallel=tuple(_already_parallel(model)),
+    )

@@ -1,1 +1,0 @@
-"""Runtime pieces installed into a model by `realize`: token dispatch, attention, checkpointing."""
