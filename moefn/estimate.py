@@ -6,8 +6,7 @@ shards to shard 0's size. Communication is every collective of one
 training step with its calls and the bytes the rank sends and receives (`moefn.comm`), for a
 stated tokens-per-rank and top-k.
 
->>> est = estimate(plan, rank=0, tokens_per_rank=4096, optimizer="adamw")   # doctest: +SKIP
->>> est.memory.total                                                       # doctest: +SKIP
+See `estimate` for an example.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from typing import Literal
 
 from attrs import frozen
 
+from moefn.activations import Activations, activation_memory
 from moefn.arguments import expect_type, int_at_least, one_of
 from moefn.comm import DTYPE_BYTES, Comm, predict_comm
 from moefn.errors import PlanError
@@ -45,9 +45,14 @@ class Memory:
 
 @frozen(kw_only=True)
 class Estimate:
+    """``activations`` and ``peak`` (bytes: sharded state, buffers and activations) come with a
+    ``seq_len``."""
+
     rank: int
     memory: Memory
     comm: tuple[Comm, ...]
+    activations: Activations | None = None
+    peak: int | None = None
 
 
 def _kind(name: str, plan: ShardPlan) -> str:
@@ -146,14 +151,41 @@ def _num_experts(plan: ShardPlan) -> int:
                 for p in plan.model.paths_with("experts")), default=0)
 
 
+def buffer_bytes(plan: ShardPlan) -> int:
+    """Bytes of the model's buffers (every rank holds all of them; FSDP2 does not shard them)."""
+    return sum(t.numel * DTYPE_BYTES[t.dtype] for t in plan.model.tensors if t.is_buffer)
+
+
 def estimate(plan: ShardPlan, rank: int = 0, tokens_per_rank: int = 4096, top_k: int | None = None,
              hidden: int | None = None, optimizer: Optimizer = "adamw",
-             activation_dtype: str | None = None) -> Estimate:
+             activation_dtype: str | None = None, seq_len: int | None = None, rows: int = 1,
+             imbalance: float = 1.0) -> Estimate:
     """Memory of ``rank`` and per-step communication for ``tokens_per_rank`` local tokens.
 
-    ``top_k`` defaults to the routers' top-k; ``hidden`` to the embedding width; the activation
-    dtype to the FSDP compute dtype (else the embedding's)."""
+    With ``seq_len``, a micro-batch is ``rows × seq_len`` (``rows × seq_len / cp`` tokens per
+    rank, which replace ``tokens_per_rank``) and the estimate adds the activations
+    (`moefn.activations`) and the peak. ``top_k`` defaults to the routers' top-k; ``hidden``
+    to the embedding width; the activation dtype to the FSDP compute dtype (else the
+    embedding's).
+
+    >>> from moefn.models import MoETransformer, get_preset
+    >>> from moefn import MeshSpec, compose, plan_fsdp
+    >>> import torch
+    >>> with torch.device("meta"):
+    ...     model = MoETransformer(get_preset("tiny"))
+    >>> plan = compose(plan_fsdp())(model, MeshSpec(dp_shard=2)).unwrap()
+    >>> est = estimate(plan, seq_len=128, rows=2)
+    >>> est.peak == est.memory.total + buffer_bytes(plan) + est.activations.total
+    True
+    """
     memory = estimate_memory(plan, rank, optimizer)
+    if seq_len is not None:
+        int_at_least(seq_len, "seq_len")
+        int_at_least(rows, "rows")
+        if not (isinstance(imbalance, int | float) and imbalance >= 1.0):
+            raise PlanError.single("imbalance", "routing imbalance below 1", imbalance,
+                                   "pass 1.0 for balanced routing, more for skew")
+        tokens_per_rank = rows * seq_len // plan.mesh.cp
     int_at_least(tokens_per_rank, "tokens_per_rank")
     k = _top_k(plan) if top_k is None else int_at_least(top_k, "top_k")
     experts = _num_experts(plan)
@@ -171,4 +203,11 @@ def estimate(plan: ShardPlan, rank: int = 0, tokens_per_rank: int = 4096, top_k:
     width = hidden if hidden is not None else (embed[0].shape[-1] if embed else 0)
     act = DTYPE_BYTES[activation_dtype or _activation_dtype(plan)]
     comm = predict_comm(plan, tokens_per_rank, k, width, act)
-    return Estimate(rank=rank, memory=memory, comm=comm)
+    if seq_len is None:
+        return Estimate(rank=rank, memory=memory, comm=comm)
+    # foreach AdamW's sqrt(exp_avg_sq): one state copy; SGD's updates run in place
+    temporaries = sum(v for _, v in memory.optimizer) // 2 if optimizer == "adamw" else 0
+    activations = activation_memory(plan, rows, seq_len, imbalance, temporaries,
+                                    activation_dtype or _activation_dtype(plan))
+    return Estimate(rank=rank, memory=memory, comm=comm, activations=activations,
+                    peak=memory.total + buffer_bytes(plan) + activations.total)
