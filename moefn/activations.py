@@ -25,9 +25,11 @@ local tokens (rows × seq_len / cp) in the compute dtype (``b`` bytes; fp32 is 4
   after log-softmax; none in fp32) and the log-softmax saved by cross-entropy; when backward
   starts, one head's log-softmax gradient and its input gradient on top (both fp32).
 - **fsdp_buffers** — torch 2.13's FSDP2: in backward the running unit and the prefetched next
-  one unsharded, the running unit's unsharded gradients, and its reduce-scatter input in the
-  reduce dtype plus ``reduce_scatter_max_input_buffers`` (1) earlier inputs; in forward the
-  running unit and the previous unit's all-gather output.
+  one unsharded, the running unit's unsharded gradients, and the reduce-scatter input (reduce
+  dtype) of the unit before it — ``reduce_scatter_max_input_buffers`` (1) earlier input in
+  flight; the running unit's own input is built in its post-backward hook, after its
+  activations are freed; in forward the running unit and the previous unit's all-gather
+  output. Units never resharded (the root, lm_head) are held throughout.
 - **optimizer_temporaries** — foreach AdamW's ``sqrt(exp_avg_sq)`` list (one state copy);
   the step runs after backward has freed the activations.
 
@@ -41,8 +43,10 @@ buffers), and attention kernels that materialise the ``seq × seq`` scores.
 ...     model = MoETransformer(get_preset("tiny"))
 >>> plan = compose(plan_fsdp(precision="fp32"))(model, MeshSpec(dp_shard=2)).unwrap()
 >>> act = activation_memory(plan, rows=2, seq_len=64)
->>> act.phase, dict(act.parts)["logits"] == (2 * 64) * 64 * 4 * 4  # T·V fp32: 4 copies
-('logits', True)
+>>> act.phase, act.tokens
+('backward layers.1', 128)
+>>> _logits(act.tokens, 64, 4, heads=1) == 128 * 64 * 4 * 4  # T·V fp32: 4 copies at once
+True
 """
 
 from __future__ import annotations
@@ -90,7 +94,8 @@ class _Cost:
 
 def _dims(spec: ModelSpec) -> tuple[int, int]:
     """(hidden, vocab) from the embedding."""
-    embed = [t for t in spec.tensors if t.module_path in spec.paths_with("embed")]
+    embeds = set(spec.paths_with("embed"))
+    embed = [t for t in spec.tensors if t.module_path in embeds]
     if not embed:
         raise PlanError.single("", "no embedding to size activations by", spec.root_class,
                                "recognise the model's embedding (role 'embed')")
@@ -332,10 +337,22 @@ def _fsdp_buffers(plan: ShardPlan) -> tuple[int, int, int]:
     forward = max((a[0] + b[0] for a, b in zip(moving, moving[1:], strict=False)),
                   default=sum(g for g, _ in moving))
     back = list(reversed(moving))
-    backward = max((g + nxt[0] + g + r + prev[1] for (g, r), nxt, prev
+    backward = max((g + nxt[0] + g + prev[1] for (g, _), nxt, prev
                     in zip(back, [*back[1:], (0, 0)], [(0, 0), *back[:-1]], strict=True)),
                    default=0)
     return held, held + forward, held + backward
+
+
+def _logits(t: int, vocab: int, b: int, heads: int) -> int:
+    """Every head's logits (``b``) and saved log-softmax (fp32), plus the larger of the last
+    head's fp32 upcast (forward; none in fp32) and one head's two fp32 gradients (backward)."""
+    upcast = _F32 if b != _F32 else 0
+    return heads * (b + _F32) * t * vocab + max(upcast, 2 * _F32) * t * vocab
+
+
+def _recompute(cost: _Cost) -> int:
+    """The block in backward: its whole saved set (rebuilt if checkpointed) and gradients."""
+    return cost.full + cost.transient
 
 
 def _tokens(plan: ShardPlan, rows: int, seq_len: int) -> int:
@@ -357,9 +374,6 @@ def activation_memory(plan: ShardPlan, rows: int, seq_len: int, imbalance: float
     hidden, vocab = _dims(plan.model)
     costs = list(_segments(plan, t, b, imbalance, worst=False))
     heads = 1 + len(plan.model.paths_with("mtp"))
-    upcast = _F32 if b != _F32 else 0
-    logits_forward = heads * (b + _F32) * t * vocab + upcast * t * vocab
-    logits_backward = heads * (b + _F32) * t * vocab + 2 * _F32 * t * vocab
     fsdp_held, fsdp_forward, fsdp_backward = _fsdp_buffers(plan)
 
     def kept(segments: list[_Cost]) -> dict[str, int]:
@@ -371,13 +385,13 @@ def activation_memory(plan: ShardPlan, rows: int, seq_len: int, imbalance: float
 
     phases: list[tuple[str, dict[str, int]]] = [
         # the loss runs after the last block's reshard and before any backward prefetch
-        ("logits", {**kept(costs), "logits": max(logits_forward, logits_backward),
+        ("logits", {**kept(costs), "logits": _logits(t, vocab, b, heads),
                     "fsdp_buffers": fsdp_held}),
         ("optimizer", {"optimizer_temporaries": optimizer_states})]
     for i, cost in enumerate(costs):
         if cost.full or cost.transient:
             phases.append((f"backward {cost.path}",
-                           {**kept(costs[:i]), "recompute": cost.full + cost.transient,
+                           {**kept(costs[:i]), "recompute": _recompute(cost),
                             "fsdp_buffers": fsdp_backward}))
     if costs:  # the last block's forward, its all-gather and the previous one's output held
         phases.append(("forward", {**kept(costs[:-1]), "fsdp_buffers": fsdp_forward}))

@@ -37,6 +37,7 @@ class Memory:
     optimizer: tuple[tuple[str, int], ...]
     dtypes: tuple[tuple[str, str], ...]  # kind → its parameters' dtype(s), e.g. "bfloat16+float32"
     gathered_peak: int  # most unsharded parameter bytes FSDP holds at once in forward
+    offloaded: int = 0  # bytes of the above kept on the host (FSDP units with CPU offload)
 
     @property
     def total(self) -> int:
@@ -83,6 +84,7 @@ def estimate_memory(plan: ShardPlan, rank: int, optimizer: Optimizer = "adamw") 
     units = {u.path: u for u in plan.steps_of(FullyShard)}
     tensors = {t.name: t for t in plan.model.tensors}
     dtypes: dict[str, set[str]] = {}
+    offloaded = 0
     for name, layout in param_layouts(plan).items():
         width = DTYPE_BYTES[tensors[name].dtype]
         local = math.prod(local_shape(layout, plan.mesh, rank)) * width
@@ -94,7 +96,10 @@ def estimate_memory(plan: ShardPlan, rank: int, optimizer: Optimizer = "adamw") 
         if tensors[name].requires_grad:
             grads[kind] += held
             states[kind] += local * STATE_COPIES[optimizer]
-    return Memory(params=tuple(sorted(params.items())), grads=tuple(sorted(grads.items())),
+        if layout.unit is not None and units[layout.unit].offload:
+            offloaded += held + (held + local * STATE_COPIES[optimizer]
+                                 if tensors[name].requires_grad else 0)
+    return Memory(offloaded=offloaded, params=tuple(sorted(params.items())), grads=tuple(sorted(grads.items())),
                   optimizer=tuple(sorted(states.items())),
                   dtypes=tuple((k, "+".join(sorted(v))) for k, v in sorted(dtypes.items())),
                   gathered_peak=_gathered_peak(plan))
@@ -175,7 +180,7 @@ def estimate(plan: ShardPlan, rank: int = 0, tokens_per_rank: int = 4096, top_k:
     ...     model = MoETransformer(get_preset("tiny"))
     >>> plan = compose(plan_fsdp())(model, MeshSpec(dp_shard=2)).unwrap()
     >>> est = estimate(plan, seq_len=128, rows=2)
-    >>> est.peak == est.memory.total + buffer_bytes(plan) + est.activations.total
+    >>> est.peak == est.memory.total + buffer_bytes(plan) + est.activations.total  # on device
     True
     """
     memory = estimate_memory(plan, rank, optimizer)
@@ -210,4 +215,4 @@ def estimate(plan: ShardPlan, rank: int = 0, tokens_per_rank: int = 4096, top_k:
     activations = activation_memory(plan, rows, seq_len, imbalance, temporaries,
                                     activation_dtype or _activation_dtype(plan))
     return Estimate(rank=rank, memory=memory, comm=comm, activations=activations,
-                    peak=memory.total + buffer_bytes(plan) + activations.total)
+                    peak=memory.total - memory.offloaded + buffer_bytes(plan) + activations.total)
