@@ -59,7 +59,7 @@ from attrs import frozen
 from moefn.comm import DTYPE_BYTES
 from moefn.errors import PlanError
 from moefn.layout import fsdp_shard_numel, fsdp_shard_ranks, param_layouts
-from moefn.plan import Checkpoint, ContextParallelAttention, FullyShard, InstallDispatch, ShardPlan
+from moefn.plan import Checkpoint, FullyShard, InstallDispatch, ShardPlan
 from moefn.spec import ModelSpec, TensorInfo
 
 PARTS = ("saved", "recompute", "dispatch", "cp_kv", "logits", "fsdp_buffers",

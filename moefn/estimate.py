@@ -99,7 +99,8 @@ def estimate_memory(plan: ShardPlan, rank: int, optimizer: Optimizer = "adamw") 
         if layout.unit is not None and units[layout.unit].offload:
             offloaded += held + (held + local * STATE_COPIES[optimizer]
                                  if tensors[name].requires_grad else 0)
-    return Memory(offloaded=offloaded, params=tuple(sorted(params.items())), grads=tuple(sorted(grads.items())),
+    return Memory(offloaded=offloaded, params=tuple(sorted(params.items())),
+                  grads=tuple(sorted(grads.items())),
                   optimizer=tuple(sorted(states.items())),
                   dtypes=tuple((k, "+".join(sorted(v))) for k, v in sorted(dtypes.items())),
                   gathered_peak=_gathered_peak(plan))

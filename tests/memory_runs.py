@@ -120,3 +120,58 @@ def run_case(rank: int, world: int, case: Case) -> dict[str, int]:
 def measure(pool: Any, cases: list[Case]) -> list[list[dict[str, int]]]:
     """Every case on ``pool`` (a `tests.ranks.RankPool`), per rank."""
     return [pool.run(run_case, case) for case in cases]
+
+
+def within(measured: dict[str, int]) -> bool:
+    """Whether activations (everything but the sharded state, buffers and inputs) are at least
+    half the measured peak — the configurations the comparison is about."""
+    state = sum(measured.get(k, 0) for k in ("Sharded Param", "Sharded Grad", "OptState",
+                                             "Buffer", "Inputs"))
+    return 2 * (measured["peak"] - state) >= measured["peak"]
+
+
+MATRIX_MESHES = {(1, 1): "dp_shard=4", (1, 2): "dp_shard=4,ep=2", (2, 1): "dp_shard=2,cp=2",
+                 (2, 2): "dp_shard=2,cp=2,ep=2"}
+
+
+def matrix() -> list[Case]:
+    """AC × CP × EP × dispatch (one dispatch when EP is 1: it is not used)."""
+    return [Case(preset="tiny-act", mesh=MATRIX_MESHES[cp, ep], ac=ac, dispatch=dispatch)
+            for ac in ("none", "full", "router", "selective") for cp in (1, 2) for ep in (1, 2)
+            for dispatch in (("all_to_all", "all_gather") if ep > 1 else ("all_to_all",))]
+
+
+def table(results: dict[Case, list[dict[str, int]]]) -> str:
+    """Markdown: measured and predicted peak per rank, and the error."""
+    from moefn.estimate import estimate
+
+    lines = ["| mesh | ac | dispatch | rank | measured (B) | predicted (B) | error | phase |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    for case, runs in results.items():
+        plan = meta_plan(case)
+        for rank, m in enumerate(runs):
+            est = estimate(plan, rank, seq_len=case.seq_len, rows=case.rows, optimizer="sgd")
+            assert est.peak is not None and est.activations is not None
+            dispatch = case.dispatch if MeshSpec.parse(case.mesh).ep > 1 else "-"
+            lines.append(f"| {case.mesh} | {case.ac} | {dispatch} | {rank} | {m['peak']:,} | "
+                         f"{est.peak:,} | {est.peak / m['peak'] - 1:+.1%} | "
+                         f"{est.activations.phase} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # nox -s memory: the full matrix into docs/memory.md
+    import sys
+    from pathlib import Path
+
+    from tests.ranks import RankPool
+
+    pool = RankPool(4)
+    try:
+        results = {case: pool.run(run_case, case) for case in matrix()}
+    finally:
+        pool.close()
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/memory.md")
+    text = out.read_text() if out.exists() else ""
+    head = text.split("<!-- table -->")[0] if "<!-- table -->" in text else text
+    out.write_text(head + "<!-- table -->\n" + table(results) + "\n")
+    print(table(results))
