@@ -16,8 +16,9 @@ local tokens (rows × seq_len / cp) in the compute dtype (``b`` bytes; fp32 is 4
   recompute when checkpointed) plus the gradients of its widest tensor and of that tensor's
   input, alive together.
 - **dispatch** — the expert side of each MoE: rows received (``T·top_k``, balanced, times
-  ``imbalance``) and the experts' intermediates on them; ``dispatch_worst`` is the same with all
-  ``ep·T·top_k`` rows of the group sent to this rank.
+  ``imbalance``) and the experts' intermediates on them; ``dispatch_worst`` is what the blocks
+  keep, plus the one block recomputed, with all ``ep·T·top_k`` rows of the group sent to this
+  rank.
 - **cp_kv** — with cp > 1, each attention's K/V gathered over the sequence (grouped heads
   expanded) and its boolean causal mask (``T × cp·T`` bytes; SDPA's fused CPU/CUDA kernels
   never materialise the scores).
@@ -89,6 +90,7 @@ class _Cost:
     path: str
     kept: dict[str, int]  # what it keeps for backward under its AC mode, by part
     full: int  # what it keeps without AC (rebuilt by recompute when checkpointed)
+    full_dispatch: int  # the dispatch part of ``full``
     transient: int  # gradients alive together while it runs backward
 
 
@@ -280,7 +282,7 @@ def _block(plan: ShardPlan, path: str, t: int, b: int, imbalance: float,
     else:  # full / router: the block's input (and positions) only
         kept = {"saved": b * t * hidden + _IDX * t, "dispatch": 0, "cp_kv": 0}
     return _Cost(path=path, kept=kept, full=max(total, sum(kept.values())),
-                 transient=2 * widest)
+                 full_dispatch=full["dispatch"], transient=2 * widest)
 
 
 def _segments(plan: ShardPlan, t: int, b: int, imbalance: float,
@@ -289,16 +291,18 @@ def _segments(plan: ShardPlan, t: int, b: int, imbalance: float,
     spec = plan.model
     hidden, _ = _dims(spec)
     moefn = spec.family == "moefn"
-    yield _Cost(path="embed", kept={"saved": _IDX * t}, full=_IDX * t, transient=0)
+    yield _Cost(path="embed", kept={"saved": _IDX * t}, full=_IDX * t, full_dispatch=0,
+                transient=0)
     for path in spec.paths_with("block"):
         yield _block(plan, path, t, b, imbalance, worst)
     norm = _norm(t, hidden, b, moefn)
-    yield _Cost(path="norm", kept={"saved": norm}, full=norm, transient=0)
+    yield _Cost(path="norm", kept={"saved": norm}, full=norm, full_dispatch=0, transient=0)
     for path in spec.paths_with("mtp"):
         inner = _block(plan, path, t, b, imbalance, worst)
         extra = 3 * norm + b * t * 2 * hidden  # norm_h, norm_e, the head's norm; cat → proj
         yield _Cost(path=path, kept={**inner.kept, "saved": inner.kept["saved"] + extra},
-                    full=inner.full + extra, transient=inner.transient)
+                    full=inner.full + extra, full_dispatch=inner.full_dispatch,
+                    transient=inner.transient)
 
 
 def _unit_sizes(plan: ShardPlan) -> list[tuple[str, int, int, bool]]:
@@ -396,7 +400,8 @@ def activation_memory(plan: ShardPlan, rows: int, seq_len: int, imbalance: float
     if costs:  # the last block's forward, its all-gather and the previous one's output held
         phases.append(("forward", {**kept(costs[:-1]), "fsdp_buffers": fsdp_forward}))
     phase, parts = max(phases, key=lambda item: sum(item[1].values()))
-    worst_costs = list(_segments(plan, t, b, imbalance, worst=True))
+    worst = list(_segments(plan, t, b, imbalance, worst=True))
+    recomputed = max((c.full_dispatch - c.kept.get("dispatch", 0) for c in worst), default=0)
     return Activations(tokens=t, phase=phase,
                        parts=tuple((p, parts.get(p, 0)) for p in PARTS),
-                       dispatch_worst=kept(worst_costs)["dispatch"])
+                       dispatch_worst=kept(worst)["dispatch"] + recomputed)
