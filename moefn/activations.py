@@ -341,9 +341,9 @@ def _fsdp_buffers(plan: ShardPlan) -> tuple[int, int, int]:
     forward = max((a[0] + b[0] for a, b in zip(moving, moving[1:], strict=False)),
                   default=sum(g for g, _ in moving))
     back = list(reversed(moving))
+    after, before = [*back[1:], (0, 0)][:len(back)], [(0, 0), *back[:-1]][:len(back)]
     backward = max((g + nxt[0] + g + prev[1] for (g, _), nxt, prev
-                    in zip(back, [*back[1:], (0, 0)], [(0, 0), *back[:-1]], strict=True)),
-                   default=0)
+                    in zip(back, after, before, strict=True)), default=0)
     return held, held + forward, held + backward
 
 

@@ -61,14 +61,37 @@ class Case:
         return out
 
 
+HF_PREFIX = "hf:"  # ``hf:qwen3_moe``: tests.hf_parity's tiny config, hidden 64, vocab 512
+
+
 def build_plan(case: Case, model: torch.nn.Module) -> ShardPlan:
     return compose(*case.stages())(model, MeshSpec.parse(case.mesh)).unwrap()
 
 
+def _model(case: Case, device: str | None = None) -> torch.nn.Module:
+    if case.preset.startswith(HF_PREFIX):
+        from tests import hf_parity
+
+        with mock.patch.dict(hf_parity._COMMON, hidden_size=64, vocab_size=512):
+            return hf_parity.build_hf(case.preset.removeprefix(HF_PREFIX), device=device)
+    if device is None:
+        return MoETransformer(PRESETS[case.preset])
+    with torch.device(device):
+        return MoETransformer(PRESETS[case.preset])
+
+
 def meta_plan(case: Case) -> ShardPlan:
-    with torch.device("meta"):
-        model = MoETransformer(PRESETS[case.preset])
-    return build_plan(case, model)
+    return build_plan(case, _model(case, "meta"))
+
+
+def _vocab(model: torch.nn.Module) -> int:
+    return int(model.config.vocab_size)  # both the reference model and transformers have it
+
+
+def _logits(model: torch.nn.Module, ids: Tensor, pos: Tensor) -> tuple[Tensor, ...]:
+    if isinstance(model, MoETransformer):
+        return model(ids, pos)
+    return (model(input_ids=ids, position_ids=pos, use_cache=False).logits,)
 
 
 def _balanced_route(choice: Tensor, top_k: int) -> Tensor:
@@ -78,6 +101,18 @@ def _balanced_route(choice: Tensor, top_k: int) -> Tensor:
     return slots % experts
 
 
+_TOPK = torch.topk
+
+
+def _balanced_topk(scores: Tensor, k: int, dim: int = -1, *args: Any, **kwargs: Any) -> Any:
+    """transformers' routers call ``torch.topk`` on ``[T, E]`` scores: the balanced choice, with
+    the scores at those experts as values (gradients flow as through topk)."""
+    if scores.dim() != 2 or dim not in (-1, 1):
+        return _TOPK(scores, k, dim, *args, **kwargs)
+    index = _balanced_route(scores, k)
+    return torch.return_types.topk((scores.gather(-1, index), index))
+
+
 def run_case(rank: int, world: int, case: Case) -> dict[str, int]:
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
@@ -85,13 +120,12 @@ def run_case(rank: int, world: int, case: Case) -> dict[str, int]:
     from moefn.runtime.context_parallel import shard_sequence
 
     torch.manual_seed(0)
-    config = PRESETS[case.preset]
-    model = MoETransformer(config)
+    model = _model(case)
     plan = build_plan(case, model)
     mesh = plan.mesh
     realize(plan, model, build_device_meshes(mesh, "cpu"))
     generator = torch.Generator().manual_seed(rank)
-    ids = torch.randint(0, config.vocab_size, (case.rows, case.seq_len), generator=generator)
+    ids = torch.randint(0, _vocab(model), (case.rows, case.seq_len), generator=generator)
     pos = torch.arange(case.seq_len).expand(case.rows, case.seq_len).contiguous()
     if mesh.cp > 1:
         cp_rank = mesh.coordinate(rank, "cp")
@@ -99,9 +133,11 @@ def run_case(rank: int, world: int, case: Case) -> dict[str, int]:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     with ExitStack() as stack:
         stack.enter_context(mock.patch("moefn.models.moe.route", _balanced_route))
+        if not isinstance(model, MoETransformer):
+            stack.enter_context(mock.patch("torch.topk", _balanced_topk))
 
         def step() -> None:
-            outputs = model(ids, pos)  # kept, as a training loop's variable keeps them
+            outputs = _logits(model, ids, pos)  # kept, as a training loop's variable keeps them
             causal_lm_loss(outputs, ids, ids.numel()).backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             optimizer.zero_grad(set_to_none=False)
@@ -135,9 +171,14 @@ MATRIX_MESHES = {(1, 1): "dp_shard=4", (1, 2): "dp_shard=4,ep=2", (2, 1): "dp_sh
 
 
 def matrix() -> list[Case]:
-    """AC × CP × EP × dispatch (one dispatch when EP is 1: it is not used)."""
-    return [Case(preset="tiny-act", mesh=MATRIX_MESHES[cp, ep], ac=ac, dispatch=dispatch)
-            for ac in ("none", "full", "router", "selective") for cp in (1, 2) for ep in (1, 2)
+    """AC × CP × EP × dispatch (one dispatch when EP is 1: it is not used), for the reference
+    model and two transformers families (router AC replays transformers' own topk, which the
+    balanced routing here replaces: not run for them)."""
+    return [Case(preset=preset, mesh=MATRIX_MESHES[cp, ep], ac=ac, dispatch=dispatch)
+            for preset in ("tiny-act", "hf:qwen3_moe", "hf:mixtral")
+            for ac in ("none", "full", "router", "selective")
+            if not (preset.startswith(HF_PREFIX) and ac == "router")
+            for cp in (1, 2) for ep in (1, 2)
             for dispatch in (("all_to_all", "all_gather") if ep > 1 else ("all_to_all",))]
 
 
@@ -145,15 +186,15 @@ def table(results: dict[Case, list[dict[str, int]]]) -> str:
     """Markdown: measured and predicted peak per rank, and the error."""
     from moefn.estimate import estimate
 
-    lines = ["| mesh | ac | dispatch | rank | measured (B) | predicted (B) | error | phase |",
-             "|---|---|---|---:|---:|---:|---:|---|"]
+    lines = ["| model | mesh | ac | dispatch | rank | measured (B) | predicted (B) | error | phase |",
+             "|---|---|---|---|---:|---:|---:|---:|---|"]
     for case, runs in results.items():
         plan = meta_plan(case)
         for rank, m in enumerate(runs):
             est = estimate(plan, rank, seq_len=case.seq_len, rows=case.rows, optimizer="sgd")
             assert est.peak is not None and est.activations is not None
             dispatch = case.dispatch if MeshSpec.parse(case.mesh).ep > 1 else "-"
-            lines.append(f"| {case.mesh} | {case.ac} | {dispatch} | {rank} | {m['peak']:,} | "
+            lines.append(f"| {case.preset} | {case.mesh} | {case.ac} | {dispatch} | {rank} | {m['peak']:,} | "
                          f"{est.peak:,} | {est.peak / m['peak'] - 1:+.1%} | "
                          f"{est.activations.phase} |")
     return "\n".join(lines)

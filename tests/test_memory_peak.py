@@ -1,6 +1,7 @@
 """The predicted peak is within ±10 % of what torch's FSDPMemTracker measures, on every rank.
 
-Real gloo runs of 4 ranks (`tests.memory_runs`): a pairwise-covering subset of AC {none, full,
+Real gloo runs of 4 ranks (`tests.memory_runs`) of the reference model and of two transformers
+families (Qwen3-MoE, Mixtral): for the reference model a pairwise-covering subset of AC {none, full,
 router, selective} × CP {1, 2} × EP {1, 2} × dispatch {all_to_all, all_gather} (every pair of
 values of any two factors appears; with EP 1 the dispatch is moot), routing forced balanced,
 each configuration one where activations are at least half the measured peak. The full matrix
@@ -28,11 +29,16 @@ PAIRWISE = [Case(preset="tiny-act", mesh=MESHES[cp, ep], ac=ac, dispatch=dispatc
                 ("full", 1, 2, "all_gather"), ("full", 2, 1, "all_to_all"),
                 ("router", 1, 1, "all_gather"), ("router", 2, 2, "all_to_all"),
                 ("selective", 1, 2, "all_to_all"), ("selective", 2, 1, "all_gather"))]
+# two transformers families (tests.hf_parity's tiny configs at hidden 64, vocab 512)
+HF = [Case(preset="hf:qwen3_moe", mesh="dp_shard=4"),
+      Case(preset="hf:mixtral", mesh="dp_shard=4,ep=2", ac="full"),
+      Case(preset="hf:qwen3_moe", mesh="dp_shard=2,cp=2,ep=2", ac="selective",
+           dispatch="all_gather")]
 
 
 @pytest.fixture(scope="module")
 def measured(ranks: Callable[[int], RankPool]) -> dict[Case, list[dict[str, int]]]:
-    return {case: ranks(4).run(run_case, case) for case in PAIRWISE}
+    return {case: ranks(4).run(run_case, case) for case in [*PAIRWISE, *HF]}
 
 
 def _errors(case: Case, runs: list[dict[str, int]]) -> list[float]:
@@ -45,7 +51,8 @@ def _errors(case: Case, runs: list[dict[str, int]]) -> list[float]:
     return out
 
 
-@pytest.mark.parametrize("case", PAIRWISE, ids=lambda c: f"{c.mesh}-{c.ac}-{c.dispatch}")
+@pytest.mark.parametrize("case", [*PAIRWISE, *HF],
+                         ids=lambda c: f"{c.preset}-{c.mesh}-{c.ac}-{c.dispatch}")
 def test_predicted_peak_is_within_10_percent_on_every_rank(
         measured: dict[Case, list[dict[str, int]]], case: Case) -> None:
     runs = measured[case]
