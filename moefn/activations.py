@@ -57,6 +57,7 @@ from collections.abc import Iterator
 
 from attrs import frozen
 
+from moefn.arguments import int_at_least, one_of
 from moefn.comm import DTYPE_BYTES
 from moefn.errors import PlanError
 from moefn.layout import fsdp_shard_numel, fsdp_shard_ranks, param_layouts
@@ -373,6 +374,12 @@ def activation_memory(plan: ShardPlan, rows: int, seq_len: int, imbalance: float
 
     ``optimizer_states`` is the bytes of one optimizer state copy on the rank (foreach AdamW's
     temporaries); ``activation_dtype`` the compute dtype."""
+    int_at_least(rows, "rows")
+    int_at_least(seq_len, "seq_len")
+    if not (isinstance(imbalance, int | float) and 1.0 <= imbalance < math.inf):
+        raise PlanError.single("imbalance", "routing imbalance below 1 (or not a number)",
+                               imbalance, "pass 1.0 for balanced routing, more for skew")
+    one_of(activation_dtype, tuple(DTYPE_BYTES), "activation_dtype")
     t = _tokens(plan, rows, seq_len)
     b = DTYPE_BYTES[activation_dtype]
     hidden, vocab = _dims(plan.model)

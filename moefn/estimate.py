@@ -188,9 +188,6 @@ def estimate(plan: ShardPlan, rank: int = 0, tokens_per_rank: int = 4096, top_k:
     if seq_len is not None:
         int_at_least(seq_len, "seq_len")
         int_at_least(rows, "rows")
-        if not (isinstance(imbalance, int | float) and imbalance >= 1.0):
-            raise PlanError.single("imbalance", "routing imbalance below 1", imbalance,
-                                   "pass 1.0 for balanced routing, more for skew")
         tokens_per_rank = rows * seq_len // plan.mesh.cp
     int_at_least(tokens_per_rank, "tokens_per_rank")
     k = _top_k(plan) if top_k is None else int_at_least(top_k, "top_k")

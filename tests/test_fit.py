@@ -76,3 +76,47 @@ def test_bad_sizes_exit_2_naming_the_value(capsys: pytest.CaptureFixture[str], f
         main(["plan", "--model", "tiny", "--mesh", "dp_shard=2", flag, value])
     assert exit_info.value.code == 2
     assert says in capsys.readouterr().err
+
+
+def _tiny_plan(mesh: str, *stages: object) -> object:
+    import torch
+
+    from moefn import MeshSpec, compose
+    from moefn.models import MoETransformer, get_preset
+
+    with torch.device("meta"):
+        model = MoETransformer(get_preset("tiny"))
+    return compose(*stages)(model, MeshSpec.parse(mesh)).unwrap()  # type: ignore[arg-type]
+
+
+def test_activation_parts_follow_the_layout() -> None:
+    from moefn import plan_ac, plan_cp, plan_ep, plan_fsdp
+    from moefn.activations import activation_memory
+
+    def parts(plan: object, **kw: float) -> dict[str, int]:
+        return dict(activation_memory(plan, rows=2, seq_len=512, **kw).parts)  # type: ignore[arg-type]
+
+    ep = _tiny_plan("dp_shard=4,ep=2", plan_ep(), plan_fsdp())
+    assert parts(ep, imbalance=2.0)["dispatch"] == 2 * parts(ep)["dispatch"] > 0
+    act = activation_memory(ep, rows=2, seq_len=512)  # type: ignore[arg-type]
+    assert act.dispatch_worst > dict(act.parts)["dispatch"]
+    cp = _tiny_plan("dp_shard=2,cp=2", plan_cp(seq_len=512), plan_fsdp())
+    assert parts(cp)["cp_kv"] > 0 == parts(ep)["cp_kv"]
+    totals = {mode: activation_memory(_tiny_plan("dp_shard=2", plan_ac(mode=mode), plan_fsdp()),  # type: ignore[arg-type]
+                                      rows=8, seq_len=1024).total
+              for mode in ("full", "selective")}
+    none = activation_memory(_tiny_plan("dp_shard=2", plan_fsdp()), rows=8, seq_len=1024).total  # type: ignore[arg-type]
+    assert none > totals["selective"] > totals["full"]
+
+
+@pytest.mark.parametrize(("kwargs", "says"), [({"imbalance": 0.5}, "imbalance"),
+                                              ({"rows": 0}, "rows"), ({"seq_len": 3}, "seq_len")])
+def test_bad_micro_batches_are_typed_errors(kwargs: dict[str, float], says: str) -> None:
+    from moefn import plan_cp, plan_fsdp
+    from moefn.activations import activation_memory
+    from moefn.errors import PlanError
+
+    plan = _tiny_plan("dp_shard=2,cp=2", plan_cp(), plan_fsdp())
+    with pytest.raises(PlanError) as info:
+        activation_memory(plan, **{"rows": 1, "seq_len": 8, **kwargs})  # type: ignore[arg-type]
+    assert says in str(info.value)
