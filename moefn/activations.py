@@ -134,13 +134,27 @@ def _attention(spec: ModelSpec, path: str, t: int, b: int, cp: int,
         # output follows q's [B, S, H, D] memory, so o_proj's input is a view of it
         saved = t * heads * _F32 + b * t * q_width + b * t * q_width  # lse, output, q
         saved += 2 * 2 * _F32 * t * dim if moefn else 0  # cos and sin of both rotary calls
-        groups = heads // kv_heads
-        k_sdpa = v_sdpa = b * cp * t * (q_width if groups > 1 else kv_width)
+        # grouped heads are expanded before SDPA, except by transformers' SDPA path without CP
+        # (``enable_gqa``); moefn's CP attention expands them after the gather
+        expand = heads > kv_heads and (moefn or cp > 1)
+        for width in _head_norms(spec, path, dim, q_width, kv_width):  # Qwen3's q/k norms
+            saved += t * width * (_F32 + (_F32 if moefn else b)) + _F32 * t * width // dim
+        k_sdpa = v_sdpa = b * cp * t * (q_width if expand else kv_width)
     causal = any(bool(spec.module(p).get("causal", True)) for p in spec.paths_with("core_attention")
                  if _inside(p, path))
     gathered = k_sdpa + v_sdpa + (t * cp * t + _IDX * cp * t if cp > 1 and causal else 0)
     widest = max(b * t * q_width, k_sdpa)
     return (saved, gathered, widest) if cp > 1 else (saved + gathered, 0, widest)
+
+
+def _head_norms(spec: ModelSpec, path: str, dim: int, q_width: int,
+                kv_width: int) -> list[int]:
+    """Widths of per-head RMSNorms on q and k inside an attention (``q_norm``/``k_norm``); each
+    keeps its fp32 input, its normed tensor and a per-head rsqrt (the rotary after it keeps
+    nothing of its output)."""
+    norms = [t for t in _under(spec, path) if t.shape == (dim,)]
+    return [q_width if "q" in t.name.rpartition(".")[0].rpartition(".")[2] else kv_width
+            for t in norms]
 
 
 def _mla(names: dict[str, TensorInfo], heads: int, t: int, b: int, cp: int,
@@ -205,6 +219,11 @@ def _moe(plan: ShardPlan, path: str, t: int, b: int, imbalance: float,
     if step is not None and step.kind == "all_gather":
         dispatch += b * rows  # the routing weights, multiplied on the experts' rank
         widest = max(b * rows * 2 * inter, b * ep * t * (hidden + k))
+    elif step is None and spec.family != "moefn":
+        # transformers' own experts (no moefn dispatcher): the weights multiply the expert
+        # output per row, which is kept; no output by slot
+        dispatch += b * rows
+        widest = max(b * rows * 2 * inter, b * rows * hidden)
     else:
         # combine: y by slot, weights; all-to-all's returned rows (index_copy's source)
         token += b * t * k * hidden * (2 if ep > 1 else 1) + b * t * k + _IDX * t * k
