@@ -103,6 +103,10 @@ def _dims(spec: ModelSpec) -> tuple[int, int]:
         raise PlanError.single("", "no embedding to size activations by", spec.root_class,
                                "recognise the model's embedding (role 'embed')")
     vocab, hidden = embed[0].shape[0], embed[0].shape[-1]
+    if vocab < 1 or hidden < 1:
+        raise PlanError.single("", "an empty embedding: no activations to size",
+                               f"vocab {vocab}, hidden {hidden}", "give the model a vocabulary "
+                               "and a hidden size of at least 1")
     return hidden, vocab
 
 
@@ -124,6 +128,10 @@ def _attention(spec: ModelSpec, path: str, t: int, b: int, cp: int,
     """(saved, cp_kv, widest) of one attention module."""
     info = spec.module(path)
     heads, kv_heads, dim = (int(info.fact(k)) for k in ("n_heads", "n_kv_heads", "head_dim"))
+    if min(heads, kv_heads, dim) < 1:
+        raise PlanError.single(path, "attention without heads: no activations to size",
+                               f"n_heads={heads}, n_kv_heads={kv_heads}, head_dim={dim}",
+                               "fix the model's config: at least one head of width 1")
     names = {t_.name.rpartition(".")[0].rpartition(".")[2]: t_ for t_ in _under(spec, path)}
     q_width, kv_width = heads * dim, kv_heads * dim
     if "kv_b_proj" in names:  # MLA
@@ -191,7 +199,7 @@ def _experts_dims(spec: ModelSpec, path: str, hidden: int) -> tuple[int, int]:
     """(experts, intermediate) of a fused experts module."""
     experts = int(spec.module(path).fact("num_experts"))
     down = [t for t in _under(spec, path) if "down" in t.name and len(t.shape) == 3]
-    if not down:
+    if not down or experts < 1:
         raise PlanError.single(path, "experts without a 3-D down projection", path,
                                "extend moefn.activations for this experts layout")
     return experts, down[0].numel // (experts * hidden)
