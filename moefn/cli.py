@@ -18,6 +18,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+import attrs
+
 from moefn.names import HF_PRESET_NAMES, MODEL_PRESETS
 from moefn.plan.errors import PlanError, group_problems
 
@@ -75,6 +77,38 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _size(text: str) -> int:
+    """--gpu-memory: a size such as 80GiB (else exit 2 naming the accepted units)."""
+    from moefn.analyse.fit import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _reserve(text: str) -> int | float:
+    """--reserve: a size or a share of --gpu-memory (10%)."""
+    from moefn.analyse.fit import parse_reserve
+
+    try:
+        return parse_reserve(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _imbalance(text: str) -> float:
+    """--imbalance: received rows relative to balanced routing, at least 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value >= 1.0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of at least 1 (1 = balanced), "
+                                         f"got {text!r}")
+    return value
+
+
 MAX_LOCAL_RANKS = 64  # processes the CPU demo starts on one machine
 
 
@@ -119,6 +153,14 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--tokens", type=_positive, default=None,
                       help="tokens per rank per step, a shorthand for rows × seq_len / cp "
                            "(default 4096; not with --seq-len)")
+    plan.add_argument("--gpu-memory", type=_size, default=None, metavar="SIZE",
+                      help="device memory per rank, e.g. 80GiB: exit 1 when the worst rank's "
+                           "predicted peak exceeds it minus --reserve")
+    plan.add_argument("--reserve", type=_reserve, default=None, metavar="SIZE|PCT",
+                      help="set aside for the CUDA context, NCCL and allocator fragmentation "
+                           "(default 10%% of --gpu-memory)")
+    plan.add_argument("--imbalance", type=_imbalance, default=1.0,
+                      help="rows an expert rank receives relative to balanced routing (default 1)")
     plan.add_argument("--optimizer", choices=("adamw", "sgd", "sgd_momentum"), default="adamw",
                       help="optimizer whose states the memory estimate counts")
     plan.add_argument("--top-k", type=_positive, default=None,
@@ -155,8 +197,34 @@ def _memory_table(est: Estimate, optimizer: str) -> str:
                     f"{size(grads.get(kind, 0)):>15}{size(states.get(kind, 0)):>15}")
     rows.append(f"  total {size(m.total)}, held all step; FSDP's forward all-gathers add up to "
                 f"{size(m.gathered_peak)} at once on top")
-    rows.append("  (unsharded parameters in the compute dtype); activations are not counted")
+    rows.append("  (unsharded parameters in the compute dtype)")
     return "\n".join(rows)
+
+
+def _activation_table(est: Estimate, layout: argparse.Namespace) -> str:
+    from moefn.analyse.fit import reserve_bytes
+    from moefn.analyse.render import format_bytes as size
+
+    act = est.activations
+    if act is None or est.peak is None:
+        return ""
+    rows_, seq_len = _micro_batch(layout)
+    lines = [f"activations of rank {est.rank} at its peak ({rows_} × {seq_len} per micro-batch, "
+             f"{act.tokens} tokens per rank, during {act.phase}; fused attention, no seq×seq):"]
+    for part, value in act.parts:
+        worst = (f"   (all ep·top_k rows to this rank: {size(act.dispatch_worst)})"
+                 if part == "dispatch" and layout.mesh_spec.ep > 1 else "")
+        lines.append(f"  {part:<24}{size(value):>15}{worst}")
+    state = est.memory.total - est.memory.offloaded
+    lines.append(f"  peak {size(est.peak)} = sharded state {size(state)} + buffers "
+                 f"{size(est.peak - state - act.total)} + activations {size(act.total)} "
+                 "(not counted: allocator fragmentation, CUDA context, NCCL buffers)")
+    if layout.gpu_memory is not None:
+        reserve = reserve_bytes(layout.reserve, layout.gpu_memory)
+        verdict = "fits" if est.peak <= layout.gpu_memory - reserve else "does NOT fit"
+        lines.append(f"  {verdict} in --gpu-memory {size(layout.gpu_memory)} minus --reserve "
+                     f"{size(reserve)}")
+    return "\n".join(lines)
 
 
 def _comm_table(est: Estimate) -> str:
@@ -236,8 +304,85 @@ def _build_plan(layout: argparse.Namespace) -> ShardPlan:
     if layout.ac != "none":
         stages.append(plan_ac(mode=layout.ac))
     if not layout.no_fsdp:
-        stages.append(plan_fsdp(precision=layout.precision))
+        stages.append(plan_fsdp(precision=layout.precision,
+                                offload=bool(getattr(layout, "offload", False))))
     return plan_or_raise(compose(*stages)(model, mesh))
+
+
+def _micro_batch(layout: argparse.Namespace) -> tuple[int, int]:
+    """(rows, seq_len): --rows × --seq-len, else one row of --tokens × cp."""
+    if layout.seq_len is not None:
+        return int(layout.rows), int(layout.seq_len)
+    return 1, int(layout.tokens or 4096) * layout.mesh_spec.cp
+
+
+def _peak_estimate(plan: ShardPlan, layout: argparse.Namespace) -> Estimate:
+    """The estimate of the rank with the highest predicted peak (ranks 0 and the last: FSDP2
+    pads every shard to shard 0's size, so only unevenly split non-FSDP parameters differ)."""
+    from moefn.analyse.estimate import estimate
+
+    rows, seq_len = _micro_batch(layout)
+    ranks = sorted({0, layout.mesh_spec.world_size - 1})
+    estimates = [estimate(plan, rank=r, top_k=layout.top_k, optimizer=layout.optimizer,
+                          seq_len=seq_len, rows=rows, imbalance=layout.imbalance) for r in ranks]
+    return max(estimates, key=lambda e: e.peak or 0)
+
+
+def _alternatives(layout: argparse.Namespace) -> list[tuple[str, dict[str, object]]]:
+    """Layouts one change away that use less memory, cheapest first: more expert parallelism,
+    another AC mode, more context parallelism, CPU offload, fewer rows."""
+    mesh = layout.mesh_spec
+    rows, seq_len = _micro_batch(layout)
+    out: list[tuple[str, dict[str, object]]] = []
+    if mesh.ep > 1 or mesh.dp_shard * mesh.cp > 1:
+        out.append((f"ep={mesh.ep * 2}", {"mesh_spec": attrs.evolve(mesh, ep=mesh.ep * 2)}))
+    for mode in ("selective", "router", "full"):
+        if mode != layout.ac:
+            out.append((f"ac={mode}", {"ac": mode}))
+    if mesh.dp_shard % 2 == 0:
+        cp_mesh = attrs.evolve(mesh, dp_shard=mesh.dp_shard // 2, cp=mesh.cp * 2)
+        out.append((f"cp={cp_mesh.cp} (dp_shard={cp_mesh.dp_shard})",
+                    {"mesh_spec": cp_mesh, "seq_len": seq_len, "rows": rows, "tokens": None}))
+    if not layout.no_fsdp and not getattr(layout, "offload", False):
+        out.append(("offload (FSDP CPU offload)", {"offload": True}))
+    if rows > 1:
+        out.append((f"rows={rows // 2}", {"rows": rows // 2, "seq_len": seq_len,
+                                          "tokens": None}))
+    return out
+
+
+def _fit_problems(layout: argparse.Namespace, est: Estimate) -> list[dict[str, object]]:
+    """The fit check of --gpu-memory: one problem when the worst rank's peak is above it."""
+    from moefn.analyse.fit import Alternative, fit_problem, reserve_bytes
+
+    if layout.gpu_memory is None or est.peak is None or est.activations is None:
+        return []
+    reserve = reserve_bytes(layout.reserve, layout.gpu_memory)
+    if est.peak <= layout.gpu_memory - reserve:
+        return []
+    tried = []
+    for change, options in _alternatives(layout):
+        try:
+            other = argparse.Namespace(**{**vars(layout), **options})
+            peak = _peak_estimate(_build_plan(other), other).peak
+        except PlanError:
+            continue
+        if peak is not None:
+            tried.append(Alternative(change=change, peak=peak))
+    parts = {**_state_parts(est), **dict(est.activations.parts)}
+    problem = fit_problem(est.peak, est.rank, parts, layout.gpu_memory, reserve, tried)
+    return [] if problem is None else [{"path": problem.path, "count": 1, "paths": [problem.path],
+                                        "message": problem.message, "value": problem.value,
+                                        "fix": problem.fix}]
+
+
+def _state_parts(est: Estimate) -> dict[str, int]:
+    """Parameters, gradients and optimizer states (all on the device unless offloaded)."""
+    m = est.memory
+    if m.offloaded:
+        return {"sharded state on the device": m.total - m.offloaded}
+    return {"params": sum(v for _, v in m.params), "grads": sum(v for _, v in m.grads),
+            "optimizer states": sum(v for _, v in m.optimizer)}
 
 
 def _usage_problem(layout: argparse.Namespace) -> str | None:
@@ -271,8 +416,6 @@ def _compare_command(args: argparse.Namespace) -> int:
 def _plan_command(args: argparse.Namespace) -> int:
     if args.compare:
         return _compare_command(args)
-    import attrs
-
     from moefn.analyse.estimate import estimate
     from moefn.analyse.layout import param_layouts
     from moefn.analyse.render import diff
@@ -301,15 +444,21 @@ def _plan_command(args: argparse.Namespace) -> int:
                          for shape, ranks in layout.local_shapes(mesh)]
                   for name, layout in param_layouts(plan).items()}
         tokens = _tokens_per_rank(layout)
-        est = estimate(plan, rank=0, tokens_per_rank=tokens, top_k=args.top_k,
-                       optimizer=args.optimizer)
-        memory = {"rank": 0, "params": dict(est.memory.params), "grads": dict(est.memory.grads),
+        est = _peak_estimate(plan, layout)
+        memory = {"rank": est.rank, "params": dict(est.memory.params), "grads": dict(est.memory.grads),
                   "optimizer": dict(est.memory.optimizer), "optimizer_name": args.optimizer,
                   "dtypes": dict(est.memory.dtypes),
                   "total": est.memory.total,
-                  "gathered_peak": est.memory.gathered_peak}
+                  "gathered_peak": est.memory.gathered_peak,
+                  "peak": est.peak, "peak_rank": est.rank,
+                  "activations": dict(est.activations.parts) if est.activations else {}}
         comm = [attrs.asdict(c) for c in est.comm]
-        text = "\n".join([diff(plan), "", _memory_table(est, args.optimizer), "", _comm_table(est)])
+        text = "\n".join([diff(plan), "", _memory_table(est, args.optimizer), "",
+                          _activation_table(est, layout), "", _comm_table(est)])
+        problems = _fit_problems(layout, est)
+        if problems:
+            text += "\n\n" + "\n".join(f"{p['path'] or '(model)'}: {p['message']} (value: "
+                                      f"{p['value']}) -- fix: {p['fix']}" for p in problems)
         if args.simulate:
             from moefn.realize.simulate import simulate
 

@@ -2,7 +2,7 @@
 
 Every collective a training step (forward, backward and recompute) runs is predicted with its
 mesh group, its number of calls and the logical payload the rank sends and receives — the
-measure `moefn.comm_ledger.CommLedger` counts on a real run (all-gather and reduce-scatter of an
+measure `moefn.analyse.ledger.CommLedger` counts on a real run (all-gather and reduce-scatter of an
 ``s``-byte shard over ``n`` ranks: ``s·(n−1)`` each way; all-reduce of ``b`` bytes:
 ``2·b·(n−1)//n``; all-to-all: the rows that leave or reach the rank).
 

@@ -6,15 +6,7 @@ shards to shard 0's size. Communication is every collective of one
 training step with its calls and the bytes the rank sends and receives (`moefn.analyse.comm`), for a
 stated tokens-per-rank and top-k.
 
->>> import torch
->>> from moefn import MeshSpec, compose, plan_ep, plan_fsdp
->>> from moefn.adapters.reference import MoETransformer, get_preset
->>> with torch.device("meta"):
-...     model = MoETransformer(get_preset("tiny"))
->>> plan = compose(plan_ep(), plan_fsdp())(model, MeshSpec(dp_shard=4, ep=2)).unwrap()
->>> est = estimate(plan, rank=0, tokens_per_rank=4096, optimizer="adamw")
->>> est.memory.total > 0
-True
+See `estimate` for an example.
 """
 
 from __future__ import annotations
@@ -25,6 +17,7 @@ from typing import Literal
 
 from attrs import frozen
 
+from moefn.analyse.activations import Activations, activation_memory
 from moefn.analyse.comm import DTYPE_BYTES, Comm, predict_comm
 from moefn.analyse.layout import fsdp_shard_numel, fsdp_shard_ranks, local_shape, param_layouts
 from moefn.plan.arguments import expect_type, int_at_least, one_of
@@ -44,6 +37,7 @@ class Memory:
     optimizer: tuple[tuple[str, int], ...]
     dtypes: tuple[tuple[str, str], ...]  # kind → its parameters' dtype(s), e.g. "bfloat16+float32"
     gathered_peak: int  # most unsharded parameter bytes FSDP holds at once in forward
+    offloaded: int = 0  # bytes of the above kept on the host (FSDP units with CPU offload)
 
     @property
     def total(self) -> int:
@@ -52,9 +46,14 @@ class Memory:
 
 @frozen(kw_only=True)
 class Estimate:
+    """``activations`` and ``peak`` (bytes: sharded state, buffers and activations) come with a
+    ``seq_len``."""
+
     rank: int
     memory: Memory
     comm: tuple[Comm, ...]
+    activations: Activations | None = None
+    peak: int | None = None
 
 
 def _kind(name: str, plan: ShardPlan) -> str:
@@ -85,6 +84,7 @@ def estimate_memory(plan: ShardPlan, rank: int, optimizer: Optimizer = "adamw") 
     units = {u.path: u for u in plan.steps_of(FullyShard)}
     tensors = {t.name: t for t in plan.model.tensors}
     dtypes: dict[str, set[str]] = {}
+    offloaded = 0
     for name, layout in param_layouts(plan).items():
         width = DTYPE_BYTES[tensors[name].dtype]
         local = math.prod(local_shape(layout, plan.mesh, rank)) * width
@@ -96,7 +96,11 @@ def estimate_memory(plan: ShardPlan, rank: int, optimizer: Optimizer = "adamw") 
         if tensors[name].requires_grad:
             grads[kind] += held
             states[kind] += local * STATE_COPIES[optimizer]
-    return Memory(params=tuple(sorted(params.items())), grads=tuple(sorted(grads.items())),
+        if layout.unit is not None and units[layout.unit].offload:
+            offloaded += held + (held + local * STATE_COPIES[optimizer]
+                                 if tensors[name].requires_grad else 0)
+    return Memory(offloaded=offloaded, params=tuple(sorted(params.items())),
+                  grads=tuple(sorted(grads.items())),
                   optimizer=tuple(sorted(states.items())),
                   dtypes=tuple((k, "+".join(sorted(v))) for k, v in sorted(dtypes.items())),
                   gathered_peak=_gathered_peak(plan))
@@ -153,14 +157,38 @@ def _num_experts(plan: ShardPlan) -> int:
                 for p in plan.model.paths_with("experts")), default=0)
 
 
+def buffer_bytes(plan: ShardPlan) -> int:
+    """Bytes of the model's buffers (every rank holds all of them; FSDP2 does not shard them)."""
+    return sum(t.numel * DTYPE_BYTES[t.dtype] for t in plan.model.tensors if t.is_buffer)
+
+
 def estimate(plan: ShardPlan, rank: int = 0, tokens_per_rank: int = 4096, top_k: int | None = None,
              hidden: int | None = None, optimizer: Optimizer = "adamw",
-             activation_dtype: str | None = None) -> Estimate:
+             activation_dtype: str | None = None, seq_len: int | None = None, rows: int = 1,
+             imbalance: float = 1.0) -> Estimate:
     """Memory of ``rank`` and per-step communication for ``tokens_per_rank`` local tokens.
 
-    ``top_k`` defaults to the routers' top-k; ``hidden`` to the embedding width; the activation
-    dtype to the FSDP compute dtype (else the embedding's)."""
+    With ``seq_len``, a micro-batch is ``rows × seq_len`` (``rows × seq_len / cp`` tokens per
+    rank, which replace ``tokens_per_rank``) and the estimate adds the activations
+    (`moefn.analyse.activations`) and the peak. ``top_k`` defaults to the routers' top-k; ``hidden``
+    to the embedding width; the activation dtype to the FSDP compute dtype (else the
+    embedding's).
+
+    >>> from moefn.adapters.reference import MoETransformer, get_preset
+    >>> from moefn import MeshSpec, compose, plan_fsdp
+    >>> import torch
+    >>> with torch.device("meta"):
+    ...     model = MoETransformer(get_preset("tiny"))
+    >>> plan = compose(plan_fsdp())(model, MeshSpec(dp_shard=2)).unwrap()
+    >>> est = estimate(plan, seq_len=128, rows=2)
+    >>> est.peak == est.memory.total + buffer_bytes(plan) + est.activations.total  # on device
+    True
+    """
     memory = estimate_memory(plan, rank, optimizer)
+    if seq_len is not None:
+        int_at_least(seq_len, "seq_len")
+        int_at_least(rows, "rows")
+        tokens_per_rank = rows * seq_len // plan.mesh.cp
     int_at_least(tokens_per_rank, "tokens_per_rank")
     k = _top_k(plan) if top_k is None else int_at_least(top_k, "top_k")
     experts = _num_experts(plan)
@@ -178,4 +206,11 @@ def estimate(plan: ShardPlan, rank: int = 0, tokens_per_rank: int = 4096, top_k:
     width = hidden if hidden is not None else (embed[0].shape[-1] if embed else 0)
     act = DTYPE_BYTES[activation_dtype or _activation_dtype(plan)]
     comm = predict_comm(plan, tokens_per_rank, k, width, act)
-    return Estimate(rank=rank, memory=memory, comm=comm)
+    if seq_len is None:
+        return Estimate(rank=rank, memory=memory, comm=comm)
+    # foreach AdamW's sqrt(exp_avg_sq): one state copy; SGD's updates run in place
+    temporaries = sum(v for _, v in memory.optimizer) // 2 if optimizer == "adamw" else 0
+    activations = activation_memory(plan, rows, seq_len, imbalance, temporaries,
+                                    activation_dtype or _activation_dtype(plan))
+    return Estimate(rank=rank, memory=memory, comm=comm, activations=activations,
+                    peak=memory.total - memory.offloaded + buffer_bytes(plan) + activations.total)

@@ -1,0 +1,441 @@
+"""Activation memory of one training step on one rank, predicted from a plan (pure).
+
+Every byte is a tensor the model code or torch allocates, read off the forward code of
+`moefn.adapters.reference` (and transformers' equivalents) and torch 2.13's autograd formulas, for ``T``
+local tokens (rows × seq_len / cp) in the compute dtype (``b`` bytes; fp32 is 4):
+
+- **saved** — what each block keeps for backward. RMSNorm: its fp32 input, the fp32 normed
+  tensor (a ``b``-byte one in transformers) and its output; GQA attention: rotary's fp32 input
+  and rotated half of q and k, its cos/sin tables (per call; transformers shares one pair),
+  q, k and v as SDPA saves them (grouped heads expanded), SDPA's output and log-sum-exp, and
+  o_proj's input (a copy: SDPA returns ``[B, H, S, D]`` contiguous); the router's scores and
+  top-k; SwiGLU MLPs: gate, silu(gate), up and their product; the combine side of dispatch.
+  Under AC "full"/"router" a block keeps only its input; "selective" keeps the outputs of
+  matmuls, attention, collectives and top-k (`moefn.runtime.checkpointing.SELECTIVE_SAVED`).
+- **recompute** — the block being back-propagated: its whole no-AC saved set (rebuilt by
+  recompute when checkpointed) plus the gradients of its widest tensor and of that tensor's
+  input, alive together.
+- **dispatch** — the expert side of each MoE: rows received (``T·top_k``, balanced, times
+  ``imbalance``) and the experts' intermediates on them; ``dispatch_worst`` is what the blocks
+  keep, plus the one block recomputed, with all ``ep·T·top_k`` rows of the group sent to this
+  rank.
+- **cp_kv** — with cp > 1, each attention's K/V gathered over the sequence (grouped heads
+  expanded) and its boolean causal mask (``T × cp·T`` bytes; SDPA's fused CPU/CUDA kernels
+  never materialise the scores).
+- **logits** — per head, the logits (kept by the caller's outputs), their fp32 upcast (freed
+  after log-softmax; none in fp32) and the log-softmax saved by cross-entropy; when backward
+  starts, one head's log-softmax gradient and its input gradient on top (both fp32).
+- **fsdp_buffers** — torch 2.13's FSDP2: in backward the running unit and the prefetched next
+  one unsharded, the running unit's unsharded gradients, and the reduce-scatter input (reduce
+  dtype) of the unit before it — ``reduce_scatter_max_input_buffers`` (1) earlier input in
+  flight; the running unit's own input is built in its post-backward hook, after its
+  activations are freed; in forward the running unit and the previous unit's all-gather
+  output. Units never resharded (the root, lm_head) are held throughout.
+- **optimizer_temporaries** — foreach AdamW's ``sqrt(exp_avg_sq)`` list (one state copy);
+  the step runs after backward has freed the activations.
+
+Not modelled: allocator fragmentation and caching, framework overhead (CUDA context, NCCL
+buffers), and attention kernels that materialise the ``seq × seq`` scores.
+
+>>> from moefn.adapters.reference import MoETransformer, get_preset
+>>> from moefn import MeshSpec, compose, plan_fsdp
+>>> import torch
+>>> with torch.device("meta"):
+...     model = MoETransformer(get_preset("tiny"))
+>>> plan = compose(plan_fsdp(precision="fp32"))(model, MeshSpec(dp_shard=2)).unwrap()
+>>> act = activation_memory(plan, rows=2, seq_len=64)
+>>> act.phase, act.tokens
+('backward layers.1', 128)
+>>> _logits(act.tokens, 64, 4, heads=1) == 128 * 64 * 4 * 4  # T·V fp32: 4 copies at once
+True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+from attrs import frozen
+
+from moefn.plan.arguments import int_at_least, one_of
+from moefn.analyse.comm import DTYPE_BYTES
+from moefn.plan.errors import PlanError
+from moefn.analyse.layout import fsdp_shard_numel, fsdp_shard_ranks, param_layouts
+from moefn.plan.records import Checkpoint, FullyShard, InstallDispatch, ShardPlan
+from moefn.plan.spec import ModelSpec, TensorInfo
+
+PARTS = ("saved", "recompute", "dispatch", "cp_kv", "logits", "fsdp_buffers",
+         "optimizer_temporaries")
+_F32 = 4
+_IDX = 8  # int64 indices
+
+
+@frozen(kw_only=True)
+class Activations:
+    """Bytes on top of the sharded state at this rank's peak, by part (`PARTS`), and where."""
+
+    tokens: int
+    phase: str  # "forward", "logits", "backward <path>" or "optimizer"
+    parts: tuple[tuple[str, int], ...]
+    dispatch_worst: int  # the dispatch part if the whole EP group routed every row here
+
+    @property
+    def total(self) -> int:
+        return sum(v for _, v in self.parts)
+
+
+@frozen(kw_only=True)
+class _Cost:
+    """One forward segment (a block, the MTP block, the embedding or a head), in bytes."""
+
+    path: str
+    kept: dict[str, int]  # what it keeps for backward under its AC mode, by part
+    full: int  # what it keeps without AC (rebuilt by recompute when checkpointed)
+    full_dispatch: int  # the dispatch part of ``full``
+    transient: int  # gradients alive together while it runs backward
+
+
+def _dims(spec: ModelSpec) -> tuple[int, int]:
+    """(hidden, vocab) from the embedding."""
+    embeds = set(spec.paths_with("embed"))
+    embed = [t for t in spec.tensors if t.module_path in embeds]
+    if not embed:
+        raise PlanError.single("", "no embedding to size activations by", spec.root_class,
+                               "recognise the model's embedding (role 'embed')")
+    vocab, hidden = embed[0].shape[0], embed[0].shape[-1]
+    if vocab < 1 or hidden < 1:
+        raise PlanError.single("", "an empty embedding: no activations to size",
+                               f"vocab {vocab}, hidden {hidden}", "give the model a vocabulary "
+                               "and a hidden size of at least 1")
+    return hidden, vocab
+
+
+def _under(spec: ModelSpec, path: str) -> tuple[TensorInfo, ...]:
+    return spec.params_under(path)
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root + ".")
+
+
+def _norm(t: int, width: int, b: int, moefn: bool) -> int:
+    """RMSNorm: fp32 input, normed (fp32 here, ``b`` in transformers), output, rsqrt."""
+    return t * width * (_F32 + (_F32 if moefn else b) + b) + t * _F32
+
+
+def _attention(spec: ModelSpec, path: str, t: int, b: int, cp: int,
+               moefn: bool) -> tuple[int, int, int]:
+    """(saved, cp_kv, widest) of one attention module."""
+    info = spec.module(path)
+    heads, kv_heads, dim = (int(info.fact(k)) for k in ("n_heads", "n_kv_heads", "head_dim"))
+    if min(heads, kv_heads, dim) < 1:
+        raise PlanError.single(path, "attention without heads: no activations to size",
+                               f"n_heads={heads}, n_kv_heads={kv_heads}, head_dim={dim}",
+                               "fix the model's config: at least one head of width 1")
+    names = {t_.name.rpartition(".")[0].rpartition(".")[2]: t_ for t_ in _under(spec, path)}
+    q_width, kv_width = heads * dim, kv_heads * dim
+    if "kv_b_proj" in names:  # MLA
+        saved, k_sdpa, v_sdpa = _mla(names, heads, t, b, cp, moefn)
+    else:
+        # rotary keeps only its cos/sin tables (the mul saves what the other side's gradient
+        # needs, and the tables need none); SDPA keeps q, k, v, its output and log-sum-exp; its
+        # output follows q's [B, S, H, D] memory, so o_proj's input is a view of it
+        saved = t * heads * _F32 + b * t * q_width + b * t * q_width  # lse, output, q
+        saved += 2 * 2 * _F32 * t * dim if moefn else 0  # cos and sin of both rotary calls
+        # grouped heads are expanded before SDPA, except by transformers' SDPA path without CP
+        # (``enable_gqa``); moefn's CP attention expands them after the gather
+        expand = heads > kv_heads and (moefn or cp > 1)
+        for width in _head_norms(spec, path, dim, q_width, kv_width):  # Qwen3's q/k norms
+            saved += t * width * (_F32 + (_F32 if moefn else b)) + _F32 * t * width // dim
+        k_sdpa = v_sdpa = b * cp * t * (q_width if expand else kv_width)
+    causal = any(bool(spec.module(p).get("causal", True)) for p in spec.paths_with("core_attention")
+                 if _inside(p, path))
+    gathered = k_sdpa + v_sdpa + (t * cp * t + _IDX * cp * t if cp > 1 and causal else 0)
+    widest = max(b * t * q_width, k_sdpa)
+    return (saved, gathered, widest) if cp > 1 else (saved + gathered, 0, widest)
+
+
+def _head_norms(spec: ModelSpec, path: str, dim: int, q_width: int,
+                kv_width: int) -> list[int]:
+    """Widths of per-head RMSNorms on q and k inside an attention (``q_norm``/``k_norm``); each
+    keeps its fp32 input, its normed tensor and a per-head rsqrt (the rotary after it keeps
+    nothing of its output)."""
+    norms = [t for t in _under(spec, path) if t.shape == (dim,)]
+    return [q_width if "q" in t.name.rpartition(".")[0].rpartition(".")[2] else kv_width
+            for t in norms]
+
+
+def _mla(names: dict[str, TensorInfo], heads: int, t: int, b: int, cp: int,
+         moefn: bool) -> tuple[int, int, int]:
+    """(saved, SDPA's k, SDPA's v) of DeepSeek's multi-head latent attention (`MLAttention`):
+    q and kv latents through their norms, rotary on q's and k's rope parts, q and k concatenated
+    per head, v a view of kv_b_proj's output (a gathered copy under CP)."""
+    kv_a = names.get("kv_a_proj", names.get("kv_a_proj_with_mqa"))
+    if kv_a is None or "q_b_proj" not in names:
+        raise PlanError.single("", "MLA attention without q_b_proj/kv_a_proj", sorted(names),
+                               "extend moefn.analyse.activations for this attention")
+    q_rank = names["q_a_proj"].shape[0] if "q_a_proj" in names else 0
+    kv_rank = names["kv_b_proj"].shape[1]
+    rope = kv_a.shape[0] - kv_rank
+    qk = names["q_b_proj"].shape[0] // heads
+    v_dim = names["kv_b_proj"].shape[0] // heads - (qk - rope)
+    tables = 2 * 2 * _F32 * t * rope if moefn else 0  # cos and sin of both rotary calls
+    saved = (_norm(t, q_rank, b, moefn) + _norm(t, kv_rank, b, moefn)
+             + (b * t * rope if b == _F32 else 0)  # the kv latent's norm keeps all kv_a_proj
+             + tables + b * t * heads * qk  # q after the cat (SDPA's)
+             + t * heads * _F32 + 2 * b * t * heads * v_dim)  # lse, SDPA output, o_proj input
+    kv_out = b * t * heads * (qk - rope + v_dim)
+    if cp == 1:  # SDPA keeps k (after the cat) and v, a view that keeps kv_b_proj's output
+        return saved + kv_out, b * t * heads * qk, 0
+    return saved, b * cp * t * heads * qk, b * cp * t * heads * v_dim
+
+
+def _mlp(t: int, intermediate: int, b: int) -> tuple[int, int]:
+    """SwiGLU: gate, silu(gate), up, their product; (saved, widest)."""
+    return 4 * b * t * intermediate, b * t * intermediate
+
+
+def _experts_dims(spec: ModelSpec, path: str, hidden: int) -> tuple[int, int]:
+    """(experts, intermediate) of a fused experts module."""
+    experts = int(spec.module(path).fact("num_experts"))
+    down = [t for t in _under(spec, path) if "down" in t.name and len(t.shape) == 3]
+    if not down or experts < 1:
+        raise PlanError.single(path, "experts without a 3-D down projection", path,
+                               "extend moefn.analyse.activations for this experts layout")
+    return experts, down[0].numel // (experts * hidden)
+
+
+def _moe(plan: ShardPlan, path: str, t: int, b: int, imbalance: float,
+         worst: bool) -> tuple[int, int, int]:
+    """(token-side saved, dispatch saved, widest) of one MoE module at ``path``."""
+    spec = plan.model
+    hidden, _ = _dims(spec)
+    router = next(p for p in spec.paths_with("router") if _inside(p, path))
+    experts = next(p for p in spec.paths_with("experts") if _inside(p, path))
+    k = int(spec.module(router).fact("top_k"))
+    num, inter = _experts_dims(spec, experts, hidden)
+    fp32 = "keep_fp32" in spec.module(router).roles
+    d = _F32 if fp32 else b
+    token = (t * hidden * _F32 if fp32 and b != _F32 else 0) + t * num * d + _IDX * t * k
+    token += 2 * t * k * d + t * d  # routing weights and their normaliser
+    step = next((s for s in plan.steps_of(InstallDispatch) if s.path == experts), None)
+    ep = plan.mesh.ep if step is not None else 1
+    rows = ep * t * k if worst else math.ceil(t * k * (imbalance if step is not None else 1.0))
+    # x_sorted, [gate|up], silu(gate), their product; the experts' output (index_copy keeps
+    # its source); the order and its token indices
+    dispatch = b * rows * (2 * hidden + 4 * inter) + 2 * _IDX * rows
+    if step is not None and step.kind == "all_gather":
+        dispatch += b * rows  # the routing weights, multiplied on the experts' rank
+        widest = max(b * rows * 2 * inter, b * ep * t * (hidden + k))
+    elif step is None and spec.family != "moefn":
+        # transformers' own experts (no moefn dispatcher): the weights multiply the expert
+        # output per row, which is kept; no output by slot
+        dispatch += b * rows
+        widest = max(b * rows * 2 * inter, b * rows * hidden)
+    else:
+        # combine: y by slot, weights; all-to-all's returned rows (index_copy's source)
+        token += b * t * k * hidden * (2 if ep > 1 else 1) + b * t * k + _IDX * t * k
+        widest = max(b * rows * 2 * inter, b * t * k * hidden)
+    shared = [p for p in spec.paths_with("shared_experts") if _inside(p, path)]
+    for p in shared:
+        gate = max(tt.shape[0] for tt in _under(spec, p) if len(tt.shape) == 2)
+        saved, wide = _mlp(t, gate, b)
+        token += saved
+        widest = max(widest, wide)
+    return token, dispatch, widest
+
+
+def _selective(plan: ShardPlan, path: str, t: int, b: int, cp: int) -> dict[str, int]:
+    """Outputs selective AC saves in one block: matmuls, SDPA, collectives, top-k."""
+    spec = plan.model
+    hidden, _ = _dims(spec)
+    kept = {"saved": b * t * hidden + _IDX * t, "dispatch": 0, "cp_kv": 0}
+    for attn in (p for p in spec.paths_with("attention") if _inside(p, path)):
+        info = spec.module(attn)
+        heads, kv_heads, dim = (int(info.fact(k)) for k in ("n_heads", "n_kv_heads", "head_dim"))
+        linears = sum(tt.shape[0] for tt in _under(spec, attn) if len(tt.shape) == 2)
+        kept["saved"] += b * t * linears + b * t * heads * dim + _F32 * t * heads
+        if cp > 1:
+            kept["cp_kv"] += 2 * b * cp * t * kv_heads * dim
+    for moe in (p for p in spec.paths_with("moe") if _inside(p, path)):
+        router = next(p for p in spec.paths_with("router") if _inside(p, moe))
+        experts = next(p for p in spec.paths_with("experts") if _inside(p, moe))
+        k = int(spec.module(router).fact("top_k"))
+        num, inter = _experts_dims(spec, experts, hidden)
+        kept["saved"] += t * num * _F32 + t * k * (_F32 + _IDX)
+        rows = t * k
+        kept["dispatch"] += b * rows * (2 * inter + hidden)
+        if plan.mesh.ep > 1:
+            kept["dispatch"] += b * rows * hidden + b * t * k * hidden
+        for p in spec.paths_with("shared_experts"):
+            if _inside(p, moe):
+                kept["saved"] += sum(b * t * tt.shape[0] for tt in _under(spec, p)
+                                     if len(tt.shape) == 2)
+    return kept
+
+
+def _block(plan: ShardPlan, path: str, t: int, b: int, imbalance: float,
+           worst: bool) -> _Cost:
+    spec, cp = plan.model, plan.mesh.cp
+    hidden, _ = _dims(spec)
+    moefn = spec.family == "moefn"
+    attn = [p for p in spec.paths_with("attention") if _inside(p, path)]
+    moes = [p for p in spec.paths_with("moe") if _inside(p, path)]
+    full = {"saved": 2 * _norm(t, hidden, b, moefn), "dispatch": 0, "cp_kv": 0}
+    widest = 0
+    for p in attn:
+        saved, gathered, wide = _attention(spec, p, t, b, cp, moefn)
+        full["saved"] += saved
+        full["cp_kv"] += gathered
+        widest = max(widest, wide)
+    for p in moes:
+        token, dispatch, wide = _moe(plan, p, t, b, imbalance, worst)
+        full["saved"] += token
+        full["dispatch"] += dispatch
+        widest = max(widest, wide)
+    if not moes:
+        inside = [tt for tt in _under(spec, path) if len(tt.shape) == 2
+                  and not any(_inside(tt.module_path, a) for a in attn)]
+        if inside:
+            saved, wide = _mlp(t, max(tt.shape[0] for tt in inside), b)
+            full["saved"] += saved
+            widest = max(widest, wide)
+    step = next((c for c in plan.steps_of(Checkpoint) if _inside(path, c.path)
+                 or _inside(c.path, path)), None)
+    total = sum(full.values())
+    if step is None:
+        kept = full
+    elif step.mode == "selective":
+        kept = _selective(plan, path, t, b, cp)
+    else:  # full / router: the block's input (and positions) only
+        kept = {"saved": b * t * hidden + _IDX * t, "dispatch": 0, "cp_kv": 0}
+    return _Cost(path=path, kept=kept, full=max(total, sum(kept.values())),
+                 full_dispatch=full["dispatch"], transient=2 * widest)
+
+
+def _segments(plan: ShardPlan, t: int, b: int, imbalance: float,
+              worst: bool) -> Iterator[_Cost]:
+    """Forward order: embedding, blocks, final norm, MTP block (its norms and projection)."""
+    spec = plan.model
+    hidden, _ = _dims(spec)
+    moefn = spec.family == "moefn"
+    yield _Cost(path="embed", kept={"saved": _IDX * t}, full=_IDX * t, full_dispatch=0,
+                transient=0)
+    for path in spec.paths_with("block"):
+        yield _block(plan, path, t, b, imbalance, worst)
+    norm = _norm(t, hidden, b, moefn)
+    yield _Cost(path="norm", kept={"saved": norm}, full=norm, full_dispatch=0, transient=0)
+    for path in spec.paths_with("mtp"):
+        inner = _block(plan, path, t, b, imbalance, worst)
+        extra = 3 * norm + b * t * 2 * hidden  # norm_h, norm_e, the head's norm; cat → proj
+        yield _Cost(path=path, kept={**inner.kept, "saved": inner.kept["saved"] + extra},
+                    full=inner.full + extra, full_dispatch=inner.full_dispatch,
+                    transient=inner.transient)
+
+
+def _unit_sizes(plan: ShardPlan) -> list[tuple[str, int, int, bool]]:
+    """(path, gathered bytes, reduce-scatter input bytes, resharded after forward) per unit, in
+    forward order, nested units folded into their parent (the root apart)."""
+    layouts = param_layouts(plan)
+    units = {u.path: u for u in plan.steps_of(FullyShard)}
+    tensors = {t.name: t for t in plan.model.tensors}
+    gathered: dict[str, int] = {}
+    reduced: dict[str, int] = {}
+    first: dict[str, int] = {}
+    for index, name in enumerate(tensors):
+        layout = layouts.get(name)
+        if layout is None or layout.unit is None:
+            continue
+        unit = units[layout.unit]
+        outer = next((p for p in sorted(units, key=len) if p and _inside(unit.path, p)),
+                     unit.path)
+        numel = fsdp_shard_numel(layout, unit, plan.mesh)[0] * fsdp_shard_ranks(unit, plan.mesh)
+        dtype = tensors[name].dtype
+        gathered[outer] = gathered.get(outer, 0) + numel * DTYPE_BYTES[unit.param_dtype or dtype]
+        if tensors[name].requires_grad:
+            width = DTYPE_BYTES[unit.reduce_dtype or unit.param_dtype or dtype]
+            reduced[outer] = reduced.get(outer, 0) + numel * width
+        first.setdefault(outer, index)
+    return [(p, gathered[p], reduced.get(p, 0), units[p].reshard_after_forward)
+            for p in sorted(first, key=first.__getitem__)]
+
+
+def _fsdp_buffers(plan: ShardPlan) -> tuple[int, int, int]:
+    """Bytes of FSDP2's unsharded buffers: (held all step — the root and units not resharded
+    after forward —, forward at its largest, backward at its largest)."""
+    units = _unit_sizes(plan)
+    held = sum(g for p, g, _, reshard in units if p == "" or not reshard)
+    moving = [(g, r) for p, g, r, reshard in units if p != "" and reshard]
+    forward = max((a[0] + b[0] for a, b in zip(moving, moving[1:], strict=False)),
+                  default=sum(g for g, _ in moving))
+    back = list(reversed(moving))
+    after, before = [*back[1:], (0, 0)][:len(back)], [(0, 0), *back[:-1]][:len(back)]
+    backward = max((g + nxt[0] + g + prev[1] for (g, _), nxt, prev
+                    in zip(back, after, before, strict=True)), default=0)
+    return held, held + forward, held + backward
+
+
+def _logits(t: int, vocab: int, b: int, heads: int) -> int:
+    """Every head's logits (``b``) and saved log-softmax (fp32), plus the larger of the last
+    head's fp32 upcast (forward; none in fp32) and one head's two fp32 gradients (backward)."""
+    upcast = _F32 if b != _F32 else 0
+    return heads * (b + _F32) * t * vocab + max(upcast, 2 * _F32) * t * vocab
+
+
+def _recompute(cost: _Cost) -> int:
+    """The block in backward: its whole saved set (rebuilt if checkpointed) and gradients."""
+    return cost.full + cost.transient
+
+
+def _tokens(plan: ShardPlan, rows: int, seq_len: int) -> int:
+    cp = plan.mesh.cp
+    if seq_len % cp:
+        raise PlanError.single("seq_len", "sequence length not divisible by cp", seq_len,
+                               f"use a multiple of cp={cp}")
+    return rows * seq_len // cp
+
+
+def activation_memory(plan: ShardPlan, rows: int, seq_len: int, imbalance: float = 1.0,
+                      optimizer_states: int = 0, activation_dtype: str = "float32") -> Activations:
+    """Peak bytes on top of parameters, gradients and optimizer states, and its parts.
+
+    ``optimizer_states`` is the bytes of one optimizer state copy on the rank (foreach AdamW's
+    temporaries); ``activation_dtype`` the compute dtype."""
+    int_at_least(rows, "rows")
+    int_at_least(seq_len, "seq_len")
+    if not (isinstance(imbalance, int | float) and 1.0 <= imbalance < math.inf):
+        raise PlanError.single("imbalance", "routing imbalance below 1 (or not a number)",
+                               imbalance, "pass 1.0 for balanced routing, more for skew")
+    one_of(activation_dtype, tuple(DTYPE_BYTES), "activation_dtype")
+    t = _tokens(plan, rows, seq_len)
+    b = DTYPE_BYTES[activation_dtype]
+    hidden, vocab = _dims(plan.model)
+    costs = list(_segments(plan, t, b, imbalance, worst=False))
+    heads = 1 + len(plan.model.paths_with("mtp"))
+    fsdp_held, fsdp_forward, fsdp_backward = _fsdp_buffers(plan)
+
+    def kept(segments: list[_Cost]) -> dict[str, int]:
+        out = dict.fromkeys(("saved", "dispatch", "cp_kv"), 0)
+        for c in segments:
+            for part, value in c.kept.items():
+                out[part] += value
+        return out
+
+    phases: list[tuple[str, dict[str, int]]] = [
+        # the loss runs after the last block's reshard and before any backward prefetch
+        ("logits", {**kept(costs), "logits": _logits(t, vocab, b, heads),
+                    "fsdp_buffers": fsdp_held}),
+        ("optimizer", {"optimizer_temporaries": optimizer_states})]
+    for i, cost in enumerate(costs):
+        if cost.full or cost.transient:
+            phases.append((f"backward {cost.path}",
+                           {**kept(costs[:i]), "recompute": _recompute(cost),
+                            "fsdp_buffers": fsdp_backward}))
+    if costs:  # the last block's forward, its all-gather and the previous one's output held
+        phases.append(("forward", {**kept(costs[:-1]), "fsdp_buffers": fsdp_forward}))
+    phase, parts = max(phases, key=lambda item: sum(item[1].values()))
+    worst = list(_segments(plan, t, b, imbalance, worst=True))
+    recomputed = max((c.full_dispatch - c.kept.get("dispatch", 0) for c in worst), default=0)
+    return Activations(tokens=t, phase=phase,
+                       parts=tuple((p, parts.get(p, 0)) for p in PARTS),
+                       dispatch_worst=kept(worst)["dispatch"] + recomputed)
