@@ -20,6 +20,7 @@ from attrs import frozen
 
 from moefn.arguments import expect_type, int_at_least, one_of
 from moefn.comm import DTYPE_BYTES, Comm, predict_comm
+from moefn.dispatch_rows import DispatchRows
 from moefn.errors import PlanError
 from moefn.layout import fsdp_shard_numel, fsdp_shard_ranks, local_shape, param_layouts
 from moefn.plan import FullyShard, ShardPlan
@@ -148,11 +149,13 @@ def _num_experts(plan: ShardPlan) -> int:
 
 def estimate(plan: ShardPlan, rank: int = 0, tokens_per_rank: int = 4096, top_k: int | None = None,
              hidden: int | None = None, optimizer: Optimizer = "adamw",
-             activation_dtype: str | None = None) -> Estimate:
+             activation_dtype: str | None = None,
+             dispatch_rows: DispatchRows | None = None) -> Estimate:
     """Memory of ``rank`` and per-step communication for ``tokens_per_rank`` local tokens.
 
     ``top_k`` defaults to the routers' top-k; ``hidden`` to the embedding width; the activation
-    dtype to the FSDP compute dtype (else the embedding's)."""
+    dtype to the FSDP compute dtype (else the embedding's); ``dispatch_rows`` (per MoE layer) to
+    those expected for uniform routing."""
     memory = estimate_memory(plan, rank, optimizer)
     int_at_least(tokens_per_rank, "tokens_per_rank")
     k = _top_k(plan) if top_k is None else int_at_least(top_k, "top_k")
@@ -170,5 +173,5 @@ def estimate(plan: ShardPlan, rank: int = 0, tokens_per_rank: int = 4096, top_k:
     embed = [t for t in plan.model.tensors if t.module_path in plan.model.paths_with("embed")]
     width = hidden if hidden is not None else (embed[0].shape[-1] if embed else 0)
     act = DTYPE_BYTES[activation_dtype or _activation_dtype(plan)]
-    comm = predict_comm(plan, tokens_per_rank, k, width, act)
+    comm = predict_comm(plan, tokens_per_rank, k, width, act, rank, dispatch_rows)
     return Estimate(rank=rank, memory=memory, comm=comm)

@@ -93,11 +93,12 @@ def _decode_record(cls: type, data: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in attrs.fields(cls)}
     extra = set(data) - names - {"record"}
-    missing = names - set(data)
+    # fields added after version 1 have defaults: plans written before them still read
+    missing = {f.name for f in attrs.fields(cls) if f.default is attrs.NOTHING} - set(data)
     if extra or missing:
         raise _Bad(where, f"fields differ (unexpected {sorted(extra)}, missing {sorted(missing)})",
                    cls.__name__)
-    kwargs = {n: _decode(hints[n], data[n], f"{where}.{n}") for n in names}
+    kwargs = {n: _decode(hints[n], data[n], f"{where}.{n}") for n in names & set(data)}
     try:
         return cls(**kwargs)
     except PlanError as err:
