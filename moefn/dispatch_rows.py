@@ -106,7 +106,7 @@ def hit_probability(num_experts: int, top_k: int, first: int, count: int, n_grou
                 ways[c][m] += ways[c - 1][m - o]
     pool = topk_group * size
     miss = sum((Fraction(w * comb(pool - m, top_k), comb(pool, top_k))
-                for m, w in enumerate(ways[topk_group])), Fraction(0))
+                for m, w in enumerate(ways[topk_group]) if w), Fraction(0))
     return 1 - miss / comb(n_group, topk_group)
 
 
