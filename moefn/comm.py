@@ -10,11 +10,12 @@ measure `moefn.comm_ledger.CommLedger` counts on a real run (all-gather and redu
   and again in backward unless the unit keeps it unsharded; reduce-scattered once (trainable
   parameters, in the reduce dtype), then all-reduced over ``dp_replicate`` (HSDP). A unit whose
   shard group has one rank runs no all-gather or reduce-scatter.
-- EP, for ``tokens`` per rank and ``top_k``, assuming balanced routing (each rank of the EP
-  group gets ``1/ep`` of every rank's (token, expert) pairs — exact when ``tokens·top_k`` is a
-  multiple of ep): the all-to-all dispatcher exchanges routing counts, then tokens and results;
-  the all-gather dispatcher gathers tokens with their weights and routing, and reduce-scatters
-  results. Backward repeats the row exchanges for gradients.
+- EP, for ``tokens`` per rank and ``top_k``: the all-to-all dispatchers exchange routing
+  counts, expert ids, then one row per (token, destination rank) — per (token, destination
+  node) and then within the node when hierarchical — and one result row back; the rows are
+  those of a given routing or the exact expectation for uniform routing
+  (`moefn.dispatch_rows`). The all-gather dispatcher gathers tokens with their weights and
+  routing, and reduce-scatters results. Backward repeats the row exchanges for gradients.
 - CP: each attention all-gathers K and V (and the global positions when causal), and
   reduce-scatters their gradients; realize's input check (``check_inputs=True``, the default)
   all-gathers a 200-byte shape signature over ``cp`` once per forward.
