@@ -169,6 +169,7 @@ def _row(system: str, optimizer: str, runs: list[dict[str, Any]],
         "final_loss": round(runs[0]["losses"][-1], 6),
         "collectives_per_step_rank0": sum(c["calls"] for c in comm.values()),
         "received_bytes_per_step_rank0": sum(c["received"] for c in comm.values()),
+        "all_to_all_received_bytes_rank0": comm.get("all_to_all", {}).get("received", 0),
         "by_collective": dict(comm),
     }
 

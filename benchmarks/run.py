@@ -57,7 +57,7 @@ def _train_rank(rank: int, world: int, mesh_text: str, dispatch: str, ac: str, s
     batch = global_batch(model.config, 8, seq, 0)
     mine = local_batch(batch, mesh, rank)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    times, received, a2a = [], 0, 0
+    times, received, a2a, across = [], 0, 0, 0
     for step in range(steps):
         ledger = CommLedger()
         start = time.perf_counter()
@@ -71,12 +71,14 @@ def _train_rank(rank: int, world: int, mesh_text: str, dispatch: str, ac: str, s
         if step == 1:
             received = sum(t.received for t in ledger.by_kind().values())
             a2a = ledger.by_kind().get("all_to_all", Traffic()).received
+            across = sum(t.received for (kind, group), t in ledger.totals().items()
+                         if kind == "all_to_all" and group == (0, 2))  # nodes of 2 ranks
     predicted = estimate(plan, rank, tokens_per_rank=mine.input_ids.numel(),
                          activation_dtype="float32").comm
     ep_a2a = [c for c in predicted if c.op == "all_to_all"]
     return {"median_s": statistics.median(times[1:]), "received": received,
             "predicted": sum(c.received for c in predicted), "a2a_received": a2a,
-            "a2a_predicted": sum(c.received for c in ep_a2a),
+            "a2a_predicted": sum(c.received for c in ep_a2a), "a2a_across_nodes": across,
             "a2a_lower_bound": sum(c.lower_bound for c in ep_a2a),
             "lower_bound": sum(c.lower_bound for c in predicted
                                if c.collective.startswith(("ep", "cp")))}
@@ -97,7 +99,8 @@ def bench_dispatch(steps: int) -> list[dict[str, Any]]:
                          "ep_lower_bound_bytes": result[0]["lower_bound"],
                          "a2a_received_rank0": result[0]["a2a_received"],
                          "a2a_predicted_rank0": result[0]["a2a_predicted"],
-                         "a2a_lower_bound_rank0": result[0]["a2a_lower_bound"]})
+                         "a2a_lower_bound_rank0": result[0]["a2a_lower_bound"],
+                         "a2a_across_nodes_rank0": result[0]["a2a_across_nodes"]})
     return rows
 
 
@@ -254,13 +257,14 @@ def main(argv: list[str] | None = None) -> None:
         + _table(results["peer"], ["system", "optimizer", "median_step_s", "step_s_range",
                                    "vs_transformers",
                                    "max_loss_diff_vs_one_process", "collectives_per_step_rank0",
-                                   "received_bytes_per_step_rank0"]),
+                                   "received_bytes_per_step_rank0",
+                                   "all_to_all_received_bytes_rank0"]),
         "## Token dispatch (small preset, 4 CPU ranks, dp_shard=4, FSDP fp32; bytes received per "
         "step on rank 0, all collectives: measured with CommLedger, predicted by estimate)\n\n"
         + _table(results["dispatch"], ["ep", "dispatch", "median_step_s", "received_bytes_rank0",
                                        "predicted_bytes_rank0", "ep_lower_bound_bytes",
                                        "a2a_received_rank0", "a2a_predicted_rank0",
-                                       "a2a_lower_bound_rank0"]),
+                                       "a2a_lower_bound_rank0", "a2a_across_nodes_rank0"]),
         "## Activation checkpointing (small preset, batch 8×128, one rank; MemTracker peak)\n\n"
         + _table(results["ac"], ["mode", "peak_activation_bytes", "peak_total_bytes",
                                  "median_s"]),

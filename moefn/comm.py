@@ -204,18 +204,17 @@ def _ep(plan: ShardPlan, tokens: int, top_k: int, hidden: int, act: int, rank: i
     for step in plan.steps_of(InstallDispatch):
         ep, axes = plan.mesh.size("ep"), step.mesh_dims
         forwards = 2 if _recomputed(plan, step.path) else 1
-        rows_out = tokens * top_k * (ep - 1) // ep  # (token, expert) rows that leave the rank
-        lower = 4 * rows_out * hidden * act
+        moved = rows or expected_rows(tokens, step.num_experts, top_k, ep,
+                                      plan.mesh.coordinate(rank, "ep"), step.ranks_per_node or 1)
         if step.kind != "all_gather":
-            moved = rows or expected_rows(tokens, step.num_experts, top_k, ep,
-                                          plan.mesh.coordinate(rank, "ep"),
-                                          step.ranks_per_node or 1)
             # recompute stops at the last tensor backward saves: the sums' exchange runs
             # again only when shared experts follow
             returns = 1 + (forwards == 2 and _shared_experts_follow(plan, step.path))
             out += a2a_dispatch_comm(moved, axes, ep, step.ranks_per_node, top_k, hidden, act,
                                      forwards, returns)
             continue
+        # the lower bound of every dispatch: one row per (token, destination rank) each way
+        lower = 2 * _row_bytes(moved.sent + moved.received, hidden * act)
         peers = ep - 1
         packed = tokens * (hidden + top_k) * act * peers  # tokens with their routing weights
         meta = _INDEX_BYTES * peers + tokens * top_k * _INDEX_BYTES * peers  # sizes, indices
