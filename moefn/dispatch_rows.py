@@ -13,10 +13,12 @@ uniformly, then ``top_k`` distinct experts uniformly among the picked groups' ex
 (``n_group = 1``: plain uniform top-k). The expected rows are exact (a dynamic programme over
 groups), every rank holding ``tokens`` tokens.
 
->>> expected_rows(tokens=4, num_experts=4, top_k=2, ep=2, ep_rank=0)
-DispatchRows(sent=Fraction(10, 3), received=Fraction(10, 3), sent_in_node=Fraction(0, 1), received_in_node=Fraction(0, 1))
->>> rows_of_routing([[(0, 1), (0, 3)], [(2, 3), (1, 2)]], num_experts=4, ep_rank=0)
-DispatchRows(sent=Fraction(1, 1), received=Fraction(1, 1), sent_in_node=Fraction(0, 1), received_in_node=Fraction(0, 1))
+>>> rows = expected_rows(tokens=4, num_experts=4, top_k=2, ep=2, ep_rank=0)
+>>> rows.sent, rows.received
+(Fraction(10, 3), Fraction(10, 3))
+>>> rows = rows_of_routing([[(0, 1), (0, 3)], [(2, 3), (1, 2)]], num_experts=4, ep_rank=0)
+>>> rows.sent, rows.received
+(Fraction(1, 1), Fraction(1, 1))
 """
 
 from __future__ import annotations
