@@ -6,7 +6,8 @@ dispatcher and switches the model's config to ``"moefn"``. The implementation se
 token to the ranks owning its experts (``self.dispatcher``, a local one when none is
 installed; weights applied there, as transformers applies them after the expert) and runs
 this rank's experts in the HF layout (`local_experts`): ``gate_up_proj[e]`` is ``[2I, H]``
-(``[H, 2I]`` when the class is transposed, e.g. GPT-OSS, whose gate/up are interleaved, biased and use the class's own ``_apply_gate``). Parameters may be DTensors
+(``[H, 2I]`` when the class is transposed, e.g. GPT-OSS, whose gate/up are interleaved, biased
+and use the class's own ``_apply_gate``). Parameters may be DTensors
 (``Shard(0)`` on ``ep``): the local experts are ``.to_local()``.
 
 Router-saving AC: transformers routers call ``torch.topk`` themselves. `install_router_replay`
