@@ -17,7 +17,7 @@ over its FSDP ranks, so its backward is scaled by ``fsdp_size`` to get the same 
 Per system: median step time over steps 3–12 (zero_grad, forward, backward, optimizer step,
 loss all-reduce; the median of 3 rounds that alternate the systems), losses against one
 process for SGD (lr 0.25) and AdamW (lr 1e-3), and the collectives of one step counted at the
-process-group level (`moefn.comm_ledger.CommLedger`: bytes received per collective).
+process-group level (`moefn.analyse.ledger.CommLedger`: bytes received per collective).
 
 >>> rows = bench_peer(steps=12)            # doctest: +SKIP
 """
@@ -169,6 +169,7 @@ def _row(system: str, optimizer: str, runs: list[dict[str, Any]],
         "final_loss": round(runs[0]["losses"][-1], 6),
         "collectives_per_step_rank0": sum(c["calls"] for c in comm.values()),
         "received_bytes_per_step_rank0": sum(c["received"] for c in comm.values()),
+        "all_to_all_received_bytes_rank0": comm.get("all_to_all", {}).get("received", 0),
         "by_collective": dict(comm),
     }
 

@@ -25,7 +25,7 @@ from attrs import evolve
 from moefn import MeshSpec, compose, plan_ac, plan_cp, plan_ep, plan_fsdp
 from moefn.adapters.reference import MoETransformer, causal_lm_loss, get_preset
 from moefn.analyse.estimate import estimate
-from moefn.analyse.ledger import CommLedger
+from moefn.analyse.ledger import CommLedger, Traffic
 from moefn.launch import run_local
 from moefn.plan.compose import Planner, Stage
 from moefn.realize import build_device_meshes, realize
@@ -38,7 +38,9 @@ def _stages(mesh: MeshSpec, dispatch: str, ac: str, seq: int) -> list[Stage]:
     stages: list[Stage] = []
     if mesh.cp > 1:
         stages.append(plan_cp(seq_len=seq))
-    if mesh.ep > 1:
+    if mesh.ep > 1 and dispatch == "hierarchical":  # the ep group as nodes of 2 ranks
+        stages.append(plan_ep(dispatch="hierarchical", ranks_per_node=2))
+    elif mesh.ep > 1:
         stages.append(plan_ep(dispatch=dispatch))  # type: ignore[arg-type]
     if ac != "off":
         stages.append(plan_ac(mode=ac))  # type: ignore[arg-type]
@@ -55,7 +57,7 @@ def _train_rank(rank: int, world: int, mesh_text: str, dispatch: str, ac: str, s
     batch = global_batch(model.config, 8, seq, 0)
     mine = local_batch(batch, mesh, rank)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    times, received = [], 0
+    times, received, a2a, across = [], 0, 0, 0
     for step in range(steps):
         ledger = CommLedger()
         start = time.perf_counter()
@@ -68,26 +70,37 @@ def _train_rank(rank: int, world: int, mesh_text: str, dispatch: str, ac: str, s
         times.append(time.perf_counter() - start)
         if step == 1:
             received = sum(t.received for t in ledger.by_kind().values())
+            a2a = ledger.by_kind().get("all_to_all", Traffic()).received
+            across = sum(t.received for (kind, group), t in ledger.totals().items()
+                         if kind == "all_to_all" and group == (0, 2))  # nodes of 2 ranks
     predicted = estimate(plan, rank, tokens_per_rank=mine.input_ids.numel(),
                          activation_dtype="float32").comm
+    ep_a2a = [c for c in predicted if c.op == "all_to_all"]
     return {"median_s": statistics.median(times[1:]), "received": received,
-            "predicted": sum(c.received for c in predicted),
+            "predicted": sum(c.received for c in predicted), "a2a_received": a2a,
+            "a2a_predicted": sum(c.received for c in ep_a2a), "a2a_across_nodes": across,
+            "a2a_lower_bound": sum(c.lower_bound for c in ep_a2a),
             "lower_bound": sum(c.lower_bound for c in predicted
                                if c.collective.startswith(("ep", "cp")))}
 
 
 def bench_dispatch(steps: int) -> list[dict[str, Any]]:
     """Step time and what rank 0 receives per step (FSDP + EP), measured and predicted: the
-    all-to-all prediction assumes balanced routing, the all-gather one does not depend on it."""
+    all-to-all predictions assume uniform routing (the model's is not), the all-gather one does
+    not depend on it; all-to-all bytes (EP dispatch only) beside their lower bound."""
     rows = []
-    for ep in (2, 4):
-        for dispatch in ("all_to_all", "all_gather"):
+    for ep, dispatch in ((2, "all_to_all"), (2, "all_gather"), (4, "all_to_all"),
+                         (4, "hierarchical"), (4, "all_gather")):
             _progress(f"  dispatch: ep={ep} {dispatch}")
             result = run_local(4, _train_rank, f"dp_shard=4,ep={ep}", dispatch, "off", steps, 32)
             rows.append({"ep": ep, "dispatch": dispatch, "median_step_s": result[0]["median_s"],
                          "received_bytes_rank0": result[0]["received"],
                          "predicted_bytes_rank0": result[0]["predicted"],
-                         "ep_lower_bound_bytes": result[0]["lower_bound"]})
+                         "ep_lower_bound_bytes": result[0]["lower_bound"],
+                         "a2a_received_rank0": result[0]["a2a_received"],
+                         "a2a_predicted_rank0": result[0]["a2a_predicted"],
+                         "a2a_lower_bound_rank0": result[0]["a2a_lower_bound"],
+                         "a2a_across_nodes_rank0": result[0]["a2a_across_nodes"]})
     return rows
 
 
@@ -244,11 +257,14 @@ def main(argv: list[str] | None = None) -> None:
         + _table(results["peer"], ["system", "optimizer", "median_step_s", "step_s_range",
                                    "vs_transformers",
                                    "max_loss_diff_vs_one_process", "collectives_per_step_rank0",
-                                   "received_bytes_per_step_rank0"]),
+                                   "received_bytes_per_step_rank0",
+                                   "all_to_all_received_bytes_rank0"]),
         "## Token dispatch (small preset, 4 CPU ranks, dp_shard=4, FSDP fp32; bytes received per "
         "step on rank 0, all collectives: measured with CommLedger, predicted by estimate)\n\n"
         + _table(results["dispatch"], ["ep", "dispatch", "median_step_s", "received_bytes_rank0",
-                                       "predicted_bytes_rank0", "ep_lower_bound_bytes"]),
+                                       "predicted_bytes_rank0", "ep_lower_bound_bytes",
+                                       "a2a_received_rank0", "a2a_predicted_rank0",
+                                       "a2a_lower_bound_rank0", "a2a_across_nodes_rank0"]),
         "## Activation checkpointing (small preset, batch 8×128, one rank; MemTracker peak)\n\n"
         + _table(results["ac"], ["mode", "peak_activation_bytes", "peak_total_bytes",
                                  "median_s"]),

@@ -117,7 +117,7 @@ def run_case(rank: int, world: int, case: Case) -> dict[str, int]:
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
     from moefn.realize import build_device_meshes, realize
-    from moefn.runtime.context_parallel import shard_sequence
+    from moefn.realize.context_parallel import shard_sequence
 
     torch.manual_seed(0)
     model = _model(case)

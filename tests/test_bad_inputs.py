@@ -215,7 +215,7 @@ OFFLINE: list[tuple[str, Callable[[], object], Expect]] = [
      Expect(PlanError, "", "no MoE experts", "MoETransformer", "leave plan_ep out")),
     ("unknown-dispatch", lambda: compose(plan_ep(dispatch="nccl"))(  # type: ignore[arg-type]
         meta(), MeshSpec(dp_shard=2, ep=2)),
-     Expect(PlanError, "", "unknown dispatch", "'nccl'", '"all_to_all" or "all_gather"')),
+     Expect(PlanError, "", "unknown dispatch", "'nccl'", '"all_gather" or "hierarchical"')),
     # --- architectures ---
     ("unknown-architecture", lambda: compose(plan_fsdp())(nn.Linear(4, 4), TWO),
      Expect(PlanError, "", "unrecognised model architecture", "Linear", "recognisers tried: moefn")),

@@ -14,11 +14,12 @@ from collections.abc import Callable
 import pytest
 
 from moefn import MeshSpec
+from moefn.analyse.ledger import CommLedger, Traffic
+from moefn.analyse.dispatch_rows import DispatchRows, rows_of_routing
+from moefn.analyse.estimate import estimate
 from moefn.adapters.reference import causal_lm_loss
 from moefn.adapters.reference.moe import Router
-from moefn.analyse.estimate import estimate
-from moefn.analyse.ledger import CommLedger, Traffic
-from moefn.plan.records import ShardPlan
+from moefn.plan.records import InstallDispatch, ShardPlan
 from moefn.train.loop import global_batch, local_batch
 from tests.hf_parity import HFCase, build_hf_pair, hf_batch, logits_of
 from tests.parity import Case, build_pair
@@ -32,16 +33,29 @@ AG = ("ep", (("dispatch", "all_gather"),))
 Totals = dict[tuple[str, tuple[int, ...]], tuple[int, int, int]]
 
 
+def _forced_rows(plan: ShardPlan, rank: int, tokens: int,
+                 experts: tuple[int, ...]) -> DispatchRows | None:
+    """The dispatch rows when every token of every rank picks ``experts``."""
+    dispatch = plan.steps_of(InstallDispatch)
+    if not experts or not dispatch:
+        return None
+    routing = [[experts] * tokens] * plan.mesh.ep
+    return rows_of_routing(routing, dispatch[0].num_experts, plan.mesh.coordinate(rank, "ep"),
+                           dispatch[0].ranks_per_node or 1)
+
+
 def _count_and_predict(rank: int, plan: ShardPlan, step: Callable[[], None],
-                       tokens: int) -> tuple[Totals, Totals]:
+                       tokens: int, force: tuple[int, ...] = ()) -> tuple[Totals, Totals]:
     """Run ``step`` once (lazy initialisation), count a second run, and predict it (the
-    activation dtype and top-k are the estimate's own defaults, read from the plan)."""
+    activation dtype and top-k are the estimate's own defaults, read from the plan; the
+    dispatch rows those of the forced routing, else uniform routing's)."""
     step()
     with CommLedger() as ledger:
         step()
     measured = {key: (t.calls, t.sent, t.received) for key, t in ledger.totals().items()}
     predicted: dict[tuple[str, tuple[int, ...]], Traffic] = {}
-    for c in estimate(plan, rank, tokens_per_rank=tokens).comm:
+    rows = _forced_rows(plan, rank, tokens, force)
+    for c in estimate(plan, rank, tokens_per_rank=tokens, dispatch_rows=rows).comm:
         key = (c.op, plan.mesh.group_ranks(rank, c.axes))
         predicted[key] = predicted.get(key, Traffic()) + Traffic(c.calls, c.sent, c.received)
     return measured, {key: (t.calls, t.sent, t.received) for key, t in predicted.items()}
@@ -59,7 +73,7 @@ def _measure(rank: int, world: int, case: Case) -> tuple[Totals, Totals]:
         logits = model(mine.input_ids, mine.position_ids)
         causal_lm_loss(logits, mine.labels, batch.num_valid).backward()
 
-    return _count_and_predict(rank, plan, step, mine.input_ids.numel())
+    return _count_and_predict(rank, plan, step, mine.input_ids.numel(), case.force_experts)
 
 
 def _measure_hf(rank: int, world: int, case: HFCase) -> tuple[Totals, Totals]:

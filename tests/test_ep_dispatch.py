@@ -14,12 +14,30 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from moefn.realize.dispatch import Dispatcher, LocalDispatch, LocalExpertsFn
-from moefn.realize.ep_dispatch import AllGatherDispatch, AllToAllDispatch
+from moefn.realize.ep_dispatch import AllGatherDispatch, AllToAllDispatch, HierarchicalDispatch
 from tests.ranks import RankPool
 
 E, H, INTER, K = 8, 16, 8, 2
-DISPATCHERS: dict[str, Callable[[int, ProcessGroup], Dispatcher]] = {
-    "all_to_all": AllToAllDispatch, "all_gather": AllGatherDispatch,
+Factory = Callable[[int, ProcessGroup, dict[tuple[int, ...], ProcessGroup]], Dispatcher]
+
+
+def _hierarchical(per_node: int) -> Factory:
+    """Two-level dispatch over ``ep_group`` seen as nodes of ``per_node`` consecutive ranks."""
+    def make(num_experts: int, ep_group: ProcessGroup,
+             subgroups: dict[tuple[int, ...], ProcessGroup]) -> Dispatcher:
+        members = dist.get_process_group_ranks(ep_group)
+        i = members.index(dist.get_rank())
+        across = tuple(members[i % per_node::per_node])
+        within = tuple(members[i - i % per_node:i - i % per_node + per_node])
+        return HierarchicalDispatch(num_experts, subgroups[across], subgroups[within])
+    return make
+
+
+DISPATCHERS: dict[str, Factory] = {
+    "all_to_all": lambda n, group, _: AllToAllDispatch(n, group),
+    "all_gather": lambda n, group, _: AllGatherDispatch(n, group),
+    "hierarchical 2 per node": _hierarchical(2),
+    "hierarchical 1 per node": _hierarchical(1),
 }
 
 
@@ -36,19 +54,20 @@ CASES = [
 ]
 
 
-Groups = tuple[ProcessGroup, ProcessGroup | None]
+Groups = tuple[ProcessGroup, ProcessGroup | None, dict[tuple[int, ...], ProcessGroup]]
 
 
 def _groups(ep: int, rank: int, world_size: int) -> Groups:
-    """(expert-parallel group, group of ranks holding the same experts or None if alone);
-    collective: every rank creates the same groups in the same order."""
+    """(expert-parallel group, group of ranks holding the same experts or None if alone, every
+    group by its ranks); collective: every rank creates the same groups in the same order."""
     subgroups = {members: dist.new_group(list(members))
-                 for members in ((0, 1), (2, 3), (0, 2), (1, 3))}
+                 for members in ((0,), (1,), (2,), (3,), (0, 1), (2, 3), (0, 2), (1, 3))}
+    assert dist.group.WORLD is not None
+    subgroups[(0, 1, 2, 3)] = dist.group.WORLD
     if ep == world_size:
-        assert dist.group.WORLD is not None
-        return dist.group.WORLD, None
+        return dist.group.WORLD, None, subgroups
     first = rank - rank % ep
-    return subgroups[(first, first + 1)], subgroups[(rank % ep, rank % ep + ep)]
+    return subgroups[(first, first + 1)], subgroups[(rank % ep, rank % ep + ep)], subgroups
 
 
 def _swiglu_experts(gate_up: Tensor, down: Tensor) -> LocalExpertsFn:
@@ -111,11 +130,12 @@ def _check_case(rank: int, groups: Groups, ep: int, name: str, case: Case, seed:
     ref_y = LocalDispatch(E)(ref_x, torch.cat(idxs), ref_w, _swiglu_experts(ref_gu, ref_down))
     (ref_y * torch.cat(gs)).sum().backward()
 
-    ep_group, dp_group = groups
+    ep_group, dp_group, subgroups = groups
     lo = dist.get_rank(ep_group) * (E // ep)
     x, w = _leaf(xs[rank]), _leaf(ws[rank])
     gu, dn = _leaf(gate_up[lo:lo + E // ep]), _leaf(down[lo:lo + E // ep])
-    y = DISPATCHERS[name](E, ep_group)(x, idxs[rank], w, _swiglu_experts(gu, dn))
+    dispatcher = DISPATCHERS[name](E, ep_group, subgroups)
+    y = dispatcher(x, idxs[rank], w, _swiglu_experts(gu, dn))
     (y * gs[rank]).sum().backward()
 
     start = sum(case.tokens[:rank])
@@ -140,9 +160,9 @@ def _run_cases(rank: int, world_size: int, ep: int, name: str) -> None:
     groups = _groups(ep, rank, world_size)
     for seed, case in enumerate(CASES):
         _check_case(rank, groups, ep, name, case, seed)
-    ep_group, _ = groups
+    ep_group, _, subgroups = groups
     with pytest.raises(ValueError, match=f"num_experts={2 * ep - 1} .* size {ep}"):
-        DISPATCHERS[name](2 * ep - 1, ep_group)
+        DISPATCHERS[name](2 * ep - 1, ep_group, subgroups)
 
 
 @pytest.mark.parametrize("name", sorted(DISPATCHERS))

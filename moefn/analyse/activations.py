@@ -11,7 +11,7 @@ local tokens (rows × seq_len / cp) in the compute dtype (``b`` bytes; fp32 is 4
   o_proj's input (a copy: SDPA returns ``[B, H, S, D]`` contiguous); the router's scores and
   top-k; SwiGLU MLPs: gate, silu(gate), up and their product; the combine side of dispatch.
   Under AC "full"/"router" a block keeps only its input; "selective" keeps the outputs of
-  matmuls, attention, collectives and top-k (`moefn.runtime.checkpointing.SELECTIVE_SAVED`).
+  matmuls, attention, collectives and top-k (`moefn.realize.checkpointing.SELECTIVE_SAVED`).
 - **recompute** — the block being back-propagated: its whole no-AC saved set (rebuilt by
   recompute when checkpointed) plus the gradients of its widest tensor and of that tensor's
   input, alive together.

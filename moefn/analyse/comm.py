@@ -10,11 +10,12 @@ measure `moefn.analyse.ledger.CommLedger` counts on a real run (all-gather and r
   and again in backward unless the unit keeps it unsharded; reduce-scattered once (trainable
   parameters, in the reduce dtype), then all-reduced over ``dp_replicate`` (HSDP). A unit whose
   shard group has one rank runs no all-gather or reduce-scatter.
-- EP, for ``tokens`` per rank and ``top_k``, assuming balanced routing (each rank of the EP
-  group gets ``1/ep`` of every rank's (token, expert) pairs — exact when ``tokens·top_k`` is a
-  multiple of ep): the all-to-all dispatcher exchanges routing counts, then tokens and results;
-  the all-gather dispatcher gathers tokens with their weights and routing, and reduce-scatters
-  results. Backward repeats the row exchanges for gradients.
+- EP, for ``tokens`` per rank and ``top_k``: the all-to-all dispatchers exchange routing
+  counts, expert ids, then one row per (token, destination rank) — per (token, destination
+  node) and then within the node when hierarchical — and one result row back; the rows are
+  those of a given routing or the exact expectation for uniform routing
+  (`moefn.analyse.dispatch_rows`). The all-gather dispatcher gathers tokens with their weights and
+  routing, and reduce-scatters results. Backward repeats the row exchanges for gradients.
 - CP: each attention all-gathers K and V (and the global positions when causal), and
   reduce-scatters their gradients; realize's input check (``check_inputs=True``, the default)
   all-gathers a 200-byte shape signature over ``cp`` once per forward.
@@ -40,10 +41,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from fractions import Fraction
 from typing import Literal
 
 from attrs import evolve, frozen
 
+from moefn.analyse.dispatch_rows import DispatchRows, expected_rows
 from moefn.analyse.layout import fsdp_shard_numel, fsdp_shard_ranks, local_shape, param_layouts
 from moefn.plan.mesh import Axis
 from moefn.plan.records import (
@@ -163,20 +166,65 @@ def _shared_experts_follow(plan: ShardPlan, experts: str) -> bool:
     return any(p.rpartition(".")[0] == moe for p in plan.model.paths_with("shared_experts"))
 
 
-def _ep(plan: ShardPlan, tokens: int, top_k: int, hidden: int, act: int) -> list[Comm]:
+def _row_bytes(rows: Fraction, width: int) -> int:
+    return round(rows * width)
+
+
+def a2a_dispatch_comm(rows: DispatchRows, axes: tuple[Axis, ...], ep: int,
+                      ranks_per_node: int | None, top_k: int, hidden: int, act: int, forwards: int = 1,
+                      returns: int = 1) -> list[Comm]:
+    """The all-to-all dispatch of one MoE layer moving ``rows``: per hop (within nodes too when
+    ``ranks_per_node`` is given, i.e. hierarchical), the counts (one int64
+    per group rank), the expert ids (``K`` int64 per row), the rows (token and ``K`` weights)
+    and the returned sums (``H``); backward returns the rows' and weights' gradients and sends
+    the sums' gradients. ``forwards`` counts runs of the forward (2 with recompute), ``returns``
+    those reaching the sums' exchange (recompute stops at the last tensor backward saves).
+
+    >>> from moefn.analyse.dispatch_rows import expected_rows
+    >>> rows = expected_rows(4096, num_experts=16, top_k=2, ep=2, ep_rank=0)
+    >>> [(c.collective, c.received) for c in a2a_dispatch_comm(rows, ("ep",), 2, None, 2, 256, 4)]
+    [('ep routing counts', 8), ('ep expert ids', 50244), ('ep dispatch + combine', 12912777)]
+    """
+    per_node = ranks_per_node or 1
+    hops = [("", ep // per_node, rows.sent, rows.received)]
+    if ranks_per_node is not None:
+        hops.append((" within node", per_node, rows.sent_in_node, rows.received_in_node))
+    out = []
+    for where, size, sent, received in hops:
+        dispatch, back = hidden + top_k, hidden
+        out += [
+            _traffic(f"ep routing counts{where}", "all_to_all", axes, forwards,
+                     forwards * _INDEX_BYTES * (size - 1), 0),
+            Comm(collective=f"ep expert ids{where}", op="all_to_all", axes=axes, calls=forwards,
+                 sent=forwards * _row_bytes(sent, top_k * _INDEX_BYTES),
+                 received=forwards * _row_bytes(received, top_k * _INDEX_BYTES), lower_bound=0),
+            Comm(collective=f"ep dispatch + combine{where}", op="all_to_all", axes=axes,
+                 calls=forwards + returns + 2,
+                 sent=_row_bytes(forwards * sent * dispatch + returns * received * back
+                                 + sent * back + received * dispatch, act),
+                 received=_row_bytes(forwards * received * dispatch + returns * sent * back
+                                     + received * back + sent * dispatch, act),
+                 lower_bound=2 * _row_bytes(sent + received, hidden * act))]
+    return out
+
+
+def _ep(plan: ShardPlan, tokens: int, top_k: int, hidden: int, act: int, rank: int,
+        rows: DispatchRows | None) -> list[Comm]:
     out = []
     for step in plan.steps_of(InstallDispatch):
         ep, axes = plan.mesh.size("ep"), step.mesh_dims
         forwards = 2 if _recomputed(plan, step.path) else 1
-        rows = tokens * top_k * (ep - 1) // ep  # (token, expert) rows that leave the rank
-        lower = 4 * rows * hidden * act
-        if step.kind == "all_to_all":
-            counts = step.num_experts // ep * _INDEX_BYTES * (ep - 1)
-            out.append(_traffic("ep routing counts", "all_to_all", axes, forwards,
-                                forwards * counts, 0))
-            out.append(_traffic("ep dispatch + combine", "all_to_all", axes, 2 * forwards + 2,
-                                (forwards + 1) * 2 * rows * hidden * act, lower))
+        moved = rows or expected_rows(tokens, step.num_experts, top_k, ep,
+                                      plan.mesh.coordinate(rank, "ep"), step.ranks_per_node or 1)
+        if step.kind != "all_gather":
+            # recompute stops at the last tensor backward saves: the sums' exchange runs
+            # again only when shared experts follow
+            returns = 1 + (forwards == 2 and _shared_experts_follow(plan, step.path))
+            out += a2a_dispatch_comm(moved, axes, ep, step.ranks_per_node, top_k, hidden, act,
+                                     forwards, returns)
             continue
+        # the lower bound of every dispatch: one row per (token, destination rank) each way
+        lower = 2 * _row_bytes(moved.sent + moved.received, hidden * act)
         peers = ep - 1
         packed = tokens * (hidden + top_k) * act * peers  # tokens with their routing weights
         meta = _INDEX_BYTES * peers + tokens * top_k * _INDEX_BYTES * peers  # sizes, indices
@@ -212,8 +260,11 @@ def _cp(plan: ShardPlan, tokens: int, act: int) -> list[Comm]:
 
 
 def predict_comm(plan: ShardPlan, tokens: int, top_k: int, hidden: int,
-                 activation_bytes: int) -> tuple[Comm, ...]:
-    """Every collective of one training step on one rank with ``tokens`` local tokens."""
+                 activation_bytes: int, rank: int = 0,
+                 rows: DispatchRows | None = None) -> tuple[Comm, ...]:
+    """Every collective of one training step on ``rank`` with ``tokens`` local tokens; the
+    all-to-all dispatch moves ``rows`` per MoE layer (default: expected for uniform routing,
+    `moefn.analyse.dispatch_rows.expected_rows`)."""
     return _merge([*_fsdp(plan), *_sync(plan),
-                   *_ep(plan, tokens, top_k, hidden, activation_bytes),
+                   *_ep(plan, tokens, top_k, hidden, activation_bytes, rank, rows),
                    *_cp(plan, tokens, activation_bytes)])

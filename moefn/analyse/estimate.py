@@ -19,6 +19,7 @@ from attrs import frozen
 
 from moefn.analyse.activations import Activations, activation_memory
 from moefn.analyse.comm import DTYPE_BYTES, Comm, predict_comm
+from moefn.analyse.dispatch_rows import DispatchRows
 from moefn.analyse.layout import fsdp_shard_numel, fsdp_shard_ranks, local_shape, param_layouts
 from moefn.plan.arguments import expect_type, int_at_least, one_of
 from moefn.plan.errors import PlanError
@@ -165,14 +166,14 @@ def buffer_bytes(plan: ShardPlan) -> int:
 def estimate(plan: ShardPlan, rank: int = 0, tokens_per_rank: int = 4096, top_k: int | None = None,
              hidden: int | None = None, optimizer: Optimizer = "adamw",
              activation_dtype: str | None = None, seq_len: int | None = None, rows: int = 1,
-             imbalance: float = 1.0) -> Estimate:
+             imbalance: float = 1.0, dispatch_rows: DispatchRows | None = None) -> Estimate:
     """Memory of ``rank`` and per-step communication for ``tokens_per_rank`` local tokens.
 
     With ``seq_len``, a micro-batch is ``rows × seq_len`` (``rows × seq_len / cp`` tokens per
     rank, which replace ``tokens_per_rank``) and the estimate adds the activations
     (`moefn.analyse.activations`) and the peak. ``top_k`` defaults to the routers' top-k; ``hidden``
     to the embedding width; the activation dtype to the FSDP compute dtype (else the
-    embedding's).
+    embedding's); ``dispatch_rows`` (per MoE layer) to those expected for uniform routing.
 
     >>> from moefn.adapters.reference import MoETransformer, get_preset
     >>> from moefn import MeshSpec, compose, plan_fsdp
@@ -205,7 +206,7 @@ def estimate(plan: ShardPlan, rank: int = 0, tokens_per_rank: int = 4096, top_k:
     embed = [t for t in plan.model.tensors if t.module_path in plan.model.paths_with("embed")]
     width = hidden if hidden is not None else (embed[0].shape[-1] if embed else 0)
     act = DTYPE_BYTES[activation_dtype or _activation_dtype(plan)]
-    comm = predict_comm(plan, tokens_per_rank, k, width, act)
+    comm = predict_comm(plan, tokens_per_rank, k, width, act, rank, dispatch_rows)
     if seq_len is None:
         return Estimate(rank=rank, memory=memory, comm=comm)
     # foreach AdamW's sqrt(exp_avg_sq): one state copy; SGD's updates run in place

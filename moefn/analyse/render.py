@@ -46,8 +46,9 @@ def _step_text(step: Step, mesh: MeshSpec) -> tuple[str, str]:
                      f"{ignored}")
     if isinstance(step, InstallDispatch):
         local = step.num_experts // mesh.size(step.mesh_dims[-1])
+        nodes = f", {step.ranks_per_node} ranks per node" if step.ranks_per_node else ""
         return "+", (f"dispatch {step.kind} over {_axes(step.mesh_dims, mesh)}: "
-                     f"{step.num_experts} experts, {local} per rank")
+                     f"{step.num_experts} experts, {local} per rank{nodes}")
     if isinstance(step, SyncGradients):
         return "+", f"gradient all-reduce (sum) over {_axes(step.mesh_dims, mesh)}"
     if isinstance(step, Checkpoint):

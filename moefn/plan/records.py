@@ -68,9 +68,10 @@ class DistributeParams:
 class InstallDispatch:
     stage: StageName
     path: str
-    kind: Literal["all_to_all", "all_gather"]
+    kind: Literal["all_to_all", "all_gather", "hierarchical"]
     mesh_dims: tuple[Axis, ...]
     num_experts: int
+    ranks_per_node: int | None = None  # hierarchical: consecutive ep ranks sharing a node
 
 
 @frozen(kw_only=True)

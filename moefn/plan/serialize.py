@@ -23,6 +23,9 @@ from moefn.plan.records import STAGE_ORDER, ShardPlan
 
 FORMAT = "moefn.plan"
 VERSION = 1
+# fields added since plans of this version were first written (each has a default), by record:
+# an older plan without them still reads
+ADDED_FIELDS: dict[str, set[str]] = {"InstallDispatch": {"ranks_per_node"}}
 
 
 def _encode(value: Any) -> Any:
@@ -99,11 +102,11 @@ def _decode_record(cls: type, data: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in attrs.fields(cls)}
     extra = set(data) - names - {"record"}
-    missing = names - set(data)
+    missing = names - set(data) - ADDED_FIELDS.get(cls.__name__, set())
     if extra or missing:
         raise _Bad(where, f"fields differ (unexpected {sorted(extra)}, missing {sorted(missing)})",
                    cls.__name__)
-    kwargs = {n: _decode(hints[n], data[n], f"{where}.{n}") for n in names}
+    kwargs = {n: _decode(hints[n], data[n], f"{where}.{n}") for n in names & set(data)}
     try:
         return cls(**kwargs)
     except PlanError as err:

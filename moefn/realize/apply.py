@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed import ProcessGroup
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
     FSDPModule,
@@ -28,6 +29,7 @@ from moefn.plan.records import (
     Shard,
     SyncGradients,
 )
+from moefn.realize.dispatch import Dispatcher
 from moefn.realize.meshes import DeviceMeshes
 from moefn.realize.sync import gradient_sync_enabled
 
@@ -62,17 +64,38 @@ def apply_distribute(step: DistributeParams, module: nn.Module, meshes: DeviceMe
         module.register_parameter(name, nn.Parameter(new, requires_grad=old.requires_grad))
 
 
-def apply_dispatch(step: InstallDispatch, module: nn.Module, meshes: DeviceMeshes) -> None:
-    from moefn.realize.ep_dispatch import AllGatherDispatch, AllToAllDispatch
+def _node_groups(meshes: DeviceMeshes, ranks_per_node: int) -> tuple[ProcessGroup, ProcessGroup]:
+    """(ranks with this rank's in-node index, one per node; ranks of this rank's node) of the
+    ep group, created once per realize (cached on the expert mesh) and shared by every layer."""
+    cache: dict[int, tuple[ProcessGroup, ProcessGroup]] = getattr(meshes.expert, _NODE_GROUPS, {})
+    if ranks_per_node not in cache:
+        ep = meshes.get(("ep",))
+        split = ep._unflatten(0, (ep.size() // ranks_per_node, ranks_per_node),
+                              ("ep_node", "ep_in_node"))
+        cache[ranks_per_node] = (split["ep_node"].get_group(), split["ep_in_node"].get_group())
+        setattr(meshes.expert, _NODE_GROUPS, cache)
+    return cache[ranks_per_node]
 
-    group = meshes.group(step.mesh_dims)
-    kind = AllToAllDispatch if step.kind == "all_to_all" else AllGatherDispatch
+
+_NODE_GROUPS = "_moefn_node_groups"
+
+
+def apply_dispatch(step: InstallDispatch, module: nn.Module, meshes: DeviceMeshes) -> None:
+    from moefn.realize.ep_dispatch import AllGatherDispatch, AllToAllDispatch, HierarchicalDispatch
+
+    dispatcher: Dispatcher
+    if step.kind == "hierarchical":
+        across, within = _node_groups(meshes, step.ranks_per_node or 1)
+        dispatcher = HierarchicalDispatch(step.num_experts, across, within)
+    else:
+        kind = AllToAllDispatch if step.kind == "all_to_all" else AllGatherDispatch
+        dispatcher = kind(step.num_experts, meshes.group(step.mesh_dims))
     if is_transformers_module(module):  # through transformers' experts interface
         from moefn.adapters.transformers.experts import install_dispatcher
 
-        install_dispatcher(module, kind(step.num_experts, group))
+        install_dispatcher(module, dispatcher)
         return
-    setattr(module, "dispatcher", kind(step.num_experts, group))
+    setattr(module, "dispatcher", dispatcher)
 
 
 def apply_checkpoint(step: Checkpoint, block: nn.Module) -> None:

@@ -3,10 +3,11 @@
 EP goes through transformers' own extension point: `register` adds an experts implementation
 ``"moefn"`` to ``ExpertsInterface``; `install_dispatcher` gives one experts module a moefn
 dispatcher and switches the model's config to ``"moefn"``. The implementation sends each
-(token, k) slot to the rank owning its expert (``self.dispatcher``, a local one when none is
-installed) and runs this rank's experts in the HF layout (`local_experts`): ``gate_up_proj[e]``
-is ``[2I, H]`` (``[H, 2I]`` when the class is transposed, e.g. GPT-OSS, whose gate/up are
-interleaved, biased and use the class's own ``_apply_gate``). Parameters may be DTensors
+token to the ranks owning its experts (``self.dispatcher``, a local one when none is
+installed; weights applied there, as transformers applies them after the expert) and runs
+this rank's experts in the HF layout (`local_experts`): ``gate_up_proj[e]`` is ``[2I, H]``
+(``[H, 2I]`` when the class is transposed, e.g. GPT-OSS, whose gate/up are interleaved, biased
+and use the class's own ``_apply_gate``). Parameters may be DTensors
 (``Shard(0)`` on ``ep``): the local experts are ``.to_local()``.
 
 Router-saving AC: transformers routers call ``torch.topk`` themselves. `install_router_replay`

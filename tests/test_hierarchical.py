@@ -1,0 +1,81 @@
+"""Hierarchical dispatch: plan_ep's option (validation, plan JSON) and parity on 4 gloo ranks
+as 2 nodes of 2 — the reference model under every AC mode and transformers' DeepSeek-V3
+(group-limited routing), losses and every gradient against one process."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from moefn import MeshSpec, compose, plan_ep, plan_fsdp
+from moefn.plan.errors import PlanFormatError
+from moefn.plan.records import InstallDispatch, ShardPlan
+from tests.hf_parity import HFCase, assert_hf_parity, run_hf_parity
+from tests.parity import Case, assert_parity, run_parity
+from tests.ranks import RankPool
+from tests.test_plan import meta_model, problems_of
+
+FSDP = ("fsdp", (("precision", "fp32"),))
+TWO_NODES = ("ep", (("dispatch", "hierarchical"), ("ranks_per_node", 2)))
+
+
+def _parities(rank: int, world: int) -> dict[str, dict[str, Any]]:
+    out = {}
+    for mode in ("none", "full", "router", "selective"):
+        ac = () if mode == "none" else (("ac", (("mode", mode),)),)
+        # expert 0 forced: every token crosses to node 0, some ranks get few rows
+        case = Case(mesh="dp_shard=4,ep=4", stages=(TWO_NODES, *ac, FSDP), preset="tiny-full",
+                    force_experts=(0,) if mode == "router" else ())
+        out[mode] = run_parity(rank, world, case)
+    out["deepseek_v3"] = run_hf_parity(rank, world, HFCase(
+        family="deepseek_v3", mesh="dp_shard=4,ep=4",
+        stages=(TWO_NODES, ("ac", (("mode", "selective"),)), FSDP)))
+    return out
+
+
+def test_hierarchical_dispatch_keeps_losses_and_gradients(
+        ranks: Callable[[int], RankPool]) -> None:
+    results = ranks(4).run(_parities)[0]
+    hf = results.pop("deepseek_v3")
+    assert_hf_parity(hf)
+    assert hf["installed"]["dispatchers"] == ["HierarchicalDispatch"]
+    for mode, result in results.items():
+        assert result["losses"], mode
+        assert_parity(result)
+
+
+def _plan(mesh: str = "dp_shard=8,ep=8", **options: Any) -> Any:
+    return compose(plan_ep(**options), plan_fsdp())(meta_model("tiny"), MeshSpec.parse(mesh))
+
+
+def test_ranks_per_node_is_checked() -> None:
+    plan = _plan(dispatch="hierarchical", ranks_per_node=4).unwrap()
+    steps = plan.steps_of(InstallDispatch)
+    assert steps and all((s.kind, s.ranks_per_node) == ("hierarchical", 4) for s in steps)
+    assert problems_of(_plan(dispatch="hierarchical", ranks_per_node=3)) == (
+        "ranks_per_node does not divide ep",)
+    for bad in (None, 0, 2.0, True):
+        assert problems_of(_plan(dispatch="hierarchical", ranks_per_node=bad)) == (
+            "hierarchical dispatch needs a whole number of ranks per node, at least 1",)
+    assert problems_of(_plan(ranks_per_node=2)) == (
+        "ranks_per_node applies to hierarchical dispatch only",)
+    failure = _plan(dispatch="hierarchical", ranks_per_node=3).failure().problems[0]
+    assert (failure.value, failure.fix) == (
+        "ranks_per_node=3, ep=8", "use ranks_per_node in (1, 2, 4, 8) (GPUs per node, at most ep=8)")
+
+
+def test_plan_json_keeps_ranks_per_node_and_reads_older_plans() -> None:
+    plan = _plan(dispatch="hierarchical", ranks_per_node=2).unwrap()
+    assert ShardPlan.from_json(plan.to_json()) == plan
+    flat = _plan().unwrap()
+    doc = json.loads(flat.to_json())
+    for step in doc["plan"]["steps"]:  # a plan written before ranks_per_node existed
+        if step["record"] == "InstallDispatch":
+            del step["ranks_per_node"]
+    assert ShardPlan.from_json(json.dumps(doc)) == flat
+    doc["plan"]["steps"][0].pop("path")
+    with pytest.raises(PlanFormatError, match="missing \\['path'\\]"):
+        ShardPlan.from_json(json.dumps(doc))
