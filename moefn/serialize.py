@@ -19,6 +19,8 @@ from moefn.plan import STAGE_ORDER, ShardPlan
 
 FORMAT = "moefn.plan"
 VERSION = 1
+# fields added to a record after plans were first written: a plan without one reads its default
+ADDED_FIELDS: dict[str, frozenset[str]] = {"ContextParallelAttention": frozenset({"comm"})}
 
 
 def _encode(value: Any) -> Any:
@@ -93,11 +95,11 @@ def _decode_record(cls: type, data: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in attrs.fields(cls)}
     extra = set(data) - names - {"record"}
-    missing = names - set(data)
+    missing = names - set(data) - ADDED_FIELDS.get(cls.__name__, frozenset())
     if extra or missing:
         raise _Bad(where, f"fields differ (unexpected {sorted(extra)}, missing {sorted(missing)})",
                    cls.__name__)
-    kwargs = {n: _decode(hints[n], data[n], f"{where}.{n}") for n in names}
+    kwargs = {n: _decode(hints[n], data[n], f"{where}.{n}") for n in names if n in data}
     try:
         return cls(**kwargs)
     except PlanError as err:
