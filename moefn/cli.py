@@ -38,9 +38,10 @@ def _mesh_text(text: str) -> str:
 
 
 AC_MODES = ("none", "full", "router", "selective")
+CP_COMMS = ("all_gather", "p2p")  # moefn.plan.CP_COMMS (not imported: the CLI starts without torch)
 LAYOUT_OPTIONS: dict[str, tuple[str, ...] | None] = {
     "ac": AC_MODES, "dispatch": ("all_to_all", "all_gather"), "precision": tuple(_DTYPES),
-    "seq_len": None, "rows": None}  # None: a whole number of at least 1
+    "cp_comm": CP_COMMS, "seq_len": None, "rows": None}  # None: a whole number of at least 1
 
 
 def _layout_text(text: str) -> tuple[str, dict[str, str | int]]:
@@ -101,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
                              "LAYOUT_B; each is MESH[:option=value,...] with options "
                              f"{', '.join(LAYOUT_OPTIONS)} (e.g. dp_shard=8,ep=4:ac=full)")
     plan.add_argument("--dispatch", choices=("all_to_all", "all_gather"), default="all_to_all")
+    plan.add_argument("--cp-comm", choices=CP_COMMS, default="all_gather",
+                      help="how context parallelism moves K/V: all_gather, or p2p (ring: "
+                           "K/V memory O(seq/cp))")
     plan.add_argument("--precision", "--param-dtype", dest="precision", choices=tuple(_DTYPES),
                       default="bf16", help="dtype FSDP gathers parameters in and computes with")
     plan.add_argument("--master-dtype", choices=tuple(_DTYPES), default=None,
@@ -228,7 +232,7 @@ def _build_plan(layout: argparse.Namespace) -> ShardPlan:
         model = _model_builder(layout)()
     stages: list[Stage] = []
     if mesh.cp > 1:
-        stages.append(plan_cp(seq_len=layout.seq_len))
+        stages.append(plan_cp(seq_len=layout.seq_len, comm=layout.cp_comm))
     if mesh.ep > 1:
         stages.append(plan_ep(dispatch=layout.dispatch))
     if layout.ac != "none":
@@ -270,7 +274,9 @@ def _plan_command(args: argparse.Namespace) -> int:
         return _compare_command(args)
     import attrs
 
-    from moefn.estimate import estimate
+    from moefn.comm import DTYPE_BYTES
+    from moefn.cp_memory import cp_kv_bytes
+    from moefn.estimate import _activation_dtype, estimate
     from moefn.layout import param_layouts
     from moefn.mesh import MeshSpec
 
@@ -298,13 +304,20 @@ def _plan_command(args: argparse.Namespace) -> int:
         tokens = _tokens_per_rank(layout)
         est = estimate(plan, rank=0, tokens_per_rank=tokens, top_k=args.top_k,
                        optimizer=args.optimizer)
+        kv_held = cp_kv_bytes(plan, tokens, DTYPE_BYTES[_activation_dtype(plan)])
         memory = {"rank": 0, "params": dict(est.memory.params), "grads": dict(est.memory.grads),
                   "optimizer": dict(est.memory.optimizer), "optimizer_name": args.optimizer,
                   "dtypes": dict(est.memory.dtypes),
                   "total": est.memory.total,
-                  "gathered_peak": est.memory.gathered_peak}
+                  "gathered_peak": est.memory.gathered_peak,
+                  "cp_kv_bytes": kv_held}
         comm = [attrs.asdict(c) for c in est.comm]
-        text = "\n".join([plan.diff(), "", _memory_table(est, args.optimizer), "", _comm_table(est)])
+        memory_text = _memory_table(est, args.optimizer)
+        if kv_held:
+            from moefn.render import format_bytes
+
+            memory_text += f"\ncp K/V held per attention ({layout.cp_comm}): {format_bytes(kv_held)}"
+        text = "\n".join([plan.diff(), "", memory_text, "", _comm_table(est)])
         if args.simulate:
             from moefn.simulate import simulate
 

@@ -109,7 +109,7 @@ def _pack(*tensors: Tensor) -> Tensor:
 
 
 def _unpack(flat: Tensor, shapes: tuple[torch.Size, ...]) -> list[Tensor]:
-    parts = flat.split([shape.numel() for shape in shapes])
+    parts = torch.split(flat, [shape.numel() for shape in shapes])
     return [part.view(shape) for part, shape in zip(parts, shapes, strict=True)]
 
 
@@ -157,6 +157,11 @@ class _Blocks:
         return q_pos[:, None, None, :, None] >= k_pos[:, None, None, None, :]
 
 
+def _grouped(t: Tensor, kv_heads: int) -> Tensor:
+    """``[B, Hq, S, D]`` → ``[B, Hkv, g, S, D]`` (query head h uses KV head h // g)."""
+    return t.reshape(t.shape[0], kv_heads, -1, *t.shape[2:])
+
+
 def _halves(t: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     first, second = t.chunk(2, dim=dim)
     return first, second
@@ -171,7 +176,7 @@ class RingAttention(torch.autograd.Function):
         ring = None if group is None else _Ring(group)
         cp, me = (1, 0) if ring is None else (ring.size, ring.rank)
         blocks = _Blocks(positions, cp, me, q.shape[2])
-        qf = q.float().unflatten(1, (k.shape[1], -1))  # [B,Hkv,g,S,D]
+        qf = _grouped(q.float(), k.shape[1])
         q_halves = _halves(qf, 3)
         outs = [h.new_zeros((*h.shape[:-1], v.shape[-1])) for h in q_halves]
         lses = [h.new_full(h.shape[:-1], float("-inf")) for h in q_halves]
@@ -198,8 +203,8 @@ class RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         blocks, ring, scale = ctx.blocks, ctx.ring, ctx.scale
         cp, me = (1, 0) if ring is None else (ring.size, ring.rank)
-        qf = q.float().unflatten(1, (k.shape[1], -1))
-        dout = grad.float().unflatten(1, (k.shape[1], -1))
+        qf = _grouped(q.float(), k.shape[1])
+        dout = _grouped(grad.float(), k.shape[1])
         delta = (dout * out).sum(-1)
         q_h, dout_h, lse_h, delta_h = (_halves(t, 3) for t in (qf, dout, lse, delta))
         dq = [torch.zeros_like(h) for h in q_h]
@@ -250,8 +255,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor, causal
     positions = None
     if causal:
         positions = position_ids if group is None else _gather_positions(position_ids, group)
-    out: Tensor = RingAttention.apply(q, k, v, positions, group,
-                                      q.shape[-1] ** -0.5 if scale is None else scale)
+    out: Tensor = RingAttention.apply(  # type: ignore[no-untyped-call]
+        q, k, v, positions, group, q.shape[-1] ** -0.5 if scale is None else scale)
     return out
 
 
