@@ -42,9 +42,10 @@ def _mesh_text(text: str) -> str:
 
 
 AC_MODES = ("none", "full", "router", "selective")
+CP_COMMS = ("all_gather", "p2p")  # moefn.plan.CP_COMMS (not imported: the CLI starts without torch)
 LAYOUT_OPTIONS: dict[str, tuple[str, ...] | None] = {
     "ac": AC_MODES, "dispatch": ("all_to_all", "all_gather"), "precision": tuple(_DTYPES),
-    "seq_len": None, "rows": None}  # None: a whole number of at least 1
+    "cp_comm": CP_COMMS, "seq_len": None, "rows": None}  # None: a whole number of at least 1
 
 
 def _layout_text(text: str) -> tuple[str, dict[str, str | int]]:
@@ -137,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
                              "LAYOUT_B; each is MESH[:option=value,...] with options "
                              f"{', '.join(LAYOUT_OPTIONS)} (e.g. dp_shard=8,ep=4:ac=full)")
     plan.add_argument("--dispatch", choices=("all_to_all", "all_gather"), default="all_to_all")
+    plan.add_argument("--cp-comm", choices=CP_COMMS, default="all_gather",
+                      help="how context parallelism moves K/V: all_gather, or p2p (ring: "
+                           "K/V memory O(seq/cp))")
     plan.add_argument("--precision", "--param-dtype", dest="precision", choices=tuple(_DTYPES),
                       default="bf16", help="dtype FSDP gathers parameters in and computes with")
     plan.add_argument("--master-dtype", choices=tuple(_DTYPES), default=None,
@@ -298,7 +302,7 @@ def _build_plan(layout: argparse.Namespace) -> ShardPlan:
         model = _model_builder(layout)()
     stages: list[Stage] = []
     if mesh.cp > 1:
-        stages.append(plan_cp(seq_len=layout.seq_len))
+        stages.append(plan_cp(seq_len=layout.seq_len, comm=layout.cp_comm))
     if mesh.ep > 1:
         stages.append(plan_ep(dispatch=layout.dispatch))
     if layout.ac != "none":
@@ -416,9 +420,11 @@ def _compare_command(args: argparse.Namespace) -> int:
 def _plan_command(args: argparse.Namespace) -> int:
     if args.compare:
         return _compare_command(args)
-    from moefn.analyse.estimate import estimate
+    from moefn.analyse.comm import DTYPE_BYTES
+    from moefn.analyse.cp_memory import cp_kv_bytes
+    from moefn.analyse.estimate import _activation_dtype
     from moefn.analyse.layout import param_layouts
-    from moefn.analyse.render import diff
+    from moefn.analyse.render import diff, format_bytes
     from moefn.plan.mesh import MeshSpec
     from moefn.plan.serialize import to_json
 
@@ -445,15 +451,21 @@ def _plan_command(args: argparse.Namespace) -> int:
                   for name, layout in param_layouts(plan).items()}
         tokens = _tokens_per_rank(layout)
         est = _peak_estimate(plan, layout)
+        kv_held = cp_kv_bytes(plan, tokens, DTYPE_BYTES[_activation_dtype(plan)])
         memory = {"rank": est.rank, "params": dict(est.memory.params), "grads": dict(est.memory.grads),
                   "optimizer": dict(est.memory.optimizer), "optimizer_name": args.optimizer,
                   "dtypes": dict(est.memory.dtypes),
                   "total": est.memory.total,
                   "gathered_peak": est.memory.gathered_peak,
                   "peak": est.peak, "peak_rank": est.rank,
-                  "activations": dict(est.activations.parts) if est.activations else {}}
+                  "activations": dict(est.activations.parts) if est.activations else {},
+                  "cp_kv_bytes": kv_held}
         comm = [attrs.asdict(c) for c in est.comm]
-        text = "\n".join([diff(plan), "", _memory_table(est, args.optimizer), "",
+        memory_text = _memory_table(est, args.optimizer)
+        if kv_held:
+            memory_text += (f"\ncp K/V held per attention ({layout.cp_comm}): "
+                            f"{format_bytes(kv_held)}")
+        text = "\n".join([diff(plan), "", memory_text, "",
                           _activation_table(est, layout), "", _comm_table(est)])
         problems = _fit_problems(layout, est)
         if problems:

@@ -17,7 +17,10 @@ measure `moefn.analyse.ledger.CommLedger` counts on a real run (all-gather and r
   (`moefn.analyse.dispatch_rows`). The all-gather dispatcher gathers tokens with their weights and
   routing, and reduce-scatters results. Backward repeats the row exchanges for gradients.
 - CP: each attention all-gathers K and V (and the global positions when causal), and
-  reduce-scatters their gradients; realize's input check (``check_inputs=True``, the default)
+  reduce-scatters their gradients; or, with the ring (``comm="p2p"``), all-gathers only the
+  positions (causal) and sends K/V blocks ``cp−1`` times in forward and again in backward,
+  where each block's dK/dV accumulator (fp32) follows it ``cp`` times back to its owner (every
+  send has its receive on the same rank: `ring_comm`); realize's input check (``check_inputs=True``, the default)
   all-gathers a 200-byte shape signature over ``cp`` once per forward.
 - A block checkpointed in "full" or "router" mode runs its forward collectives again in
   backward (EP and CP; FSDP units are not gathered again), up to the last one whose result
@@ -61,7 +64,7 @@ from moefn.plan.records import (
 MAX_TENSORS = 8  # tensor arguments realize's input check compares (a forward rarely takes more)
 SIGNATURE_BYTES = 8 * (1 + 3 * MAX_TENSORS)  # its all-gather: int64 count, (ndim, dim 0, dim 1) each
 
-Op = Literal["all_gather", "reduce_scatter", "all_reduce", "all_to_all"]
+Op = Literal["all_gather", "reduce_scatter", "all_reduce", "all_to_all", "send", "recv"]
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8,
                                "int64": 8, "int32": 4, "int8": 1, "uint8": 1}
 _INDEX_BYTES = 8  # routing counts, expert indices and positions travel as int64
@@ -239,6 +242,27 @@ def _ep(plan: ShardPlan, tokens: int, top_k: int, hidden: int, act: int, rank: i
     return out
 
 
+def ring_comm(kv: int, tokens: int, cp: int, causal: bool, forwards: int, act: int,
+              axes: tuple[Axis, ...]) -> list[Comm]:
+    """One ring attention's step: ``kv`` bytes of local K+V, ``tokens`` local tokens, its forward
+    run ``forwards`` times (2 under full/router recompute); dK/dV travel in fp32.
+
+    >>> [(c.op, c.calls, c.sent, c.received)
+    ...  for c in ring_comm(kv=100, tokens=5, cp=4, causal=True, forwards=1, act=2, axes=("cp",))]
+    [('all_gather', 1, 120, 120), ('send', 10, 1400, 0), ('recv', 10, 0, 1400)]
+    """
+    grads = kv // act * 4
+    sends = (forwards + 1) * (cp - 1)
+    moved = sends * kv + cp * grads
+    out = [_traffic("cp ring positions all-gather", "all_gather", axes, forwards,
+                    forwards * tokens * _INDEX_BYTES * (cp - 1), 0)] if causal else []
+    return [*out,
+            Comm(collective="cp ring K/V (+dK/dV) send", op="send", axes=axes,
+                 calls=sends + cp, sent=moved, received=0, lower_bound=2 * kv * (cp - 1)),
+            Comm(collective="cp ring K/V (+dK/dV) receive", op="recv", axes=axes,
+                 calls=sends + cp, sent=0, received=moved, lower_bound=0)]
+
+
 def _cp(plan: ShardPlan, tokens: int, act: int) -> list[Comm]:
     out = []
     for step in plan.steps_of(ContextParallelAttention):
@@ -248,6 +272,9 @@ def _cp(plan: ShardPlan, tokens: int, act: int) -> list[Comm]:
         kv = 2 * tokens * int(heads.fact("n_kv_heads")) * int(heads.fact("head_dim")) * act
         gathered = kv * (cp - 1) + (tokens * _INDEX_BYTES * (cp - 1) if causal else 0)
         forwards = 2 if _recomputed(plan, step.path) else 1
+        if step.comm == "p2p":
+            out += ring_comm(kv, tokens, cp, causal, forwards, act, axes)
+            continue
         out.append(_traffic("cp K/V all-gather", "all_gather", axes, forwards * (2 + causal),
                             forwards * gathered, kv * (cp - 1)))
         out.append(_traffic("cp K/V gradient reduce-scatter", "reduce_scatter", axes, 2,

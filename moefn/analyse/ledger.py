@@ -8,7 +8,8 @@ process group's ranks, with the logical payload this rank sends and receives:
 - reduce-scatter to an ``s``-byte shard: ``s·(n−1)`` each way (each peer's part);
 - all-to-all: the input less the rows kept for itself is sent, the output less those received;
 - all-reduce of ``b`` bytes: ``2·b·(n−1)//n`` each way (a reduce-scatter, then an all-gather);
-- broadcast of ``b`` bytes: ``b·(n−1)`` sent by the source, ``b`` received by the others.
+- broadcast of ``b`` bytes: ``b·(n−1)`` sent by the source, ``b`` received by the others;
+- point-to-point send / receive of ``b`` bytes: ``b`` sent (kind "send") / received ("recv").
 
 Padding (FSDP pads each shard to equal size) is part of the payload, as it is on the wire.
 
@@ -114,6 +115,11 @@ def _traffic(name: str, args: Sequence[Any], out: Any) -> tuple[str, dist.Proces
         size, n = _total(tensors), group.size()
         mine = group.rank() == source
         return "broadcast", group, Traffic(1, size * (n - 1) if mine else 0, 0 if mine else size)
+    if name in ("send", "recv_"):
+        group, size = _group(args[1]), _total(args[0])
+        if name == "send":
+            return "send", group, Traffic(1, size, 0)
+        return "recv", group, Traffic(1, 0, size)
     raise NotImplementedError(f"CommLedger does not count {name}")
 
 

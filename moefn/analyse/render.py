@@ -55,7 +55,8 @@ def _step_text(step: Step, mesh: MeshSpec) -> tuple[str, str]:
         return "+", f"checkpoint mode={step.mode}"
     if isinstance(step, ContextParallelAttention):
         seq = f", seq_len {step.seq_len}" if step.seq_len else ""
-        return "+", f"all-gather K/V over {_axes(step.mesh_dims, mesh)}, {step.layout} layout{seq}"
+        how = "all-gather K/V" if step.comm == "all_gather" else "ring (p2p) K/V"
+        return "+", f"{how} over {_axes(step.mesh_dims, mesh)}, {step.layout} layout{seq}"
     placements = ", ".join(f"{p}@{d}" for d, p in zip(step.mesh_dims, step.placements,
                                                       strict=True))
     return "~", f"distribute {', '.join(step.params)} → {placements}"

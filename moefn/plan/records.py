@@ -2,7 +2,8 @@
 
 Step kinds, in the order realize applies them (CP → EP → AC → FSDP):
 
-- `ContextParallelAttention`: a core attention all-gathers K/V over ``cp`` (head-tail layout);
+- `ContextParallelAttention`: a core attention sees the whole sequence's K/V over ``cp``
+  (head-tail layout), all-gathered or passed around the ring (``comm="p2p"``);
 - `DistributeParams`: parameters of a module become DTensors with placements on mesh axes;
 - `InstallDispatch`: an experts module sends tokens to the ranks that own their experts;
 - `SyncGradients`: gradients of a module all-reduce (sum) over data-parallel axes, without FSDP;
@@ -46,13 +47,21 @@ class Replicate:
 Placement = Shard | Replicate
 
 
+CpComm = Literal["all_gather", "p2p"]
+CP_COMMS: tuple[CpComm, ...] = ("all_gather", "p2p")
+
+
 @frozen(kw_only=True)
 class ContextParallelAttention:
+    """``comm``: K/V all-gathered (``"all_gather"``) or sent block by block around the cp ring
+    (``"p2p"``)."""
+
     stage: StageName
     path: str
     mesh_dims: tuple[Axis, ...]
     layout: Literal["head_tail"] = "head_tail"
     seq_len: int | None = None
+    comm: CpComm = "all_gather"
 
 
 @frozen(kw_only=True)

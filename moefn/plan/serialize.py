@@ -25,7 +25,8 @@ FORMAT = "moefn.plan"
 VERSION = 1
 # fields added since plans of this version were first written (each has a default), by record:
 # an older plan without them still reads
-ADDED_FIELDS: dict[str, set[str]] = {"InstallDispatch": {"ranks_per_node"}}
+ADDED_FIELDS: dict[str, set[str]] = {"InstallDispatch": {"ranks_per_node"},
+                                     "ContextParallelAttention": {"comm"}}
 
 
 def _encode(value: Any) -> Any:

@@ -45,13 +45,15 @@ def to_dtensor_placement(placement: Placement) -> DPlacement:
 def apply_context_parallel(step: ContextParallelAttention, module: nn.Module,
                            meshes: DeviceMeshes) -> None:
     from moefn.realize.context_parallel import AllGatherKVAttention
+    from moefn.realize.ring_attention import RingKVAttention
 
     if is_transformers_module(module):  # through transformers' attention registry
         from moefn.adapters.transformers.attention import install_context_parallel
 
-        install_context_parallel(module, meshes.group(step.mesh_dims))
+        install_context_parallel(module, meshes.group(step.mesh_dims), step.comm)
         return
-    setattr(module, "impl", AllGatherKVAttention(meshes.group(step.mesh_dims)))
+    kind = RingKVAttention if step.comm == "p2p" else AllGatherKVAttention
+    setattr(module, "impl", kind(meshes.group(step.mesh_dims)))
 
 
 def apply_distribute(step: DistributeParams, module: nn.Module, meshes: DeviceMeshes) -> None:

@@ -6,7 +6,8 @@ global positions). `install_context_parallel` gives one attention module a cp pr
 switches the model's config to ``"moefn"``. The function keeps this rank's queries, all-gathers
 keys, values and their ``position_ids`` over the cp group (an autograd all-gather: gradients
 reduce-scatter back) before grouped KV heads are expanded, and masks causally by global
-position, so the head-tail layout of `moefn.train.local_batch` works. Modules without a cp group
+position, so the head-tail layout of `moefn.train.local_batch` works; with ``comm="p2p"`` the
+K/V blocks travel the cp ring instead (`moefn.realize.ring_attention`). Modules without a cp group
 attend locally the same way. Call the model with ``position_ids`` (global positions) and
 ``use_cache=False``; padding masks are refused (use ``-100`` labels for padding instead), and
 packed sequences are not supported.
@@ -22,10 +23,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from moefn.plan.records import CpComm
 from moefn.realize.context_parallel import attend_all_gathered
+from moefn.realize.ring_attention import ring_attention
 
 IMPLEMENTATION = "moefn"
 CP_GROUP = "moefn_cp_group"
+CP_COMM = "moefn_cp_comm"
 
 
 def moefn_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -44,9 +48,15 @@ def moefn_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value
         raise ValueError("moefn attention needs the global position_ids: call the model with "
                          "position_ids=...")
     position_ids = position_ids.expand(query.shape[0], -1)
-    out = attend_all_gathered(query, key, value, position_ids, bool(getattr(module, "is_causal", True)),
-                              getattr(module, CP_GROUP, None), scaling,
-                              dropout if module.training else 0.0)
+    causal, group = bool(getattr(module, "is_causal", True)), getattr(module, CP_GROUP, None)
+    dropout = dropout if module.training else 0.0
+    if getattr(module, CP_COMM, "all_gather") == "p2p":
+        if dropout:
+            raise ValueError("ring (p2p) attention has no dropout; set attention_dropout=0")
+        out = ring_attention(query, key, value, position_ids, causal, group, scaling)
+    else:
+        out = attend_all_gathered(query, key, value, position_ids, causal, group, scaling,
+                                  dropout)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -67,8 +77,10 @@ def register() -> None:
     AttentionMaskInterface.register(IMPLEMENTATION, moefn_mask)
 
 
-def install_context_parallel(module: nn.Module, group: dist.ProcessGroup) -> None:
-    """Make ``module`` (a transformers attention) context-parallel over ``group``.
+def install_context_parallel(module: nn.Module, group: dist.ProcessGroup,
+                             comm: CpComm = "all_gather") -> None:
+    """Make ``module`` (a transformers attention) context-parallel over ``group``, its K/V
+    all-gathered or (``comm="p2p"``) passed around the ring.
 
     The switch to ``"moefn"`` is on the module's config (shared by the whole model, as
     ``model.set_attn_implementation`` does).
@@ -78,4 +90,5 @@ def install_context_parallel(module: nn.Module, group: dist.ProcessGroup) -> Non
     if config is None:
         raise ValueError(f"{type(module).__name__} has no config: not a transformers attention")
     setattr(module, CP_GROUP, group)
+    setattr(module, CP_COMM, comm)
     config._attn_implementation_internal = IMPLEMENTATION

@@ -16,10 +16,10 @@ from typing import Literal
 from returns.result import Failure, Success
 
 from moefn.plan.arguments import shown
-from moefn.plan.compose import PlanResult, Stage
 from moefn.plan.errors import ArgumentTypeError, PlanError, Problem
 from moefn.plan.mesh import MeshSpec
-from moefn.plan.records import Checkpoint, ShardPlan
+from moefn.plan.records import Checkpoint, ContextParallelAttention, ShardPlan
+from moefn.plan.compose import PlanResult, Stage
 from moefn.plan.stages.common import already_parallel_problems, check_stage_mesh
 
 Mode = Literal["router", "full", "selective", "none"]
@@ -52,6 +52,13 @@ def plan_ac(mode: Mode = "router", skip: tuple[str, ...] = (), every: int = 1,
         elif every < 1:
             problems.append(Problem(path="", message="every must be at least 1",
                                     value=str(every), fix="use every=1 for all blocks"))
+        if mode == "selective" and any(s.comm == "p2p"
+                                        for s in plan.steps_of(ContextParallelAttention)):
+            problems.append(Problem(
+                path="", message="selective checkpointing cannot save ring attention (its "
+                "point-to-point sends run inside an autograd function, not as one savable op)",
+                value='mode="selective" with plan_cp(comm="p2p")',
+                fix='use mode="router" or "full", or plan_cp(comm="all_gather")'))
         blocks = plan.model.paths_with("block")
         problems += [Problem(path=glob, message="skip pattern matches no block", value=repr(glob),
                              fix=f"use block paths such as {blocks[:2]}")

@@ -1,9 +1,11 @@
-"""plan_cp: every core attention keeps its own queries and all-gathers keys/values over ``cp``.
+"""plan_cp: every core attention keeps its own queries and sees every key/value over ``cp``.
 
 The sequence is split head-tail (cp rank i holds chunks i and 2·cp−1−i of 2·cp) so causal work
-is even; `moefn.train.local_batch` cuts a batch that way.
+is even; `moefn.train.local_batch` cuts a batch that way. ``comm`` says how keys/values travel:
+``"all_gather"`` (default) gathers the whole sequence's K/V on every rank; ``"p2p"`` passes K/V
+blocks around the cp ring, so a rank holds its own block and one incoming (O(seq/cp) memory).
 
->>> plan_cp(seq_len=4096).name
+>>> plan_cp(seq_len=4096, comm="p2p").name
 'cp'
 """
 
@@ -11,10 +13,10 @@ from __future__ import annotations
 
 from returns.result import Failure, Success
 
-from moefn.plan.compose import PlanResult, Stage
 from moefn.plan.errors import PlanError, Problem
 from moefn.plan.mesh import MeshSpec
-from moefn.plan.records import ContextParallelAttention, ShardPlan, Step
+from moefn.plan.records import CP_COMMS, ContextParallelAttention, CpComm, ShardPlan, Step
+from moefn.plan.compose import PlanResult, Stage
 from moefn.plan.stages.common import (
     already_parallel_problems,
     check_stage_mesh,
@@ -33,12 +35,18 @@ def head_tail_lengths(seq_len: int, cp: int) -> str:
     return " or ".join(str(n) for n in (lower, lower + 2 * cp) if n > 0)
 
 
-def plan_cp(seq_len: int | None = None, mesh: MeshSpec | None = None) -> Stage:
-    """Context parallel attention on the ``cp`` axis; ``seq_len`` (if known) is checked now."""
+def plan_cp(seq_len: int | None = None, mesh: MeshSpec | None = None,
+            comm: CpComm = "all_gather") -> Stage:
+    """Context parallel attention on the ``cp`` axis; ``seq_len`` (if known) is checked now;
+    ``comm`` is ``"all_gather"`` or ``"p2p"`` (ring)."""
     check_stage_mesh(mesh)
 
     def run(plan: ShardPlan) -> PlanResult:
         problems = already_parallel_problems(plan)
+        if comm not in CP_COMMS:
+            problems.append(Problem(path="", message="unknown context-parallel communication",
+                                    value=f"comm={comm!r}",
+                                    fix='use comm="all_gather" or comm="p2p" (ring)'))
         cp = plan.mesh.cp
         if cp == 1:
             problems.append(Problem(path="mesh", message="plan_cp needs a cp axis larger than 1",
@@ -64,7 +72,8 @@ def plan_cp(seq_len: int | None = None, mesh: MeshSpec | None = None) -> Stage:
         if problems:
             return Failure(PlanError(problems))
         steps: list[Step] = [ContextParallelAttention(stage="cp", path=p, mesh_dims=("cp",),
-                                                      seq_len=seq_len) for p in targets]
+                                                      seq_len=seq_len, comm=comm)
+                             for p in targets]
         placed = without_gradient_sync(plan).add_steps(steps)
         return Success(placed.add_steps(gradient_sync(placed, "cp")).with_stage("cp"))
 
