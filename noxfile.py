@@ -1,4 +1,4 @@
-"""Sessions: tests, tests_slow, typecheck, lint, demo, demo_cuda (torchrun on GPUs), bench."""
+"""Sessions: tests, tests_slow, typecheck, lint, demo, demo_cuda (torchrun on GPUs), bench, models."""
 
 from __future__ import annotations
 
@@ -51,3 +51,11 @@ def demo_cuda(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     session.install(*INSTALL, ".[dev,hf]")
     session.run("python", "-m", "benchmarks.run", *session.posargs)
+
+
+@nox.session
+def models(session: nox.Session) -> None:
+    """Rewrite docs/models.md with numerics: every family that plans, on 4 gloo ranks vs one
+    process (``nox -s models -- mixtral olmoe`` for some); minutes per family on 2 cores."""
+    session.install(*INSTALL, ".[dev,hf]")
+    session.run("python", "-m", "tests.models_numerics", *session.posargs)
