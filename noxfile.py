@@ -1,4 +1,4 @@
-"""Sessions: tests, tests_slow, typecheck, lint, demo, demo_cuda (torchrun on GPUs), bench, memory."""
+"""Sessions: tests, tests_slow, typecheck, lint, demo, demo_cuda (torchrun on GPUs), bench, memory, models."""
 
 from __future__ import annotations
 
@@ -59,3 +59,11 @@ def memory(session: nox.Session) -> None:
     the table goes into docs/memory.md."""
     session.install(*INSTALL, ".[dev,hf]")
     session.run("python", "-m", "tests.memory_runs", "docs/memory.md")
+
+
+@nox.session
+def models(session: nox.Session) -> None:
+    """Rewrite docs/models.md with numerics: every family that plans, on 4 gloo ranks vs one
+    process (``nox -s models -- mixtral olmoe`` for some); minutes per family on 2 cores."""
+    session.install(*INSTALL, ".[dev,hf]")
+    session.run("python", "-m", "tests.models_numerics", *session.posargs)

@@ -86,11 +86,13 @@ def build_hf(family: str, seed: int = 0, device: str | None = None, **extra: Any
     """A tiny seeded fp32 transformers model; routers get std 1/√H so routing is decisive."""
     from transformers import AutoModelForCausalLM
 
+    from moefn.adapters.transformers.catalogue import tiny_config
     from moefn.plan.hf_roles import routers_in
 
-    config = CONFIGS[family](**extra)
+    # the suite's hand-made configs; any other family: docs/models.md's tiny config, eager
+    config = CONFIGS[family](**extra) if family in CONFIGS else tiny_config(family, **extra)
     torch.manual_seed(seed)
-    attn = "eager" if family in EAGER_ONLY else "sdpa"
+    attn = "sdpa" if family in CONFIGS and family not in EAGER_ONLY else "eager"
     if device is not None:
         with torch.device(device):
             return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)

@@ -153,7 +153,8 @@ def inspect_model(model: nn.Module) -> ModelSpec:
     if recognition is None:
         raise PlanError.single(
             "", "unrecognised model architecture", type(model).__name__,
-            f"use a supported model (recognisers tried: {', '.join(tried)}); see docs/models.md")
+            f"use a supported model (recognisers tried: {', '.join(tried)}); docs/models.md lists "
+            "every transformers MoE family and what moefn plans of each")
     modules = tuple(
         ModuleInfo(path=path, cls=type(module).__name__,
                    roles=tuple(sorted(recognition.roles.get(path, ()))),
