@@ -26,8 +26,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
 
-RECYCLE_THREADS = 60  # a worker above this is replaced (each gloo group holds 3 threads)
-MAX_THREADS = 100  # a case that ever holds more fails: its groups would load the machine
+RECYCLE_THREADS = 40  # a worker left with more after a case is replaced (a gloo group holds 3)
+MAX_THREADS = 160  # a case that ever holds more fails (torch keeps some gloo threads alive)
 _PEAK = [0]  # most threads this worker held at a release_groups() during the current case
 
 
@@ -129,6 +129,12 @@ class RankPool:
         if max(_threads(pid) for pid in self.pids) > RECYCLE_THREADS:
             self.close()  # groups torch still holds after release_groups: start afresh next run
         return [answers[r][1] for r in range(self.world_size)]
+
+    def each(self, fn: Callable[..., Any], cases: list[Any]) -> list[list[Any]]:
+        """Every rank's result of ``fn(rank, world, case)`` for each case, one `run` per case: a case
+        whose collectives leave gloo threads behind (torch keeps some after the groups are
+        destroyed) then starts the next in a fresh pool instead of adding to them."""
+        return [self.run(fn, case) for case in cases]
 
     def _answers(self) -> dict[int, tuple[str, Any]]:
         answers: dict[int, tuple[str, Any]] = {}

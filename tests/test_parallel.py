@@ -87,7 +87,7 @@ def test_auto_turns_on_the_stages_the_mesh_has(
 
 @pytest.mark.parametrize(("choices", "error", "words"), [
     ({"ep": {"dispatch": "all_gather", "dispatcher": 1}}, ArgumentTypeError,
-     ("ep", "unknown plan_ep option", "dispatcher", "use options among ('dispatch',)")),
+     ("ep", "unknown plan_ep option", "dispatcher", "use options among ('dispatch', ")),
     ({"fsdp": "yes"}, ArgumentTypeError, ("fsdp", "'yes'", "fsdp=True")),
     ({"ac": "sometimes"}, ArgumentTypeError, ("ac", "a mode", "'sometimes'")),
     ({"ep": {"dispatch": "broadcast"}}, PlanError, ("unknown dispatch", "'broadcast'")),

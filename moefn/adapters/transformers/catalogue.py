@@ -35,7 +35,7 @@ from moefn.plan.errors import PlanError
 from moefn.plan.mesh import MeshSpec
 from moefn.plan.stages import plan_ac, plan_cp, plan_ep, plan_fsdp
 
-DOC = Path(__file__).parents[2] / "docs" / "models.md"
+DOC = Path(__file__).parents[3] / "docs" / "models.md"
 COMMAND = "python -m moefn.adapters.transformers.catalogue"
 EP_MESH = "dp_shard=4,ep=2"
 CP_MESH = "dp_shard=2,cp=2"
