@@ -130,12 +130,6 @@ class RankPool:
             self.close()  # groups torch still holds after release_groups: start afresh next run
         return [answers[r][1] for r in range(self.world_size)]
 
-    def each(self, fn: Callable[..., Any], cases: list[Any]) -> list[list[Any]]:
-        """Every rank's result of ``fn(rank, world, case)`` for each case, one `run` per case: a case
-        whose collectives leave gloo threads behind (torch keeps some after the groups are
-        destroyed) then starts the next in a fresh pool instead of adding to them."""
-        return [self.run(fn, case) for case in cases]
-
     def _answers(self) -> dict[int, tuple[str, Any]]:
         answers: dict[int, tuple[str, Any]] = {}
         deadline = time.monotonic() + self.timeout  # one deadline for all ranks

@@ -45,6 +45,10 @@ def ep(dispatch: str = "all_to_all") -> tuple[str, tuple[tuple[str, Any], ...]]:
     return ("ep", (("dispatch", dispatch),))
 
 
+def _parities(rank: int, world: int, cases: list[Case]) -> list[dict[str, Any]]:
+    return [run_parity(rank, world, case) for case in cases]
+
+
 def _full(t: Tensor) -> Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
@@ -72,7 +76,7 @@ EXPERT_SCALING = {
 
 def test_expert_gradients_use_the_full_data_parallel_degree(
         ranks: Callable[[int], RankPool]) -> None:
-    results = [r[0] for r in ranks(WORLD).each(run_parity, list(EXPERT_SCALING.values()))]
+    results = ranks(WORLD).run(_parities, list(EXPERT_SCALING.values()))[0]
     for name, result in zip(EXPERT_SCALING, results, strict=True):
         experts = {n: e for n, e in result["grad_errors"].items() if n.endswith(("gate_up", "down"))}
         assert experts, name
@@ -262,7 +266,7 @@ ALL_GATHER = {
 
 def test_routing_weights_get_gradients_through_all_gather_dispatch(
         ranks: Callable[[int], RankPool]) -> None:
-    results = [r[0] for r in ranks(WORLD).each(run_parity, list(ALL_GATHER.values()))]
+    results = ranks(WORLD).run(_parities, list(ALL_GATHER.values()))[0]
     for name, result in zip(ALL_GATHER, results, strict=True):
         routers = {n: e for n, e in result["grad_errors"].items() if n.endswith("router.weight")}
         assert routers, name
@@ -390,28 +394,30 @@ STAGE_FACTORIES: dict[str, Callable[..., Stage]] = {
     "cp": plan_cp, "ep": plan_ep, "ac": plan_ac, "fsdp": plan_fsdp}
 
 
-def _checkpoint_keys(rank: int, world: int, name: str) -> list[str]:
-    mesh_text, stages = LAYOUTS[name]
-    torch.manual_seed(0)
-    plain = MoETransformer(get_preset("tiny-full"))
-    model = copy.deepcopy(plain)
-    mesh = MeshSpec.parse(mesh_text)
-    planned = compose(*(STAGE_FACTORIES[s](**dict(o)) for s, o in stages))(model, mesh)
-    realize(planned.unwrap(), model, build_device_meshes(mesh, "cpu"))
-    want, got = plain.state_dict(), model.state_dict()
-    found = sorted(set(want) ^ set(got))
-    found += [f"param name {n}" for n in {n for n, _ in plain.named_parameters()}
-              ^ {n for n, _ in model.named_parameters()}]
-    # the same keys hold the same full values: a checkpoint moves between layouts
-    found += [f"value {k}" for k in sorted(set(want) & set(got))
-              if got[k].dtype != want[k].dtype or not torch.equal(_full(got[k]), want[k])]
-    return found
+def _checkpoint_keys(rank: int, world: int) -> dict[str, list[str]]:
+    problems: dict[str, list[str]] = {}
+    for name, (mesh_text, stages) in LAYOUTS.items():
+        torch.manual_seed(0)
+        plain = MoETransformer(get_preset("tiny-full"))
+        model = copy.deepcopy(plain)
+        mesh = MeshSpec.parse(mesh_text)
+        planned = compose(*(STAGE_FACTORIES[s](**dict(o)) for s, o in stages))(model, mesh)
+        realize(planned.unwrap(), model, build_device_meshes(mesh, "cpu"))
+        want, got = plain.state_dict(), model.state_dict()
+        found = sorted(set(want) ^ set(got))
+        found += [f"param name {n}" for n in {n for n, _ in plain.named_parameters()}
+                  ^ {n for n, _ in model.named_parameters()}]
+        # the same keys hold the same full values: a checkpoint moves between layouts
+        found += [f"value {k}" for k in sorted(set(want) & set(got))
+                  if got[k].dtype != want[k].dtype or not torch.equal(_full(got[k]), want[k])]
+        problems[name] = found
+    return problems
 
 
 def test_checkpoint_keys_and_values_do_not_depend_on_the_layout(
         ranks: Callable[[int], RankPool]) -> None:
-    found = dict(zip(LAYOUTS, ranks(WORLD).each(_checkpoint_keys, list(LAYOUTS)), strict=True))
-    assert found == {name: [[]] * WORLD for name in LAYOUTS}
+    for per_rank in ranks(WORLD).run(_checkpoint_keys):
+        assert per_rank == {name: [] for name in LAYOUTS}
 
 
 # ---------------------------------------------------------------------------------------------
