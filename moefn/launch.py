@@ -23,6 +23,20 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import HashStore
 
 
+def forget_dtensor_caches() -> None:
+    """Empty DTensor's sharding caches once their process groups are gone.
+
+    torch caches sharding results by mesh *value*: after a group is destroyed, a new mesh of the
+    same shape (a real world after a fake one, or a forked child of this process) would get the
+    cached mesh back, whose group no longer resolves ("Could not resolve the process group")."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
+
+    torch._C._clear_DTensor_sharding_propagator_cache()
+    DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
+    clear_redistribute_planner_cache()
+
+
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
@@ -37,6 +51,7 @@ def one_rank_group(backend: str = "gloo") -> Iterator[dist.ProcessGroup]:
         yield group
     finally:
         dist.destroy_process_group()
+        forget_dtensor_caches()
 
 
 @contextmanager
@@ -50,6 +65,7 @@ def fake_world(world_size: int, rank: int = 0) -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+        forget_dtensor_caches()
 
 
 def init_from_env() -> torch.device:
@@ -66,6 +82,7 @@ def init_from_env() -> torch.device:
 def _rank_main(rank: int, world: int, store_path: str, fn: Callable[..., Any],
                args: tuple[Any, ...], queue: Any) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    forget_dtensor_caches()  # the parent's, inherited through fork
     try:
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
                                 world_size=world)

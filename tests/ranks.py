@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
+
+from moefn.launch import forget_dtensor_caches
 
 RECYCLE_THREADS = 40  # a worker left with more after a case is replaced (a gloo group holds 3)
 MAX_THREADS = 160  # a case that ever holds more fails (torch keeps some gloo threads alive)
@@ -51,16 +51,13 @@ def release_groups() -> None:
     for group in list(dist.distributed_c10d._world.pg_map):
         if group is not world:
             dist.destroy_process_group(group)
-    # DTensor caches sharding results by mesh *value*: a cached spec would carry an old mesh
-    # whose groups are gone into the next case's equal-valued mesh
-    torch._C._clear_DTensor_sharding_propagator_cache()
-    DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
-    clear_redistribute_planner_cache()
+    forget_dtensor_caches()  # else the next case's equal-valued mesh gets these dead groups
     gc.collect()  # a realized model's hooks form reference cycles that keep its groups alive
 
 
 def _worker(rank: int, world_size: int, store_path: str, conn: Connection) -> None:
     torch.set_num_threads(1)
+    forget_dtensor_caches()  # inherited from the pytest process: its fake worlds' meshes
     os.environ["MOEFN_TEST_RANK"] = str(rank)
     store = dist.FileStore(store_path, world_size)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
