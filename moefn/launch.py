@@ -33,7 +33,8 @@ def forget_dtensor_caches() -> None:
     from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
 
     torch._C._clear_DTensor_sharding_propagator_cache()
-    DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
+    propagator = DTensor._op_dispatcher.sharding_propagator
+    propagator.propagate_op_sharding.cache_clear()  # type: ignore[no-untyped-call]
     clear_redistribute_planner_cache()
 
 
