@@ -78,6 +78,14 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _rank_list(text: str) -> tuple[int, ...]:
+    """--simulate-ranks: comma-separated rank numbers such as ``0,4095`` (else exit 2)."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isascii() and part.isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"expected ranks such as 0,4095, got {text!r}")
+    return tuple(sorted({int(part) for part in parts}))
+
+
 def _size(text: str) -> int:
     """--gpu-memory: a size such as 80GiB (else exit 2 naming the accepted units)."""
     from moefn.analyse.fit import parse_size
@@ -171,6 +179,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="experts per token for the comm estimate (default: the routers')")
     plan.add_argument("--simulate", action="store_true",
                       help="realize the plan for representative ranks on a fake process group")
+    plan.add_argument("--simulate-ranks", type=_rank_list, default=None, metavar="RANKS",
+                      help="simulate these ranks instead (e.g. 0,4095; implies --simulate); "
+                           "each realized rank checks every rank's shards")
     plan.add_argument("--json", action="store_true", help="one JSON object on stdout")
     demo = sub.add_parser("demo", help="train the small preset on N local ranks vs one process")
     demo.add_argument("--nproc", type=_local_ranks, default=4,
@@ -471,11 +482,12 @@ def _plan_command(args: argparse.Namespace) -> int:
         if problems:
             text += "\n\n" + "\n".join(f"{p['path'] or '(model)'}: {p['message']} (value: "
                                       f"{p['value']}) -- fix: {p['fix']}" for p in problems)
-        if args.simulate:
+        if args.simulate or args.simulate_ranks:
             from moefn.realize.simulate import simulate
 
             say = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
-            for r in simulate(plan, _model_builder(args), progress=say):
+            for r in simulate(plan, _model_builder(args), ranks=args.simulate_ranks,
+                              progress=say):
                 simulated.append({"rank": r.rank, "seconds": round(r.seconds, 2),
                                   "parameters_checked": r.parameters,
                                   "ranks_checked": r.ranks_checked})

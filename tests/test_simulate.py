@@ -12,9 +12,10 @@ from moefn.plan.mesh import MeshSpec
 from moefn.realize.simulate import representative_ranks
 
 
-def _simulate(model: str, mesh: str) -> dict[str, object]:
+def _simulate(model: str, mesh: str, *flags: str) -> dict[str, object]:
     out = subprocess.run([sys.executable, "-m", "moefn", "plan", "--model", model, "--mesh", mesh,
-                          "--simulate", "--json"], capture_output=True, text=True, timeout=1800)
+                          "--json", *(flags or ("--simulate",))], capture_output=True, text=True,
+                         timeout=1800)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     doc: dict[str, object] = json.loads(out.stdout)
     return doc
@@ -27,7 +28,7 @@ SLOW = pytest.mark.slow  # minutes each: `nox -s tests_slow`
     pytest.param("deepseek-v3", "dp_shard=1024,ep=64", marks=SLOW),
     pytest.param("qwen3-30b-a3b", "dp_shard=1024,ep=64", marks=SLOW),
     pytest.param("deepseek-v3", "dp_shard=4096,ep=64", marks=SLOW),  # MLA: 150 s
-    ("qwen3-30b-a3b", "dp_shard=4096,ep=64"),  # the one in the default run (~80 s)
+    pytest.param("qwen3-30b-a3b", "dp_shard=4096,ep=64", marks=SLOW),  # 3 ranks: ~80 s
 ])
 @pytest.mark.timeout(900)  # a 4096-rank world takes ~2 minutes on a quiet 2-core machine
 def test_simulated_ranks_hold_what_the_plan_says(model: str, mesh: str) -> None:
@@ -37,6 +38,28 @@ def test_simulated_ranks_hold_what_the_plan_says(model: str, mesh: str) -> None:
     spec = MeshSpec.parse(mesh)
     assert [s["rank"] for s in simulated] == list(representative_ranks(spec))
     assert all(s["ranks_checked"] == spec.world_size for s in simulated)  # every rank, by torch
+
+
+@pytest.mark.timeout(600)
+def test_one_chosen_rank_of_4096_checks_every_rank() -> None:
+    """The default run's 4096-rank case (~30 s): torch's fully_shard pads each parameter's
+    4096 chunks one tensor at a time, so each realized rank costs; one realized rank still checks
+    the shards of all 4096."""
+    doc = _simulate("qwen3-30b-a3b", "dp_shard=4096,ep=64", "--simulate-ranks", "4095")
+    assert doc["problems"] == []
+    assert [(s["rank"], s["ranks_checked"]) for s in doc["simulated"]] == [(4095, 4096)]
+
+
+@pytest.mark.parametrize(("ranks", "code", "words"), [
+    ("0,x", 2, "expected ranks such as 0,4095"),
+    ("-1", 2, "expected ranks such as 0,4095"),
+    ("8", 1, "use ranks in 0..3"),
+])
+def test_bad_simulate_ranks_are_refused(ranks: str, code: int, words: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "moefn", "plan", "--model", "tiny", "--mesh",
+                          "dp_shard=4,ep=2", "--simulate-ranks", ranks], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == code and words in out.stdout + out.stderr, out.stdout + out.stderr
 
 
 def test_a_layout_disagreement_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
