@@ -7,6 +7,11 @@ module-level function ``fn(rank, world_size, *args)``; results must be picklable
 or hanging case tears the pool down (the next `run` starts a fresh one) and raises here with
 every rank's traceback; a case that outlives the pool's deadline, or a test interrupted by
 pytest-timeout, kills the pool too, so the next case never meets ranks stuck in the last one.
+
+Threads: each gloo group holds 3, and torch 2.13 keeps some of a destroyed group's threads once
+it ran collectives. A worker left with more than RECYCLE_THREADS after a case is replaced, and a
+case that ever holds more than MAX_THREADS fails: so a case realizes one layout (a test loops
+over layouts with one `run` each).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch.distributed as dist
 from moefn.launch import forget_dtensor_caches
 
 RECYCLE_THREADS = 40  # a worker left with more after a case is replaced (a gloo group holds 3)
-MAX_THREADS = 160  # a case that ever holds more fails (torch keeps some gloo threads alive)
+MAX_THREADS = 100  # a case that ever holds more fails: realize one layout per pool call
 _PEAK = [0]  # most threads this worker held at a release_groups() during the current case
 
 

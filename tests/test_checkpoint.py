@@ -78,22 +78,16 @@ def expected(root: str, name: str) -> dict[str, Tensor]:
 
 # --- round trips ----------------------------------------------------------------------------
 
-def _save_and_load_on_four(rank: int, world: int, root: str) -> dict[str, list[str]]:
-    for seed, name in enumerate(("fsdp4", "ep-fsdp", "hsdp", "ep-alone", "cp-ep-ac-fsdp"), 1):
-        model = realized(name, seed)
-        assert set(full_state_dict(model)) == TINY_KEYS, name
-        save_with_full(root, name, model)
-        del model
-        release_groups()  # nine layouts' groups at once would hold ~200 gloo threads
-    found = {}
-    for source, target in (("plain", "ep-fsdp"), ("hsdp", "fsdp4"), ("ep-alone", "ep-fsdp"),
-                           ("ep-fsdp", "ep-alone")):
-        model = realized(target, seed=0)
-        load_checkpoint(os.path.join(root, source), model, None)
-        found[f"{source}->{target}"] = differences(full_state_dict(model), expected(root, source))
-        del model
-        release_groups()
-    return found
+def _save_on_four(rank: int, world: int, root: str, name: str, seed: int) -> None:
+    model = realized(name, seed)
+    assert set(full_state_dict(model)) == TINY_KEYS, name
+    save_with_full(root, name, model)
+
+
+def _load_on(rank: int, world: int, root: str, source: str, target: str) -> list[str]:
+    model = realized(target, seed=0)
+    load_checkpoint(os.path.join(root, source), model, None)
+    return differences(full_state_dict(model), expected(root, source))
 
 
 def _load_on_two(rank: int, world: int, root: str) -> dict[str, list[str]]:
@@ -114,7 +108,12 @@ def test_checkpoints_round_trip_bit_exactly_across_layouts(
         ranks: Callable[[int], RankPool], tmp_path: Any) -> None:
     root = str(tmp_path)
     save_with_full(root, "plain", plain(seed=5))  # this process has no process group
-    found = ranks(4).run(_save_and_load_on_four, root)
+    for seed, name in enumerate(("fsdp4", "ep-fsdp", "hsdp", "ep-alone", "cp-ep-ac-fsdp"), 1):
+        ranks(4).run(_save_on_four, root, name, seed)  # a layout per call: see tests/ranks.py
+    found = [{f"{source}->{target}": diff}
+             for source, target in (("plain", "ep-fsdp"), ("hsdp", "fsdp4"),
+                                    ("ep-alone", "ep-fsdp"), ("ep-fsdp", "ep-alone"))
+             for diff in ranks(4).run(_load_on, root, source, target)]
     found += ranks(2).run(_load_on_two, root)
     model = plain(seed=0)
     load_checkpoint(os.path.join(root, "ep-fsdp"), model, None)

@@ -76,8 +76,8 @@ EXPERT_SCALING = {
 
 def test_expert_gradients_use_the_full_data_parallel_degree(
         ranks: Callable[[int], RankPool]) -> None:
-    results = ranks(WORLD).run(_parities, list(EXPERT_SCALING.values()))[0]
-    for name, result in zip(EXPERT_SCALING, results, strict=True):
+    for name, case in EXPERT_SCALING.items():  # one per call: see tests/ranks.py
+        result = ranks(WORLD).run(_parities, [case])[0][0]
         experts = {n: e for n, e in result["grad_errors"].items() if n.endswith(("gate_up", "down"))}
         assert experts, name
         # a gradient scaled by ep_shard / world (or by ep) is off by 50% or more, not by 1e-5
@@ -394,30 +394,28 @@ STAGE_FACTORIES: dict[str, Callable[..., Stage]] = {
     "cp": plan_cp, "ep": plan_ep, "ac": plan_ac, "fsdp": plan_fsdp}
 
 
-def _checkpoint_keys(rank: int, world: int) -> dict[str, list[str]]:
-    problems: dict[str, list[str]] = {}
-    for name, (mesh_text, stages) in LAYOUTS.items():
-        torch.manual_seed(0)
-        plain = MoETransformer(get_preset("tiny-full"))
-        model = copy.deepcopy(plain)
-        mesh = MeshSpec.parse(mesh_text)
-        planned = compose(*(STAGE_FACTORIES[s](**dict(o)) for s, o in stages))(model, mesh)
-        realize(planned.unwrap(), model, build_device_meshes(mesh, "cpu"))
-        want, got = plain.state_dict(), model.state_dict()
-        found = sorted(set(want) ^ set(got))
-        found += [f"param name {n}" for n in {n for n, _ in plain.named_parameters()}
-                  ^ {n for n, _ in model.named_parameters()}]
-        # the same keys hold the same full values: a checkpoint moves between layouts
-        found += [f"value {k}" for k in sorted(set(want) & set(got))
-                  if got[k].dtype != want[k].dtype or not torch.equal(_full(got[k]), want[k])]
-        problems[name] = found
-    return problems
+def _checkpoint_keys(rank: int, world: int, name: str) -> list[str]:
+    mesh_text, stages = LAYOUTS[name]
+    torch.manual_seed(0)
+    plain = MoETransformer(get_preset("tiny-full"))
+    model = copy.deepcopy(plain)
+    mesh = MeshSpec.parse(mesh_text)
+    planned = compose(*(STAGE_FACTORIES[s](**dict(o)) for s, o in stages))(model, mesh)
+    realize(planned.unwrap(), model, build_device_meshes(mesh, "cpu"))
+    want, got = plain.state_dict(), model.state_dict()
+    found = sorted(set(want) ^ set(got))
+    found += [f"param name {n}" for n in {n for n, _ in plain.named_parameters()}
+              ^ {n for n, _ in model.named_parameters()}]
+    # the same keys hold the same full values: a checkpoint moves between layouts
+    found += [f"value {k}" for k in sorted(set(want) & set(got))
+              if got[k].dtype != want[k].dtype or not torch.equal(_full(got[k]), want[k])]
+    return found
 
 
 def test_checkpoint_keys_and_values_do_not_depend_on_the_layout(
         ranks: Callable[[int], RankPool]) -> None:
-    for per_rank in ranks(WORLD).run(_checkpoint_keys):
-        assert per_rank == {name: [] for name in LAYOUTS}
+    for name in LAYOUTS:  # one per call: see tests/ranks.py
+        assert ranks(WORLD).run(_checkpoint_keys, name) == [[]] * WORLD, name
 
 
 # ---------------------------------------------------------------------------------------------
