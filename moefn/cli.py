@@ -43,9 +43,10 @@ def _mesh_text(text: str) -> str:
 
 AC_MODES = ("none", "full", "router", "selective")
 CP_COMMS = ("all_gather", "p2p")  # moefn.plan.CP_COMMS (not imported: the CLI starts without torch)
+DISPATCHES = ("all_to_all", "all_gather", "hierarchical")  # plan_ep's
 LAYOUT_OPTIONS: dict[str, tuple[str, ...] | None] = {
-    "ac": AC_MODES, "dispatch": ("all_to_all", "all_gather"), "precision": tuple(_DTYPES),
-    "cp_comm": CP_COMMS, "seq_len": None, "rows": None}  # None: a whole number of at least 1
+    "ac": AC_MODES, "dispatch": DISPATCHES, "precision": tuple(_DTYPES), "cp_comm": CP_COMMS,
+    "seq_len": None, "rows": None, "ranks_per_node": None}  # None: a whole number of at least 1
 
 
 def _layout_text(text: str) -> tuple[str, dict[str, str | int]]:
@@ -145,7 +146,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="print what changes from the plan on LAYOUT_A to the one on "
                              "LAYOUT_B; each is MESH[:option=value,...] with options "
                              f"{', '.join(LAYOUT_OPTIONS)} (e.g. dp_shard=8,ep=4:ac=full)")
-    plan.add_argument("--dispatch", choices=("all_to_all", "all_gather"), default="all_to_all")
+    plan.add_argument("--dispatch", choices=DISPATCHES, default="all_to_all",
+                      help="how tokens reach their experts' ranks; hierarchical crosses once per "
+                           "destination node, then fans out inside it (needs --ranks-per-node)")
+    plan.add_argument("--ranks-per-node", type=_positive, default=None, metavar="R",
+                      help="with --dispatch hierarchical: consecutive ep ranks sharing a node "
+                           "(GPUs per node), dividing ep")
     plan.add_argument("--cp-comm", choices=CP_COMMS, default="all_gather",
                       help="how context parallelism moves K/V: all_gather, or p2p (ring: "
                            "K/V memory O(seq/cp))")
@@ -249,6 +255,10 @@ def _comm_table(est: Estimate) -> str:
             f"  {'collective':<42}{'group':<14}{'calls':>6}{'received':>15}{'lower bound':>15}"]
     rows += [f"  {c.collective:<42}{'×'.join(c.axes):<14}{c.calls:>6}{size(c.received):>15}"
              f"{size(c.lower_bound):>15}" for c in est.comm]
+    if any(c.hop for c in est.comm):
+        rows.append("  hierarchical dispatch runs on parts of the ep group; its lower bound is one "
+                    "row per (token, destination node)\n  across nodes, one per (token, other "
+                    "destination rank) within a node")
     return "\n".join(rows)
 
 
@@ -315,7 +325,7 @@ def _build_plan(layout: argparse.Namespace) -> ShardPlan:
     if mesh.cp > 1:
         stages.append(plan_cp(seq_len=layout.seq_len, comm=layout.cp_comm))
     if mesh.ep > 1:
-        stages.append(plan_ep(dispatch=layout.dispatch))
+        stages.append(plan_ep(dispatch=layout.dispatch, ranks_per_node=layout.ranks_per_node))
     if layout.ac != "none":
         stages.append(plan_ac(mode=layout.ac))
     if not layout.no_fsdp:
@@ -407,6 +417,24 @@ def _usage_problem(layout: argparse.Namespace) -> str | None:
     if layout.mesh_spec.cp > 1 and layout.seq_len is None:
         return (f"cp={layout.mesh_spec.cp} composes plan_cp, which needs the sequence length: "
                 "add --seq-len (or seq_len=... on a --compare side)")
+    return _nodes_problem(layout.dispatch, layout.ranks_per_node, layout.mesh_spec.ep)
+
+
+def _nodes_problem(dispatch: str, ranks_per_node: int | None, ep: int) -> str | None:
+    """--ranks-per-node is given with --dispatch hierarchical, and only then, and divides ep."""
+    from moefn.plan.mesh import divisors
+
+    fix = f"use --ranks-per-node in {divisors(ep)} (GPUs per node, dividing ep={ep})"
+    if dispatch != "hierarchical":
+        return None if ranks_per_node is None else (
+            f"--ranks-per-node {ranks_per_node} applies to --dispatch hierarchical only "
+            f"(got --dispatch {dispatch}): add --dispatch hierarchical or leave "
+            "--ranks-per-node out")
+    if ranks_per_node is None:
+        return (f"--dispatch hierarchical needs --ranks-per-node (ranks_per_node=... on a "
+                f"--compare side): {fix}")
+    if ep % ranks_per_node:
+        return f"--ranks-per-node {ranks_per_node} does not divide ep={ep}: {fix}"
     return None
 
 

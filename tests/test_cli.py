@@ -208,3 +208,58 @@ def test_compare_sides_take_their_own_options(capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit) as exit_info:
         main(["plan", "--model", "tiny", "--compare", "dp_shard=4:rows=0", "dp_shard=4"])
     assert exit_info.value.code == 2
+
+
+def test_plan_shows_hierarchical_hops_beside_their_lower_bounds(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The inter-node hop's bytes and lower bound (one row per (token, destination node)) on
+    their own rows, within-node ones apart; JSON says which hop each record is."""
+    argv = ["plan", "--model", "tiny", "--mesh", "dp_shard=4,ep=4", "--dispatch", "hierarchical",
+            "--ranks-per-node", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "dispatch hierarchical over ep(4): 8 experts, 2 per rank, 2 ranks per node" in out
+    # 2 nodes of 4 experts: the bytes of the flat dispatch over ep=2 (test_compare_...)
+    assert re.search(r"\n  ep dispatch \+ combine across nodes +ep +8 +1\.621 MiB +1\.571 MiB\n", out)
+    assert re.search(r"\n  ep dispatch \+ combine within node +ep +8 +[\d.]+ MiB +[\d.]+ MiB\n", out)
+    assert "one row per (token, destination node)\n  across nodes" in out
+    assert main([*argv, "--json"]) == 0
+    hops = {c["collective"]: c["hop"] for c in json.loads(capsys.readouterr().out)["comm"]
+            if c["op"] == "all_to_all"}
+    assert set(hops.values()) == {"across nodes", "within node"} and len(hops) == 6, hops
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--dispatch", "hierarchical"], "--dispatch hierarchical needs --ranks-per-node (ranks_per_"
+                                     "node=... on a --compare side): use --ranks-per-node in "
+                                     "(1, 2, 4) (GPUs per node, dividing ep=4)"),
+    (["--dispatch", "hierarchical", "--ranks-per-node", "3"],
+     "--ranks-per-node 3 does not divide ep=4: use --ranks-per-node in (1, 2, 4)"),
+    (["--ranks-per-node", "2"], "--ranks-per-node 2 applies to --dispatch hierarchical only "
+                                "(got --dispatch all_to_all): add --dispatch hierarchical"),
+])
+def test_ranks_per_node_mistakes_are_usage_errors(
+        argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--model", "tiny", "--mesh", "dp_shard=4,ep=4", *argv]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_ranks_per_node_is_a_whole_number(capsys: pytest.CaptureFixture[str]) -> None:
+    for value in ("0", "two"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["plan", "--model", "tiny", "--mesh", "dp_shard=4,ep=4", "--dispatch",
+                  "hierarchical", "--ranks-per-node", value])
+        assert exit_info.value.code == 2
+        assert (f"argument --ranks-per-node: expected a whole number of at least 1, got "
+                f"{value!r}") in capsys.readouterr().err
+
+
+def test_compare_takes_hierarchical_sides(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--model", "tiny", "--compare", "dp_shard=4,ep=4",
+                 "dp_shard=4,ep=4:dispatch=hierarchical,ranks_per_node=2"]) == 0
+    out = capsys.readouterr().out
+    assert "dispatch hierarchical over ep(4): 8 experts, 2 per rank, 2 ranks per node" in out
+    assert "ep dispatch + combine across nodes (ep)" in out
+    assert main(["plan", "--model", "tiny", "--compare", "dp_shard=4,ep=4",
+                 "dp_shard=4,ep=4:dispatch=hierarchical"]) == 2
+    assert "ranks_per_node=... on a --compare side" in capsys.readouterr().err

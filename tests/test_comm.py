@@ -3,8 +3,9 @@
 Each case realizes a plan on 2 or 4 gloo ranks, runs one warm-up step (FSDP's lazy initialisation),
 then counts one forward + backward with `CommLedger` and compares, per (kind, group of ranks),
 the calls and the bytes each way with `estimate(plan).comm` on every rank. EP all-to-all cases
-force each token's two experts onto different EP ranks (expert bias), the balanced routing the
-estimate assumes; the all-gather dispatcher does not depend on routing.
+force each token's two experts onto different EP ranks (expert bias) and predict the rows of
+that routing; the all-gather dispatcher does not depend on routing. Hierarchical dispatch's hops
+are compared on their own groups: across nodes (ranks 0 and 2, 1 and 3) and within a node.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable
 import pytest
 
 from moefn import MeshSpec
+from moefn.analyse.comm import group_ranks
 from moefn.analyse.ledger import CommLedger, Traffic
 from moefn.analyse.dispatch_rows import DispatchRows, rows_of_routing
 from moefn.analyse.estimate import estimate
@@ -29,6 +31,7 @@ FP32 = ("fsdp", (("precision", "fp32"),))
 BF16 = ("fsdp", (("precision", "bf16"),))
 A2A = ("ep", (("dispatch", "all_to_all"),))
 AG = ("ep", (("dispatch", "all_gather"),))
+TWO_NODES = ("ep", (("dispatch", "hierarchical"), ("ranks_per_node", 2)))
 
 Totals = dict[tuple[str, tuple[int, ...]], tuple[int, int, int]]
 
@@ -56,7 +59,7 @@ def _count_and_predict(rank: int, plan: ShardPlan, step: Callable[[], None],
     predicted: dict[tuple[str, tuple[int, ...]], Traffic] = {}
     rows = _forced_rows(plan, rank, tokens, force)
     for c in estimate(plan, rank, tokens_per_rank=tokens, dispatch_rows=rows).comm:
-        key = (c.op, plan.mesh.group_ranks(rank, c.axes))
+        key = (c.op, group_ranks(plan, rank, c))
         predicted[key] = predicted.get(key, Traffic()) + Traffic(c.calls, c.sent, c.received)
     return measured, {key: (t.calls, t.sent, t.received) for key, t in predicted.items()}
 
@@ -106,6 +109,14 @@ CASES = {
                                        preset="tiny-full", force_experts=(0, 4)),
     "experts sharded on dim 1, all_gather": Case(mesh="dp_shard=4,ep=2", stages=(AG, FP32),
                                                  preset="tiny-2experts"),
+    # experts 0 and 7 (ep ranks 0 and 3): every token crosses to the other node once, and the
+    # rank there forwards it within its node unless it owns the expert
+    "ep hierarchical, 2 nodes of 2, + fsdp": Case(
+        mesh="dp_shard=4,ep=4", stages=(TWO_NODES, FP32), preset="tiny-full",
+        force_experts=(0, 7)),
+    "ep hierarchical, 2 nodes of 2, + router AC + fsdp": Case(
+        mesh="dp_shard=4,ep=4", stages=(TWO_NODES, ("ac", ()), FP32), preset="tiny-full",
+        force_experts=(0, 7)),
     "2 ranks: ep all_to_all + fsdp, no experts unit": Case(
         mesh="dp_shard=2,ep=2", stages=(A2A, ("ac", ()), FP32), preset="tiny-full",
         force_experts=(0, 4)),

@@ -65,6 +65,7 @@ MAX_TENSORS = 8  # tensor arguments realize's input check compares (a forward ra
 SIGNATURE_BYTES = 8 * (1 + 3 * MAX_TENSORS)  # its all-gather: int64 count, (ndim, dim 0, dim 1) each
 
 Op = Literal["all_gather", "reduce_scatter", "all_reduce", "all_to_all", "send", "recv"]
+Hop = Literal["across nodes", "within node"]  # the two hops of hierarchical dispatch
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8,
                                "int64": 8, "int32": 4, "int8": 1, "uint8": 1}
 _INDEX_BYTES = 8  # routing counts, expert indices and positions travel as int64
@@ -72,7 +73,8 @@ _INDEX_BYTES = 8  # routing counts, expert indices and positions travel as int64
 
 @frozen(kw_only=True)
 class Comm:
-    """One collective of one purpose on one mesh group, per step on one rank (bytes)."""
+    """One collective of one purpose on one mesh group, per step on one rank (bytes); a
+    hierarchical dispatch ``hop`` runs on a part of its axes' group (`group_ranks`)."""
 
     collective: str
     op: Op
@@ -81,12 +83,13 @@ class Comm:
     sent: int
     received: int
     lower_bound: int
+    hop: Hop | None = None
 
 
 def _traffic(collective: str, op: Op, axes: tuple[Axis, ...], calls: int, each_way: int,
-             lower_bound: int) -> Comm:
+             lower_bound: int, hop: Hop | None = None) -> Comm:
     return Comm(collective=collective, op=op, axes=axes, calls=calls, sent=each_way,
-                received=each_way, lower_bound=lower_bound)
+                received=each_way, lower_bound=lower_bound, hop=hop)
 
 
 def _merge(comms: Iterable[Comm]) -> tuple[Comm, ...]:
@@ -176,9 +179,9 @@ def _row_bytes(rows: Fraction, width: int) -> int:
 def a2a_dispatch_comm(rows: DispatchRows, axes: tuple[Axis, ...], ep: int,
                       ranks_per_node: int | None, top_k: int, hidden: int, act: int, forwards: int = 1,
                       returns: int = 1) -> list[Comm]:
-    """The all-to-all dispatch of one MoE layer moving ``rows``: per hop (within nodes too when
-    ``ranks_per_node`` is given, i.e. hierarchical), the counts (one int64
-    per group rank), the expert ids (``K`` int64 per row), the rows (token and ``K`` weights)
+    """The all-to-all dispatch of one MoE layer moving ``rows``: per hop (the ep group, or when
+    ``ranks_per_node`` is given, i.e. hierarchical, across nodes and within the node), the
+    counts (one int64 per group rank), the expert ids (``K`` int64 per row), the rows (token and ``K`` weights)
     and the returned sums (``H``); backward returns the rows' and weights' gradients and sends
     the sums' gradients. ``forwards`` counts runs of the forward (2 with recompute), ``returns``
     those reaching the sums' exchange (recompute stops at the last tensor backward saves).
@@ -188,20 +191,21 @@ def a2a_dispatch_comm(rows: DispatchRows, axes: tuple[Axis, ...], ep: int,
     >>> [(c.collective, c.received) for c in a2a_dispatch_comm(rows, ("ep",), 2, None, 2, 256, 4)]
     [('ep routing counts', 8), ('ep expert ids', 50244), ('ep dispatch + combine', 12912777)]
     """
-    per_node = ranks_per_node or 1
-    hops = [("", ep // per_node, rows.sent, rows.received)]
+    hops: list[tuple[Hop | None, int, Fraction, Fraction]] = [(None, ep, rows.sent, rows.received)]
     if ranks_per_node is not None:
-        hops.append((" within node", per_node, rows.sent_in_node, rows.received_in_node))
+        hops = [("across nodes", ep // ranks_per_node, rows.sent, rows.received),
+                ("within node", ranks_per_node, rows.sent_in_node, rows.received_in_node)]
     out = []
-    for where, size, sent, received in hops:
-        dispatch, back = hidden + top_k, hidden
+    for hop, size, sent, received in hops:
+        dispatch, back, where = hidden + top_k, hidden, f" {hop}" if hop else ""
         out += [
             _traffic(f"ep routing counts{where}", "all_to_all", axes, forwards,
-                     forwards * _INDEX_BYTES * (size - 1), 0),
+                     forwards * _INDEX_BYTES * (size - 1), 0, hop),
             Comm(collective=f"ep expert ids{where}", op="all_to_all", axes=axes, calls=forwards,
                  sent=forwards * _row_bytes(sent, top_k * _INDEX_BYTES),
-                 received=forwards * _row_bytes(received, top_k * _INDEX_BYTES), lower_bound=0),
-            Comm(collective=f"ep dispatch + combine{where}", op="all_to_all", axes=axes,
+                 received=forwards * _row_bytes(received, top_k * _INDEX_BYTES), lower_bound=0,
+                 hop=hop),
+            Comm(collective=f"ep dispatch + combine{where}", op="all_to_all", axes=axes, hop=hop,
                  calls=forwards + returns + 2,
                  sent=_row_bytes(forwards * sent * dispatch + returns * received * back
                                  + sent * back + received * dispatch, act),
@@ -284,6 +288,32 @@ def _cp(plan: ShardPlan, tokens: int, act: int) -> list[Comm]:
         out.append(_traffic("cp input shape check", "all_gather", ("cp",), 1,
                             SIGNATURE_BYTES * (cp - 1), 0))
     return out
+
+
+def group_ranks(plan: ShardPlan, rank: int, comm: Comm) -> tuple[int, ...]:
+    """The global ranks of the group ``comm`` runs on from ``rank``: its axes' group, or for a
+    hierarchical hop the part of it on ``rank``'s node (within) or at ``rank``'s index in
+    every node (across), as realize splits the ep group into nodes of consecutive ranks.
+
+    >>> import torch
+    >>> from moefn import MeshSpec, compose, plan_ep
+    >>> from moefn.adapters.reference import MoETransformer, get_preset
+    >>> with torch.device("meta"):
+    ...     model = MoETransformer(get_preset("tiny"))
+    >>> plan = compose(plan_ep(dispatch="hierarchical", ranks_per_node=2))(
+    ...     model, MeshSpec(dp_shard=4, ep=4)).unwrap()
+    >>> {c.hop: group_ranks(plan, 1, c) for c in predict_comm(
+    ...     plan, tokens=8, top_k=2, hidden=64, activation_bytes=4) if c.op == "all_to_all"}
+    {'across nodes': (1, 3), 'within node': (0, 1)}
+    """
+    members = plan.mesh.group_ranks(rank, comm.axes)
+    if comm.hop is None:
+        return members
+    per_node = next(s.ranks_per_node for s in plan.steps_of(InstallDispatch) if s.ranks_per_node)
+    i = members.index(rank)
+    if comm.hop == "across nodes":
+        return members[i % per_node::per_node]
+    return members[i - i % per_node:i - i % per_node + per_node]
 
 
 def predict_comm(plan: ShardPlan, tokens: int, top_k: int, hidden: int,
