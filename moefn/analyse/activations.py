@@ -11,7 +11,8 @@ local tokens (rows × seq_len / cp) in the compute dtype (``b`` bytes; fp32 is 4
   o_proj's input (a copy: SDPA returns ``[B, H, S, D]`` contiguous); the router's scores and
   top-k; SwiGLU MLPs: gate, silu(gate), up and their product; the combine side of dispatch.
   Under AC "full"/"router" a block keeps only its input; "selective" keeps the outputs of
-  matmuls, attention, collectives and top-k (`moefn.realize.checkpointing.SELECTIVE_SAVED`).
+  matmuls, attention, collectives and top-k
+  (`moefn.realize.activation_checkpointing.SELECTIVE_SAVED`).
 - **recompute** — the block being back-propagated: its whole no-AC saved set (rebuilt by
   recompute when checkpointed) plus the gradients of its widest tensor and of that tensor's
   input, alive together.
@@ -61,7 +62,7 @@ from moefn.plan.arguments import int_at_least, one_of
 from moefn.analyse.comm import DTYPE_BYTES
 from moefn.plan.errors import PlanError
 from moefn.analyse.layout import fsdp_shard_numel, fsdp_shard_ranks, param_layouts
-from moefn.plan.records import Checkpoint, FullyShard, InstallDispatch, ShardPlan
+from moefn.plan.records import ActivationCheckpoint, FullyShard, InstallDispatch, ShardPlan
 from moefn.plan.spec import ModelSpec, TensorInfo
 
 PARTS = ("saved", "recompute", "dispatch", "cp_kv", "logits", "fsdp_buffers",
@@ -300,7 +301,7 @@ def _block(plan: ShardPlan, path: str, t: int, b: int, imbalance: float,
             saved, wide = _mlp(t, max(tt.shape[0] for tt in inside), b)
             full["saved"] += saved
             widest = max(widest, wide)
-    step = next((c for c in plan.steps_of(Checkpoint) if _inside(path, c.path)
+    step = next((c for c in plan.steps_of(ActivationCheckpoint) if _inside(path, c.path)
                  or _inside(c.path, path)), None)
     total = sum(full.values())
     if step is None:

@@ -53,7 +53,7 @@ from moefn.analyse.dispatch_rows import DispatchRows, expected_rows
 from moefn.analyse.layout import fsdp_shard_numel, fsdp_shard_ranks, local_shape, param_layouts
 from moefn.plan.mesh import Axis
 from moefn.plan.records import (
-    Checkpoint,
+    ActivationCheckpoint,
     ContextParallelAttention,
     FullyShard,
     InstallDispatch,
@@ -160,7 +160,7 @@ def _sync(plan: ShardPlan) -> list[Comm]:
 def _recomputed(plan: ShardPlan, path: str) -> bool:
     """Whether a checkpointed block re-runs the collectives under ``path`` in backward."""
     return any(c.mode in ("full", "router") and (c.path == "" or path.startswith(c.path + "."))
-               for c in plan.steps_of(Checkpoint))
+               for c in plan.steps_of(ActivationCheckpoint))
 
 
 def _shared_experts_follow(plan: ShardPlan, experts: str) -> bool:

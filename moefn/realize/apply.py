@@ -20,7 +20,7 @@ from torch.distributed.tensor.placement_types import Placement as DPlacement
 
 from moefn.plan.hf_roles import is_transformers_module
 from moefn.plan.records import (
-    Checkpoint,
+    ActivationCheckpoint,
     ContextParallelAttention,
     DistributeParams,
     FullyShard,
@@ -100,8 +100,8 @@ def apply_dispatch(step: InstallDispatch, module: nn.Module, meshes: DeviceMeshe
     setattr(module, "dispatcher", dispatcher)
 
 
-def apply_checkpoint(step: Checkpoint, block: nn.Module) -> None:
-    from moefn.realize.checkpointing import install_checkpoint
+def apply_checkpoint(step: ActivationCheckpoint, block: nn.Module) -> None:
+    from moefn.realize.activation_checkpointing import install_checkpoint
 
     if step.mode == "router" and is_transformers_module(block):  # HF routers run topk themselves
         from moefn.adapters.transformers.experts import install_router_replay
