@@ -58,10 +58,10 @@ from collections.abc import Iterator
 
 from attrs import frozen
 
-from moefn.plan.arguments import int_at_least, one_of
-from moefn.analyse.comm import DTYPE_BYTES
-from moefn.plan.errors import PlanError
 from moefn.analyse.layout import fsdp_shard_numel, fsdp_shard_ranks, param_layouts
+from moefn.plan.arguments import int_at_least, one_of
+from moefn.plan.dtypes import DTYPE_BYTES
+from moefn.plan.errors import PlanError
 from moefn.plan.records import ActivationCheckpoint, FullyShard, InstallDispatch, ShardPlan
 from moefn.plan.spec import ModelSpec, TensorInfo
 
@@ -394,6 +394,16 @@ def _tokens(plan: ShardPlan, rows: int, seq_len: int) -> int:
         raise PlanError.single("seq_len", "sequence length not divisible by cp", seq_len,
                                f"use a multiple of cp={cp}")
     return rows * seq_len // cp
+
+
+def hidden_dtype(plan: ShardPlan) -> str:
+    """The dtype hidden states travel in: the blocks' FSDP compute dtype, else the embedding's."""
+    blocks = set(plan.model.paths_with("block"))
+    for unit in plan.steps_of(FullyShard):
+        if unit.path in blocks and unit.param_dtype is not None:
+            return unit.param_dtype
+    embed = [t for t in plan.model.tensors if t.module_path in plan.model.paths_with("embed")]
+    return embed[0].dtype if embed else "float32"
 
 
 def activation_memory(plan: ShardPlan, rows: int, seq_len: int, imbalance: float = 1.0,

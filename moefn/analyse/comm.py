@@ -51,6 +51,7 @@ from attrs import evolve, frozen
 
 from moefn.analyse.dispatch_rows import DispatchRows, expected_rows
 from moefn.analyse.layout import fsdp_shard_numel, fsdp_shard_ranks, local_shape, param_layouts
+from moefn.plan.dtypes import DTYPE_BYTES
 from moefn.plan.mesh import Axis
 from moefn.plan.records import (
     ActivationCheckpoint,
@@ -65,8 +66,6 @@ MAX_TENSORS = 8  # tensor arguments realize's input check compares (a forward ra
 SIGNATURE_BYTES = 8 * (1 + 3 * MAX_TENSORS)  # its all-gather: int64 count, (ndim, dim 0, dim 1) each
 
 Op = Literal["all_gather", "reduce_scatter", "all_reduce", "all_to_all", "send", "recv"]
-DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8,
-                               "int64": 8, "int32": 4, "int8": 1, "uint8": 1}
 _INDEX_BYTES = 8  # routing counts, expert indices and positions travel as int64
 
 
