@@ -58,7 +58,7 @@ from collections.abc import Iterator
 
 from attrs import frozen
 
-from moefn.analyse.layout import fsdp_shard_numel, fsdp_shard_ranks, param_layouts
+from moefn.analyse.layout import fsdp_gathered
 from moefn.plan.arguments import int_at_least, one_of
 from moefn.plan.dtypes import DTYPE_BYTES
 from moefn.plan.errors import PlanError
@@ -337,23 +337,16 @@ def _segments(plan: ShardPlan, t: int, b: int, imbalance: float,
 def _unit_sizes(plan: ShardPlan) -> list[tuple[str, int, int, bool]]:
     """(path, gathered bytes, reduce-scatter input bytes, resharded after forward) per unit, in
     forward order, nested units folded into their parent (the root apart)."""
-    layouts = param_layouts(plan)
     units = {u.path: u for u in plan.steps_of(FullyShard)}
-    tensors = {t.name: t for t in plan.model.tensors}
     gathered: dict[str, int] = {}
     reduced: dict[str, int] = {}
     first: dict[str, int] = {}
-    for index, name in enumerate(tensors):
-        layout = layouts.get(name)
-        if layout is None or layout.unit is None:
-            continue
-        unit = units[layout.unit]
+    for index, info, unit, numel in fsdp_gathered(plan):
         outer = next((p for p in sorted(units, key=len) if p and _inside(unit.path, p)),
                      unit.path)
-        numel = fsdp_shard_numel(layout, unit, plan.mesh)[0] * fsdp_shard_ranks(unit, plan.mesh)
-        dtype = tensors[name].dtype
+        dtype = info.dtype
         gathered[outer] = gathered.get(outer, 0) + numel * DTYPE_BYTES[unit.param_dtype or dtype]
-        if tensors[name].requires_grad:
+        if info.requires_grad:
             width = DTYPE_BYTES[unit.reduce_dtype or unit.param_dtype or dtype]
             reduced[outer] = reduced.get(outer, 0) + numel * width
         first.setdefault(outer, index)

@@ -20,7 +20,7 @@ from attrs import frozen
 from moefn.analyse.activations import Activations, activation_memory, hidden_dtype
 from moefn.analyse.comm import Comm, predict_comm
 from moefn.analyse.dispatch_rows import DispatchRows
-from moefn.analyse.layout import fsdp_shard_numel, fsdp_shard_ranks, local_shape, param_layouts
+from moefn.analyse.layout import fsdp_gathered, fsdp_shard_numel, local_shape, param_layouts
 from moefn.plan.arguments import expect_type, int_at_least, one_of
 from moefn.plan.dtypes import DTYPE_BYTES
 from moefn.plan.errors import PlanError
@@ -115,18 +115,11 @@ def _gathered_peak(plan: ShardPlan) -> int:
     the units it is nested in, and every earlier unit that is not resharded after forward (e.g.
     lm_head while an MTP block runs), each padded as gathered, in its param dtype.
     """
-    layouts = param_layouts(plan)
     units = {u.path: u for u in plan.steps_of(FullyShard)}
-    tensors = {t.name: t for t in plan.model.tensors}
     size: Counter[str] = Counter()
     first: dict[str, int] = {}
-    for index, name in enumerate(tensors):
-        layout = layouts.get(name)
-        if layout is None or layout.unit is None:
-            continue
-        unit = units[layout.unit]
-        padded = fsdp_shard_numel(layout, unit, plan.mesh)[0] * fsdp_shard_ranks(unit, plan.mesh)
-        size[unit.path] += padded * DTYPE_BYTES[unit.param_dtype or tensors[name].dtype]
+    for index, info, unit, numel in fsdp_gathered(plan):
+        size[unit.path] += numel * DTYPE_BYTES[unit.param_dtype or info.dtype]
         first.setdefault(unit.path, index)
     peak, kept = 0, set[str]()
     for path in sorted(first, key=first.__getitem__):
