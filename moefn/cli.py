@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from moefn.names import HF_PRESET_NAMES, MODEL_PRESETS
+from moefn.plan.dtypes import SHORT_NAMES
 from moefn.plan.errors import PlanError, group_problems
 
 if TYPE_CHECKING:  # torch loads after argument parsing, so that --help answers at once
@@ -30,8 +31,6 @@ if TYPE_CHECKING:  # torch loads after argument parsing, so that --help answers 
     from moefn.analyse.estimate import Estimate
     from moefn.plan.mesh import MeshSpec
     from moefn.plan.records import ShardPlan
-
-_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
 def _mesh_text(text: str) -> str:
@@ -45,7 +44,7 @@ AC_MODES = ("none", "full", "router", "selective")
 CP_COMMS = ("all_gather", "p2p")  # moefn.plan.CP_COMMS (not imported: the CLI starts without torch)
 DISPATCHES = ("all_to_all", "all_gather", "hierarchical")  # plan_ep's
 LAYOUT_OPTIONS: dict[str, tuple[str, ...] | None] = {
-    "ac": AC_MODES, "dispatch": DISPATCHES, "precision": tuple(_DTYPES), "cp_comm": CP_COMMS,
+    "ac": AC_MODES, "dispatch": DISPATCHES, "precision": tuple(SHORT_NAMES), "cp_comm": CP_COMMS,
     "seq_len": None, "rows": None, "ranks_per_node": None}  # None: a whole number of at least 1
 
 
@@ -155,9 +154,9 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--cp-comm", choices=CP_COMMS, default="all_gather",
                       help="how context parallelism moves K/V: all_gather, or p2p (ring: "
                            "K/V memory O(seq/cp))")
-    plan.add_argument("--precision", "--param-dtype", dest="precision", choices=tuple(_DTYPES),
+    plan.add_argument("--precision", "--param-dtype", dest="precision", choices=tuple(SHORT_NAMES),
                       default="bf16", help="dtype FSDP gathers parameters in and computes with")
-    plan.add_argument("--master-dtype", choices=tuple(_DTYPES), default=None,
+    plan.add_argument("--master-dtype", choices=tuple(SHORT_NAMES), default=None,
                       help="dtype the sharded parameters, gradients and optimizer states are "
                            "kept in (default: the model's own; fp32 with AdamW = 16 bytes per "
                            "parameter)")
@@ -267,7 +266,7 @@ def _model_builder(args: argparse.Namespace) -> Callable[[], nn.Module]:
     in --master-dtype when given."""
     import torch
 
-    master = getattr(torch, _DTYPES[args.master_dtype]) if args.master_dtype else None
+    master = getattr(torch, SHORT_NAMES[args.master_dtype]) if args.master_dtype else None
     if args.hf_config or args.model in HF_PRESET_NAMES:
         from moefn.adapters.transformers.presets import build_hf_model, hf_config_from_json, hf_preset_config
 
@@ -459,11 +458,11 @@ def _compare_command(args: argparse.Namespace) -> int:
 def _plan_command(args: argparse.Namespace) -> int:
     if args.compare:
         return _compare_command(args)
-    from moefn.analyse.comm import DTYPE_BYTES
+    from moefn.analyse.activations import hidden_dtype
     from moefn.analyse.cp_memory import cp_kv_bytes
-    from moefn.analyse.estimate import _activation_dtype
     from moefn.analyse.layout import param_layouts
     from moefn.analyse.render import diff, format_bytes
+    from moefn.plan.dtypes import DTYPE_BYTES
     from moefn.plan.mesh import MeshSpec
     from moefn.plan.serialize import to_json
 
@@ -490,7 +489,7 @@ def _plan_command(args: argparse.Namespace) -> int:
                   for name, layout in param_layouts(plan).items()}
         tokens = _tokens_per_rank(layout)
         est = _peak_estimate(plan, layout)
-        kv_held = cp_kv_bytes(plan, tokens, DTYPE_BYTES[_activation_dtype(plan)])
+        kv_held = cp_kv_bytes(plan, tokens, DTYPE_BYTES[hidden_dtype(plan)])
         memory = {"rank": est.rank, "params": dict(est.memory.params), "grads": dict(est.memory.grads),
                   "optimizer": dict(est.memory.optimizer), "optimizer_name": args.optimizer,
                   "dtypes": dict(est.memory.dtypes),

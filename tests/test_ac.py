@@ -20,7 +20,7 @@ from moefn.adapters.reference import (
     make_batch,
 )
 from moefn.realize import build_device_meshes, realize
-from moefn.realize.checkpointing import install_checkpoint, is_recomputing
+from moefn.realize.activation_checkpointing import install_checkpoint, is_recomputing
 from moefn.train.loop import global_batch, local_batch
 from tests.parity import (
     Case,

@@ -23,9 +23,9 @@ from moefn.adapters.reference import causal_lm_loss
 from moefn.adapters.transformers.experts import local_experts, moefn_experts_forward
 from moefn.cli import main
 from moefn.plan.hf_roles import is_fused_experts
-from moefn.plan.records import Checkpoint
+from moefn.plan.records import ActivationCheckpoint
+from moefn.realize.activation_checkpointing import is_recomputing
 from moefn.realize.apply import apply_checkpoint
-from moefn.realize.checkpointing import is_recomputing
 from moefn.train.loop import local_batch
 from tests.hf_parity import CONFIGS, HFCase, assert_hf_parity, build_hf, hf_batch, logits_of, run_hf_parity
 from tests.parity import worst_relative_error
@@ -190,7 +190,7 @@ def _checkpointed(family: str, mode: str) -> nn.Module:
     model = build_hf(family)
     if mode != "off":
         for path in inspect_model(model).paths_with("block"):
-            apply_checkpoint(Checkpoint(stage="ac", path=path, mode=mode),  # type: ignore[arg-type]
+            apply_checkpoint(ActivationCheckpoint(stage="ac", path=path, mode=mode),  # type: ignore[arg-type]
                              model.get_submodule(path))
     return model
 

@@ -25,7 +25,7 @@ from moefn import (
 )
 from moefn.adapters.reference import MoETransformer, get_preset
 from moefn.analyse.render import diff
-from moefn.plan.records import Checkpoint, FullyShard
+from moefn.plan.records import ActivationCheckpoint, FullyShard
 from moefn.plan.serialize import from_json, to_json
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -103,11 +103,11 @@ def test_cp_and_ac_refuse_bad_options_with_every_problem() -> None:
 def test_ac_plan_records_mode_saves_and_opt_outs() -> None:
     plan = compose(plan_ac(mode="router", skip=("layers.1",)))(
         meta_model("tiny-full"), MeshSpec(dp_shard=2)).unwrap()
-    steps = {s.path: s for s in plan.steps_of(Checkpoint)}
+    steps = {s.path: s for s in plan.steps_of(ActivationCheckpoint)}
     assert set(steps) == {"layers.0", "layers.2", "mtp"}
     assert steps["mtp"].saves == ("router top-k (replayed on recompute)",)
     every = compose(plan_ac(mode="full", every=2))(meta_model("tiny-full"), MeshSpec()).unwrap()
-    assert [s.path for s in every.steps_of(Checkpoint)] == ["layers.0", "layers.2", "mtp"]
+    assert [s.path for s in every.steps_of(ActivationCheckpoint)] == ["layers.0", "layers.2", "mtp"]
 
 
 def test_planning_never_mutates_the_model() -> None:
@@ -165,6 +165,17 @@ def test_json_round_trip_is_identity() -> None:
     assert from_json(text) == plan
     doc = json.loads(text)
     assert doc["version"] == 1 and doc["format"] == "moefn.plan"
+
+
+def test_activation_checkpoints_keep_their_json_name() -> None:
+    plan = compose(plan_ac(mode="full"))(meta_model(), MeshSpec(dp_shard=2)).unwrap()
+    doc = json.loads(to_json(plan))
+    assert {s["record"] for s in doc["plan"]["steps"]} == {"Checkpoint"}
+    # a plan file written before the record was named ActivationCheckpoint
+    doc["plan"]["steps"] = [{"record": "Checkpoint", "stage": "ac", "path": "layers.0",
+                             "mode": "full", "saves": []}]
+    assert from_json(json.dumps(doc)).steps == (
+        ActivationCheckpoint(stage="ac", path="layers.0", mode="full"),)
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,13 @@ from moefn import MeshSpec, ShardPlan, Stage, compose, inspect_model, plan_ac, p
 from moefn.adapters.reference import MoEConfig, MoETransformer
 from moefn.analyse.layout import ParamLayout, owning_unit, param_layouts
 from moefn.analyse.render import diff
-from moefn.plan.records import STAGE_ORDER, Checkpoint, DistributeParams, FullyShard, InstallDispatch
+from moefn.plan.records import (
+    STAGE_ORDER,
+    ActivationCheckpoint,
+    DistributeParams,
+    FullyShard,
+    InstallDispatch,
+)
 from moefn.plan.serialize import from_json, to_json
 
 EXAMPLES: Counter[str] = Counter()
@@ -180,7 +186,7 @@ def test_every_parameter_is_placed_exactly_once(scenario: Scenario) -> None:
                      for s in plan.steps_of(DistributeParams) for p in s.params)
     assert all(count == 1 for count in placed.values()), placed
     assert set(placed) <= set(params)
-    for kind in (DistributeParams, InstallDispatch, FullyShard, Checkpoint):
+    for kind in (DistributeParams, InstallDispatch, FullyShard, ActivationCheckpoint):
         paths = [s.path for s in plan.steps_of(kind)]  # type: ignore[type-var]
         assert len(paths) == len(set(paths)), f"a module gets two {kind.__name__} steps"
     units = plan.steps_of(FullyShard)

@@ -28,7 +28,7 @@ from moefn.adapters.reference import (
 )
 from moefn.plan.compose import Stage
 from moefn.realize import build_device_meshes, realize
-from moefn.realize.checkpointing import install_checkpoint, is_recomputing
+from moefn.realize.activation_checkpointing import install_checkpoint, is_recomputing
 from moefn.realize.dispatch import LocalDispatch
 from moefn.realize.ep_dispatch import AllGatherDispatch, AllToAllDispatch
 from moefn.realize.experts import run_grouped_experts

@@ -11,7 +11,8 @@ local tokens (rows × seq_len / cp) in the compute dtype (``b`` bytes; fp32 is 4
   o_proj's input (a copy: SDPA returns ``[B, H, S, D]`` contiguous); the router's scores and
   top-k; SwiGLU MLPs: gate, silu(gate), up and their product; the combine side of dispatch.
   Under AC "full"/"router" a block keeps only its input; "selective" keeps the outputs of
-  matmuls, attention, collectives and top-k (`moefn.realize.checkpointing.SELECTIVE_SAVED`).
+  matmuls, attention, collectives and top-k
+  (`moefn.realize.activation_checkpointing.SELECTIVE_SAVED`).
 - **recompute** — the block being back-propagated: its whole no-AC saved set (rebuilt by
   recompute when checkpointed) plus the gradients of its widest tensor and of that tensor's
   input, alive together.
@@ -57,11 +58,11 @@ from collections.abc import Iterator
 
 from attrs import frozen
 
+from moefn.analyse.layout import fsdp_gathered
 from moefn.plan.arguments import int_at_least, one_of
-from moefn.analyse.comm import DTYPE_BYTES
+from moefn.plan.dtypes import DTYPE_BYTES
 from moefn.plan.errors import PlanError
-from moefn.analyse.layout import fsdp_shard_numel, fsdp_shard_ranks, param_layouts
-from moefn.plan.records import Checkpoint, FullyShard, InstallDispatch, ShardPlan
+from moefn.plan.records import ActivationCheckpoint, FullyShard, InstallDispatch, ShardPlan
 from moefn.plan.spec import ModelSpec, TensorInfo
 
 PARTS = ("saved", "recompute", "dispatch", "cp_kv", "logits", "fsdp_buffers",
@@ -300,7 +301,7 @@ def _block(plan: ShardPlan, path: str, t: int, b: int, imbalance: float,
             saved, wide = _mlp(t, max(tt.shape[0] for tt in inside), b)
             full["saved"] += saved
             widest = max(widest, wide)
-    step = next((c for c in plan.steps_of(Checkpoint) if _inside(path, c.path)
+    step = next((c for c in plan.steps_of(ActivationCheckpoint) if _inside(path, c.path)
                  or _inside(c.path, path)), None)
     total = sum(full.values())
     if step is None:
@@ -336,23 +337,16 @@ def _segments(plan: ShardPlan, t: int, b: int, imbalance: float,
 def _unit_sizes(plan: ShardPlan) -> list[tuple[str, int, int, bool]]:
     """(path, gathered bytes, reduce-scatter input bytes, resharded after forward) per unit, in
     forward order, nested units folded into their parent (the root apart)."""
-    layouts = param_layouts(plan)
     units = {u.path: u for u in plan.steps_of(FullyShard)}
-    tensors = {t.name: t for t in plan.model.tensors}
     gathered: dict[str, int] = {}
     reduced: dict[str, int] = {}
     first: dict[str, int] = {}
-    for index, name in enumerate(tensors):
-        layout = layouts.get(name)
-        if layout is None or layout.unit is None:
-            continue
-        unit = units[layout.unit]
+    for index, info, unit, numel in fsdp_gathered(plan):
         outer = next((p for p in sorted(units, key=len) if p and _inside(unit.path, p)),
                      unit.path)
-        numel = fsdp_shard_numel(layout, unit, plan.mesh)[0] * fsdp_shard_ranks(unit, plan.mesh)
-        dtype = tensors[name].dtype
+        dtype = info.dtype
         gathered[outer] = gathered.get(outer, 0) + numel * DTYPE_BYTES[unit.param_dtype or dtype]
-        if tensors[name].requires_grad:
+        if info.requires_grad:
             width = DTYPE_BYTES[unit.reduce_dtype or unit.param_dtype or dtype]
             reduced[outer] = reduced.get(outer, 0) + numel * width
         first.setdefault(outer, index)
@@ -393,6 +387,16 @@ def _tokens(plan: ShardPlan, rows: int, seq_len: int) -> int:
         raise PlanError.single("seq_len", "sequence length not divisible by cp", seq_len,
                                f"use a multiple of cp={cp}")
     return rows * seq_len // cp
+
+
+def hidden_dtype(plan: ShardPlan) -> str:
+    """The dtype hidden states travel in: the blocks' FSDP compute dtype, else the embedding's."""
+    blocks = set(plan.model.paths_with("block"))
+    for unit in plan.steps_of(FullyShard):
+        if unit.path in blocks and unit.param_dtype is not None:
+            return unit.param_dtype
+    embed = [t for t in plan.model.tensors if t.module_path in plan.model.paths_with("embed")]
+    return embed[0].dtype if embed else "float32"
 
 
 def activation_memory(plan: ShardPlan, rows: int, seq_len: int, imbalance: float = 1.0,

@@ -51,9 +51,10 @@ from attrs import evolve, frozen
 
 from moefn.analyse.dispatch_rows import DispatchRows, expected_rows
 from moefn.analyse.layout import fsdp_shard_numel, fsdp_shard_ranks, local_shape, param_layouts
+from moefn.plan.dtypes import DTYPE_BYTES
 from moefn.plan.mesh import Axis
 from moefn.plan.records import (
-    Checkpoint,
+    ActivationCheckpoint,
     ContextParallelAttention,
     FullyShard,
     InstallDispatch,
@@ -66,8 +67,6 @@ SIGNATURE_BYTES = 8 * (1 + 3 * MAX_TENSORS)  # its all-gather: int64 count, (ndi
 
 Op = Literal["all_gather", "reduce_scatter", "all_reduce", "all_to_all", "send", "recv"]
 Hop = Literal["across nodes", "within node"]  # the two hops of hierarchical dispatch
-DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8,
-                               "int64": 8, "int32": 4, "int8": 1, "uint8": 1}
 _INDEX_BYTES = 8  # routing counts, expert indices and positions travel as int64
 
 
@@ -163,7 +162,7 @@ def _sync(plan: ShardPlan) -> list[Comm]:
 def _recomputed(plan: ShardPlan, path: str) -> bool:
     """Whether a checkpointed block re-runs the collectives under ``path`` in backward."""
     return any(c.mode in ("full", "router") and (c.path == "" or path.startswith(c.path + "."))
-               for c in plan.steps_of(Checkpoint))
+               for c in plan.steps_of(ActivationCheckpoint))
 
 
 def _shared_experts_follow(plan: ShardPlan, experts: str) -> bool:

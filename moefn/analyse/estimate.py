@@ -17,11 +17,12 @@ from typing import Literal
 
 from attrs import frozen
 
-from moefn.analyse.activations import Activations, activation_memory
-from moefn.analyse.comm import DTYPE_BYTES, Comm, predict_comm
+from moefn.analyse.activations import Activations, activation_memory, hidden_dtype
+from moefn.analyse.comm import Comm, predict_comm
 from moefn.analyse.dispatch_rows import DispatchRows
-from moefn.analyse.layout import fsdp_shard_numel, fsdp_shard_ranks, local_shape, param_layouts
+from moefn.analyse.layout import fsdp_gathered, fsdp_shard_numel, local_shape, param_layouts
 from moefn.plan.arguments import expect_type, int_at_least, one_of
+from moefn.plan.dtypes import DTYPE_BYTES
 from moefn.plan.errors import PlanError
 from moefn.plan.records import FullyShard, ShardPlan
 
@@ -114,18 +115,11 @@ def _gathered_peak(plan: ShardPlan) -> int:
     the units it is nested in, and every earlier unit that is not resharded after forward (e.g.
     lm_head while an MTP block runs), each padded as gathered, in its param dtype.
     """
-    layouts = param_layouts(plan)
     units = {u.path: u for u in plan.steps_of(FullyShard)}
-    tensors = {t.name: t for t in plan.model.tensors}
     size: Counter[str] = Counter()
     first: dict[str, int] = {}
-    for index, name in enumerate(tensors):
-        layout = layouts.get(name)
-        if layout is None or layout.unit is None:
-            continue
-        unit = units[layout.unit]
-        padded = fsdp_shard_numel(layout, unit, plan.mesh)[0] * fsdp_shard_ranks(unit, plan.mesh)
-        size[unit.path] += padded * DTYPE_BYTES[unit.param_dtype or tensors[name].dtype]
+    for index, info, unit, numel in fsdp_gathered(plan):
+        size[unit.path] += numel * DTYPE_BYTES[unit.param_dtype or info.dtype]
         first.setdefault(unit.path, index)
     peak, kept = 0, set[str]()
     for path in sorted(first, key=first.__getitem__):
@@ -134,16 +128,6 @@ def _gathered_peak(plan: ShardPlan) -> int:
         if not units[path].reshard_after_forward:
             kept.add(path)
     return peak
-
-
-def _activation_dtype(plan: ShardPlan) -> str:
-    """Hidden states travel in the FSDP compute dtype, else in the embedding's dtype."""
-    blocks = set(plan.model.paths_with("block"))
-    for unit in plan.steps_of(FullyShard):
-        if unit.path in blocks and unit.param_dtype is not None:
-            return unit.param_dtype
-    embed = [t for t in plan.model.tensors if t.module_path in plan.model.paths_with("embed")]
-    return embed[0].dtype if embed else "float32"
 
 
 def _top_k(plan: ShardPlan) -> int:
@@ -205,13 +189,12 @@ def estimate(plan: ShardPlan, rank: int = 0, tokens_per_rank: int = 4096, top_k:
         one_of(activation_dtype, tuple(DTYPE_BYTES), "activation_dtype")
     embed = [t for t in plan.model.tensors if t.module_path in plan.model.paths_with("embed")]
     width = hidden if hidden is not None else (embed[0].shape[-1] if embed else 0)
-    act = DTYPE_BYTES[activation_dtype or _activation_dtype(plan)]
-    comm = predict_comm(plan, tokens_per_rank, k, width, act, rank, dispatch_rows)
+    dtype = activation_dtype or hidden_dtype(plan)
+    comm = predict_comm(plan, tokens_per_rank, k, width, DTYPE_BYTES[dtype], rank, dispatch_rows)
     if seq_len is None:
         return Estimate(rank=rank, memory=memory, comm=comm)
     # foreach AdamW's sqrt(exp_avg_sq): one state copy; SGD's updates run in place
     temporaries = sum(v for _, v in memory.optimizer) // 2 if optimizer == "adamw" else 0
-    activations = activation_memory(plan, rows, seq_len, imbalance, temporaries,
-                                    activation_dtype or _activation_dtype(plan))
+    activations = activation_memory(plan, rows, seq_len, imbalance, temporaries, dtype)
     return Estimate(rank=rank, memory=memory, comm=comm, activations=activations,
                     peak=memory.total - memory.offloaded + buffer_bytes(plan) + activations.total)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterator
 
 from attrs import frozen
 
 from moefn.plan.mesh import Axis, MeshSpec
 from moefn.plan.records import DistributeParams, FullyShard, Shard, ShardPlan
+from moefn.plan.spec import TensorInfo
 
 
 def chunk_sizes(size: int, parts: int) -> dict[int, int]:
@@ -96,10 +98,7 @@ def local_shape_and_offset(layout: ParamLayout, mesh: MeshSpec,
 
 def fsdp_shard_ranks(unit: FullyShard, mesh: MeshSpec) -> int:
     """How many ranks one shard group of ``unit`` spans (``dp_replicate`` replicates)."""
-    n = 1
-    for axis in unit.mesh_dims:
-        n *= mesh.size(axis) if axis != "dp_replicate" else 1
-    return n
+    return math.prod(mesh.size(axis) for axis in unit.mesh_dims if axis != "dp_replicate")
 
 
 def fsdp_shard_numel(layout: ParamLayout, unit: FullyShard, mesh: MeshSpec) -> tuple[int, int]:
@@ -117,10 +116,21 @@ def fsdp_shard_numel(layout: ParamLayout, unit: FullyShard, mesh: MeshSpec) -> t
                          shards=tuple(s for s in layout.shards if s[0] not in unit.mesh_dims))
     shape = local_shape(before, mesh, 0)  # EP shards are even: every rank has this shape
     n = fsdp_shard_ranks(unit, mesh)
-    rest = 1
-    for i, size in enumerate(shape):
-        rest *= size if i != unit.shard_dim else 1
+    rest = math.prod(size for i, size in enumerate(shape) if i != unit.shard_dim)
     return -(-shape[unit.shard_dim] // n) * rest, shape[unit.shard_dim] * rest // n
+
+
+def fsdp_gathered(plan: ShardPlan) -> Iterator[tuple[int, TensorInfo, FullyShard, int]]:
+    """(index in the model's tensors, tensor, its FSDP unit, elements the unit gathers for it,
+    padded) for every parameter an FSDP unit manages, in module order."""
+    layouts = param_layouts(plan)
+    units = {u.path: u for u in plan.steps_of(FullyShard)}
+    for index, info in enumerate(plan.model.tensors):
+        layout = layouts.get(info.name)
+        if layout is not None and layout.unit is not None:
+            unit = units[layout.unit]
+            numel = fsdp_shard_numel(layout, unit, plan.mesh)[0] * fsdp_shard_ranks(unit, plan.mesh)
+            yield index, info, unit, numel
 
 
 def param_layouts(plan: ShardPlan) -> dict[str, ParamLayout]:

@@ -22,7 +22,7 @@ from moefn.plan.arguments import expect_type
 from moefn.plan.errors import path_pattern
 from moefn.plan.mesh import Axis, MeshSpec
 from moefn.plan.records import (
-    Checkpoint,
+    ActivationCheckpoint,
     ContextParallelAttention,
     DistributeParams,
     FullyShard,
@@ -51,7 +51,7 @@ def _step_text(step: Step, mesh: MeshSpec) -> tuple[str, str]:
                      f"{step.num_experts} experts, {local} per rank{nodes}")
     if isinstance(step, SyncGradients):
         return "+", f"gradient all-reduce (sum) over {_axes(step.mesh_dims, mesh)}"
-    if isinstance(step, Checkpoint):
+    if isinstance(step, ActivationCheckpoint):
         return "+", f"checkpoint mode={step.mode}"
     if isinstance(step, ContextParallelAttention):
         seq = f", seq_len {step.seq_len}" if step.seq_len else ""

@@ -2,6 +2,6 @@
 
 `records` (ShardPlan and its steps), `mesh` (MeshSpec), `spec` (ModelSpec, `inspect_model`),
 `roles` with `reference_roles` and `hf_roles` (recognisers), `stages` (plan_cp, plan_ep,
-plan_ac, plan_fsdp), `compose`, `serialize` (JSON), `errors` and `arguments` (what every other
-package reports with).
+plan_ac, plan_fsdp), `compose`, `serialize` (JSON), `dtypes` (names and sizes), `errors` and
+`arguments` (what every other package reports with).
 """

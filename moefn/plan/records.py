@@ -7,7 +7,8 @@ Step kinds, in the order realize applies them (CP → EP → AC → FSDP):
 - `DistributeParams`: parameters of a module become DTensors with placements on mesh axes;
 - `InstallDispatch`: an experts module sends tokens to the ranks that own their experts;
 - `SyncGradients`: gradients of a module all-reduce (sum) over data-parallel axes, without FSDP;
-- `Checkpoint`: a block is wrapped for activation checkpointing;
+- `ActivationCheckpoint`: a block is wrapped for activation checkpointing (plan JSON names it
+  ``"Checkpoint"``, as before the rename);
 - `FullyShard`: a module becomes one `fully_shard` unit with its options.
 
 >>> spec = ModelSpec(family="demo", root_class="Demo", modules=(), tensors=(), tied=())
@@ -91,7 +92,7 @@ class SyncGradients:
 
 
 @frozen(kw_only=True)
-class Checkpoint:
+class ActivationCheckpoint:
     """Activation checkpointing of a block; ``saves`` names what recompute reuses."""
 
     stage: StageName
@@ -115,8 +116,8 @@ class FullyShard:
     ignored: tuple[str, ...] = ()  # full parameter names this unit (and its parents) leave alone
 
 
-Step = (ContextParallelAttention | DistributeParams | InstallDispatch | SyncGradients | Checkpoint
-        | FullyShard)
+Step = (ContextParallelAttention | DistributeParams | InstallDispatch | SyncGradients
+        | ActivationCheckpoint | FullyShard)
 """Every step kind, listed once here, in the order realize applies them."""
 STEP_KINDS: tuple[type[Step], ...] = get_args(Step)
 

@@ -19,7 +19,7 @@ import attrs
 
 from moefn.plan.arguments import expect_type
 from moefn.plan.errors import PlanError, PlanFormatError, Problem
-from moefn.plan.records import STAGE_ORDER, ShardPlan
+from moefn.plan.records import STAGE_ORDER, ActivationCheckpoint, ShardPlan
 
 FORMAT = "moefn.plan"
 VERSION = 1
@@ -27,11 +27,18 @@ VERSION = 1
 # an older plan without them still reads
 ADDED_FIELDS: dict[str, set[str]] = {"InstallDispatch": {"ranks_per_node"},
                                      "ContextParallelAttention": {"comm"}}
+# a record's "record" name where it is not its class name: plans keep the names they were
+# first written with
+RECORD_NAMES: dict[type, str] = {ActivationCheckpoint: "Checkpoint"}
+
+
+def _name(cls: type) -> str:
+    return RECORD_NAMES.get(cls, cls.__name__)
 
 
 def _encode(value: Any) -> Any:
     if attrs.has(type(value)):
-        out: dict[str, Any] = {"record": type(value).__name__}
+        out: dict[str, Any] = {"record": _name(type(value))}
         for f in attrs.fields(type(value)):
             out[f.name] = _encode(getattr(value, f.name))
         return out
@@ -64,7 +71,7 @@ def _decode(tp: Any, data: Any, where: str) -> Any:
         return data
     if origin in (typing.Union, types.UnionType):
         named = [o for o in typing.get_args(tp) if isinstance(o, type) and attrs.has(o)
-                 and isinstance(data, dict) and data.get("record") == o.__name__]
+                 and isinstance(data, dict) and data.get("record") == _name(o)]
         if named:  # the record names its type: report errors inside it, not "matches none"
             return _decode(named[0], data, where)
         errors = []
@@ -98,15 +105,15 @@ def _decode(tp: Any, data: Any, where: str) -> Any:
 
 
 def _decode_record(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict) or data.get("record") != cls.__name__:
-        raise _Bad(where, f"expected a {cls.__name__} object", _short(data))
+    if not isinstance(data, dict) or data.get("record") != _name(cls):
+        raise _Bad(where, f"expected a {_name(cls)} object", _short(data))
     hints = typing.get_type_hints(cls)
     names = {f.name for f in attrs.fields(cls)}
     extra = set(data) - names - {"record"}
-    missing = names - set(data) - ADDED_FIELDS.get(cls.__name__, set())
+    missing = names - set(data) - ADDED_FIELDS.get(_name(cls), set())
     if extra or missing:
         raise _Bad(where, f"fields differ (unexpected {sorted(extra)}, missing {sorted(missing)})",
-                   cls.__name__)
+                   _name(cls))
     kwargs = {n: _decode(hints[n], data[n], f"{where}.{n}") for n in names & set(data)}
     try:
         return cls(**kwargs)

@@ -25,7 +25,7 @@ from typing import assert_never
 from torch import nn
 
 from moefn.plan.records import (
-    Checkpoint,
+    ActivationCheckpoint,
     ContextParallelAttention,
     DistributeParams,
     FullyShard,
@@ -71,7 +71,7 @@ def _realize_order(item: tuple[int, Step]) -> tuple[int, int, str]:
             return 1, index, ""
         case SyncGradients():
             return 2, index, ""
-        case Checkpoint():
+        case ActivationCheckpoint():
             return 3, index, ""
         case FullyShard():
             return 4, -step.path.count(".") - bool(step.path), step.path
@@ -100,7 +100,7 @@ def realize(plan: ShardPlan, model: nn.Module, meshes: DeviceMeshes,
                 apply_dispatch(step, modules[step.path], meshes)
             case SyncGradients():
                 apply_sync(step, sync, model, meshes)
-            case Checkpoint():
+            case ActivationCheckpoint():
                 apply_checkpoint(step, modules[step.path])
             case FullyShard():
                 apply_fully_shard(step, modules[step.path], model, meshes)

@@ -20,7 +20,7 @@ from torch.distributed.tensor.placement_types import Placement as DPlacement
 
 from moefn.plan.hf_roles import is_transformers_module
 from moefn.plan.records import (
-    Checkpoint,
+    ActivationCheckpoint,
     ContextParallelAttention,
     DistributeParams,
     FullyShard,
@@ -33,9 +33,11 @@ from moefn.realize.dispatch import Dispatcher
 from moefn.realize.meshes import DeviceMeshes
 from moefn.realize.sync import gradient_sync_enabled
 
-TORCH_DTYPES: dict[str | None, torch.dtype | None] = {
-    None: None, "bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-"""The dtype names a FullyShard step may carry (None keeps the parameter's dtype)."""
+
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    """The torch dtype a plan names (`moefn.plan.dtypes`); None keeps the parameter's dtype."""
+    dtype: torch.dtype | None = None if name is None else getattr(torch, name)
+    return dtype
 
 
 def to_dtensor_placement(placement: Placement) -> DPlacement:
@@ -100,8 +102,8 @@ def apply_dispatch(step: InstallDispatch, module: nn.Module, meshes: DeviceMeshe
     setattr(module, "dispatcher", dispatcher)
 
 
-def apply_checkpoint(step: Checkpoint, block: nn.Module) -> None:
-    from moefn.realize.checkpointing import install_checkpoint
+def apply_checkpoint(step: ActivationCheckpoint, block: nn.Module) -> None:
+    from moefn.realize.activation_checkpointing import install_checkpoint
 
     if step.mode == "router" and is_transformers_module(block):  # HF routers run topk themselves
         from moefn.adapters.transformers.experts import install_router_replay
@@ -143,8 +145,8 @@ def apply_sync(step: SyncGradients, steps: tuple[SyncGradients, ...], model: nn.
 def apply_fully_shard(step: FullyShard, module: nn.Module, root: nn.Module,
                       meshes: DeviceMeshes) -> None:
     """One FSDP2 unit; reductions are sums (each rank's loss is already a global-batch share)."""
-    policy = MixedPrecisionPolicy(param_dtype=TORCH_DTYPES[step.param_dtype],
-                                  reduce_dtype=TORCH_DTYPES[step.reduce_dtype])
+    policy = MixedPrecisionPolicy(param_dtype=torch_dtype(step.param_dtype),
+                                  reduce_dtype=torch_dtype(step.reduce_dtype))
     offload: OffloadPolicy = (CPUOffloadPolicy(pin_memory=meshes.device_type == "cuda")
                               if step.offload else OffloadPolicy())
     shard_dim = step.shard_dim

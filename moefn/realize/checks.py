@@ -8,6 +8,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moefn.analyse.layout import fsdp_shard_ranks
+from moefn.plan.dtypes import CAST_DTYPES
 from moefn.plan.errors import PlanError, Problem
 from moefn.plan.hf_roles import is_transformers_module
 from moefn.plan.records import (
@@ -20,7 +21,6 @@ from moefn.plan.records import (
 )
 from moefn.plan.serialize import to_json
 from moefn.plan.spec import ModelSpec, inspect_model
-from moefn.realize.apply import TORCH_DTYPES
 from moefn.realize.meshes import DeviceMeshes
 
 
@@ -86,9 +86,10 @@ def _module_problems(plan: ShardPlan, model: nn.Module) -> list[Problem]:
 
 def _unit_problems(step: FullyShard, params: dict[str, nn.Parameter],
                    ranks: int) -> list[Problem]:
+    allowed = (None, *CAST_DTYPES)
     problems = [Problem(path=step.path, message="unknown dtype in an FSDP unit", value=repr(d),
-                        fix=f"use one of {tuple(TORCH_DTYPES)}")
-                for d in (step.param_dtype, step.reduce_dtype) if d not in TORCH_DTYPES]
+                        fix=f"use one of {allowed}")
+                for d in (step.param_dtype, step.reduce_dtype) if d not in allowed]
     problems += [Problem(path=n, message="ignored parameter is not in the model", value=n,
                          fix="re-plan this model") for n in step.ignored if n not in params]
     prefix = f"{step.path}." if step.path else ""

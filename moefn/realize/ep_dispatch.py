@@ -130,7 +130,24 @@ def _experts_here(hidden: int, first: int, local: int, local_fn: LocalExpertsFn)
     return run
 
 
-class AllToAllDispatch:
+def _pack(x: Tensor, top_k_weights: Tensor) -> Tensor:
+    """Rows ``[token, routing weights]`` in ``x.dtype``: the weights travel with their token."""
+    return torch.cat([x, top_k_weights.to(x.dtype)], dim=1)
+
+
+class _OneGroupDispatch:
+    """Experts split evenly over the ranks of one expert-parallel group."""
+
+    def __init__(self, num_experts: int, group: ProcessGroup) -> None:
+        self.experts_per_rank = _experts_per_rank(num_experts, dist.get_world_size(group))
+        self.num_experts = num_experts
+        self.group = group
+
+    def _first_expert(self) -> int:
+        return dist.get_rank(self.group) * self.experts_per_rank
+
+
+class AllToAllDispatch(_OneGroupDispatch):
     """Send each token once to every rank holding one of its experts, with an uneven
     all-to-all, and get one weighted sum back per (token, rank).
 
@@ -139,19 +156,12 @@ class AllToAllDispatch:
     pair; counts travel as ``ep`` int64 values. Backward returns the rows' gradients (weights
     included) and sends the results' gradients."""
 
-    def __init__(self, num_experts: int, group: ProcessGroup) -> None:
-        self.experts_per_rank = _experts_per_rank(num_experts, dist.get_world_size(group))
-        self.num_experts = num_experts
-        self.group = group
-
     def __call__(
         self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, local_fn: LocalExpertsFn
     ) -> Tensor:
         local = self.experts_per_rank
-        first = dist.get_rank(self.group) * local
-        packed = torch.cat([x, top_k_weights.to(x.dtype)], dim=1)
-        here = _experts_here(x.shape[1], first, local, local_fn)
-        return _hop(packed, top_k_index, 0, local, self.group, here).to(x.dtype)
+        here = _experts_here(x.shape[1], self._first_expert(), local, local_fn)
+        return _hop(_pack(x, top_k_weights), top_k_index, 0, local, self.group, here).to(x.dtype)
 
 
 class HierarchicalDispatch:
@@ -180,21 +190,16 @@ class HierarchicalDispatch:
         def fan_out(received: Tensor, ids: Tensor) -> Tensor:
             return _hop(received, ids, node_first, local, self.within, here)
 
-        packed = torch.cat([x, top_k_weights.to(x.dtype)], dim=1)
-        return _hop(packed, top_k_index, 0, per_node * local, self.across, fan_out).to(x.dtype)
+        return _hop(_pack(x, top_k_weights), top_k_index, 0, per_node * local, self.across,
+                    fan_out).to(x.dtype)
 
 
-class AllGatherDispatch:
+class AllGatherDispatch(_OneGroupDispatch):
     """All-gather every rank's tokens, run the local experts, reduce-scatter the weighted sums.
 
     Ranks may hold different token counts; they are padded to the group maximum ``T_max``.
     Routing weights travel with the tokens (in ``x.dtype``) and are applied on the expert's
     rank, so the reduce-scatter carries ``ep * T_max`` rows of ``H``, not one per (token, k)."""
-
-    def __init__(self, num_experts: int, group: ProcessGroup) -> None:
-        self.experts_per_rank = _experts_per_rank(num_experts, dist.get_world_size(group))
-        self.num_experts = num_experts
-        self.group = group
 
     def __call__(
         self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, local_fn: LocalExpertsFn
@@ -204,14 +209,12 @@ class AllGatherDispatch:
         sizes = funcol.all_gather_single(torch.tensor([tokens], device=x.device), 0, self.group)
         pad = int(sizes.max()) - tokens
         # tokens and weights share one differentiable gather; padded slots route nowhere (-1)
-        packed = torch.cat([x, top_k_weights.to(x.dtype)], dim=1)
         packed = _wait(funcol.all_gather_single_autograd(
-            torch.nn.functional.pad(packed, (0, 0, 0, pad)), 0, self.group))
+            torch.nn.functional.pad(_pack(x, top_k_weights), (0, 0, 0, pad)), 0, self.group))
         index = _wait(funcol.all_gather_single(
             torch.nn.functional.pad(top_k_index, (0, 0, 0, pad), value=-1), 0, self.group))
-        first = dist.get_rank(self.group) * local
-        summed = run_local_slots(packed[:, :hidden], packed[:, hidden:], index, first, local,
-                                 local_fn)
+        summed = run_local_slots(packed[:, :hidden], packed[:, hidden:], index,
+                                 self._first_expert(), local, local_fn)
         out = _wait(funcol.reduce_scatter_single_autograd(summed, "sum", 0, self.group))
         if pad:  # a copy, not a view: FSDP cannot safely hook a view an experts unit returns
             out = out[:tokens].clone()

@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor
 
 from moefn.adapters.reference.config import MoEConfig
 from moefn.adapters.reference.layers import DenseMLP
-from moefn.realize.checkpointing import is_recomputing, route
+from moefn.realize.activation_checkpointing import is_recomputing, route
 from moefn.realize.dispatch import Dispatcher, LocalDispatch
 from moefn.realize.experts import ExpertsImpl, run_grouped_experts
 

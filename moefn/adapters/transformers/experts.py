@@ -12,9 +12,9 @@ and use the class's own ``_apply_gate``). Parameters may be DTensors
 
 Router-saving AC: transformers routers call ``torch.topk`` themselves. `install_router_replay`
 hooks each router of a block so that, inside a router-mode checkpoint, every ``topk`` it runs
-is recorded on that checkpoint call's routing tape (`moefn.realize.checkpointing`) in forward
-and replayed in recompute (the values are gathered from the recomputed scores at the recorded
-indices, so gradients flow as through ``topk``). Outside such a checkpoint the hooks do nothing.
+is recorded on that checkpoint call's routing tape (`moefn.realize.activation_checkpointing`)
+in forward and replayed in recompute (the values are gathered from the recomputed scores at the
+recorded indices, so gradients flow as through ``topk``). Outside such a checkpoint the hooks do nothing.
 
 >>> register()  # realize then calls install_dispatcher on each experts module (tests/test_hf.py)
 """
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.overrides import TorchFunctionMode
 
-from moefn.realize import checkpointing
+from moefn.realize.activation_checkpointing import taped, taping
 from moefn.realize.dispatch import Dispatcher, LocalDispatch
 from moefn.realize.experts import ExpertsImpl, run_grouped_experts
 
@@ -131,14 +131,14 @@ class _TopKTape(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func not in (torch.topk, Tensor.topk) or not checkpointing._TAPES:
+        if func not in (torch.topk, Tensor.topk) or not taping():
             return func(*args, **kwargs)
 
         def choose() -> Tensor:
             with torch.no_grad():
                 return func(*args, **kwargs)[1]  # type: ignore[no-any-return]
 
-        index = checkpointing.taped(choose, "router top-k calls")
+        index = taped(choose, "router top-k calls")
         dim = kwargs.get("dim", args[2] if len(args) > 2 else -1)
         values = _GatherAt.apply(args[0], dim, index)  # type: ignore[no-untyped-call]
         return torch.return_types.topk((values, index))
@@ -160,7 +160,7 @@ def install_router_replay(block: nn.Module) -> int:
         active: list[_TopKTape] = []
 
         def enter(module: nn.Module, args: Any, active: list[_TopKTape] = active) -> None:
-            if checkpointing._TAPES:
+            if taping():
                 mode = _TopKTape()
                 mode.__enter__()  # type: ignore[no-untyped-call]  # untyped in torch
                 active.append(mode)

@@ -18,7 +18,7 @@ from returns.result import Failure, Success
 from moefn.plan.arguments import shown
 from moefn.plan.errors import ArgumentTypeError, PlanError, Problem
 from moefn.plan.mesh import MeshSpec
-from moefn.plan.records import Checkpoint, ContextParallelAttention, ShardPlan
+from moefn.plan.records import ActivationCheckpoint, ContextParallelAttention, ShardPlan
 from moefn.plan.compose import PlanResult, Stage
 from moefn.plan.stages.common import already_parallel_problems, check_stage_mesh
 
@@ -69,8 +69,8 @@ def plan_ac(mode: Mode = "router", skip: tuple[str, ...] = (), every: int = 1,
             return Success(plan.with_stage("ac"))
         chosen = [b for i, b in enumerate(blocks) if i % every == 0]
         chosen += list(plan.model.paths_with("mtp"))
-        steps = [Checkpoint(stage="ac", path=p, mode=mode, saves=SAVES[mode]) for p in chosen
-                 if not any(fnmatch.fnmatchcase(p, glob) for glob in globs)]
+        steps = [ActivationCheckpoint(stage="ac", path=p, mode=mode, saves=SAVES[mode])
+                 for p in chosen if not any(fnmatch.fnmatchcase(p, glob) for glob in globs)]
         return Success(plan.add_steps(steps).with_stage("ac"))
 
     return Stage(name="ac", run=run, mesh=mesh)

@@ -58,6 +58,11 @@ def _using(mode: str, tape: RoutingTape) -> Iterator[None]:
         _TAPES.pop()
 
 
+def taping() -> bool:
+    """True inside a router-mode checkpoint (a routing tape records or replays)."""
+    return bool(_TAPES)
+
+
 def taped(choose: Callable[[], Tensor], what: str = "routers") -> Tensor:
     """``choose()`` (top-k indices), recorded on the innermost routing tape in forward and
     replayed from it in recompute; outside a router-mode checkpoint just ``choose()``."""
