@@ -1,14 +1,16 @@
 """The dtypes a plan names (as torch spells them, without ``torch.``): one table for every package.
 
->>> DTYPE_BYTES["bfloat16"], CAST_DTYPES, SHORT_NAMES["bf16"]
-(2, ('bfloat16', 'float32', 'float16'), 'bfloat16')
+>>> DTYPE_BYTES["bfloat16"], DTYPE_BYTES["float8_e4m3fn"], CAST_DTYPES, SHORT_NAMES["bf16"]
+(2, 1, ('bfloat16', 'float32', 'float16'), 'bfloat16')
 """
 
 from __future__ import annotations
 
-DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8,
-                               "int64": 8, "int32": 4, "int8": 1, "uint8": 1}
-"""Bytes per element of each dtype a model's tensors may have."""
+import torch
+
+DTYPE_BYTES: dict[str, int] = {str(dtype).removeprefix("torch."): dtype.itemsize
+                               for dtype in vars(torch).values() if isinstance(dtype, torch.dtype)}
+"""Bytes per element of every torch dtype (float8 and complex included: a model may hold them)."""
 
 CAST_DTYPES: tuple[str, ...] = ("bfloat16", "float32", "float16")
 """What an FSDP unit may gather parameters in or reduce gradients in (``FullyShard``'s
