@@ -10,7 +10,8 @@ One mechanism places them: a module whose trainable parameters (below any deeper
 kept the same way becomes a unit of its own with those dtypes; a kept parameter beside others
 (transformers keeps ``A_log`` on the mixer, next to its bf16 projections, and a holder module
 would change state-dict keys) stays out of FSDP, ignored by every unit above it, with a
-`KeepDtype` step: its gradient all-reduces (sum) in its own dtype over its unit's axes.
+`KeepDtype` step: its gradient all-reduces (sum) in its own dtype over its unit's axes. (Out of
+FSDP nothing casts: a ``keep_fp32`` parameter stored in bf16 beside others stays in its unit.)
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ def place_kept(spec: ModelSpec, units: list[FullyShard], low_precision: bool
             by_path[path] = evolve(by_path[path], param_dtype=unit_class[0],
                                    reduce_dtype=unit_class[1])
         for t in params:
-            if kept.get(t.name) != unit_class:
+            want = kept.get(t.name)
+            if want != unit_class and (want is None or want[0] in (None, t.dtype)):
                 key = (t.module_path, t.dtype, by_path[path].mesh_dims)
                 outside.setdefault(key, []).append(t.name)
     names = [n for group in outside.values() for n in group]
