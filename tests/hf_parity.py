@@ -141,14 +141,33 @@ def build_hf_pair(case: HFCase) -> tuple[nn.Module, nn.Module, ShardPlan]:
     return reference, model, plan
 
 
+def _record_kept_dtypes(model: nn.Module, plan: ShardPlan) -> dict[str, str]:
+    """Record the dtype each parameter a ``keep_fp32`` module holds directly has while the module
+    runs forward (an FSDP unit casts its parameters to its ``param_dtype`` there)."""
+    seen: dict[str, str] = {}
+    for path in plan.model.paths_with("keep_fp32"):
+        module = model.get_submodule(path)
+
+        def record(module: nn.Module, args: Any, path: str = path) -> None:
+            for name, param in module.named_parameters(recurse=False):
+                seen.setdefault(f"{path}.{name}", str(param.dtype))
+
+        module.register_forward_pre_hook(record)
+    return seen
+
+
 def run_hf_parity(rank: int, world: int, case: HFCase) -> dict[str, Any]:
-    """`train_side_by_side` for ``case``, plus what realize installed in the HF model."""
+    """`train_side_by_side` for ``case``, plus what realize installed in the HF model and the
+    dtypes of the parameters kept in fp32: in forward, and stored after the optimizer steps."""
     reference, model, plan = build_hf_pair(case)
     batch = hf_batch(int(reference.config.vocab_size), case.batch, case.seq, case.seed)
+    in_forward = _record_kept_dtypes(model, plan)
     result = train_side_by_side(reference, model, batch, local_batch(batch, plan.mesh, rank),
                                 case.lr, case.steps, lambda m, b: (logits_of(m, b),))
     return {
         **result,
+        "kept_in_forward": in_forward,
+        "kept_stored": {name: str(model.get_parameter(name).dtype) for name in in_forward},
         "state_dict_keys": list(model.state_dict()),
         "reference_keys": list(reference.state_dict()),
         "experts_implementation": model.config._experts_implementation,

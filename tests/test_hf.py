@@ -136,6 +136,83 @@ def test_cp_refuses_sinks_and_sliding_windows() -> None:
     assert compose(plan_cp())(build_hf("mixtral", device="meta"), mesh).unwrap().stages == ("cp",)
 
 
+# ---- hybrid models: decoder layers whose mixer is not softmax attention ------------------------
+
+HYBRIDS = ("qwen3_next", "nemotron_h", "jamba", "granitemoehybrid", "lfm2_moe", "qwen3_5_moe_text")
+HYBRID_MESH = "dp_shard=4,ep=2"
+
+
+def _hybrids_train_like_one_process(rank: int, world: int) -> dict[str, dict[str, Any]]:
+    """Every hybrid family with EP 2 × router AC × FSDP, in fp32 and under a bf16 policy."""
+    from tests.ranks import release_groups
+
+    out = {}
+    for family in HYBRIDS:
+        for precision in ("fp32", "bf16"):
+            case = HFCase(family=family, mesh=HYBRID_MESH, steps=2,
+                          stages=(ep("all_to_all"), ROUTER_AC, ("fsdp", (("precision", precision),))))
+            result = run_hf_parity(rank, world, case)
+            out[f"{family}-{precision}"] = {k: result[k] for k in (
+                "losses", "reference", "max_loss_diff", "grad_errors", "zero_grads",
+                "state_dict_keys", "reference_keys", "kept_in_forward", "kept_stored", "installed")}
+            release_groups()
+    return out
+
+
+def test_hybrid_models_train_like_one_process(ranks: Callable[[int], RankPool]) -> None:
+    """Mamba, gated delta-net and short-conv layers beside attention and MoE layers: fp32 matches
+    one process (≤ 1e-5); under bf16 the mixers' A_log/D/dt_bias (and NemotronH's fp32 router)
+    are fp32 in forward and after the optimizer step, and the losses follow within bf16."""
+    for results in ranks(4).run(_hybrids_train_like_one_process):
+        for family in HYBRIDS:
+            exact, bf16 = results[f"{family}-fp32"], results[f"{family}-bf16"]
+            assert_hf_parity(exact)
+            assert exact["installed"]["checkpointed"] == len(build_hf(family, device="meta")
+                                                             .model.layers)
+            kept = bf16["kept_in_forward"]
+            if family != "lfm2_moe":  # its short convolution holds no parameter directly
+                assert any(n.endswith(("A_log", "D", "dt_bias")) for n in kept), (family, kept)
+            assert set(kept.values()) | set(bf16["kept_stored"].values()) <= {"torch.float32"}, \
+                (family, kept, bf16["kept_stored"])
+            assert set(exact["kept_in_forward"].values()) <= {"torch.float32"}
+            assert bf16["max_loss_diff"] <= 2e-2 * abs(bf16["reference"][0]), (family, bf16)
+            assert bf16["losses"][-1] < bf16["losses"][0] and not bf16["zero_grads"], family
+            assert bf16["state_dict_keys"] == bf16["reference_keys"]
+
+
+def test_cp_refuses_hybrid_mixers_by_name() -> None:
+    mesh = MeshSpec(dp_shard=2, cp=2)
+    text = str(compose(plan_cp())(build_hf("qwen3_next", device="meta"), mesh).failure())
+    assert "model.layers.0.linear_attn: linear attention cannot be context-parallel yet (value: " \
+           "Qwen3NextGatedDeltaNet)" in text, text
+    assert "model.layers.1" not in text  # its softmax attention alone would take CP
+    assert "no attention module" not in str(compose(plan_cp())(build_hf("jamba", device="meta"),
+                                                               mesh).failure())
+
+
+@pytest.mark.parametrize(("family", "kept"), [
+    ("qwen3_next", "model.layers.0.linear_attn [fsdp] keep dt_bias, A_log in float32"),
+    ("nemotron_h", "model.layers.0.mixer [fsdp] keep dt_bias, A_log, D in float32"),
+])
+def test_hybrid_plan_names_the_parameters_kept_in_fp32(capsys: pytest.CaptureFixture[str],
+                                                       tmp_path: Path, family: str,
+                                                       kept: str) -> None:
+    from moefn.adapters.transformers.catalogue import tiny_config
+
+    path = tmp_path / "config.json"
+    # NemotronH's default time_step_limit (0, inf) does not survive transformers' own JSON
+    extra = {"time_step_limit": (0.0, 1e9)} if family == "nemotron_h" else {}
+    path.write_text(tiny_config(family, **extra).to_json_string())
+    assert main(["plan", "--hf-config", str(path), "--mesh", HYBRID_MESH,
+                 "--master-dtype", "fp32"]) == 0  # fp32 master weights, bf16 compute
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"{kept} outside FSDP (ignored_params); gradient all-reduce (sum, float32) over " \
+           "dp_shard_cp(4)" in text, text
+    if family == "nemotron_h":  # transformers keeps its router in fp32: a unit of its own
+        assert "model.layers.1.mixer.gate [fsdp] fully_shard mesh=dp_shard_cp(4) shard_dim=0 " \
+               "reshard=True param=float32 reduce=float32" in text, text
+
+
 def test_hf_model_without_fused_experts_is_unrecognised() -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 

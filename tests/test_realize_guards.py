@@ -2,7 +2,8 @@
 
 Each guard has a case that failed on an earlier main: a plan realized twice (gradients came out
 4× too large), ranks built with different seeds (trained a silent mix), fp32 parameters in a
-bf16 model (realized, then FSDP2 failed at the first forward), and a mesh whose refusal hung.
+bf16 model (realized, then FSDP2 failed at the first forward; an fp32 parameter beside bf16 ones
+was refused), and a mesh whose refusal hung.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from returns.pipeline import is_successful
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from moefn import MeshSpec, PlanError, RealizeError, compose, plan_ac, plan_cp, plan_ep, plan_fsdp
+from moefn import MeshSpec, PlanError, RealizeError, compose, diff, plan_ac, plan_cp, plan_ep, plan_fsdp
 from moefn.adapters.reference import MoETransformer, get_preset
 from moefn.plan.compose import Stage
 from moefn.plan.mesh import MAX_WORLD
+from moefn.plan.serialize import to_json
 from moefn.realize import build_device_meshes, realize
 from moefn.realize.digest import tensor_digest
 from moefn.train.loop import global_batch, local_batch
@@ -142,6 +144,21 @@ def _bf16_with_fp32_norms(seed: int = 0) -> MoETransformer:
     return model
 
 
+def _scale_output(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+    return (out.float() * module.get_parameter("decay")).to(out.dtype)
+
+
+def _bf16_with_fp32_beside_bf16(seed: int = 0) -> MoETransformer:
+    """`_bf16_with_fp32_norms`, plus an fp32 ``decay`` held by each attention module next to its
+    bf16 projections (as Mamba's ``A_log`` sits on the mixer): no module holds only fp32 there."""
+    model = _bf16_with_fp32_norms(seed)
+    for layer in model.layers:
+        attn = layer.get_submodule("attn")
+        attn.register_parameter("decay", nn.Parameter(torch.linspace(0.5, 1.5, 32)))
+        attn.register_forward_hook(_scale_output)
+    return model
+
+
 def _one_step_side_by_side(reference: nn.Module, stages: tuple[Stage, ...], mesh: MeshSpec,
                            rank: int) -> tuple[nn.Module, dict[str, Any]]:
     """Realize a copy of ``reference`` and run one step of both (`train_side_by_side`)."""
@@ -152,25 +169,37 @@ def _one_step_side_by_side(reference: nn.Module, stages: tuple[Stage, ...], mesh
                                      lr=0.0, steps=1)
 
 
+FP32_PARAMS = ("layers.0.attn_norm.weight", "layers.1.mlp.router.weight", "layers.0.attn.decay",
+               "layers.1.attn.decay")
+
+
 def _train_bf16_with_fp32_norms(rank: int, world: int) -> dict[str, Any]:
     mesh = MeshSpec(dp_shard=world, ep=2)
-    model, result = _one_step_side_by_side(_bf16_with_fp32_norms(),
+    model, result = _one_step_side_by_side(_bf16_with_fp32_beside_bf16(),
                                            (plan_ep(), plan_ac(), plan_fsdp()), mesh, rank)
-    for name in ("layers.0.attn_norm.weight", "layers.1.mlp.router.weight"):
+    for name in FP32_PARAMS:
         param = model.get_parameter(name)
-        assert isinstance(param, DTensor) and isinstance(param.grad, DTensor)
-        result[name] = (str(param.dtype), str(param.grad.dtype), result["grad_errors"][name])
+        grad = param.grad
+        assert grad is not None
+        full = grad.full_tensor() if isinstance(grad, DTensor) else grad
+        result[name] = (str(param.dtype), str(grad.dtype), result["grad_errors"][name],
+                        type(param).__name__, full.tolist() if name.endswith("decay") else None)
     return result
 
 
 def test_fp32_parameters_in_a_bf16_model_stay_fp32(ranks: Callable[[int], RankPool]) -> None:
-    result = ranks(WORLD).run(_train_bf16_with_fp32_norms)[0]
+    """fp32 norms and routers get fp32 units of their own; an fp32 parameter beside bf16 ones
+    stays outside FSDP with an fp32 gradient all-reduce (the same on every rank)."""
+    results = ranks(WORLD).run(_train_bf16_with_fp32_norms)
+    result = results[0]
     (loss,), (ref,) = result["losses"], result["reference"]
     assert abs(loss - ref) <= 2e-2 * abs(ref), result
-    for name in ("layers.0.attn_norm.weight", "layers.1.mlp.router.weight"):
-        param_dtype, grad_dtype, error = result[name]
+    for name in FP32_PARAMS:
+        param_dtype, grad_dtype, error, kind, _ = result[name]
         assert param_dtype == grad_dtype == "torch.float32", result
-        assert error <= 5e-2, result  # bf16 compute on both sides, summed in another order
+        assert kind == ("Parameter" if name.endswith("decay") else "DTensor"), (name, kind)
+        assert error <= 5e-2, (name, result)  # bf16 compute on both sides, summed in another order
+        assert all(r[name][4] == result[name][4] for r in results), name  # reduced over ranks
 
 
 def _bf16_compute_without_expert_units(rank: int, world: int) -> tuple[float, float]:
@@ -199,15 +228,22 @@ def test_fp32_modules_get_units_that_keep_their_dtype() -> None:
     assert units[""].param_dtype is None  # the root holds only the final fp32 norm
 
 
-def test_mixed_dtypes_that_cannot_be_split_are_refused_in_planning() -> None:
+def test_fp32_parameters_beside_bf16_ones_stay_outside_fsdp() -> None:
     with torch.device("meta"):
-        model = _bf16_with_fp32_norms()
-    model.layers[0].register_parameter("scale", nn.Parameter(torch.ones(4, device="meta")))
-    failure = compose(plan_fsdp())(model, MeshSpec(dp_shard=4)).failure()
-    assert isinstance(failure, PlanError)
-    text = str(failure)
-    assert "layers.0: parameters of different dtypes in one FSDP unit" in text, text
-    assert "float32 (layers.0.scale)" in text and "modules of their own" in text, text
+        model = _bf16_with_fp32_beside_bf16()
+    plan = compose(plan_fsdp())(model, MeshSpec(dp_shard=4)).unwrap()
+    kept = {s.path: s for s in plan.steps if type(s).__name__ == "KeepDtype"}
+    assert sorted(kept) == ["layers.0.attn", "layers.1.attn"], plan.steps
+    assert (kept["layers.0.attn"].params, kept["layers.0.attn"].dtype,
+            kept["layers.0.attn"].mesh_dims) == (("decay",), "float32", ("dp_shard_cp",))
+    units = {s.path: s for s in plan.steps if type(s).__name__ == "FullyShard"}
+    assert "layers.0.attn.decay" in units["layers.0"].ignored
+    assert "layers.0.attn.decay" in units[""].ignored
+    assert "layers.0.attn" not in units  # a unit there would hold bf16 projections too
+    text = diff(plan)
+    assert "keep decay in float32 outside FSDP (ignored_params); gradient all-reduce (sum, " \
+           "float32) over dp_shard_cp(4)" in text, text
+    assert '"record": "KeepDtype"' in to_json(plan)
 
 
 def test_fp32_precision_on_a_bf16_model_is_refused() -> None:

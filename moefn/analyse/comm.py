@@ -58,6 +58,7 @@ from moefn.plan.records import (
     ContextParallelAttention,
     FullyShard,
     InstallDispatch,
+    KeepDtype,
     ShardPlan,
     SyncGradients,
 )
@@ -141,8 +142,11 @@ def _fsdp(plan: ShardPlan) -> list[Comm]:
 
 
 def _sync(plan: ShardPlan) -> list[Comm]:
-    """Without FSDP: one all-reduce per trainable parameter, over its deepest step's axes."""
+    """One all-reduce per trainable parameter: without FSDP over its deepest `SyncGradients`
+    step's axes, and for a parameter kept out of FSDP over its `KeepDtype` step's axes."""
     steps = sorted(plan.steps_of(SyncGradients), key=lambda s: -len(s.path))
+    kept = {f"{s.path}.{p}" if s.path else p: s.mesh_dims
+            for s in plan.steps_of(KeepDtype) for p in s.params}
     layouts = param_layouts(plan)
     out = []
     for info in plan.model.tensors:
@@ -150,12 +154,13 @@ def _sync(plan: ShardPlan) -> list[Comm]:
             continue
         step = next((s for s in steps if s.path == "" or info.name.startswith(s.path + ".")),
                     None)
-        if step is None:
+        dims = kept.get(info.name, step.mesh_dims if step is not None else None)
+        if dims is None:
             continue
-        n = math.prod(plan.mesh.size(a) for a in step.mesh_dims)
+        n = math.prod(plan.mesh.size(a) for a in dims)
         size = math.prod(local_shape(layouts[info.name], plan.mesh, 0)) * DTYPE_BYTES[info.dtype]
         moved = 2 * size * (n - 1) // n
-        out.append(_traffic("gradient all-reduce", "all_reduce", step.mesh_dims, 1, moved, moved))
+        out.append(_traffic("gradient all-reduce", "all_reduce", dims, 1, moved, moved))
     return out
 
 

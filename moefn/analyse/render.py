@@ -27,6 +27,7 @@ from moefn.plan.records import (
     DistributeParams,
     FullyShard,
     InstallDispatch,
+    KeepDtype,
     ShardPlan,
     Step,
     SyncGradients,
@@ -51,6 +52,9 @@ def _step_text(step: Step, mesh: MeshSpec) -> tuple[str, str]:
                      f"{step.num_experts} experts, {local} per rank{nodes}")
     if isinstance(step, SyncGradients):
         return "+", f"gradient all-reduce (sum) over {_axes(step.mesh_dims, mesh)}"
+    if isinstance(step, KeepDtype):
+        return "+", (f"keep {', '.join(step.params)} in {step.dtype} outside FSDP (ignored_params); "
+                     f"gradient all-reduce (sum, {step.dtype}) over {_axes(step.mesh_dims, mesh)}")
     if isinstance(step, ActivationCheckpoint):
         return "+", f"checkpoint mode={step.mode}"
     if isinstance(step, ContextParallelAttention):

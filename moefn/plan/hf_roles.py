@@ -10,6 +10,14 @@ and a ``kind`` for sliding-window, chunked or sink attention); the MoE block ``m
 the backbone (``model``) ``backbone`` unless the embeddings are tied to the lm_head (a tied weight
 must stay with the root FSDP unit, which also runs the lm_head).
 
+Hybrid models: a decoder layer without softmax attention holds a sequence mixer that carries state
+along the sequence (Mamba, gated delta-net linear attention, short convolution), recognised by its
+kind: the layer's child that holds a causal ``nn.Conv1d`` (role ``mixer``, fact ``kind``: the
+config's layer type, such as ``linear_attention`` or ``conv``). Its direct parameters (``A_log``,
+``D``, ``dt_bias``: projections and the conv are child modules) are ``keep_fp32``. A layer with
+neither is a feed-forward-only layer when the config lists per-layer types (NemotronH's ``moe``
+and ``mlp`` layers).
+
 A transformers model without fused experts is not recognised (None); a transformers MoE model
 with pieces missing raises a PlanError that lists what was found and what was expected.
 
@@ -85,6 +93,23 @@ def _attention_of(layer: nn.Module) -> tuple[str, nn.Module] | None:
     for name, child in layer.named_children():
         if "Attention" in type(child).__name__:
             return name, child
+    return None
+
+
+def _mixer_of(layer: nn.Module) -> tuple[str, nn.Module] | None:
+    """The child of ``layer`` that mixes along the sequence with a causal convolution."""
+    for name, child in layer.named_children():
+        if any(isinstance(m, nn.Conv1d) for m in child.modules()):
+            return name, child
+    return None
+
+
+def layer_type(config: object, index: int) -> str | None:
+    """The config's kind of decoder layer ``index`` (``layer_types`` or ``layers_block_type``)."""
+    for key in ("layer_types", "layers_block_type"):
+        types = getattr(config, key, None)
+        if isinstance(types, (list, tuple)) and index < len(types):
+            return str(types[index])
     return None
 
 
@@ -179,10 +204,19 @@ class HFRecogniser:
                 blocks.append(path)
                 out.tag(path, "block")
                 attention = _attention_of(layer)
+                mixer = _mixer_of(layer) if attention is None else None
+                if mixer is not None:
+                    mixer_path = f"{path}.{mixer[0]}"
+                    out.tag(mixer_path, "mixer", "keep_fp32")
+                    out.facts[mixer_path] = (
+                        ("kind", layer_type(config, i) or type(mixer[1]).__name__),
+                        ("cp_supported", False))
                 if attention is None:
-                    children = [n for n, _ in layer.named_children()]
-                    out.missing(path, "attention module", f"children {children}",
-                                f"one of {ATTENTION_NAMES} in each decoder layer")
+                    if mixer is None and layer_type(config, i) is None:
+                        children = [n for n, _ in layer.named_children()]
+                        out.missing(path, "attention module", f"children {children}",
+                                    f"one of {ATTENTION_NAMES} or a sequence mixer (a child "
+                                    "holding a causal nn.Conv1d) in each decoder layer")
                     continue
                 attn_path = f"{path}.{attention[0]}"
                 out.tag(attn_path, "attention", "core_attention")

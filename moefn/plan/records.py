@@ -7,6 +7,8 @@ Step kinds, in the order realize applies them (CP → EP → AC → FSDP):
 - `DistributeParams`: parameters of a module become DTensors with placements on mesh axes;
 - `InstallDispatch`: an experts module sends tokens to the ranks that own their experts;
 - `SyncGradients`: gradients of a module all-reduce (sum) over data-parallel axes, without FSDP;
+- `KeepDtype`: parameters FSDP leaves alone to keep their dtype (an fp32 ``A_log`` on a bf16
+  mixer), their gradients all-reduced (sum) in that dtype over data-parallel axes;
 - `ActivationCheckpoint`: a block is wrapped for activation checkpointing (plan JSON names it
   ``"Checkpoint"``, as before the rename);
 - `FullyShard`: a module becomes one `fully_shard` unit with its options.
@@ -92,6 +94,19 @@ class SyncGradients:
 
 
 @frozen(kw_only=True)
+class KeepDtype:
+    """Parameters ``params`` held directly by ``path`` stay unsharded in ``dtype``: every FSDP unit
+    above them ignores them (``ignored_params``; they sit beside parameters of another compute
+    dtype, so no unit of their own fits), and their gradients all-reduce (sum) over ``mesh_dims``."""
+
+    stage: StageName
+    path: str
+    params: tuple[str, ...]
+    dtype: str
+    mesh_dims: tuple[Axis, ...]
+
+
+@frozen(kw_only=True)
 class ActivationCheckpoint:
     """Activation checkpointing of a block; ``saves`` names what recompute reuses."""
 
@@ -116,7 +131,7 @@ class FullyShard:
     ignored: tuple[str, ...] = ()  # full parameter names this unit (and its parents) leave alone
 
 
-Step = (ContextParallelAttention | DistributeParams | InstallDispatch | SyncGradients
+Step = (ContextParallelAttention | DistributeParams | InstallDispatch | SyncGradients | KeepDtype
         | ActivationCheckpoint | FullyShard)
 """Every step kind, listed once here, in the order realize applies them."""
 STEP_KINDS: tuple[type[Step], ...] = get_args(Step)

@@ -11,8 +11,8 @@ from typing import Literal, Protocol, get_args
 from attrs import frozen
 from torch import nn
 
-Role = Literal["backbone", "block", "attention", "core_attention", "moe", "router", "experts",
-               "shared_experts", "embed", "lm_head", "mtp", "keep_fp32"]
+Role = Literal["backbone", "block", "attention", "core_attention", "mixer", "moe", "router",
+               "experts", "shared_experts", "embed", "lm_head", "mtp", "keep_fp32"]
 ROLES: frozenset[Role] = frozenset(get_args(Role))
 Fact = tuple[str, int | str | bool]
 

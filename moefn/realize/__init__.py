@@ -30,6 +30,7 @@ from moefn.plan.records import (
     DistributeParams,
     FullyShard,
     InstallDispatch,
+    KeepDtype,
     ShardPlan,
     Step,
     SyncGradients,
@@ -42,6 +43,7 @@ from moefn.realize.apply import (
     apply_dispatch,
     apply_distribute,
     apply_fully_shard,
+    apply_keep_dtype,
     apply_sync,
 )
 from moefn.realize.arguments import check_arguments
@@ -61,7 +63,8 @@ def _mark_realized(plan: ShardPlan, modules: dict[str, nn.Module]) -> None:
 
 
 def _realize_order(item: tuple[int, Step]) -> tuple[int, int, str]:
-    """CP first, then EP (parameters and dispatchers in plan order), gradient sync,
+    """CP first, then EP (parameters and dispatchers in plan order), gradient sync (and the
+    all-reduce of parameters kept out of FSDP),
     checkpointing, and FSDP units inner before outer (a unit wraps its units' leftovers)."""
     index, step = item
     match step:
@@ -69,7 +72,7 @@ def _realize_order(item: tuple[int, Step]) -> tuple[int, int, str]:
             return 0, index, ""
         case DistributeParams() | InstallDispatch():
             return 1, index, ""
-        case SyncGradients():
+        case SyncGradients() | KeepDtype():
             return 2, index, ""
         case ActivationCheckpoint():
             return 3, index, ""
@@ -100,6 +103,8 @@ def realize(plan: ShardPlan, model: nn.Module, meshes: DeviceMeshes,
                 apply_dispatch(step, modules[step.path], meshes)
             case SyncGradients():
                 apply_sync(step, sync, model, meshes)
+            case KeepDtype():
+                apply_keep_dtype(step, modules[step.path], meshes)
             case ActivationCheckpoint():
                 apply_checkpoint(step, modules[step.path])
             case FullyShard():

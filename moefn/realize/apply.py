@@ -25,6 +25,7 @@ from moefn.plan.records import (
     DistributeParams,
     FullyShard,
     InstallDispatch,
+    KeepDtype,
     Placement,
     Shard,
     SyncGradients,
@@ -139,6 +140,14 @@ def apply_sync(step: SyncGradients, steps: tuple[SyncGradients, ...], model: nn.
         if not param.requires_grad:
             continue
         if next(s for s in by_depth if s.path == "" or name.startswith(s.path + ".")) is step:
+            param.register_hook(_SumOver(meshes.group(step.mesh_dims)))  # type: ignore[no-untyped-call]
+
+
+def apply_keep_dtype(step: KeepDtype, module: nn.Module, meshes: DeviceMeshes) -> None:
+    """Parameters every FSDP unit ignores: their gradients all-reduce (sum) in their own dtype."""
+    for name in step.params:
+        param = module.get_parameter(name)
+        if param.requires_grad:
             param.register_hook(_SumOver(meshes.group(step.mesh_dims)))  # type: ignore[no-untyped-call]
 
 

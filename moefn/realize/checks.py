@@ -16,6 +16,7 @@ from moefn.plan.records import (
     DistributeParams,
     FullyShard,
     InstallDispatch,
+    KeepDtype,
     Shard,
     ShardPlan,
 )
@@ -77,7 +78,7 @@ def _module_problems(plan: ShardPlan, model: nn.Module) -> list[Problem]:
             problems.append(Problem(path=step.path, message="module has no attention impl",
                                     value=type(module).__name__,
                                     fix="plan CP only for recognised core attention modules"))
-        elif isinstance(step, DistributeParams):
+        elif isinstance(step, DistributeParams | KeepDtype):
             own = dict(module.named_parameters(recurse=False))
             problems += [Problem(path=f"{step.path}.{p}", message="parameter missing", value=p,
                                  fix="re-plan this model") for p in step.params if p not in own]

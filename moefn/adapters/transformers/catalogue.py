@@ -51,6 +51,10 @@ TINY: dict[str, int] = {
     "moe_shared_expert_intermediate_size": 32, "shared_experts_intermediate_size": 32,
     "q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4,
     "v_head_dim": 8, "sliding_window": 8, "attention_chunk_size": 8,
+    # linear attention and Mamba mixers (hybrid models)
+    "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 8,
+    "linear_value_head_dim": 8, "mamba_num_heads": 4, "mamba_head_dim": 16, "n_groups": 2,
+    "ssm_state_size": 16, "mamba_d_state": 16, "mamba_dt_rank": 8,
 }
 EXPERTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 TOP_K = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "moe_top_k",
@@ -212,12 +216,18 @@ def plan_row(model_type: str) -> Row:
 
 SUITE = "tests/test_hf.py::test_parallel_hf_model_trains_like_one_process"
 SUITE_DATE = "2026-11-30"
+HYBRID_DATE = "2026-11-30"
 NUMERICS: dict[str, str] = {  # families the default suite's parity tests train on 4 gloo ranks
     family: f"matches one process: `{SUITE}[{case}]` ({SUITE_DATE})"
     for family, case in (("qwen3_moe", "qwen3_moe"), ("mixtral", "mixtral-all_gather"),
                          ("olmoe", "olmoe"), ("qwen2_moe", "qwen2_moe-shared-expert"),
                          ("deepseek_v3", "deepseek_v3-mla-groups-fp32-gate"),
                          ("gpt_oss", "gpt_oss-no-cp"))
+} | {  # hybrids (Mamba, gated delta-net, short conv): fp32 and bf16 with fp32 A_log/D/dt_bias
+    family: "matches one process: `tests/test_hf.py::test_hybrid_models_train_like_one_process` "
+            f"(fp32 ≤ 1e-5; bf16 policy, fp32 kept) ({HYBRID_DATE})"
+    for family in ("qwen3_next", "nemotron_h", "jamba", "granitemoehybrid", "lfm2_moe",
+                   "qwen3_5_moe_text")
 }
 NOT_CHECKED = "not checked"
 HEADER = "| family | EP + router AC + FSDP ({ep}) | CP ({cp}) | numerics |"

@@ -60,11 +60,18 @@ def plan_cp(seq_len: int | None = None, mesh: MeshSpec | None = None,
                 path="", message="sequence length not divisible by 2·cp (head-tail layout)",
                 value=f"seq_len={seq_len}, cp={cp}",
                 fix=f"use seq_len {head_tail_lengths(seq_len, cp)}"))
-        targets = plan.model.paths_with("core_attention")
-        if not targets:
+        targets, mixers = plan.model.paths_with("core_attention"), plan.model.paths_with("mixer")
+        if not targets and not mixers:
             problems.append(Problem(path="", message="no attention module to make context-parallel",
                                     value=plan.model.root_class,
                                     fix="use a model whose attention moefn recognises"))
+        problems += [Problem(
+            path=p, message=f"{str(plan.model.module(p).get('kind', 'mixer')).replace('_', ' ')} "
+                            "cannot be context-parallel yet",
+            value=plan.model.module(p).cls,
+            fix="leave plan_cp out for this model (CP splits the sequence for every layer, and "
+                "this mixer carries its state along the whole sequence)")
+            for p in mixers]
         problems += [Problem(path=p, message="attention cannot be context-parallel",
                              value=str(plan.model.module(p).get("kind", "unknown")),
                              fix="leave plan_cp out for this model")

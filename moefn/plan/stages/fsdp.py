@@ -4,7 +4,9 @@ Units: each decoder block and MTP block on the dense data-parallel mesh (``dp_sh
 ``dp_replicate`` for HSDP); each experts module that plan_ep put on ``ep`` gets its own unit on the
 expert data-parallel mesh (``ep_shard``), sharded on dim 1 when there are more shards than local
 experts (with ``ep_shard = 1`` there is nothing left to shard: the enclosing units ignore them);
-fp32-only modules get their own fp32 unit under bf16; embeddings and lm_head get units unless
+parameters that keep their own dtype (fp32 norms, routers and Mamba's ``A_log`` under bf16)
+get units of their own or stay out of FSDP with an fp32 gradient all-reduce
+(`moefn.plan.stages.dtypes`); embeddings and lm_head get units unless
 tied (a tied weight stays with the root; lm_head is not resharded after forward: backward
 needs it at once); the root last.
 
@@ -23,7 +25,7 @@ from moefn.plan.compose import PlanResult, Stage
 from moefn.plan.errors import PlanError, Problem
 from moefn.plan.mesh import Axis, MeshSpec
 from moefn.plan.records import DistributeParams, FullyShard, ShardPlan
-from moefn.plan.spec import ModelSpec, TensorInfo
+from moefn.plan.spec import ModelSpec
 from moefn.plan.stages.common import (
     already_parallel_problems,
     check_stage_mesh,
@@ -31,6 +33,7 @@ from moefn.plan.stages.common import (
     expert_dp_dims,
     without_gradient_sync,
 )
+from moefn.plan.stages.dtypes import place_kept
 
 Precision = Literal["bf16", "fp32"]
 _DTYPES: dict[str, tuple[str | None, str | None]] = {
@@ -45,65 +48,6 @@ _LM_HEAD_DTYPES: dict[str, tuple[str | None, str | None]] = {
 
 def _has_params_left(spec: ModelSpec, unit: FullyShard) -> bool:
     return any(t.name not in unit.ignored for t in spec.params_under(unit.path))
-
-
-def _covers(path: str, name: str) -> bool:
-    return path == "" or name.startswith(path + ".")
-
-
-def _owned(spec: ModelSpec, units: list[FullyShard]) -> dict[str, list[TensorInfo]]:
-    """Each unit's trainable parameters: those under it and under no deeper unit, not ignored."""
-    owned: dict[str, list[TensorInfo]] = {u.path: [] for u in units}
-    deepest_first = sorted(units, key=lambda u: -len(u.path))
-    for t in spec.params_under(""):
-        owner = next((u for u in deepest_first if _covers(u.path, t.name)), None)
-        if owner is not None and t.requires_grad and t.name not in owner.ignored:
-            owned[owner.path].append(t)
-    return owned
-
-
-def _major_dtype(params: list[TensorInfo]) -> str:
-    """The dtype holding the most trainable elements."""
-    sizes: dict[str, int] = {}
-    for t in params:
-        sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel
-    return max(sorted(sizes), key=lambda d: sizes[d])
-
-
-def _split_by_dtype(spec: ModelSpec, units: list[FullyShard]
-                    ) -> tuple[list[FullyShard], list[Problem]]:
-    """FSDP2 needs one original dtype per unit (torch 2.13 asserts "uniform original parameter
-    dtype" at the first forward). A module holding only a minority dtype (an fp32 norm or router
-    in a bf16 model) becomes a unit of its own, and a unit whose parameters are all in a dtype
-    other than the model's keeps them as they are (no cast of parameters or inputs: the module
-    computes as it does unsharded). What cannot be split that way is a problem with the fix."""
-    trainable = [t for t in spec.params_under("") if t.requires_grad]
-    if not trainable:
-        return units, []
-    model_dtype = _major_dtype(trainable)
-    by_path = {u.path: u for u in units}
-    for unit, params in _owned(spec, units).items():
-        if len({t.dtype for t in params}) > 1:
-            major, parent = _major_dtype(params), by_path[unit]
-            for t in params:
-                if t.dtype != major and t.module_path not in by_path:
-                    by_path[t.module_path] = evolve(
-                        parent, path=t.module_path, shard_dim=0, param_dtype=None,
-                        reduce_dtype=None,
-                        ignored=tuple(n for n in parent.ignored if _covers(t.module_path, n)))
-    problems = []
-    for unit, params in _owned(spec, list(by_path.values())).items():
-        first = {t.dtype: t.name for t in reversed(params)}
-        if len(first) > 1:
-            problems.append(Problem(
-                path=unit, message="parameters of different dtypes in one FSDP unit",
-                value=", ".join(f"{d} ({n})" for d, n in sorted(first.items())),
-                fix="keep each dtype's parameters in modules of their own, or cast the model to "
-                    "one dtype (model.to(torch.bfloat16))"))
-        elif first and model_dtype not in first and by_path[unit].param_dtype not in (
-                None, *first):
-            by_path[unit] = evolve(by_path[unit], param_dtype=None, reduce_dtype=None)
-    return list(by_path.values()), problems
 
 
 def _precision_problems(spec: ModelSpec, precision: str) -> list[Problem]:
@@ -173,9 +117,6 @@ def plan_fsdp(
                            for t in spec.params_under(step.path) if len(t.shape) > 1)
                 shard_dim = 1 if mesh_spec.ep_shard > local_experts and even else 0
                 units.append(unit(step.path, dims, shard_dim))
-        if param_dtype is not None:
-            units += [unit(p, dense, dtypes=("float32", "float32"))
-                      for p in spec.paths_with("keep_fp32")]
         units += [unit(p, dense) for p in (*spec.paths_with("block"), *spec.paths_with("mtp"))]
         for role in ("embed", "lm_head"):
             for path in spec.paths_with(role):
@@ -200,9 +141,8 @@ def plan_fsdp(
         units = [evolve(u, ignored=tuple(n for n in unsharded
                                          if u.path == "" or n.startswith(u.path + ".")))
                  for u in units]
-        units, problems = _split_by_dtype(spec, [u for u in units if _has_params_left(spec, u)])
-        if problems:
-            return Failure(PlanError(problems))
-        return Success(without_gradient_sync(plan).add_steps(units).with_stage("fsdp"))
+        placed, kept = place_kept(spec, [u for u in units if _has_params_left(spec, u)],
+                                  low_precision=param_dtype is not None)
+        return Success(without_gradient_sync(plan).add_steps([*placed, *kept]).with_stage("fsdp"))
 
     return Stage(name="fsdp", run=run, mesh=mesh)
