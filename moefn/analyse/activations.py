@@ -9,14 +9,15 @@ local tokens (rows × seq_len / cp) in the compute dtype (``b`` bytes; fp32 is 4
   and rotated half of q and k, its cos/sin tables (per call; transformers shares one pair),
   q, k and v as SDPA saves them (grouped heads expanded), SDPA's output and log-sum-exp, and
   o_proj's input (a copy: SDPA returns ``[B, H, S, D]`` contiguous); the router's scores and
-  top-k; SwiGLU MLPs: gate, silu(gate), up and their product; the combine side of dispatch.
+  top-k; SwiGLU MLPs: gate, silu(gate), up and their product.
   Under AC "full"/"router" a block keeps only its input; "selective" keeps the outputs of
   matmuls, attention, collectives and top-k (`moefn.realize.checkpointing.SELECTIVE_SAVED`).
 - **recompute** — the block being back-propagated: its whole no-AC saved set (rebuilt by
   recompute when checkpointed) plus the gradients of its widest tensor and of that tensor's
   input, alive together.
-- **dispatch** — the expert side of each MoE: rows received (``T·top_k``, balanced, times
-  ``imbalance``) and the experts' intermediates on them; ``dispatch_worst`` is what the blocks
+- **dispatch** — what each MoE's token dispatcher keeps: rows received (``T·top_k``, balanced,
+  times ``imbalance``) and the experts' intermediates on them, and the combine side (the rows
+  returned to this rank's tokens, by slot); ``dispatch_worst`` is what the blocks
   keep, plus the one block recomputed, with all ``ep·T·top_k`` rows of the group sent to this
   rank.
 - **cp_kv** — with cp > 1, each attention's K/V gathered over the sequence (grouped heads
@@ -57,10 +58,10 @@ from collections.abc import Iterator
 
 from attrs import frozen
 
-from moefn.plan.arguments import int_at_least, one_of
 from moefn.analyse.comm import DTYPE_BYTES
-from moefn.plan.errors import PlanError
 from moefn.analyse.layout import fsdp_shard_numel, fsdp_shard_ranks, param_layouts
+from moefn.plan.arguments import int_at_least, one_of
+from moefn.plan.errors import PlanError
 from moefn.plan.records import Checkpoint, FullyShard, InstallDispatch, ShardPlan
 from moefn.plan.spec import ModelSpec, TensorInfo
 
@@ -233,8 +234,9 @@ def _moe(plan: ShardPlan, path: str, t: int, b: int, imbalance: float,
         dispatch += b * rows
         widest = max(b * rows * 2 * inter, b * rows * hidden)
     else:
-        # combine: y by slot, weights; all-to-all's returned rows (index_copy's source)
-        token += b * t * k * hidden * (2 if ep > 1 else 1) + b * t * k + _IDX * t * k
+        # combine, inside the dispatcher too: y by slot, weights; all-to-all's returned rows
+        # (index_copy's source)
+        dispatch += b * t * k * hidden * (2 if ep > 1 else 1) + b * t * k + _IDX * t * k
         widest = max(b * rows * 2 * inter, b * t * k * hidden)
     shared = [p for p in spec.paths_with("shared_experts") if _inside(p, path)]
     for p in shared:
