@@ -19,11 +19,9 @@ category. The test compares, per rank, what is left after the step with `estimat
   padded to ``shards * shard 0``, in the unit's param dtype; the most FSDP2 holds at once equals
   `Memory.gathered_peak` (the running unit, its parents and earlier units kept unsharded).
 
-Fake tensors hold no values, so data-dependent ops cannot run: the subprocess replaces the EP
-dispatcher by a balanced, data-independent one (each local expert receives ``T*k/local`` rows,
-what a perfectly balanced all-to-all delivers) and gives ``bincount`` its output shape
-(``minlength``, exact for expert indices). Neither changes which parameters, gradients or
-optimizer states exist, nor their sizes.
+The model, its plan and the stand-ins fake tensors need (a balanced dispatcher, ``bincount``'s
+shape, a fused attention kernel) come from `tests.fake_scale`; none changes which parameters,
+gradients or optimizer states exist, nor their sizes.
 """
 
 from __future__ import annotations
@@ -34,132 +32,61 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import attrs
 import pytest
 import torch
-from torch import Tensor
 
-from moefn import MeshSpec, compose, plan_ep, plan_fsdp
-from moefn.adapters.reference import MoETransformer, get_preset
-from moefn.adapters.reference.config import MoEConfig
 from moefn.analyse.estimate import Memory, estimate_memory
 from moefn.analyse.layout import fsdp_shard_numel, fsdp_shard_ranks, param_layouts
 from moefn.plan.records import FullyShard, ShardPlan
-from moefn.realize.dispatch import LocalExpertsFn
+from tests import fake_scale
+from tests.fake_scale import RANKS
 
 pytestmark = pytest.mark.slow  # a fake world of 1024 ranks: minutes; `nox -s tests_slow`
 
-MESH = MeshSpec(dp_shard=1024, ep=64)
-RANKS = (0, MESH.world_size - 1)
 STEP_BYTES = 4  # AdamW's per-parameter `step`: torch.tensor(0.0), fp32 on CPU (not capturable/fused)
-
-
-def _config() -> MoEConfig:
-    """DeepSeek-V3 at full width with its dense layers and 3 MoE layers (and the MTP block).
-
-    grouped_mm runs on fake tensors in bf16 (the plan's param dtype) without reading the counts;
-    the loop implementation would need their values.
-    """
-    preset = get_preset("deepseek-v3")
-    return attrs.evolve(preset, n_layers=preset.n_dense_layers + 3, experts_impl="grouped_mm")
-
-
-def _plan() -> ShardPlan:
-    with torch.device("meta"):
-        model = MoETransformer(_config())
-    return compose(plan_ep(), plan_fsdp())(model, MESH).unwrap()
 
 
 # ---- subprocess side: realize on a fake process group and measure with FSDPMemTracker ----------
 
 
-class _BalancedDispatch:
-    """Every local expert gets ``T*k/local`` rows: the shapes of a perfectly balanced all-to-all
-    with no data-dependent sizes (fake tensors have no counts to split by)."""
-
-    def __init__(self, num_experts: int, local_experts: int) -> None:
-        self.num_experts, self.local = num_experts, local_experts
-
-    def __call__(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
-                 local_fn: LocalExpertsFn) -> Tensor:
-        tokens, k = top_k_index.shape
-        counts = torch.full((self.local,), tokens * k // self.local, dtype=torch.int64)
-        y = local_fn(x.repeat_interleave(k, dim=0), counts)
-        weighted = y.view(tokens, k, -1) * top_k_weights.unsqueeze(-1).to(y.dtype)
-        return weighted.sum(dim=1).to(x.dtype)
-
-
-def _bincount(input: Tensor, weights: Tensor | None = None, minlength: int = 0) -> Tensor:
-    """``bincount``'s shape for indices below ``minlength`` (fake tensors cannot compute it)."""
-    return torch.zeros(minlength, dtype=torch.int64, device=input.device)
-
-
 def _measure(rank: int) -> dict[str, Any]:
-    from unittest import mock
-
-    import torch.distributed as dist
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import (
         FSDPMemTracker,
         _FSDPModState,
         _FSDPRefType,
     )
-    from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from moefn.adapters.reference import causal_lm_loss
-    from moefn.adapters.reference.moe import GroupedExperts
-    from moefn.realize import build_device_meshes, realize
 
-    config, plan = _config(), _plan()
     cpu = torch.device("cpu")
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=MESH.world_size)
-    try:
-        # realize on meta outside FakeTensorMode: realize's agreement step exchanges objects
-        with torch.device("meta"):
-            model = MoETransformer(config)
-        realize(plan, model, build_device_meshes(plan.mesh, "cpu"))
-        for module in model.modules():
-            if isinstance(module, GroupedExperts):
-                module.dispatcher = _BalancedDispatch(config.n_experts,
-                                                      config.n_experts // plan.mesh.ep)
-        # allow_non_fake_inputs: to_empty turns the meta shards into fake CPU tensors; FSDP2's
-        # _apply then re-pads each shard into its padded storage (as at fully_shard time)
-        with (FakeTensorMode(allow_non_fake_inputs=True),
-              mock.patch.object(torch, "bincount", _bincount)):
-            model.to_empty(device="cpu")
-            # FSDP2's lazy init (else run by the first forward) pads the shards once more: it
-            # recognises its own padded storage only for a plain torch.Tensor, not a FakeTensor.
-            # Inside the tracker that copy would count as an activation and free the tracked
-            # Sharded Param storage of every padded shard; run it before tracking
-            model._get_fsdp_state()._lazy_init()  # type: ignore[operator]
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            input_ids = torch.randint(0, config.vocab_size, (1, 8))
-            position_ids = torch.arange(8).expand(1, 8).contiguous()
-            tracker = FSDPMemTracker(model, optimizer)
-            tracker.track_inputs((input_ids, position_ids))
-            with tracker:
-                loss = causal_lm_loss(model(input_ids, position_ids), input_ids, input_ids.numel())
-                loss.backward()  # type: ignore[no-untyped-call]
-                optimizer.step()
-                final = tracker.get_tracker_snapshot()[cpu]
-        # (the tracker's "peak" is unusable here: DTensor's sharding propagation runs global-shape
-        # ops inside the same FakeTensorMode and the tracker counts them, e.g. 90 GB of OptState)
-        unshard: dict[str, int] = {}
-        peak = dict.fromkeys(("Unsharded Param", "All Gather"), 0)
-        for stats in tracker.memory_tracking.values():  # type: ignore[no-untyped-call]
-            path = stats.mod_fqn.partition(".")[2]  # drop the root class name
-            before, after = (stats.snapshots[state][0].get(cpu, {})
-                             for state in (_FSDPModState.BEF_PRE_FW, _FSDPModState.AFT_PRE_FW))
-            unshard[path] = (after.get(_FSDPRefType.UNSHARDED_PARAM, 0)
-                             - before.get(_FSDPRefType.UNSHARDED_PARAM, 0))
-            for snaps in stats.snapshots.values():
-                for snap in snaps:
-                    for ref in (_FSDPRefType.UNSHARDED_PARAM, _FSDPRefType.ALL_GATHER):
-                        peak[ref.value] = max(peak[ref.value], snap.get(cpu, {}).get(ref, 0))
-        return {"final": {str(getattr(k, "value", k)): v for k, v in final.items()},
-                "unshard": unshard, "peak": peak}
-    finally:
-        dist.destroy_process_group()
+    with fake_scale.fake_realized(rank) as model:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        input_ids = torch.randint(0, model.config.vocab_size, (1, 8))
+        position_ids = torch.arange(8).expand(1, 8).contiguous()
+        tracker = FSDPMemTracker(model, optimizer)
+        tracker.track_inputs((input_ids, position_ids))
+        with tracker:
+            loss = causal_lm_loss(model(input_ids, position_ids), input_ids, input_ids.numel())
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            final = tracker.get_tracker_snapshot()[cpu]
+    # (the tracker's "peak" is unusable here: DTensor's sharding propagation runs global-shape
+    # ops inside the same FakeTensorMode and the tracker counts them, e.g. 90 GB of OptState;
+    # tests.test_memory_at_scale filters them)
+    unshard: dict[str, int] = {}
+    peak = dict.fromkeys(("Unsharded Param", "All Gather"), 0)
+    for stats in tracker.memory_tracking.values():  # type: ignore[no-untyped-call]
+        path = stats.mod_fqn.partition(".")[2]  # drop the root class name
+        before, after = (stats.snapshots[state][0].get(cpu, {})
+                         for state in (_FSDPModState.BEF_PRE_FW, _FSDPModState.AFT_PRE_FW))
+        unshard[path] = (after.get(_FSDPRefType.UNSHARDED_PARAM, 0)
+                         - before.get(_FSDPRefType.UNSHARDED_PARAM, 0))
+        for snaps in stats.snapshots.values():
+            for snap in snaps:
+                for ref in (_FSDPRefType.UNSHARDED_PARAM, _FSDPRefType.ALL_GATHER):
+                    peak[ref.value] = max(peak[ref.value], snap.get(cpu, {}).get(ref, 0))
+    return {"final": {str(getattr(k, "value", k)): v for k, v in final.items()},
+            "unshard": unshard, "peak": peak}
 
 
 # ---- pytest side: predictions from the plan alone ------------------------------------------------
@@ -189,7 +116,7 @@ def _total(part: tuple[tuple[str, int], ...]) -> int:
 
 @pytest.fixture(scope="module")
 def plan() -> ShardPlan:
-    return _plan()
+    return fake_scale.plan()
 
 
 @pytest.fixture(scope="module")

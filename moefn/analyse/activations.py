@@ -9,15 +9,16 @@ local tokens (rows × seq_len / cp) in the compute dtype (``b`` bytes; fp32 is 4
   and rotated half of q and k, its cos/sin tables (per call; transformers shares one pair),
   q, k and v as SDPA saves them (grouped heads expanded), SDPA's output and log-sum-exp, and
   o_proj's input (a copy: SDPA returns ``[B, H, S, D]`` contiguous); the router's scores and
-  top-k; SwiGLU MLPs: gate, silu(gate), up and their product; the combine side of dispatch.
+  top-k; SwiGLU MLPs: gate, silu(gate), up and their product.
   Under AC "full"/"router" a block keeps only its input; "selective" keeps the outputs of
   matmuls, attention, collectives and top-k
   (`moefn.realize.activation_checkpointing.SELECTIVE_SAVED`).
 - **recompute** — the block being back-propagated: its whole no-AC saved set (rebuilt by
   recompute when checkpointed) plus the gradients of its widest tensor and of that tensor's
   input, alive together.
-- **dispatch** — the expert side of each MoE: rows received (``T·top_k``, balanced, times
-  ``imbalance``) and the experts' intermediates on them; ``dispatch_worst`` is what the blocks
+- **dispatch** — what each MoE's token dispatcher keeps: rows received (``T·top_k``, balanced,
+  times ``imbalance``) and the experts' intermediates on them, and the combine side (the rows
+  returned to this rank's tokens, by slot); ``dispatch_worst`` is what the blocks
   keep, plus the one block recomputed, with all ``ep·T·top_k`` rows of the group sent to this
   rank.
 - **cp_kv** — with cp > 1, each attention's K/V gathered over the sequence (grouped heads
@@ -234,8 +235,9 @@ def _moe(plan: ShardPlan, path: str, t: int, b: int, imbalance: float,
         dispatch += b * rows
         widest = max(b * rows * 2 * inter, b * rows * hidden)
     else:
-        # combine: y by slot, weights; all-to-all's returned rows (index_copy's source)
-        token += b * t * k * hidden * (2 if ep > 1 else 1) + b * t * k + _IDX * t * k
+        # combine, inside the dispatcher too: y by slot, weights; all-to-all's returned rows
+        # (index_copy's source)
+        dispatch += b * t * k * hidden * (2 if ep > 1 else 1) + b * t * k + _IDX * t * k
         widest = max(b * rows * 2 * inter, b * t * k * hidden)
     shared = [p for p in spec.paths_with("shared_experts") if _inside(p, path)]
     for p in shared:
