@@ -1,7 +1,9 @@
-"""moefn benchmarks: vs transformers, dispatch, checkpointing, context parallel, planning.
+"""moefn benchmarks: vs transformers, dispatch, checkpointing, context parallel, planning, ring CP.
 
 ``python -m benchmarks.run [--steps N]`` (or ``moefn bench``) prints tables, writes
-results/benchmarks.json and docs/benchmarks.md. Targets live here, never in timed unit tests;
+results/benchmarks.json and docs/benchmarks.md; ``--ring`` runs only the ring-vs-all-gather
+section (`benchmarks.ring`, at ``--ring-seq`` tokens) and replaces it in
+docs/benchmarks.md. Targets live here, never in timed unit tests;
 the machine is shared, so rounds alternate systems and we report medians, ratios and the load average.
 """
 
@@ -14,7 +16,8 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, ExitStack
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,9 +32,32 @@ from moefn.analyse.ledger import CommLedger, Traffic
 from moefn.launch import run_local
 from moefn.plan.compose import Planner, Stage
 from moefn.realize import build_device_meshes, realize
-from moefn.train.loop import global_batch, local_batch
+from moefn.train.loop import Batch, global_batch, local_batch
 
 ROOT = Path(__file__).parents[1]
+Watchers = Sequence[AbstractContextManager[Any]]
+
+
+def timed_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mine: Batch,
+                num_valid: int, steps: int,
+                watch: Callable[[], Watchers] = tuple) -> tuple[float, list[Watchers]]:
+    """``steps`` training steps on ``mine``, each inside fresh ``watch()`` contexts (a
+    `CommLedger`, a `MemTracker`): the median time of steps 2.. and every step's contexts."""
+    times, watched = [], []
+    for _ in range(steps):
+        watchers = watch()
+        start = time.perf_counter()
+        with ExitStack() as stack:
+            for w in watchers:
+                stack.enter_context(w)
+            optimizer.zero_grad()
+            loss = causal_lm_loss(model(mine.input_ids, mine.position_ids), mine.labels,
+                                  num_valid)
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+        times.append(time.perf_counter() - start)
+        watched.append(watchers)
+    return statistics.median(times[1:]), watched
 
 
 def _stages(mesh: MeshSpec, dispatch: str, ac: str, seq: int) -> list[Stage]:
@@ -57,26 +83,18 @@ def _train_rank(rank: int, world: int, mesh_text: str, dispatch: str, ac: str, s
     batch = global_batch(model.config, 8, seq, 0)
     mine = local_batch(batch, mesh, rank)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    times, received, a2a, across = [], 0, 0, 0
-    for step in range(steps):
-        ledger = CommLedger()
-        start = time.perf_counter()
-        with ledger:
-            optimizer.zero_grad()
-            loss = causal_lm_loss(model(mine.input_ids, mine.position_ids), mine.labels,
-                                  batch.num_valid)
-            loss.backward()
-            optimizer.step()
-        times.append(time.perf_counter() - start)
-        if step == 1:
-            received = sum(t.received for t in ledger.by_kind().values())
-            a2a = ledger.by_kind().get("all_to_all", Traffic()).received
-            across = sum(t.received for (kind, group), t in ledger.totals().items()
-                         if kind == "all_to_all" and group == (0, 2))  # nodes of 2 ranks
+    median, watched = timed_steps(model, optimizer, mine, batch.num_valid, steps,
+                                  lambda: (CommLedger(),))
+    ledger = watched[1][0]
+    assert isinstance(ledger, CommLedger)
+    received = sum(t.received for t in ledger.by_kind().values())
+    a2a = ledger.by_kind().get("all_to_all", Traffic()).received
+    across = sum(t.received for (kind, group), t in ledger.totals().items()
+                 if kind == "all_to_all" and group == (0, 2))  # nodes of 2 ranks
     predicted = estimate(plan, rank, tokens_per_rank=mine.input_ids.numel(),
                          activation_dtype="float32").comm
     ep_a2a = [c for c in predicted if c.op == "all_to_all"]
-    return {"median_s": statistics.median(times[1:]), "received": received,
+    return {"median_s": median, "received": received,
             "predicted": sum(c.received for c in predicted), "a2a_received": a2a,
             "a2a_predicted": sum(c.received for c in ep_a2a), "a2a_across_nodes": across,
             "a2a_lower_bound": sum(c.lower_bound for c in ep_a2a),
@@ -115,24 +133,23 @@ def _ac_rank(rank: int, world: int, mode: str, steps: int) -> dict[str, Any]:
     realize(plan, model, build_device_meshes(mesh, "cpu"))
     batch = global_batch(model.config, 8, 128, 0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    times, peak, total = [], 0, 0
-    for _ in range(steps):
+
+    def tracker() -> Watchers:
         tracker = MemTracker()
         tracker.track_external(model, optimizer)
-        start = time.perf_counter()
-        with tracker:
-            optimizer.zero_grad()
-            loss = causal_lm_loss(model(batch.input_ids, batch.position_ids), batch.labels,
-                                  batch.num_valid)
-            loss.backward()
-            optimizer.step()
-        times.append(time.perf_counter() - start)
-        snapshot = tracker.get_tracker_snapshot("peak")
-        peak = max(sum(v for k, v in stats.items() if getattr(k, "name", "") == "ACT")
-                   for stats in snapshot.values())
-        total = max(stats.get("Total", 0) for stats in snapshot.values())
-    return {"peak_activation_bytes": peak, "peak_total_bytes": total,
-            "median_s": statistics.median(times[1:])}
+        return (tracker,)
+
+    median, watched = timed_steps(model, optimizer, batch, batch.num_valid, steps, tracker)
+    peak, total = tracked_peaks(watched[-1][0])
+    return {"peak_activation_bytes": peak, "peak_total_bytes": total, "median_s": median}
+
+
+def tracked_peaks(tracker: Any) -> tuple[int, int]:
+    """A `MemTracker`'s peak activation bytes and peak total, over devices."""
+    snapshot = tracker.get_tracker_snapshot("peak")
+    peak = max(sum(v for k, v in stats.items() if getattr(k, "name", "") == "ACT")
+               for stats in snapshot.values())
+    return peak, max(stats.get("Total", 0) for stats in snapshot.values())
 
 
 def bench_ac(steps: int) -> list[dict[str, Any]]:
@@ -171,6 +188,8 @@ def bench_planning() -> list[dict[str, Any]]:
     """Plan, diff, JSON and estimate times, and one fake-world realize (rank 0), for the 671B
     preset at 256/1024/4096 ranks: a plan is symbolic, its cost must not grow with the world."""
     from moefn.analyse.estimate import estimate
+    from moefn.analyse.render import diff
+    from moefn.plan.serialize import to_json
     from moefn.realize.simulate import simulate
 
     rows = []
@@ -184,8 +203,8 @@ def bench_planning() -> list[dict[str, Any]]:
         plan = planner(model, mesh).unwrap()
         rows.append({"world": world, "ep": ep, "steps": len(plan.steps),
                      "plan_s": _median_seconds(partial(_plan_once, planner, model, mesh)),
-                     "diff_s": _median_seconds(plan.diff),
-                     "json_s": _median_seconds(plan.to_json),
+                     "diff_s": _median_seconds(partial(diff, plan)),
+                     "json_s": _median_seconds(partial(to_json, plan)),
                      "estimate_s": _median_seconds(partial(estimate, plan)),
                      "simulate_rank0_s": simulate(plan, lambda: MoETransformer(config),
                                                   ranks=[0])[0].seconds})
@@ -230,14 +249,36 @@ def _table(rows: list[dict[str, Any]], keys: list[str]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--ring", action="store_true",
+                        help="run only the ring-vs-all-gather section and replace it in place")
+    parser.add_argument("--ring-seq", type=int, default=512,
+                        help="sequence length of the ring section (default 512)")
     args = parser.parse_args(argv)
     from benchmarks.peer import bench_peer
+    from benchmarks.ring import bench_ring, replace_section, ring_section
 
+    def ring() -> tuple[list[dict[str, Any]], str]:
+        before = os.getloadavg()
+        rows = bench_ring(args.steps, args.ring_seq)
+        return rows, ring_section(rows, args.steps, args.ring_seq, (before, os.getloadavg()))
+
+    if args.ring:
+        section = ring()[1]
+        replace_section(ROOT / "docs" / "benchmarks.md", section)
+        print(section)
+        return
     machine = _machine()
     benches: dict[str, Callable[[], list[dict[str, Any]]]] = {
         "peer": bench_peer, "dispatch": partial(bench_dispatch, args.steps),
         "ac": partial(bench_ac, args.steps), "cp": partial(bench_cp, args.steps),
         "planning": bench_planning, "planning_sweep": bench_planning_sweep}
+    sections: dict[str, str] = {}
+
+    def ring_rows() -> list[dict[str, Any]]:
+        rows, sections["ring"] = ring()
+        return rows
+
+    benches["ring"] = ring_rows
     results: dict[str, Any] = {"machine": machine}
     for i, (name, bench) in enumerate(benches.items()):
         _progress(f"[{i + 1}/{len(benches)}] {name} ...")
@@ -277,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
                                        "estimate_s", "simulate_rank0_s"]),
         "## Plan time as the model grows (1024 ranks, ep 64)\n\n"
         + _table(results["planning_sweep"], ["layers", "experts", "plan_s"]),
+        sections["ring"],
     ])
     (ROOT / "docs" / "benchmarks.md").write_text(text + "\n")
     print(text)

@@ -1,9 +1,10 @@
 """Measure one training step's peak memory on real gloo ranks with torch's FSDPMemTracker.
 
-A case is a preset (a `moefn.adapters.reference` preset name, or ``hf:<family>`` for a tiny transformers
-model), a mesh and stage options. Each rank builds the model in fp32 or bf16, plans and realizes
-it, forces balanced routing (token ``i``'s ``j``-th choice is expert ``(i·k + j) mod E``, so every
-expert and every EP rank receives exactly ``T·k/E`` rows per expert), runs one untracked step
+A case is a preset (a `moefn.adapters.reference` preset name, or ``hf:<family>`` for a tiny
+transformers model), a mesh and stage options (``cp_comm``: CP's K/V all-gathered or passed
+around the ring). Each rank builds the model in fp32 or bf16, plans and realizes it, forces
+balanced routing (token ``i``'s ``j``-th choice is expert ``(i·k + j) mod E``, so every expert
+and every EP rank receives exactly ``T·k/E`` rows per expert), runs one untracked step
 (gradients then exist and are zeroed in place, as the estimate assumes), and tracks the next
 one: forward, cross-entropy, backward and an SGD step. The tracker's ``peak`` total is what the
 rank's tensors occupy at their worst moment.
@@ -26,8 +27,8 @@ from moefn import MeshSpec, compose, plan_ac, plan_cp, plan_ep, plan_fsdp
 from moefn.adapters.reference import MoETransformer, causal_lm_loss
 from moefn.adapters.reference.config import MoEConfig
 from moefn.adapters.reference.presets import get_preset
-from moefn.plan.records import ShardPlan
 from moefn.plan.compose import Stage
+from moefn.plan.records import ShardPlan
 
 # reference-model shapes where activations dominate at a few hundred tokens per rank
 PRESETS: dict[str, MoEConfig] = {
@@ -47,12 +48,13 @@ class Case:
     rows: int = 2
     seq_len: int = 256
     precision: str = "fp32"
+    cp_comm: str = "all_gather"
 
     def stages(self) -> list[Stage]:
         mesh = MeshSpec.parse(self.mesh)
         out: list[Stage] = []
         if mesh.cp > 1:
-            out.append(plan_cp(seq_len=self.seq_len))
+            out.append(plan_cp(seq_len=self.seq_len, comm=self.cp_comm))  # type: ignore[arg-type]
         if mesh.ep > 1:
             out.append(plan_ep(dispatch=self.dispatch))  # type: ignore[arg-type]
         if self.ac != "none":
@@ -170,16 +172,23 @@ MATRIX_MESHES = {(1, 1): "dp_shard=4", (1, 2): "dp_shard=4,ep=2", (2, 1): "dp_sh
                  (2, 2): "dp_shard=2,cp=2,ep=2"}
 
 
+# ring (p2p) CP, at lengths where its fp32 score tiles make the backward the peak
+RING = [Case(preset="tiny-act", mesh="dp_shard=2,cp=2", rows=1, seq_len=2048, cp_comm="p2p"),
+        Case(preset="tiny-act", mesh="dp_shard=2,cp=2,ep=2", ac="full", rows=1, seq_len=1024,
+             cp_comm="p2p")]
+
+
 def matrix() -> list[Case]:
     """AC × CP × EP × dispatch (one dispatch when EP is 1: it is not used), for the reference
     model and two transformers families (router AC replays transformers' own topk, which the
-    balanced routing here replaces: not run for them)."""
-    return [Case(preset=preset, mesh=MATRIX_MESHES[cp, ep], ac=ac, dispatch=dispatch)
-            for preset in ("tiny-act", "hf:qwen3_moe", "hf:mixtral")
-            for ac in ("none", "full", "router", "selective")
-            if not (preset.startswith(HF_PREFIX) and ac == "router")
-            for cp in (1, 2) for ep in (1, 2)
-            for dispatch in (("all_to_all", "all_gather") if ep > 1 else ("all_to_all",))]
+    balanced routing here replaces: not run for them); then the ring cases (`RING`)."""
+    return [*(Case(preset=preset, mesh=MATRIX_MESHES[cp, ep], ac=ac, dispatch=dispatch)
+              for preset in ("tiny-act", "hf:qwen3_moe", "hf:mixtral")
+              for ac in ("none", "full", "router", "selective")
+              if not (preset.startswith(HF_PREFIX) and ac == "router")
+              for cp in (1, 2) for ep in (1, 2)
+              for dispatch in (("all_to_all", "all_gather") if ep > 1 else ("all_to_all",))),
+            *RING]
 
 
 def table(results: dict[Case, list[dict[str, int]]]) -> str:
@@ -194,7 +203,9 @@ def table(results: dict[Case, list[dict[str, int]]]) -> str:
             est = estimate(plan, rank, seq_len=case.seq_len, rows=case.rows, optimizer="sgd")
             assert est.peak is not None and est.activations is not None
             dispatch = case.dispatch if MeshSpec.parse(case.mesh).ep > 1 else "-"
-            lines.append(f"| {case.preset} | {case.mesh} | {case.ac} | {dispatch} | {rank} | {m['peak']:,} | "
+            mesh = f"{case.mesh} (ring, {case.rows}×{case.seq_len})" if case.cp_comm == "p2p" \
+                else case.mesh
+            lines.append(f"| {case.preset} | {mesh} | {case.ac} | {dispatch} | {rank} | {m['peak']:,} | "
                          f"{est.peak:,} | {est.peak / m['peak'] - 1:+.1%} | "
                          f"{est.activations.phase} |")
     return "\n".join(lines)

@@ -37,6 +37,17 @@ def test_ac_full_fits_where_ac_none_does_not(capsys: pytest.CaptureFixture[str])
     assert _plan_json(capsys, [*DEEPSEEK, "--ac", "full", *gpu], 0)["problems"] == []
 
 
+def test_ring_cp_holds_less_kv_than_all_gather(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 21's done-when: at 128k tokens and cp=4 the ring's K/V part (its own K/V, saved for
+    backward) is a fraction of the all-gather's, and so is the whole peak."""
+    argv = ["plan", "--model", "deepseek-v3", "--mesh", "dp_shard=256,cp=4,ep=64", "--seq-len",
+            "131072", "--json", "--cp-comm"]
+    ring, gather = (_plan_json(capsys, [*argv, comm], 0)["memory"] for comm in ("p2p", "all_gather"))
+    assert isinstance(ring, dict) and isinstance(gather, dict)
+    assert 4 * ring["activations"]["cp_kv"] < gather["activations"]["cp_kv"]
+    assert ring["peak"] < gather["peak"]
+
+
 def test_text_shows_the_activation_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--model", "tiny", "--mesh", "dp_shard=4,ep=2", "--seq-len", "256",
                  "--rows", "2", "--gpu-memory", "80GiB"]) == 0

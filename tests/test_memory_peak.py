@@ -4,10 +4,11 @@ Real gloo runs of 4 ranks (`tests.memory_runs`) of the reference model and of tw
 families (Qwen3-MoE, Mixtral): for the reference model a pairwise-covering subset of AC {none, full,
 router, selective} × CP {1, 2} × EP {1, 2} × dispatch {all_to_all, all_gather} (every pair of
 values of any two factors appears; with EP 1 the dispatch is moot), routing forced balanced,
-each configuration one where activations are at least half the measured peak. The full matrix
-runs in ``nox -s memory`` (table in docs/memory.md). Dropping a term from the estimate — the
-logits, or the recompute peak — moves the prediction outside the tolerance: the comparison can
-fail.
+each configuration one where activations are at least half the measured peak; and ring (p2p)
+CP at cp=2 (`tests.memory_runs.RING`), long enough that ring attention's backward is the peak.
+The full matrix runs in ``nox -s memory`` (table in docs/memory.md). Dropping a term from the
+estimate — the logits, the recompute peak, or the ring's backward — moves the prediction
+outside the tolerance: the comparison can fail.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from unittest import mock
 import pytest
 
 from moefn.analyse.estimate import estimate
-from tests.memory_runs import Case, meta_plan, run_case, within
+from tests.memory_runs import RING, Case, meta_plan, run_case, within
 from tests.ranks import RankPool
 
 MESHES = {(1, 1): "dp_shard=4", (1, 2): "dp_shard=4,ep=2", (2, 1): "dp_shard=2,cp=2",
@@ -38,7 +39,7 @@ HF = [Case(preset="hf:qwen3_moe", mesh="dp_shard=4"),
 
 @pytest.fixture(scope="module")
 def measured(ranks: Callable[[int], RankPool]) -> dict[Case, list[dict[str, int]]]:
-    return {case: ranks(4).run(run_case, case) for case in [*PAIRWISE, *HF]}
+    return {case: ranks(4).run(run_case, case) for case in [*PAIRWISE, *HF, *RING]}
 
 
 def _errors(case: Case, runs: list[dict[str, int]]) -> list[float]:
@@ -51,8 +52,8 @@ def _errors(case: Case, runs: list[dict[str, int]]) -> list[float]:
     return out
 
 
-@pytest.mark.parametrize("case", [*PAIRWISE, *HF],
-                         ids=lambda c: f"{c.preset}-{c.mesh}-{c.ac}-{c.dispatch}")
+@pytest.mark.parametrize("case", [*PAIRWISE, *HF, *RING],
+                         ids=lambda c: f"{c.preset}-{c.mesh}-{c.ac}-{c.dispatch}-{c.cp_comm}")
 def test_predicted_peak_is_within_10_percent_on_every_rank(
         measured: dict[Case, list[dict[str, int]]], case: Case) -> None:
     runs = measured[case]
@@ -62,7 +63,9 @@ def test_predicted_peak_is_within_10_percent_on_every_rank(
 
 
 @pytest.mark.parametrize(("term", "case"), [("_logits", PAIRWISE[0]),
-                                            ("_recompute", PAIRWISE[3])])
+                                            ("_recompute", PAIRWISE[3]),
+                                            ("ring_backward_bytes", RING[0]),
+                                            ("ring_backward_bytes", RING[1])])
 def test_dropping_a_term_fails_the_comparison(measured: dict[Case, list[dict[str, int]]],
                                               term: str, case: Case) -> None:
     with mock.patch(f"moefn.analyse.activations.{term}", lambda *args: 0):

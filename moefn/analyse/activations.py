@@ -15,15 +15,20 @@ local tokens (rows × seq_len / cp) in the compute dtype (``b`` bytes; fp32 is 4
   (`moefn.realize.activation_checkpointing.SELECTIVE_SAVED`).
 - **recompute** — the block being back-propagated: its whole no-AC saved set (rebuilt by
   recompute when checkpointed) plus the gradients of its widest tensor and of that tensor's
-  input, alive together.
+  input, alive together — or, if larger, what ring attention's backward holds
+  (`moefn.analyse.cp_memory.ring_backward_bytes`: four fp32 ``[rows, H, S/2, S/2]`` score
+  tiles, K/V blocks and fp32 dK/dV accumulators in flight, ``S = seq_len / cp``).
 - **dispatch** — what each MoE's token dispatcher keeps: rows received (``T·top_k``, balanced,
   times ``imbalance``) and the experts' intermediates on them, and the combine side (the rows
   returned to this rank's tokens, by slot); ``dispatch_worst`` is what the blocks
   keep, plus the one block recomputed, with all ``ep·T·top_k`` rows of the group sent to this
   rank.
-- **cp_kv** — with cp > 1, each attention's K/V gathered over the sequence (grouped heads
-  expanded) and its boolean causal mask (``T × cp·T`` bytes; SDPA's fused CPU/CUDA kernels
-  never materialise the scores).
+- **cp_kv** — with cp > 1 and ``comm="all_gather"``, each attention's K/V gathered over the
+  sequence (``cp`` × local, grouped heads expanded), the gathered positions and its boolean
+  causal mask (``T × cp·T`` bytes; SDPA's fused CPU/CUDA kernels never materialise the
+  scores); with ``comm="p2p"`` (ring) only its own K/V and the gathered positions (``8·cp·T``):
+  the ring saves those with q, its fp32 output (``T·H·Dv·4``, in saved, beside o_proj's copy
+  of it) and log-sum-exp (``T·H·4``).
 - **logits** — per head, the logits (kept by the caller's outputs), their fp32 upcast (freed
   after log-softmax; none in fp32) and the log-softmax saved by cross-entropy; when backward
   starts, one head's log-softmax gradient and its input gradient on top (both fp32).
@@ -59,11 +64,13 @@ from collections.abc import Iterator
 
 from attrs import frozen
 
+from moefn.analyse.cp_memory import ring_backward_bytes
 from moefn.analyse.layout import fsdp_gathered
 from moefn.plan.arguments import int_at_least, one_of
 from moefn.plan.dtypes import DTYPE_BYTES
 from moefn.plan.errors import PlanError
-from moefn.plan.records import ActivationCheckpoint, FullyShard, InstallDispatch, ShardPlan
+from moefn.plan.records import (ActivationCheckpoint, ContextParallelAttention, FullyShard,
+                                InstallDispatch, ShardPlan)
 from moefn.plan.spec import ModelSpec, TensorInfo
 
 PARTS = ("saved", "recompute", "dispatch", "cp_kv", "logits", "fsdp_buffers",
@@ -125,9 +132,17 @@ def _norm(t: int, width: int, b: int, moefn: bool) -> int:
     return t * width * (_F32 + (_F32 if moefn else b) + b) + t * _F32
 
 
-def _attention(spec: ModelSpec, path: str, t: int, b: int, cp: int,
-               moefn: bool) -> tuple[int, int, int]:
-    """(saved, cp_kv, widest) of one attention module."""
+def _cp_comm(plan: ShardPlan, path: str) -> str | None:
+    """How the context-parallel attention inside ``path`` moves K/V (None: no CP there)."""
+    return next((s.comm for s in plan.steps_of(ContextParallelAttention)
+                 if _inside(s.path, path)), None)
+
+
+def _attention(plan: ShardPlan, path: str, t: int, seq: int, b: int,
+               moefn: bool) -> tuple[int, int, int, int]:
+    """(saved, cp_kv, widest, ring backward's own bytes) of one attention module (``seq``
+    local tokens per row)."""
+    spec, cp = plan.model, plan.mesh.cp
     info = spec.module(path)
     heads, kv_heads, dim = (int(info.fact(k)) for k in ("n_heads", "n_kv_heads", "head_dim"))
     if min(heads, kv_heads, dim) < 1:
@@ -136,12 +151,20 @@ def _attention(spec: ModelSpec, path: str, t: int, b: int, cp: int,
                                "fix the model's config: at least one head of width 1")
     names = {t_.name.rpartition(".")[0].rpartition(".")[2]: t_ for t_ in _under(spec, path)}
     q_width, kv_width = heads * dim, kv_heads * dim
+    comm = _cp_comm(plan, path) if cp > 1 else None
     if "kv_b_proj" in names:  # MLA
-        saved, k_sdpa, v_sdpa = _mla(names, heads, t, b, cp, moefn)
+        saved, local_kv, dim, v_dim = _mla(names, heads, t, b, moefn)
+        kv_heads = heads
+        out_copy = b * t * heads * v_dim  # SDPA's output, copied into o_proj's input
+        k_sdpa, v_sdpa = b * cp * t * heads * dim, b * cp * t * heads * v_dim
+        if comm is None:  # SDPA keeps k (after the cat) and v, a view of kv_b_proj's output
+            k_sdpa = b * t * heads * dim
+            v_sdpa = local_kv - k_sdpa
     else:
         # rotary keeps only its cos/sin tables (the mul saves what the other side's gradient
         # needs, and the tables need none); SDPA keeps q, k, v, its output and log-sum-exp; its
         # output follows q's [B, S, H, D] memory, so o_proj's input is a view of it
+        v_dim, out_copy = dim, 0
         saved = t * heads * _F32 + b * t * q_width + b * t * q_width  # lse, output, q
         saved += 2 * 2 * _F32 * t * dim if moefn else 0  # cos and sin of both rotary calls
         # grouped heads are expanded before SDPA, except by transformers' SDPA path without CP
@@ -150,11 +173,20 @@ def _attention(spec: ModelSpec, path: str, t: int, b: int, cp: int,
         for width in _head_norms(spec, path, dim, q_width, kv_width):  # Qwen3's q/k norms
             saved += t * width * (_F32 + (_F32 if moefn else b)) + _F32 * t * width // dim
         k_sdpa = v_sdpa = b * cp * t * (q_width if expand else kv_width)
+        local_kv = 2 * b * t * kv_width  # rotary's k; v, a view of v_proj's output
     causal = any(bool(spec.module(p).get("causal", True)) for p in spec.paths_with("core_attention")
                  if _inside(p, path))
-    gathered = k_sdpa + v_sdpa + (t * cp * t + _IDX * cp * t if cp > 1 and causal else 0)
+    positions = _IDX * cp * t if comm is not None and causal else 0
     widest = max(b * t * q_width, k_sdpa)
-    return (saved, gathered, widest) if cp > 1 else (saved + gathered, 0, widest)
+    if comm == "p2p":
+        # the ring (`moefn.realize.ring_attention`) saves q, its own k and v, the global
+        # positions, its fp32 output and lse; o_proj keeps a copy of the output
+        saved += _F32 * t * heads * v_dim - out_copy
+        ring = ring_backward_bytes(t, seq, heads, kv_heads, dim, v_dim, b, cp, causal)
+        return saved, local_kv + positions, widest, ring
+    mask = t * cp * t if comm is not None and causal else 0
+    gathered = k_sdpa + v_sdpa + mask + positions
+    return (saved, gathered, widest, 0) if comm is not None else (saved + gathered, 0, widest, 0)
 
 
 def _head_norms(spec: ModelSpec, path: str, dim: int, q_width: int,
@@ -167,11 +199,11 @@ def _head_norms(spec: ModelSpec, path: str, dim: int, q_width: int,
             for t in norms]
 
 
-def _mla(names: dict[str, TensorInfo], heads: int, t: int, b: int, cp: int,
-         moefn: bool) -> tuple[int, int, int]:
-    """(saved, SDPA's k, SDPA's v) of DeepSeek's multi-head latent attention (`MLAttention`):
-    q and kv latents through their norms, rotary on q's and k's rope parts, q and k concatenated
-    per head, v a view of kv_b_proj's output (a gathered copy under CP)."""
+def _mla(names: dict[str, TensorInfo], heads: int, t: int, b: int,
+         moefn: bool) -> tuple[int, int, int, int]:
+    """(saved but K/V, local K/V kept, q/k head width, v head width) of DeepSeek's multi-head
+    latent attention (`MLAttention`): q and kv latents through their norms, rotary on q's and
+    k's rope parts, q and k concatenated per head, v a view of kv_b_proj's output."""
     kv_a = names.get("kv_a_proj", names.get("kv_a_proj_with_mqa"))
     if kv_a is None or "q_b_proj" not in names:
         raise PlanError.single("", "MLA attention without q_b_proj/kv_a_proj", sorted(names),
@@ -187,9 +219,7 @@ def _mla(names: dict[str, TensorInfo], heads: int, t: int, b: int, cp: int,
              + tables + b * t * heads * qk  # q after the cat (SDPA's)
              + t * heads * _F32 + 2 * b * t * heads * v_dim)  # lse, SDPA output, o_proj input
     kv_out = b * t * heads * (qk - rope + v_dim)
-    if cp == 1:  # SDPA keeps k (after the cat) and v, a view that keeps kv_b_proj's output
-        return saved + kv_out, b * t * heads * qk, 0
-    return saved, b * cp * t * heads * qk, b * cp * t * heads * v_dim
+    return saved, b * t * heads * qk + kv_out, qk, v_dim
 
 
 def _mlp(t: int, intermediate: int, b: int) -> tuple[int, int]:
@@ -277,7 +307,7 @@ def _selective(plan: ShardPlan, path: str, t: int, b: int, cp: int) -> dict[str,
     return kept
 
 
-def _block(plan: ShardPlan, path: str, t: int, b: int, imbalance: float,
+def _block(plan: ShardPlan, path: str, t: int, seq: int, b: int, imbalance: float,
            worst: bool) -> _Cost:
     spec, cp = plan.model, plan.mesh.cp
     hidden, _ = _dims(spec)
@@ -285,16 +315,18 @@ def _block(plan: ShardPlan, path: str, t: int, b: int, imbalance: float,
     attn = [p for p in spec.paths_with("attention") if _inside(p, path)]
     moes = [p for p in spec.paths_with("moe") if _inside(p, path)]
     full = {"saved": 2 * _norm(t, hidden, b, moefn), "dispatch": 0, "cp_kv": 0}
-    widest = 0
+    widest = ring = 0
     for p in attn:
-        saved, gathered, wide = _attention(spec, p, t, b, cp, moefn)
+        saved, gathered, wide, ring_backward = _attention(plan, p, t, seq, b, moefn)
         full["saved"] += saved
         full["cp_kv"] += gathered
-        widest = max(widest, wide)
+        widest, ring = max(widest, wide), max(ring, ring_backward)
+    ahead = _norm(t, hidden, b, moefn)  # back-propagated (and freed) before the attention
     for p in moes:
         token, dispatch, wide = _moe(plan, p, t, b, imbalance, worst)
         full["saved"] += token
         full["dispatch"] += dispatch
+        ahead += token + dispatch
         widest = max(widest, wide)
     if not moes:
         inside = [tt for tt in _under(spec, path) if len(tt.shape) == 2
@@ -302,6 +334,7 @@ def _block(plan: ShardPlan, path: str, t: int, b: int, imbalance: float,
         if inside:
             saved, wide = _mlp(t, max(tt.shape[0] for tt in inside), b)
             full["saved"] += saved
+            ahead += saved
             widest = max(widest, wide)
     step = next((c for c in plan.steps_of(ActivationCheckpoint) if _inside(path, c.path)
                  or _inside(c.path, path)), None)
@@ -313,23 +346,25 @@ def _block(plan: ShardPlan, path: str, t: int, b: int, imbalance: float,
     else:  # full / router: the block's input (and positions) only
         kept = {"saved": b * t * hidden + _IDX * t, "dispatch": 0, "cp_kv": 0}
     return _Cost(path=path, kept=kept, full=max(total, sum(kept.values())),
-                 full_dispatch=full["dispatch"], transient=2 * widest)
+                 full_dispatch=full["dispatch"],
+                 transient=max(2 * widest, ring - ahead))
 
 
-def _segments(plan: ShardPlan, t: int, b: int, imbalance: float,
+def _segments(plan: ShardPlan, t: int, seq: int, b: int, imbalance: float,
               worst: bool) -> Iterator[_Cost]:
-    """Forward order: embedding, blocks, final norm, MTP block (its norms and projection)."""
+    """Forward order: embedding, blocks, final norm, MTP block (its norms and projection);
+    ``seq`` local tokens per row."""
     spec = plan.model
     hidden, _ = _dims(spec)
     moefn = spec.family == "moefn"
     yield _Cost(path="embed", kept={"saved": _IDX * t}, full=_IDX * t, full_dispatch=0,
                 transient=0)
     for path in spec.paths_with("block"):
-        yield _block(plan, path, t, b, imbalance, worst)
+        yield _block(plan, path, t, seq, b, imbalance, worst)
     norm = _norm(t, hidden, b, moefn)
     yield _Cost(path="norm", kept={"saved": norm}, full=norm, full_dispatch=0, transient=0)
     for path in spec.paths_with("mtp"):
-        inner = _block(plan, path, t, b, imbalance, worst)
+        inner = _block(plan, path, t, seq, b, imbalance, worst)
         extra = 3 * norm + b * t * 2 * hidden  # norm_h, norm_e, the head's norm; cat → proj
         yield _Cost(path=path, kept={**inner.kept, "saved": inner.kept["saved"] + extra},
                     full=inner.full + extra, full_dispatch=inner.full_dispatch,
@@ -416,7 +451,7 @@ def activation_memory(plan: ShardPlan, rows: int, seq_len: int, imbalance: float
     t = _tokens(plan, rows, seq_len)
     b = DTYPE_BYTES[activation_dtype]
     hidden, vocab = _dims(plan.model)
-    costs = list(_segments(plan, t, b, imbalance, worst=False))
+    costs = list(_segments(plan, t, seq_len // plan.mesh.cp, b, imbalance, worst=False))
     heads = 1 + len(plan.model.paths_with("mtp"))
     fsdp_held, fsdp_forward, fsdp_backward = _fsdp_buffers(plan)
 
@@ -440,7 +475,7 @@ def activation_memory(plan: ShardPlan, rows: int, seq_len: int, imbalance: float
     if costs:  # the last block's forward, its all-gather and the previous one's output held
         phases.append(("forward", {**kept(costs[:-1]), "fsdp_buffers": fsdp_forward}))
     phase, parts = max(phases, key=lambda item: sum(item[1].values()))
-    worst = list(_segments(plan, t, b, imbalance, worst=True))
+    worst = list(_segments(plan, t, seq_len // plan.mesh.cp, b, imbalance, worst=True))
     recomputed = max((c.full_dispatch - c.kept.get("dispatch", 0) for c in worst), default=0)
     return Activations(tokens=t, phase=phase,
                        parts=tuple((p, parts.get(p, 0)) for p in PARTS),

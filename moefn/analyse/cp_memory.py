@@ -5,8 +5,8 @@ With ``tokens`` local tokens and ``kv = 2·tokens·n_kv_heads·head_dim·act`` b
 
 - ``"all_gather"``: the whole sequence's K/V, ``cp·kv``, which attention also saves for
   backward (and backward holds their gradients, ``cp·kv`` more, before the reduce-scatter);
-- ``"p2p"`` (ring): its own block and one incoming, ``2·kv``; the saved K/V are its own ``kv``
-  (backward adds two fp32 dK/dV accumulators, its own and one incoming: ``2·kv·4/act``).
+- ``"p2p"`` (ring): its own block and one incoming, ``2·kv``; the saved K/V are its own ``kv``.
+  What the ring's backward holds on top of what it saved is `ring_backward_bytes`.
 
 Causal attention also gathers every rank's positions (int64): ``8·tokens·cp`` either way.
 
@@ -52,3 +52,35 @@ def cp_kv_bytes(plan: ShardPlan, tokens: int, activation_bytes: int) -> int:
         positions = _POSITION_BYTES * tokens * cp if causal else 0
         most = max(most, kv_bytes(step.comm, kv, cp) + positions)
     return most
+
+
+def ring_backward_bytes(tokens: int, seq: int, heads: int, kv_heads: int, dim: int, v_dim: int,
+                        activation_bytes: int, cp: int, causal: bool) -> int:
+    """Bytes `moefn.realize.ring_attention.RingAttention.backward` holds besides its saved
+    tensors, at its peak (``tokens = rows·seq`` local tokens, ``seq`` the local sequence).
+
+    Read off the code: the incoming dO (``act``), dQ (fp32), delta (fp32 per head), q and dO
+    upcast to fp32 (not in fp32), the previous tile's dQ/dK/dV (still bound), and four fp32
+    ``[rows, heads, seq/2, seq/2]`` score tiles at once (scores, probs, ``dO·Vᵀ − delta``,
+    their product) with this tile's K/V half in fp32 (not in fp32). Per ring step ``s``:
+    the K/V block (``act``) and, before the last step, the incoming one; the step's fp32 dK/dV
+    accumulator, and from step 1 the incoming accumulator and the one sent (its send still
+    holds it); on the own step the causal block's two boolean masks.
+
+    >>> ring_backward_bytes(256, 256, heads=4, kv_heads=2, dim=16, v_dim=16,
+    ...                     activation_bytes=4, cp=2, causal=True)  # measured: 1,513,480
+    1511424
+    """
+    f32 = 4
+    upcast = activation_bytes != f32
+    block = activation_bytes * tokens * kv_heads * (dim + v_dim)
+    acc = f32 * tokens * kv_heads * (dim + v_dim)
+    tile = f32 * heads * tokens * seq // 4  # rows·(seq/2)² scores per head
+    fixed = (activation_bytes * tokens * heads * v_dim + f32 * tokens * heads * dim
+             + f32 * tokens * heads + (f32 * tokens * heads * (dim + v_dim) if upcast else 0)
+             + f32 * tokens * heads * dim // 2 + acc // 2 + 4 * tile
+             + (acc // 2 if upcast else 0))
+    masks = tokens * seq // 2 if causal else 0  # two rows·(seq/2)² booleans
+    steps = max(block * (1 + (s < cp - 1)) + acc * (1 + 2 * (s >= 1)) + (masks if s == 0 else 0)
+                for s in range(cp))
+    return fixed + steps
