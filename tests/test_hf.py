@@ -27,7 +27,16 @@ from moefn.plan.records import ActivationCheckpoint
 from moefn.realize.activation_checkpointing import is_recomputing
 from moefn.realize.apply import apply_checkpoint
 from moefn.train.loop import local_batch
-from tests.hf_parity import CONFIGS, HFCase, assert_hf_parity, build_hf, hf_batch, logits_of, run_hf_parity
+from tests.hf_parity import (
+    CONFIGS,
+    HFCase,
+    assert_hf_parity,
+    build_hf,
+    hf_batch,
+    logits_of,
+    run_hf_parities,
+    run_hf_parity,
+)
 from tests.parity import worst_relative_error
 from tests.ranks import RankPool
 
@@ -51,9 +60,6 @@ CASES = [
                                        stages=CP_EP_AC_FSDP)),
     ("deepseek_v3-mla-groups-fp32-gate", HFCase(family="deepseek_v3", mesh="dp_shard=2,cp=2,ep=2",
                                                 stages=CP_EP_AC_FSDP)),
-    # sinks and sliding windows: no CP; EP with biased, transposed, interleaved experts
-    ("gpt_oss-no-cp", HFCase(family="gpt_oss", mesh="dp_shard=4,ep=2",
-                             stages=(ep("all_to_all"), ROUTER_AC, FSDP))),
     # tied embeddings stay with the root unit (no backbone unit), ep=4 (one expert pair per rank)
     ("qwen3_moe-tied-ep4", HFCase(family="qwen3_moe", mesh="dp_shard=4,ep=4",
                                   stages=(ep("all_to_all"), ROUTER_AC, FSDP),
@@ -82,9 +88,92 @@ def test_parallel_hf_model_trains_like_one_process(ranks: Callable[[int], RankPo
         assert done["cp_attention"] == (len(ROLES_OF[case.family][0]) if mesh.cp > 1 else 0)
 
 
+WINDOW = (("sliding_window", 4),)  # under the 8 tokens a cp rank holds, and across cp ranks
+WINDOWED = {  # family: tiny-config overrides; each has a sliding and a full-attention layer
+    "gpt_oss": WINDOW,  # per-head sinks on both layers; EP: biased, transposed, interleaved experts
+    "granitemoe_swa": (*WINDOW, ("layer_types", ["sliding_attention", "full_attention"])),  # sinks
+    "mimo_v2_flash": WINDOW,  # sinks on the sliding layer only, more KV heads there
+    "cohere2_moe": WINDOW, "exaone_moe": WINDOW, "kolibri1": WINDOW, "beam": WINDOW,
+}
+
+
+def test_sliding_window_and_sink_attention_trains_like_one_process_with_cp(
+        ranks: Callable[[int], RankPool]) -> None:
+    """cp=2 × ep=2 × router AC × FSDP, every family in one pool call (about 2 s each)."""
+    cases = tuple(HFCase(family=family, mesh="dp_shard=2,cp=2,ep=2", stages=CP_EP_AC_FSDP,
+                         extra=extra) for family, extra in WINDOWED.items())
+    for results in ranks(4).run(run_hf_parities, cases):
+        for case, result in zip(cases, results, strict=True):
+            assert result["attn_implementation"] == "moefn", case.family
+            done = result["installed"]
+            assert done["cp_attention"] == done["checkpointed"] == 2, (case.family, done)
+            assert done["dispatchers"] == ["AllToAllDispatch"] and done["router_replay"], done
+            try:
+                assert_hf_parity(result)
+            except AssertionError as error:
+                raise AssertionError(f"{case.family}: {error}") from None
+
+
+def _masked_attention_on_ranks(rank: int, world: int) -> dict[str, float]:
+    """Each mask kind on 4 cp ranks (head-tail, 4 tokens each) against transformers' eager
+    attention with its own mask functions over the whole sequence: output and input gradients."""
+    import torch.distributed as dist
+    from transformers.masking_utils import (
+        chunked_causal_mask_function,
+        eager_mask,
+        sliding_window_causal_mask_function,
+    )
+    from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import eager_attention_forward
+
+    from moefn.realize.context_parallel import attend_all_gathered, shard_sequence, unshard_sequence
+
+    seq, generator = 16, torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, heads, seq, 8, generator=generator) for heads in (4, 2, 2))
+    sinks, weight = torch.randn(4, generator=generator), torch.randn(2, seq, 4, 8, generator=generator)
+    positions = torch.arange(seq).expand(2, seq)
+    kinds = {"window": ({"window": 3}, sliding_window_causal_mask_function(3), False),
+             "chunk": ({"chunk": 3}, chunked_causal_mask_function(3, torch.zeros(2, dtype=torch.long)),
+                       False),
+             "sinks+window": ({"window": 5}, sliding_window_causal_mask_function(5), True)}
+    errors = {}
+    for name, (options, mask_function, with_sinks) in kinds.items():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+        mine = [shard_sequence(t, world, rank, dim=2) for t in leaves[:3]]
+        out = attend_all_gathered(*mine, shard_sequence(positions, world, rank), True,
+                                  dist.group.WORLD, 8 ** -0.5, **options,
+                                  sinks=leaves[3].reshape(1, -1, 1, 1) if with_sinks else None)
+        (out.transpose(1, 2) * shard_sequence(weight, world, rank)).sum().backward()
+        grads = [t.grad for t in leaves if t.grad is not None]
+        for grad in grads:
+            dist.all_reduce(grad)
+        outs = [torch.empty_like(out) for _ in range(world)]
+        dist.all_gather(outs, out.detach())
+
+        ref_leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+        module = nn.Module()
+        module.num_key_value_groups, module.training = 2, False  # type: ignore[assignment]
+        module.sinks = ref_leaves[3] if with_sinks else None  # type: ignore[assignment]
+        mask = eager_mask(batch_size=2, q_length=seq, kv_length=seq, mask_function=mask_function,
+                          dtype=torch.float32)
+        ref, _ = eager_attention_forward(module, *ref_leaves[:3], mask, 8 ** -0.5)
+        (ref * weight).sum().backward()
+        ref_grads = [t.grad for t in ref_leaves if t.grad is not None]
+        assert len(grads) == len(ref_grads) == 3 + with_sinks
+        errors[name] = max(float((unshard_sequence(outs, dim=2).transpose(1, 2) - ref).abs().max()),
+                           *(float((g - r).abs().max()) for g, r in zip(grads, ref_grads, strict=True)))
+    return errors
+
+
+def test_windowed_chunked_and_sink_attention_match_transformers_masks_across_cp_ranks(
+        ranks: Callable[[int], RankPool]) -> None:
+    for errors in ranks(4).run(_masked_attention_on_ranks):
+        assert set(errors) == {"window", "chunk", "sinks+window"}
+        assert max(errors.values()) < 1e-5, errors
+
+
 ROLES_OF = {  # family: (decoder layers, MoE routers)
     "qwen3_moe": ((0, 1), 2), "mixtral": ((0, 1), 2), "olmoe": ((0, 1), 2),
-    "qwen2_moe": ((0, 1), 2), "deepseek_v3": ((0, 1, 2), 2), "gpt_oss": ((0, 1), 2),
+    "qwen2_moe": ((0, 1), 2), "deepseek_v3": ((0, 1, 2), 2),
 }
 
 
@@ -124,16 +213,38 @@ def test_tied_embeddings_keep_the_backbone_out_of_fsdp_units() -> None:
     assert "model" not in units and "" in units and "model.embed_tokens" not in units
 
 
-def test_cp_refuses_sinks_and_sliding_windows() -> None:
+def test_cp_plans_windows_and_sinks_and_refuses_indexed_and_compressed_attention() -> None:
     mesh = MeshSpec(dp_shard=2, cp=2)
-    gpt_oss = str(compose(plan_cp())(build_hf("gpt_oss", device="meta"), mesh).failure())
-    assert "model.layers.0.self_attn: attention cannot be context-parallel (value: attention " \
-           "sinks, sliding_attention)" in gpt_oss
-    assert "model.layers.1.self_attn: attention cannot be context-parallel (value: attention " \
-           "sinks)" in gpt_oss
-    mixtral = compose(plan_cp())(build_hf("mixtral", device="meta", sliding_window=8), mesh)
-    assert "(value: sliding_window=8)" in str(mixtral.failure())
-    assert compose(plan_cp())(build_hf("mixtral", device="meta"), mesh).unwrap().stages == ("cp",)
+    for model in (build_hf("gpt_oss", device="meta"),
+                  build_hf("mixtral", device="meta", sliding_window=8)):
+        assert compose(plan_cp())(model, mesh).unwrap().stages == ("cp",)
+    ring = str(compose(plan_cp(comm="p2p"))(build_hf("gpt_oss", device="meta"), mesh).failure())
+    assert "model.layers.0.self_attn: ring (p2p) attention masks causally only (value: attention " \
+           "sinks, sliding_window=128)" in ring and 'use plan_cp(comm="all_gather")' in ring
+    assert "model.layers.1.self_attn: ring (p2p) attention masks causally only (value: attention " \
+           "sinks)" in ring
+    for family, kind in (("deepseek_v32", "indexed_attention"), ("glm_moe_dsa", "indexed_attention"),
+                         ("deepseek_v4", "compressed")):
+        refused = str(compose(plan_cp())(build_hf(family, device="meta"), mesh).failure())
+        grouped = refused.replace(" ×2", "")  # equal problems on both layers are listed once
+        assert "self_attn: attention cannot be context-parallel (value: " in grouped, refused
+        assert kind in refused and "leave plan_cp out for this model" in refused, refused
+
+
+def test_moefn_attention_refuses_what_it_cannot_apply_at_run_time() -> None:
+    from moefn.adapters.transformers.attention import install_context_parallel, moefn_attention_forward
+    from moefn.launch import one_rank_group
+
+    model = build_hf("gpt_oss", sliding_window=4)
+    with one_rank_group() as group:
+        for layer in model.model.layers:
+            install_context_parallel(layer.self_attn, group, comm="p2p")
+        with pytest.raises(ValueError, match=r"ring \(p2p\) attention masks causally only"):
+            logits_of(model, hf_batch(64, 1, 8, 0))
+    q = torch.zeros(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="does not apply sinks, position_bias"):
+        moefn_attention_forward(nn.Linear(1, 1), q, q, q, None, position_ids=torch.arange(8)[None],
+                                sinks=q[..., :1], position_bias=q[..., :8])
 
 
 # ---- hybrid models: decoder layers whose mixer is not softmax attention ------------------------

@@ -3,8 +3,9 @@
 Recognised: models whose experts are *fused* 3-D parameters behind transformers' experts
 interface (``@use_experts_implementation``: Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V3,
 GPT-OSS, ...). Roles: decoder layers ``block``; each layer's attention module ``attention`` and
-``core_attention`` (the module whose attention function CP replaces, with ``cp_supported=False``
-and a ``kind`` for sliding-window, chunked or sink attention); the MoE block ``moe``; its router
+``core_attention`` (the module whose attention function CP replaces; a ``mask`` fact names its
+sinks, sliding window or chunks, and ``cp_supported=False`` with a ``kind`` marks indexed,
+compressed or linear attention, which CP refuses); the MoE block ``moe``; its router
 ``router`` (``keep_fp32`` when the model keeps it in fp32, e.g. DeepSeek-V3); the fused experts
 ``experts`` (fact ``num_experts``); shared experts ``shared_experts``; ``embed``; ``lm_head``;
 the backbone (``model``) ``backbone`` unless the embeddings are tied to the lm_head (a tied weight
@@ -113,23 +114,27 @@ def layer_type(config: object, index: int) -> str | None:
     return None
 
 
-def _unsupported_kind(attention: nn.Module, config: object, index: int) -> str | None:
-    """Why this attention cannot be context-parallel (None when it can)."""
-    kinds = []
+CP_LAYER_TYPES = ("full_attention", "attention", "sliding_attention", "chunked_attention")
+
+
+def _cp_facts(attention: nn.Module, config: object, index: int) -> tuple[Fact, ...]:
+    """``mask``: the sinks, sliding window or chunks CP applies by global position (the ring
+    refuses them); ``cp_supported=False`` with ``kind`` for other layer types (indexed,
+    compressed, linear, ...): their attention is more than a masked softmax over K/V."""
+    masks = []
     if getattr(attention, "sinks", None) is not None:
-        kinds.append("attention sinks")
-    layer_types = getattr(config, "layer_types", None)
-    if isinstance(layer_types, (list, tuple)) and index < len(layer_types):
-        if layer_types[index] not in ("full_attention", "attention"):
-            kinds.append(str(layer_types[index]))
-    else:
-        window = (getattr(attention, "sliding_window") if hasattr(attention, "sliding_window")
-                  else getattr(config, "sliding_window", None))
-        if window:
-            kinds.append(f"sliding_window={window}")
-    if getattr(config, "attention_chunk_size", None):
-        kinds.append("chunked attention")
-    return ", ".join(kinds) if kinds else None
+        masks.append("attention sinks")
+    window = (getattr(attention, "sliding_window") if hasattr(attention, "sliding_window")
+              else getattr(config, "sliding_window", None))
+    kind = layer_type(config, index)
+    if window and kind in (None, "sliding_attention"):
+        masks.append(f"sliding_window={window}")
+    if kind == "chunked_attention":
+        masks.append(f"attention_chunk_size={getattr(config, 'attention_chunk_size', None)}")
+    facts: tuple[Fact, ...] = (("mask", ", ".join(masks)),) if masks else ()
+    if kind is not None and kind not in CP_LAYER_TYPES:
+        return (*facts, ("cp_supported", False), ("kind", ", ".join([*masks, kind])))
+    return facts
 
 
 def _attention_facts(attention: nn.Module, config: object) -> tuple[Fact, ...]:
@@ -222,10 +227,8 @@ class HFRecogniser:
                 out.tag(attn_path, "attention", "core_attention")
                 facts = _attention_facts(attention[1], config)
                 out.facts[path] = facts  # the CP estimate reads heads on the core's parent
-                kind = _unsupported_kind(attention[1], config, i)
-                cp: tuple[Fact, ...] = (("cp_supported", False), ("kind", kind)) if kind else ()
                 out.facts[attn_path] = (*facts, ("causal", bool(getattr(attention[1], "is_causal", True))),
-                                        *cp)
+                                        *_cp_facts(attention[1], config, i))
         for path, module in experts:
             moe_path = path.rpartition(".")[0]
             moe = model.get_submodule(moe_path)

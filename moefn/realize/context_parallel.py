@@ -3,8 +3,9 @@
 The sequence is cut into ``2·cp`` chunks and cp rank ``i`` holds chunks ``i`` and ``2·cp−1−i``
 (head-tail), so causal work is even. Keys, values and their global positions are gathered over
 the cp group with an autograd all-gather (their gradients reduce-scatter back) before grouped
-KV heads are expanded, so only the real KV heads travel; the causal mask is built from global
-positions, so it works for any layout.
+KV heads are expanded, so only the real KV heads travel; the mask (causal, sliding-window or
+chunked) is built from global positions, so it works for any layout, and per-head sink logits
+join the softmax exactly.
 
 >>> head_tail_indices(8, cp=2, cp_rank=0).tolist()
 [0, 1, 6, 7]
@@ -66,13 +67,49 @@ def _gather_sequence(t: Tensor, dim: int, group: dist.ProcessGroup, grad: bool) 
     return out
 
 
+def global_mask(q_pos: Tensor, k_pos: Tensor, window: int | None = None,
+                chunk: int | None = None) -> Tensor:
+    """Which keys each query sees, ``[B, 1, Sq, Sk]``, from global positions ``q_pos[B, Sq]``
+    and ``k_pos[B, Sk]``: causal, within ``window`` positions (``q − window < k ≤ q``) and in
+    the same ``chunk`` of positions, as transformers' sliding-window and chunked masks.
+
+    >>> global_mask(torch.arange(4)[None], torch.arange(4)[None], window=2).int()[0, 0].tolist()
+    [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+    """
+    q, k = q_pos[:, None, :, None], k_pos[:, None, None, :]
+    mask = q >= k
+    if window is not None:
+        mask = mask & (k > q - window)
+    if chunk is not None:
+        mask = mask & (torch.div(k, chunk, rounding_mode="floor")
+                       == torch.div(q, chunk, rounding_mode="floor"))
+    return mask
+
+
+def _attend_with_sinks(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sinks: Tensor,
+                       scale: float | None, dropout: float) -> Tensor:
+    """Softmax over the keys and one sink logit per (head, query) that takes weight but gives
+    no value (GPT-OSS's ``sinks``): ``sinks`` broadcasts to ``[B, Hq, Sq, 1]``."""
+    scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.to(scores.dtype).expand(*scores.shape[:-1], 1)
+    probs = torch.cat((scores, sink), dim=-1).softmax(-1)[..., :-1]
+    return F.dropout(probs, p=dropout) @ v
+
+
 def attend_all_gathered(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor, causal: bool,
                         group: dist.ProcessGroup | None, scale: float | None = None,
-                        dropout: float = 0.0) -> Tensor:
+                        dropout: float = 0.0, window: int | None = None,
+                        chunk: int | None = None, sinks: Tensor | None = None) -> Tensor:
     """Local queries ``[B, Hq, S, D]`` against the keys/values of the whole sequence: ``k``/``v``
     ``[B, Hkv, S, D]`` are all-gathered over ``group`` (autograd: gradients reduce-scatter back)
-    before grouped heads are expanded; the causal mask compares global ``position_ids``, so any
-    layout works. ``group=None`` attends locally the same way."""
+    before grouped heads are expanded; the mask (`global_mask`: causal, a sliding ``window``,
+    ``chunk``-ed attention) compares global ``position_ids``, so any layout works; ``sinks``
+    (broadcasting to ``[B, Hq, S, 1]``) are extra softmax logits. ``group=None`` attends locally
+    the same way."""
+    if (window is not None or chunk is not None) and not causal:
+        raise ValueError(f"a sliding window ({window}) or chunk ({chunk}) needs causal attention")
     if group is not None:
         k = _gather_sequence(k, 2, group, grad=True)
         v = _gather_sequence(v, 2, group, grad=True)
@@ -84,7 +121,9 @@ def attend_all_gathered(q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor, c
     if causal:
         k_pos = position_ids if group is None else _gather_sequence(position_ids, 1, group,
                                                                     grad=False)
-        mask = position_ids[:, None, :, None] >= k_pos[:, None, None, :]
+        mask = global_mask(position_ids, k_pos, window, chunk)
+    if sinks is not None:
+        return _attend_with_sinks(q, k, v, mask, sinks, scale, dropout)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
 
 

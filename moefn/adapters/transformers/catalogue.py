@@ -215,19 +215,22 @@ def plan_row(model_type: str) -> Row:
 
 
 SUITE = "tests/test_hf.py::test_parallel_hf_model_trains_like_one_process"
-SUITE_DATE = "2026-11-30"
-HYBRID_DATE = "2026-11-30"
+WINDOWED_SUITE = "tests/test_hf.py::test_sliding_window_and_sink_attention_trains_like_one_process_with_cp"
+HYBRID_SUITE = "tests/test_hf.py::test_hybrid_models_train_like_one_process"
+SUITE_DATE = WINDOWED_DATE = HYBRID_DATE = "2026-11-30"
 NUMERICS: dict[str, str] = {  # families the default suite's parity tests train on 4 gloo ranks
-    family: f"matches one process: `{SUITE}[{case}]` ({SUITE_DATE})"
-    for family, case in (("qwen3_moe", "qwen3_moe"), ("mixtral", "mixtral-all_gather"),
-                         ("olmoe", "olmoe"), ("qwen2_moe", "qwen2_moe-shared-expert"),
-                         ("deepseek_v3", "deepseek_v3-mla-groups-fp32-gate"),
-                         ("gpt_oss", "gpt_oss-no-cp"))
-} | {  # hybrids (Mamba, gated delta-net, short conv): fp32 and bf16 with fp32 A_log/D/dt_bias
-    family: "matches one process: `tests/test_hf.py::test_hybrid_models_train_like_one_process` "
-            f"(fp32 ≤ 1e-5; bf16 policy, fp32 kept) ({HYBRID_DATE})"
-    for family in ("qwen3_next", "nemotron_h", "jamba", "granitemoehybrid", "lfm2_moe",
-                   "qwen3_5_moe_text")
+    **{family: f"matches one process: `{SUITE}[{case}]` ({SUITE_DATE})"
+       for family, case in (("qwen3_moe", "qwen3_moe"), ("mixtral", "mixtral-all_gather"),
+                            ("olmoe", "olmoe"), ("qwen2_moe", "qwen2_moe-shared-expert"),
+                            ("deepseek_v3", "deepseek_v3-mla-groups-fp32-gate"))},
+    **{family: f"matches one process with CP, sliding window 4: `{WINDOWED_SUITE}` ({WINDOWED_DATE})"
+       for family in ("gpt_oss", "granitemoe_swa", "mimo_v2_flash", "cohere2_moe", "exaone_moe",
+                      "kolibri1", "beam")},
+    # hybrids (Mamba, gated delta-net, short conv): fp32 and bf16 with fp32 A_log/D/dt_bias
+    **{family: f"matches one process: `{HYBRID_SUITE}` (fp32 ≤ 1e-5; bf16 policy, fp32 kept) "
+               f"({HYBRID_DATE})"
+       for family in ("qwen3_next", "nemotron_h", "jamba", "granitemoehybrid", "lfm2_moe",
+                      "qwen3_5_moe_text")},
 }
 NOT_CHECKED = "not checked"
 HEADER = "| family | EP + router AC + FSDP ({ep}) | CP ({cp}) | numerics |"

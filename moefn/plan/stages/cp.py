@@ -4,6 +4,8 @@ The sequence is split head-tail (cp rank i holds chunks i and 2·cp−1−i of 2
 is even; `moefn.train.local_batch` cuts a batch that way. ``comm`` says how keys/values travel:
 ``"all_gather"`` (default) gathers the whole sequence's K/V on every rank; ``"p2p"`` passes K/V
 blocks around the cp ring, so a rank holds its own block and one incoming (O(seq/cp) memory).
+Sliding windows, chunks and attention sinks (an attention's ``mask`` fact) are applied exactly
+by ``"all_gather"``; the ring refuses them.
 
 >>> plan_cp(seq_len=4096, comm="p2p").name
 'cp'
@@ -76,6 +78,11 @@ def plan_cp(seq_len: int | None = None, mesh: MeshSpec | None = None,
                              value=str(plan.model.module(p).get("kind", "unknown")),
                              fix="leave plan_cp out for this model")
                      for p in targets if plan.model.module(p).get("cp_supported", True) is False]
+        if comm == "p2p":
+            problems += [Problem(path=p, message="ring (p2p) attention masks causally only",
+                                 value=str(plan.model.module(p).get("mask", "")),
+                                 fix='use plan_cp(comm="all_gather") for this model')
+                         for p in targets if plan.model.module(p).get("mask", "")]
         if problems:
             return Failure(PlanError(problems))
         steps: list[Step] = [ContextParallelAttention(stage="cp", path=p, mesh_dims=("cp",),
