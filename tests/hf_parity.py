@@ -22,7 +22,6 @@ from moefn.plan.records import ShardPlan
 from moefn.realize import build_device_meshes, realize
 from moefn.train.loop import Batch, local_batch
 from tests.parity import STAGES, train_side_by_side
-from tests.ranks import release_groups
 
 _COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, bos_token_id=None, eos_token_id=None, pad_token_id=None)
@@ -178,16 +177,6 @@ def run_hf_parity(rank: int, world: int, case: HFCase) -> dict[str, Any]:
         "stages": plan.stages,
         "installed": installed(model),
     }
-
-
-def run_hf_parities(rank: int, world: int, cases: tuple[HFCase, ...]) -> list[dict[str, Any]]:
-    """`run_hf_parity` for several cases in one call (one pool round trip), releasing each
-    case's process groups before the next."""
-    results = []
-    for case in cases:
-        results.append(run_hf_parity(rank, world, case))
-        release_groups()
-    return results
 
 
 def installed(model: nn.Module) -> dict[str, Any]:

@@ -34,7 +34,6 @@ from tests.hf_parity import (
     build_hf,
     hf_batch,
     logits_of,
-    run_hf_parities,
     run_hf_parity,
 )
 from tests.parity import worst_relative_error
@@ -99,11 +98,10 @@ WINDOWED = {  # family: tiny-config overrides; each has a sliding and a full-att
 
 def test_sliding_window_and_sink_attention_trains_like_one_process_with_cp(
         ranks: Callable[[int], RankPool]) -> None:
-    """cp=2 × ep=2 × router AC × FSDP, every family in one pool call (about 2 s each)."""
-    cases = tuple(HFCase(family=family, mesh="dp_shard=2,cp=2,ep=2", stages=CP_EP_AC_FSDP,
-                         extra=extra) for family, extra in WINDOWED.items())
-    for results in ranks(4).run(run_hf_parities, cases):
-        for case, result in zip(cases, results, strict=True):
+    """cp=2 × ep=2 × router AC × FSDP, a family per pool call (see tests/ranks.py)."""
+    for family, extra in WINDOWED.items():
+        case = HFCase(family=family, mesh="dp_shard=2,cp=2,ep=2", stages=CP_EP_AC_FSDP, extra=extra)
+        for result in ranks(4).run(run_hf_parity, case):
             assert result["attn_implementation"] == "moefn", case.family
             done = result["installed"]
             assert done["cp_attention"] == done["checkpointed"] == 2, (case.family, done)
@@ -253,30 +251,25 @@ HYBRIDS = ("qwen3_next", "nemotron_h", "jamba", "granitemoehybrid", "lfm2_moe", 
 HYBRID_MESH = "dp_shard=4,ep=2"
 
 
-def _hybrids_train_like_one_process(rank: int, world: int) -> dict[str, dict[str, Any]]:
-    """Every hybrid family with EP 2 × router AC × FSDP, in fp32 and under a bf16 policy."""
-    from tests.ranks import release_groups
-
-    out = {}
-    for family in HYBRIDS:
-        for precision in ("fp32", "bf16"):
-            case = HFCase(family=family, mesh=HYBRID_MESH, steps=2,
-                          stages=(ep("all_to_all"), ROUTER_AC, ("fsdp", (("precision", precision),))))
-            result = run_hf_parity(rank, world, case)
-            out[f"{family}-{precision}"] = {k: result[k] for k in (
-                "losses", "reference", "max_loss_diff", "grad_errors", "zero_grads",
-                "state_dict_keys", "reference_keys", "kept_in_forward", "kept_stored", "installed")}
-            release_groups()
-    return out
+def _hybrid_trains_like_one_process(rank: int, world: int, family: str,
+                                    precision: str) -> dict[str, Any]:
+    """A hybrid family with EP 2 × router AC × FSDP in ``precision`` (fp32, or a bf16 policy)."""
+    case = HFCase(family=family, mesh=HYBRID_MESH, steps=2,
+                  stages=(ep("all_to_all"), ROUTER_AC, ("fsdp", (("precision", precision),))))
+    result = run_hf_parity(rank, world, case)
+    return {k: result[k] for k in (
+        "losses", "reference", "max_loss_diff", "grad_errors", "zero_grads",
+        "state_dict_keys", "reference_keys", "kept_in_forward", "kept_stored", "installed")}
 
 
 def test_hybrid_models_train_like_one_process(ranks: Callable[[int], RankPool]) -> None:
     """Mamba, gated delta-net and short-conv layers beside attention and MoE layers: fp32 matches
     one process (≤ 1e-5); under bf16 the mixers' A_log/D/dt_bias (and NemotronH's fp32 router)
     are fp32 in forward and after the optimizer step, and the losses follow within bf16."""
-    for results in ranks(4).run(_hybrids_train_like_one_process):
-        for family in HYBRIDS:
-            exact, bf16 = results[f"{family}-fp32"], results[f"{family}-bf16"]
+    for family in HYBRIDS:  # a case per pool call: see tests/ranks.py
+        for exact, bf16 in zip(ranks(4).run(_hybrid_trains_like_one_process, family, "fp32"),
+                               ranks(4).run(_hybrid_trains_like_one_process, family, "bf16"),
+                               strict=True):
             assert_hf_parity(exact)
             assert exact["installed"]["checkpointed"] == len(build_hf(family, device="meta")
                                                              .model.layers)
