@@ -1,6 +1,7 @@
 """What the all-to-all dispatchers move on 4 gloo ranks, counted by `CommLedger`: equal to the
-prediction for the routing they were given, equal on average to the uniform expectation, and
-(hierarchical, 2 nodes of 2) one row per (token, destination node) across nodes. Plus the
+prediction for the routing they were given, equal on average to the plan's uniform expectation
+(group-limited when the model's router is), and (hierarchical, 2 nodes of 2) one row per
+(token, destination node) across nodes. Plus the
 permutation's determinism under selective checkpointing with tied expert ids and weights."""
 
 from __future__ import annotations
@@ -11,13 +12,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from attrs import evolve
 from torch import Tensor
 from torch.distributed import ProcessGroup
 from torch.utils.checkpoint import checkpoint
 
-from moefn.analyse.comm import a2a_dispatch_comm
+from moefn import MeshSpec, compose, plan_ep
+from moefn.adapters.reference import MoETransformer, get_preset
+from moefn.analyse.comm import a2a_dispatch_comm, group_ranks
+from moefn.analyse.dispatch_rows import DispatchRows, rows_of_routing
+from moefn.analyse.estimate import estimate
 from moefn.analyse.ledger import CommLedger
-from moefn.analyse.dispatch_rows import DispatchRows, expected_rows, rows_of_routing
 from moefn.realize.activation_checkpointing import _selective_contexts
 from moefn.realize.dispatch import Dispatcher, LocalExpertsFn
 from moefn.realize.ep_dispatch import AllToAllDispatch, HierarchicalDispatch, destinations
@@ -99,9 +104,28 @@ def _exact(rank: int, groups: dict[str, ProcessGroup]) -> None:
                 assert rows.sent == pairs, (rows, pairs)
 
 
+def _planned(rank: int, tokens: int, top_k: int, n_group: int, topk_group: int,
+             per_node: int | None) -> Counted:
+    """The plan's prediction for a one-layer reference model routing ``top_k`` of ``E`` experts
+    within ``topk_group`` of ``n_group`` groups (its router's facts), by group."""
+    config = evolve(get_preset("tiny"), n_layers=1, n_experts=E, top_k=top_k, n_group=n_group,
+                    topk_group=topk_group)
+    with torch.device("meta"):
+        model = MoETransformer(config)
+    stage = plan_ep(dispatch="hierarchical", ranks_per_node=per_node) if per_node else plan_ep()
+    plan = compose(stage)(model, MeshSpec(dp_shard=4, ep=4)).unwrap()
+    out: Counted = {}
+    for c in estimate(plan, rank, tokens, hidden=H, activation_dtype="float32").comm:
+        if c.op == "all_to_all":
+            key = ("all_to_all", group_ranks(plan, rank, c))
+            calls, sent, received = out.get(key, (0, 0, 0))
+            out[key] = (calls + c.calls, sent + c.sent, received + c.received)
+    return out
+
+
 def _expected(rank: int, groups: dict[str, ProcessGroup], draws: int,
               tokens: int) -> dict[str, float]:
-    """Relative gap between the ledger's mean bytes and the uniform expectation."""
+    """Relative gap between the ledger's mean bytes and the plan's uniform expectation."""
     gaps = {}
     for n_group, topk_group, top_k in ((1, 1, 2), (4, 2, 3)):
         gen = torch.Generator().manual_seed(1000 + rank)
@@ -111,8 +135,9 @@ def _expected(rank: int, groups: dict[str, ProcessGroup], draws: int,
                 for key, (_, sent, received) in _step(
                         dispatcher, draw(tokens, top_k, n_group, topk_group, gen), gen).items():
                     total[key] = total.get(key, Fraction(0)) + sent + received
-            rows = expected_rows(tokens, E, top_k, 4, rank, per_node or 1, n_group, topk_group)
-            for key, (_, sent, received) in _predicted(rows, per_node, top_k, groups).items():
+            planned = _planned(rank, tokens, top_k, n_group, topk_group, per_node)
+            assert planned.keys() == total.keys(), (planned, total)
+            for key, (_, sent, received) in planned.items():
                 mean = total[key] / draws
                 gaps[f"{name} {n_group}/{topk_group} {key}"] = float(
                     abs(mean - (sent + received)) / (sent + received))

@@ -1,5 +1,6 @@
 """Dispatch rows (pure): the exact expectation against brute-force enumeration, the rows of a
-given routing counted by hand, and the byte records built from them."""
+given routing counted by hand, the byte records built from them, and the router grouping that
+plans record for them."""
 
 from __future__ import annotations
 
@@ -7,10 +8,16 @@ from fractions import Fraction
 from itertools import combinations
 
 import pytest
+import torch
+from attrs import evolve
 
+from moefn.adapters.reference import MoETransformer, get_preset
+from moefn.adapters.reference.moe import Router
 from moefn.analyse.comm import a2a_dispatch_comm
 from moefn.analyse.dispatch_rows import DispatchRows, expected_rows, hit_probability, rows_of_routing
 from moefn.plan.errors import PlanError
+from moefn.plan.roles import group_facts
+from moefn.plan.spec import inspect_model
 
 
 def _brute_hit(experts: int, top_k: int, first: int, count: int, n_group: int,
@@ -77,3 +84,35 @@ def test_dispatch_bytes_count_rows_weights_and_ids() -> None:
     assert data.sent == 4 * (3 * 8 + 5 * 6 + 3 * 6 + 5 * 8)
     assert data.received == 4 * (5 * 8 + 3 * 6 + 5 * 6 + 3 * 8)
     assert data.lower_bound == 2 * 4 * 6 * (3 + 5)
+
+
+def _router_facts(model: torch.nn.Module) -> dict[str, int | str | bool]:
+    spec = inspect_model(model)
+    return dict(spec.module(spec.paths_with("router")[0]).facts)
+
+
+def test_plans_record_group_limited_routers() -> None:
+    from tests.hf_parity import build_hf
+
+    with torch.device("meta"):
+        reference = MoETransformer(get_preset("deepseek-v3"))
+    assert _router_facts(reference) == {"top_k": 8, "n_group": 8, "topk_group": 4}
+    assert _router_facts(build_hf("deepseek_v3", device="meta")) == {
+        "top_k": 2, "n_group": 2, "topk_group": 1}
+    assert "n_group" not in _router_facts(MoETransformer(get_preset("tiny")))
+
+    class Greedy(torch.nn.Module):  # DeepSeek-V2's "greedy" routing ignores its groups
+        num_group, topk_group, topk_method = 8, 3, "greedy"
+    assert group_facts(Greedy()) == ()
+
+
+def test_reference_router_keeps_to_its_groups() -> None:
+    config = evolve(get_preset("tiny"), n_experts=16, top_k=3, n_group=4, topk_group=2)
+    router = Router(config)
+    torch.nn.init.normal_(router.weight)
+    index, _ = router(torch.randn(512, config.hidden))
+    assert max(len(set((row // 4).tolist())) for row in index) == 2  # groups of 4 experts
+    with pytest.raises(ValueError, match="n_group=3 must divide n_experts=16"):
+        evolve(config, n_group=3)
+    with pytest.raises(ValueError, match="top_k=3 exceeds the 2 experts"):
+        evolve(config, n_group=8, topk_group=1)

@@ -13,9 +13,10 @@ measure `moefn.analyse.ledger.CommLedger` counts on a real run (all-gather and r
 - EP, for ``tokens`` per rank and ``top_k``: the all-to-all dispatchers exchange routing
   counts, expert ids, then one row per (token, destination rank) — per (token, destination
   node) and then within the node when hierarchical — and one result row back; the rows are
-  those of a given routing or the exact expectation for uniform routing
-  (`moefn.analyse.dispatch_rows`). The all-gather dispatcher gathers tokens with their weights and
-  routing, and reduce-scatters results. Backward repeats the row exchanges for gradients.
+  those of a given routing or the exact expectation for uniform routing, group-limited when
+  the router is (its ``n_group``/``topk_group`` facts; `moefn.analyse.dispatch_rows`). The
+  all-gather dispatcher gathers tokens with their weights and routing, and reduce-scatters
+  results. Backward repeats the row exchanges for gradients.
 - CP: each attention all-gathers K and V (and the global positions when causal), and
   reduce-scatters their gradients; or, with the ring (``comm="p2p"``), all-gathers only the
   positions (causal) and sends K/V blocks ``cp−1`` times in forward and again in backward,
@@ -176,6 +177,16 @@ def _shared_experts_follow(plan: ShardPlan, experts: str) -> bool:
     return any(p.rpartition(".")[0] == moe for p in plan.model.paths_with("shared_experts"))
 
 
+def _groups(plan: ShardPlan, experts: str) -> tuple[int, int]:
+    """``(n_group, topk_group)`` of the router beside ``experts`` (``(1, 1)``: not grouped)."""
+    moe = experts.rpartition(".")[0]
+    router = next((plan.model.module(p) for p in plan.model.paths_with("router")
+                   if p.rpartition(".")[0] == moe), None)
+    if router is None:
+        return 1, 1
+    return int(router.get("n_group", 1)), int(router.get("topk_group", 1))
+
+
 def _row_bytes(rows: Fraction, width: int) -> int:
     return round(rows * width)
 
@@ -226,7 +237,8 @@ def _ep(plan: ShardPlan, tokens: int, top_k: int, hidden: int, act: int, rank: i
         ep, axes = plan.mesh.size("ep"), step.mesh_dims
         forwards = 2 if _recomputed(plan, step.path) else 1
         moved = rows or expected_rows(tokens, step.num_experts, top_k, ep,
-                                      plan.mesh.coordinate(rank, "ep"), step.ranks_per_node or 1)
+                                      plan.mesh.coordinate(rank, "ep"), step.ranks_per_node or 1,
+                                      *_groups(plan, step.path))
         if step.kind != "all_gather":
             # recompute stops at the last tensor backward saves: the sums' exchange runs
             # again only when shared experts follow

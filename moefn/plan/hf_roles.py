@@ -6,7 +6,8 @@ GPT-OSS, ...). Roles: decoder layers ``block``; each layer's attention module ``
 ``core_attention`` (the module whose attention function CP replaces; a ``mask`` fact names its
 sinks, sliding window or chunks, and ``cp_supported=False`` with a ``kind`` marks indexed,
 compressed or linear attention, which CP refuses); the MoE block ``moe``; its router
-``router`` (``keep_fp32`` when the model keeps it in fp32, e.g. DeepSeek-V3); the fused experts
+``router`` (facts ``top_k`` and, group-limited, ``n_group``/``topk_group``; ``keep_fp32`` when
+the model keeps it in fp32, e.g. DeepSeek-V3); the fused experts
 ``experts`` (fact ``num_experts``); shared experts ``shared_experts``; ``embed``; ``lm_head``;
 the backbone (``model``) ``backbone`` unless the embeddings are tied to the lm_head (a tied weight
 must stay with the root FSDP unit, which also runs the lm_head).
@@ -33,7 +34,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from moefn.plan.errors import PlanError, Problem
-from moefn.plan.roles import Fact, Recognition, Role
+from moefn.plan.roles import Fact, Recognition, Role, group_facts
 
 TRANSFORMERS_PREFIX = "transformers."
 ROUTER_NAMES = ("gate", "router")
@@ -248,7 +249,7 @@ class HFRecogniser:
                 out.tag(router_path, "router")
                 top_k = getattr(router[1], "top_k", None)
                 if top_k is not None:
-                    out.facts[router_path] = (("top_k", int(top_k)),)
+                    out.facts[router_path] = (("top_k", int(top_k)), *group_facts(router[1]))
                 if _keeps_fp32(model, router_path, router[1]):
                     out.tag(router_path, "keep_fp32")
             for name in SHARED_NAMES:

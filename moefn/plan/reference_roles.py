@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from moefn.plan.roles import Fact, Recognition, Role
+from moefn.plan.roles import Fact, Recognition, Role, group_facts
 
 REFERENCE_PACKAGE = "moefn.adapters.reference."
 
@@ -54,7 +54,7 @@ class ReferenceRecogniser:
                     roles.setdefault(f"{path}.shared", set()).add("shared_experts")
             elif "Router" in kinds:
                 tags.add("router")
-                facts[path] = (("top_k", _int(module, "top_k")),)
+                facts[path] = (("top_k", _int(module, "top_k")), *group_facts(module))
                 if getattr(module, "keep_fp32"):
                     tags.add("keep_fp32")
             elif "GroupedExperts" in kinds:

@@ -39,6 +39,16 @@ def _top_k_fits(instance: MoEConfig, attribute: Attribute[int], value: int) -> N
         raise ValueError(f"top_k={value} exceeds n_experts={instance.n_experts}")
 
 
+def _groups_fit(instance: MoEConfig, attribute: Attribute[int], value: int) -> None:
+    if instance.n_experts % instance.n_group or value > instance.n_group:
+        raise ValueError(f"n_group={instance.n_group} must divide n_experts={instance.n_experts} "
+                         f"and topk_group={value} be at most n_group")
+    pool = value * instance.n_experts // instance.n_group
+    if instance.top_k > pool:
+        raise ValueError(f"top_k={instance.top_k} exceeds the {pool} experts of "
+                         f"topk_group={value} groups")
+
+
 def _dense_layers_fit(instance: MoEConfig, attribute: Attribute[int], value: int) -> None:
     if value > instance.n_layers:
         raise ValueError(f"n_dense_layers={value} exceeds n_layers={instance.n_layers}")
@@ -54,7 +64,10 @@ class MoEConfig:
     moe_intermediate``; the first ``n_dense_layers`` blocks use a dense SwiGLU of
     ``dense_intermediate`` instead of MoE. ``expert_bias`` adds a DeepSeek-style aux-free bias
     buffer used only to pick the top-k; ``router_fp32`` computes routing in fp32 and marks the
-    router fp32-only; ``mtp`` adds one multi-token-prediction block.
+    router fp32-only; ``mtp`` adds one multi-token-prediction block. ``n_group > 1`` limits
+    routing to groups (DeepSeek-V3): the experts form ``n_group`` equal contiguous groups, each
+    token picks the ``topk_group`` groups whose two best experts score highest, then its top-k
+    among their experts.
 
     ``kv_lora_rank > 0`` makes attention DeepSeek's multi-head latent attention (`MLAttention`):
     queries from a ``q_lora_rank`` latent, keys/values from a ``kv_lora_rank`` latent, each
@@ -78,6 +91,8 @@ class MoEConfig:
     top_k: int = field(validator=[_positive, _top_k_fits])
     moe_intermediate: int = field(validator=_positive)
     n_shared_experts: int = field(default=0, validator=_non_negative)
+    n_group: int = field(default=1, validator=_positive)
+    topk_group: int = field(default=1, validator=[_positive, _groups_fit])
     n_dense_layers: int = field(default=0, validator=[_non_negative, _dense_layers_fit])
     dense_intermediate: int = field(default=0, validator=_non_negative)
     score_func: Literal["softmax", "sigmoid"] = field(

@@ -20,7 +20,8 @@ from moefn.realize.experts import ExpertsImpl, run_grouped_experts
 
 
 class Router(nn.Module):
-    """Scores ``x @ weight.T``, picks the top-k by score (+ expert bias), counts routed slots.
+    """Scores ``x @ weight.T``, picks the top-k by score (+ expert bias) within the best
+    ``topk_group`` of ``n_group`` expert groups, counts routed slots.
 
     ``tokens_per_expert`` accumulates the (token, k) slots sent to each expert; forwards
     recomputed by activation checkpointing (during backward) are not counted twice.
@@ -36,6 +37,7 @@ class Router(nn.Module):
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
         self.top_k, self.score_func = config.top_k, config.score_func
+        self.n_group, self.topk_group = config.n_group, config.topk_group
         self.keep_fp32: bool = config.router_fp32
         self.weight = nn.Parameter(torch.empty(config.n_experts, config.hidden))
         self.expert_bias: Tensor | None
@@ -53,7 +55,7 @@ class Router(nn.Module):
         logits = x.to(dtype) @ self.weight.to(dtype).t()
         scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
         choice = scores if self.expert_bias is None else scores + self.expert_bias
-        index = route(choice, self.top_k)
+        index = route(self._within_groups(choice) if self.n_group > 1 else choice, self.top_k)
         weights = scores.gather(-1, index)
         if self.score_func == "sigmoid":
             weights = weights / weights.sum(-1, keepdim=True)
@@ -63,6 +65,22 @@ class Router(nn.Module):
             scale = 0.0 if is_recomputing() else 1.0
             self.tokens_per_expert.add_(counts.to(self.tokens_per_expert.dtype), alpha=scale)
         return index, weights.to(x.dtype)
+
+    def _within_groups(self, choice: Tensor) -> Tensor:
+        """``choice`` at -inf outside each token's ``topk_group`` groups whose two best
+        experts score highest (DeepSeek-V3's group-limited routing).
+
+        >>> from attrs import evolve
+        >>> from moefn.adapters.reference.presets import get_preset
+        >>> router = Router(evolve(get_preset("tiny"), n_group=4, topk_group=1))  # pairs
+        >>> router._within_groups(torch.tensor([[.1, .9, .5, .6, 0., 0., .2, .3]]))
+        tensor([[  -inf,   -inf, 0.5000, 0.6000,   -inf,   -inf,   -inf,   -inf]])
+        """
+        grouped = choice.detach().reshape(*choice.shape[:-1], self.n_group, -1)
+        best = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+        kept = torch.zeros_like(best, dtype=torch.bool).scatter_(
+            -1, best.topk(self.topk_group, dim=-1).indices, True)
+        return grouped.masked_fill(~kept[..., None], float("-inf")).flatten(-2)
 
 
 class GroupedExperts(nn.Module):

@@ -31,10 +31,12 @@ PRESETS: dict[str, MoEConfig] = {
                        head_dim=16, n_experts=8, top_k=2, moe_intermediate=32,
                        n_shared_experts=1),
     # DeepSeek-V3: MLA, 671B parameters plus its MTP block (the real one adds ~14B, with its own
-    # embedding and head copies; ours shares them: +11.7B); no expert groups or routed scaling
+    # embedding and head copies; ours shares them: +11.7B); top-8 within 4 of 8 expert groups,
+    # no routed scaling
     "deepseek-v3": MoEConfig(vocab_size=129280, hidden=7168, n_layers=61, n_heads=128,
                              n_kv_heads=128, head_dim=128, n_experts=256, top_k=8,
-                             moe_intermediate=2048, n_shared_experts=1, n_dense_layers=3,
+                             moe_intermediate=2048, n_shared_experts=1, n_group=8,
+                             topk_group=4, n_dense_layers=3,
                              dense_intermediate=18432, score_func="sigmoid", expert_bias=True,
                              router_fp32=True, mtp=True, q_lora_rank=1536, kv_lora_rank=512,
                              qk_rope_head_dim=64, v_head_dim=128),
