@@ -27,9 +27,8 @@ from attrs import evolve, field, frozen
 from moefn.plan.mesh import Axis, MeshSpec
 from moefn.plan.options import STAGE_ORDER as STAGE_ORDER
 from moefn.plan.options import CpComm as CpComm
-from moefn.plan.options import Dispatch
+from moefn.plan.options import Dispatch, StageOptions
 from moefn.plan.options import StageName as StageName
-from moefn.plan.options import StageOptions
 from moefn.plan.spec import ModelSpec
 
 

@@ -11,14 +11,15 @@ everything; ``"selective"`` — save matmuls, attention, collectives and top-k, 
 from __future__ import annotations
 
 import fnmatch
+
 from returns.result import Failure, Success
 
 from moefn.plan.arguments import shown
+from moefn.plan.compose import PlanResult, Stage
 from moefn.plan.errors import ArgumentTypeError, PlanError, Problem
 from moefn.plan.mesh import MeshSpec
 from moefn.plan.options import ACOptions, Mode
 from moefn.plan.records import ActivationCheckpoint, ContextParallelAttention, ShardPlan
-from moefn.plan.compose import PlanResult, Stage
 from moefn.plan.stages.common import already_parallel_problems, check_stage_mesh
 
 SAVES: dict[str, tuple[str, ...]] = {

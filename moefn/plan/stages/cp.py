@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from returns.result import Failure, Success
 
+from moefn.plan.compose import PlanResult, Stage
 from moefn.plan.errors import PlanError, Problem
 from moefn.plan.mesh import MeshSpec
-from moefn.plan.options import CP_COMMS, CPOptions, CpComm
+from moefn.plan.options import CP_COMMS, CpComm, CPOptions
 from moefn.plan.records import ContextParallelAttention, ShardPlan, Step
-from moefn.plan.compose import PlanResult, Stage
 from moefn.plan.stages.common import (
     already_parallel_problems,
     check_stage_mesh,

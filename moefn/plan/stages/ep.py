@@ -27,6 +27,7 @@ from moefn.plan.stages.common import (
     without_gradient_sync,
 )
 
+
 def _node_problems(dispatch: object, ranks_per_node: object, ep: int) -> list[Problem]:
     """``ranks_per_node`` is a whole divisor of ep, given exactly when dispatch is hierarchical."""
     fix = f"use ranks_per_node in {divisors(ep)} (GPUs per node, at most ep={ep})"
