@@ -26,8 +26,8 @@ from moefn import MeshSpec, compose, plan_ac, plan_cp, plan_ep, plan_fsdp
 from moefn.adapters.reference import MoETransformer, causal_lm_loss
 from moefn.adapters.reference.config import MoEConfig
 from moefn.adapters.reference.presets import get_preset
-from moefn.plan.records import ShardPlan
 from moefn.plan.compose import Stage
+from moefn.plan.records import ShardPlan
 
 # reference-model shapes where activations dominate at a few hundred tokens per rank
 PRESETS: dict[str, MoEConfig] = {

@@ -16,8 +16,8 @@ from torch.distributed import ProcessGroup
 from torch.utils.checkpoint import checkpoint
 
 from moefn.analyse.comm import a2a_dispatch_comm
-from moefn.analyse.ledger import CommLedger
 from moefn.analyse.dispatch_rows import DispatchRows, expected_rows, rows_of_routing
+from moefn.analyse.ledger import CommLedger
 from moefn.realize.activation_checkpointing import _selective_contexts
 from moefn.realize.dispatch import Dispatcher, LocalExpertsFn
 from moefn.realize.ep_dispatch import AllToAllDispatch, HierarchicalDispatch, destinations
