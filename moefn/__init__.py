@@ -1,13 +1,17 @@
 """moefn: plan Mixture-of-Experts parallelism (CP, EP, AC, FSDP2) as data, apply it once.
 
 >>> import torch
->>> from moefn import MeshSpec, compose, plan_ep, plan_fsdp
+>>> from moefn import MeshSpec, compose, plan_ep, plan_fsdp, stages_from
 >>> from moefn.adapters.reference import MoETransformer, get_preset
 >>> with torch.device("meta"):
 ...     model = MoETransformer(get_preset("tiny"))
 >>> plan = compose(plan_ep(), plan_fsdp())(model, MeshSpec(dp_shard=4, ep=2)).unwrap()
 >>> plan.stages
 ('ep', 'fsdp')
+>>> plan.options[0]
+EPOptions(dispatch='all_to_all', ranks_per_node=None)
+>>> compose(*stages_from(plan.options))(model, plan.mesh).unwrap() == plan
+True
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ if TYPE_CHECKING:
     from moefn.plan.compose import Planner, Stage, compose, plan_or_raise
     from moefn.plan.errors import PlanError, PlanFormatError, Problem, RealizeError
     from moefn.plan.mesh import MeshSpec
+    from moefn.plan.options import ACOptions, CPOptions, EPOptions, FSDPOptions
     from moefn.plan.records import ShardPlan
     from moefn.plan.serialize import from_json, to_json
     from moefn.plan.spec import ModelSpec, inspect_model
-    from moefn.plan.stages import plan_ac, plan_cp, plan_ep, plan_fsdp
+    from moefn.plan.stages import plan_ac, plan_cp, plan_ep, plan_fsdp, stages_from
 
 # name → module; loaded on first use, so that `moefn --help` does not wait for torch
 _HOMES = {
@@ -38,6 +43,9 @@ _HOMES = {
     "plan_fsdp": "moefn.plan.stages", "plan_or_raise": "moefn.plan.compose",
     "to_json": "moefn.plan.serialize", "from_json": "moefn.plan.serialize",
     "diff": "moefn.analyse.render", "parallelize": "moefn.parallel",
+    "stages_from": "moefn.plan.stages", "ACOptions": "moefn.plan.options",
+    "CPOptions": "moefn.plan.options", "EPOptions": "moefn.plan.options",
+    "FSDPOptions": "moefn.plan.options",
 }
 
 
@@ -48,6 +56,10 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "ACOptions",
+    "CPOptions",
+    "EPOptions",
+    "FSDPOptions",
     "MeshSpec",
     "ModelSpec",
     "PlanError",
@@ -67,5 +79,6 @@ __all__ = [
     "plan_fsdp",
     "parallelize",
     "plan_or_raise",
+    "stages_from",
     "to_json",
 ]

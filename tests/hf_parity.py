@@ -16,12 +16,13 @@ import torch
 from attrs import frozen
 from torch import nn
 
-from moefn import MeshSpec, compose
+from moefn import MeshSpec, compose, stages_from
 from moefn.adapters.reference import next_token_labels
+from moefn.plan.options import StageOptions
 from moefn.plan.records import ShardPlan
 from moefn.realize import build_device_meshes, realize
 from moefn.train.loop import Batch, local_batch
-from tests.parity import STAGES, train_side_by_side
+from tests.parity import planned, train_side_by_side
 
 _COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, bos_token_id=None, eos_token_id=None, pad_token_id=None)
@@ -109,7 +110,7 @@ def build_hf(family: str, seed: int = 0, device: str | None = None, **extra: Any
 class HFCase:
     family: str
     mesh: str
-    stages: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
+    stages: tuple[StageOptions, ...]
     batch: int = 4
     seq: int = 16
     steps: int = 3
@@ -135,8 +136,7 @@ def build_hf_pair(case: HFCase) -> tuple[nn.Module, nn.Module, ShardPlan]:
     reference = build_hf(case.family, case.seed, **dict(case.extra))
     model = copy.deepcopy(reference)
     mesh = MeshSpec.parse(case.mesh)
-    stages = tuple(STAGES[name](**dict(kwargs)) for name, kwargs in case.stages)
-    plan = compose(*stages)(model, mesh).unwrap()
+    plan = planned(compose(*stages_from(case.stages)), model, mesh)
     realize(plan, model, build_device_meshes(mesh, "cpu"))
     return reference, model, plan
 

@@ -11,11 +11,12 @@ import datetime
 import sys
 
 from moefn.adapters.transformers import catalogue
+from moefn.plan.options import ACOptions, EPOptions, FSDPOptions
 from tests.hf_parity import HFCase, assert_hf_parity, run_hf_parity
 from tests.ranks import RankPool
 
-STAGES = (("ep", (("dispatch", "all_to_all"),)), ("ac", (("mode", "router"),)),
-          ("fsdp", (("precision", "fp32"),)))
+STAGES = (EPOptions(dispatch="all_to_all"), ACOptions(mode="router"),
+          FSDPOptions(precision="fp32"))
 
 
 def check(pool: RankPool, family: str, today: str) -> str:

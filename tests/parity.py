@@ -15,20 +15,19 @@ from attrs import frozen
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from moefn import MeshSpec, compose, plan_ac, plan_cp, plan_ep, plan_fsdp
+from moefn import MeshSpec, Planner, compose, from_json, stages_from, to_json
 from moefn.adapters.reference import MoETransformer, Router, causal_lm_loss, get_preset
 from moefn.plan.compose import Stage
+from moefn.plan.options import StageOptions
 from moefn.plan.records import ShardPlan
 from moefn.realize import build_device_meshes, realize
 from moefn.train.loop import Batch, global_batch, local_batch
-
-STAGES: dict[str, Any] = {"cp": plan_cp, "ep": plan_ep, "ac": plan_ac, "fsdp": plan_fsdp}
 
 
 @frozen(kw_only=True)
 class Case:
     mesh: str
-    stages: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
+    stages: tuple[StageOptions, ...]
     preset: str = "tiny"
     batch: int = 4
     seq: int = 16
@@ -39,7 +38,7 @@ class Case:
     freeze: tuple[str, ...] = ()  # parameters that do not train
 
     def build_stages(self) -> tuple[Stage, ...]:
-        return tuple(STAGES[name](**dict(kwargs)) for name, kwargs in self.stages)
+        return stages_from(self.stages)
 
 
 def full_grad(param: nn.Parameter) -> torch.Tensor:
@@ -63,9 +62,17 @@ def build_pair(case: Case) -> tuple[nn.Module, nn.Module, ShardPlan]:
         reference.get_parameter(name).requires_grad_(False)
     model = copy.deepcopy(reference)
     mesh = MeshSpec.parse(case.mesh)
-    plan = compose(*case.build_stages())(model, mesh).unwrap()
+    plan = planned(compose(*case.build_stages()), model, mesh)
     realize(plan, model, build_device_meshes(mesh, "cpu"))
     return reference, model, plan
+
+
+def planned(planner: Planner, model: nn.Module, mesh: MeshSpec) -> ShardPlan:
+    """The plan, checked to record what made it: its options, and its JSON, plan it again."""
+    plan = planner(model, mesh).unwrap()
+    for same in (plan, from_json(to_json(plan))):
+        assert compose(*stages_from(same.options))(model, same.mesh).unwrap() == plan
+    return plan
 
 
 Outputs = Callable[[nn.Module, Batch], Any]

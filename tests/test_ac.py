@@ -19,6 +19,7 @@ from moefn.adapters.reference import (
     get_preset,
     make_batch,
 )
+from moefn.plan.options import ACOptions, Dispatch, EPOptions, FSDPOptions, Mode
 from moefn.realize import build_device_meshes, realize
 from moefn.realize.activation_checkpointing import install_checkpoint, is_recomputing
 from moefn.train.loop import global_batch, local_batch
@@ -32,15 +33,15 @@ from tests.parity import (
 )
 from tests.ranks import RankPool
 
-FSDP = ("fsdp", (("precision", "fp32"),))
+FSDP = FSDPOptions(precision="fp32")
 
 
-def ac(mode: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
-    return ("ac", (("mode", mode),))
+def ac(mode: Mode) -> ACOptions:
+    return ACOptions(mode=mode)
 
 
-def ep(dispatch: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
-    return ("ep", (("dispatch", dispatch),))
+def ep(dispatch: Dispatch) -> EPOptions:
+    return EPOptions(dispatch=dispatch)
 
 
 CASES = [
@@ -162,7 +163,7 @@ def test_checkpointing_with_one_expert_shard(ranks: Callable[[int], RankPool], m
 
 def _bf16_losses_and_grads(rank: int, world: int, mode: str) -> tuple[list[float], dict[str, Any]]:
     case = Case(mesh="dp_shard=4,ep=2", stages=(ep("all_to_all"), ac(mode),
-                                                ("fsdp", (("precision", "bf16"),))),
+                                                FSDPOptions(precision="bf16")),
                 preset="tiny-full")
     reference, model, plan = build_pair(case)
     batch = global_batch(reference.config, 4, 16, 0)

@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from moefn import MeshSpec, compose
 from moefn.adapters.reference import MoETransformer, Router, causal_lm_loss, get_preset
+from moefn.plan.options import ACOptions, CPOptions, EPOptions, FSDPOptions
 from moefn.realize import build_device_meshes, realize
 from moefn.train.accumulate import no_gradient_sync
 from moefn.train.dcp import (
@@ -30,8 +31,8 @@ from moefn.train.loop import Batch, global_batch, local_batch, train_step
 from tests.parity import Case, build_pair, full_grad
 from tests.ranks import RankPool, release_groups
 
-FSDP = ("fsdp", (("precision", "fp32"),))
-EP = ("ep", (("dispatch", "all_to_all"),))
+FSDP = FSDPOptions(precision="fp32")
+EP = EPOptions(dispatch="all_to_all")
 LAYOUTS: dict[str, tuple[str, Any]] = {
     "fsdp4": ("dp_shard=4", (FSDP,)),
     "fsdp2": ("dp_shard=2", (FSDP,)),
@@ -39,7 +40,7 @@ LAYOUTS: dict[str, tuple[str, Any]] = {
     "ep-fsdp2": ("dp_shard=2,ep=2", (EP, FSDP)),
     "hsdp": ("dp_replicate=2,dp_shard=2", (FSDP,)),
     "ep-alone": ("dp_shard=4,ep=2", (EP,)),
-    "cp-ep-ac-fsdp": ("dp_shard=2,cp=2,ep=2", (("cp", ()), EP, ("ac", (("mode", "router"),)),
+    "cp-ep-ac-fsdp": ("dp_shard=2,cp=2,ep=2", (CPOptions(), EP, ACOptions(mode="router"),
                                                FSDP)),
 }
 TINY_KEYS = set(MoETransformer(get_preset("tiny")).state_dict())

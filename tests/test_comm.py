@@ -15,23 +15,24 @@ from collections.abc import Callable
 import pytest
 
 from moefn import MeshSpec
-from moefn.analyse.comm import group_ranks
-from moefn.analyse.ledger import CommLedger, Traffic
-from moefn.analyse.dispatch_rows import DispatchRows, rows_of_routing
-from moefn.analyse.estimate import estimate
 from moefn.adapters.reference import causal_lm_loss
 from moefn.adapters.reference.moe import Router
+from moefn.analyse.comm import group_ranks
+from moefn.analyse.dispatch_rows import DispatchRows, rows_of_routing
+from moefn.analyse.estimate import estimate
+from moefn.analyse.ledger import CommLedger, Traffic
+from moefn.plan.options import ACOptions, CPOptions, EPOptions, FSDPOptions
 from moefn.plan.records import InstallDispatch, ShardPlan
 from moefn.train.loop import global_batch, local_batch
 from tests.hf_parity import HFCase, build_hf_pair, hf_batch, logits_of
 from tests.parity import Case, build_pair
 from tests.ranks import RankPool
 
-FP32 = ("fsdp", (("precision", "fp32"),))
-BF16 = ("fsdp", (("precision", "bf16"),))
-A2A = ("ep", (("dispatch", "all_to_all"),))
-AG = ("ep", (("dispatch", "all_gather"),))
-TWO_NODES = ("ep", (("dispatch", "hierarchical"), ("ranks_per_node", 2)))
+FP32 = FSDPOptions(precision="fp32")
+BF16 = FSDPOptions(precision="bf16")
+A2A = EPOptions(dispatch="all_to_all")
+AG = EPOptions(dispatch="all_gather")
+TWO_NODES = EPOptions(dispatch="hierarchical", ranks_per_node=2)
 
 Totals = dict[tuple[str, tuple[int, ...]], tuple[int, int, int]]
 
@@ -93,16 +94,16 @@ def _measure_hf(rank: int, world: int, case: HFCase) -> tuple[Totals, Totals]:
 CASES = {
     "fsdp, tied embeddings, MTP": Case(mesh="dp_shard=4", stages=(FP32,), preset="tiny-full"),
     "ep all_to_all + fsdp + router AC": Case(
-        mesh="dp_shard=4,ep=2", stages=(A2A, ("ac", ()), FP32), preset="tiny-full",
+        mesh="dp_shard=4,ep=2", stages=(A2A, ACOptions(), FP32), preset="tiny-full",
         force_experts=(0, 4)),
     "ep all_to_all + bf16 fsdp + selective AC": Case(
-        mesh="dp_shard=4,ep=2", stages=(A2A, ("ac", (("mode", "selective"),)), BF16),
+        mesh="dp_shard=4,ep=2", stages=(A2A, ACOptions(mode="selective"), BF16),
         preset="tiny-full", force_experts=(0, 4)),
     "cp + ep all_gather + full AC + fsdp": Case(
-        mesh="dp_shard=2,cp=2,ep=4", stages=(("cp", ()), AG, ("ac", (("mode", "full"),)), FP32),
+        mesh="dp_shard=2,cp=2,ep=4", stages=(CPOptions(), AG, ACOptions(mode="full"), FP32),
         preset="tiny"),
     "MLA (K and V widths differ): cp + ep all_gather + fsdp": Case(
-        mesh="dp_shard=2,cp=2,ep=2", stages=(("cp", ()), AG, FP32), preset="tiny-mla"),
+        mesh="dp_shard=2,cp=2,ep=2", stages=(CPOptions(), AG, FP32), preset="tiny-mla"),
     "hsdp + ep all_to_all": Case(mesh="dp_replicate=2,dp_shard=2,ep=2", stages=(A2A, FP32),
                                  preset="tiny-full", force_experts=(0, 4)),
     "ep all_to_all without fsdp": Case(mesh="dp_shard=4,ep=2", stages=(A2A,),
@@ -115,22 +116,22 @@ CASES = {
         mesh="dp_shard=4,ep=4", stages=(TWO_NODES, FP32), preset="tiny-full",
         force_experts=(0, 7)),
     "ep hierarchical, 2 nodes of 2, + router AC + fsdp": Case(
-        mesh="dp_shard=4,ep=4", stages=(TWO_NODES, ("ac", ()), FP32), preset="tiny-full",
+        mesh="dp_shard=4,ep=4", stages=(TWO_NODES, ACOptions(), FP32), preset="tiny-full",
         force_experts=(0, 7)),
     "2 ranks: ep all_to_all + fsdp, no experts unit": Case(
-        mesh="dp_shard=2,ep=2", stages=(A2A, ("ac", ()), FP32), preset="tiny-full",
+        mesh="dp_shard=2,ep=2", stages=(A2A, ACOptions(), FP32), preset="tiny-full",
         force_experts=(0, 4)),
 }
 
 
 HF_CASES = {  # transformers models: the all-gather dispatcher does not depend on routing
     "qwen3_moe: cp + ep all_gather + router AC + fsdp": HFCase(
-        family="qwen3_moe", mesh="dp_shard=2,cp=2,ep=2", stages=(("cp", ()), AG, ("ac", ()), FP32)),
+        family="qwen3_moe", mesh="dp_shard=2,cp=2,ep=2", stages=(CPOptions(), AG, ACOptions(), FP32)),
     "gpt_oss (biased, transposed experts): ep all_gather + router AC + bf16 fsdp": HFCase(
-        family="gpt_oss", mesh="dp_shard=4,ep=2", stages=(AG, ("ac", ()), BF16)),
+        family="gpt_oss", mesh="dp_shard=4,ep=2", stages=(AG, ACOptions(), BF16)),
     "deepseek_v3 (MLA, shared experts): cp + ep all_gather + full AC + fsdp": HFCase(
         family="deepseek_v3", mesh="dp_shard=2,cp=2,ep=2",
-        stages=(("cp", ()), AG, ("ac", (("mode", "full"),)), FP32)),
+        stages=(CPOptions(), AG, ACOptions(mode="full"), FP32)),
 }
 
 

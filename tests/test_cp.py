@@ -11,14 +11,15 @@ import torch
 from moefn import MeshSpec, compose, plan_cp, plan_fsdp
 from moefn.adapters.reference import MoETransformer, get_preset
 from moefn.analyse.render import diff
+from moefn.plan.options import ACOptions, CPOptions, EPOptions, FSDPOptions
 from moefn.realize import build_device_meshes, realize
 from moefn.realize.context_parallel import shard_sequence, unshard_sequence
 from moefn.train.loop import global_batch, local_batch
 from tests.parity import Case, assert_parity, run_parity
 from tests.ranks import RankPool
 
-CP = ("cp", ())
-FSDP = ("fsdp", (("precision", "fp32"),))
+CP = CPOptions()
+FSDP = FSDPOptions(precision="fp32")
 CASES = [
     # id, mesh, stages, preset
     ("cp2-alone-gqa", "dp_shard=2,cp=2", (CP,), "tiny"),
@@ -27,12 +28,12 @@ CASES = [
     ("cp2-fsdp-bidirectional", "dp_shard=2,cp=2", (CP, FSDP), "tiny-bidirectional"),
     ("cp4-fsdp", "cp=4", (CP, FSDP), "tiny"),
     ("cp2-ep2-ac-fsdp", "dp_shard=2,cp=2,ep=2",
-     (CP, ("ep", (("dispatch", "all_to_all"),)), ("ac", (("mode", "router"),)), FSDP), "tiny-full"),
+     (CP, EPOptions(dispatch="all_to_all"), ACOptions(mode="router"), FSDP), "tiny-full"),
     ("cp2-ep2-ag-selective-fsdp", "dp_shard=2,cp=2,ep=2",
-     (CP, ("ep", (("dispatch", "all_gather"),)), ("ac", (("mode", "selective"),)), FSDP),
+     (CP, EPOptions(dispatch="all_gather"), ACOptions(mode="selective"), FSDP),
      "tiny-full"),
     ("cp2-ep2-ac-fsdp-mla", "dp_shard=2,cp=2,ep=2",
-     (CP, ("ep", (("dispatch", "all_to_all"),)), ("ac", (("mode", "router"),)), FSDP), "tiny-mla"),
+     (CP, EPOptions(dispatch="all_to_all"), ACOptions(mode="router"), FSDP), "tiny-mla"),
 ]
 
 

@@ -7,12 +7,14 @@ single-process model (losses and every gradient, relative ≤ 1e-5, none zero).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+from attrs import evolve
 from torch import Tensor
 
 import moefn.realize.ring_attention as ring_module
@@ -20,6 +22,7 @@ from moefn import MeshSpec, compose, plan_ac, plan_cp, plan_fsdp
 from moefn.adapters.reference.layers import local_attention
 from moefn.analyse.render import diff
 from moefn.plan.errors import PlanError
+from moefn.plan.options import ACOptions, CPOptions, EPOptions, FSDPOptions
 from moefn.plan.records import ContextParallelAttention, ShardPlan
 from moefn.plan.serialize import from_json, to_json
 from moefn.realize.context_parallel import shard_sequence
@@ -29,10 +32,10 @@ from tests.parity import Case, assert_parity, run_parity
 from tests.ranks import RankPool, release_groups
 from tests.test_comm import _measure
 
-RING = ("cp", (("comm", "p2p"),))
-FSDP = ("fsdp", (("precision", "fp32"),))
-A2A = ("ep", (("dispatch", "all_to_all"),))
-ROUTER_AC = ("ac", (("mode", "router"),))
+RING = CPOptions(comm="p2p")
+FSDP = FSDPOptions(precision="fp32")
+A2A = EPOptions(dispatch="all_to_all")
+ROUTER_AC = ACOptions(mode="router")
 PARITY = {
     "ring cp=2, GQA": Case(mesh="dp_shard=2,cp=2", stages=(RING,)),
     "ring cp=4 + fsdp": Case(mesh="cp=4", stages=(RING, FSDP)),
@@ -50,7 +53,7 @@ HF_PARITY = {
         family="qwen3_moe", mesh="dp_shard=2,cp=2,ep=2", stages=(RING, A2A, ROUTER_AC, FSDP)),
 }
 COMM = {  # predicted == counted; full AC runs the forward ring again in backward
-    "ring cp=4, full AC + fsdp": Case(mesh="cp=4", stages=(RING, ("ac", (("mode", "full"),)),
+    "ring cp=4, full AC + fsdp": Case(mesh="cp=4", stages=(RING, ACOptions(mode="full"),
                                                           FSDP)),
     "ring cp=2 + fsdp, MLA": Case(mesh="dp_shard=2,cp=2", stages=(RING, FSDP), preset="tiny-mla"),
 }
@@ -189,9 +192,12 @@ def test_ring_plan_renders_serialises_and_reads_old_plans() -> None:
     assert "ring (p2p) K/V over cp(2), head_tail layout, seq_len 32" in diff(plan)
     assert from_json(to_json(plan)) == plan
     default = _meta_plan(plan_cp(seq_len=32))
-    old = to_json(default).replace(', "comm": "all_gather"', "")
+    doc = json.loads(to_json(default))  # a version-1 plan written before comm existed
+    del doc["plan"]["options"]
+    doc["version"] = 1
+    old = json.dumps(doc).replace(', "comm": "all_gather"', "")
     assert '"comm"' not in old
-    assert from_json(old) == default
+    assert from_json(old) == evolve(default, options=())
 
 
 def test_ring_refuses_unknown_comm_and_selective_checkpointing() -> None:

@@ -7,15 +7,16 @@ from typing import Any
 
 import pytest
 
+from moefn.plan.options import Dispatch, EPOptions, FSDPOptions
 from tests.parity import Case, assert_parity, run_parity
 from tests.ranks import RankPool
 
 
-def ep(dispatch: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
-    return ("ep", (("dispatch", dispatch),))
+def ep(dispatch: Dispatch) -> EPOptions:
+    return EPOptions(dispatch=dispatch)
 
 
-FSDP = ("fsdp", (("precision", "fp32"),))
+FSDP = FSDPOptions(precision="fp32")
 CASES = [
     # (id, mesh, stages, preset)
     ("ep2-a2a-fsdp", "dp_shard=4,ep=2", (ep("all_to_all"), FSDP), "tiny"),

@@ -12,12 +12,13 @@ from torch.distributed.tensor import DTensor
 from moefn import MeshSpec
 from moefn.adapters.reference import causal_lm_loss
 from moefn.analyse.estimate import estimate, estimate_memory
+from moefn.plan.options import CPOptions, EPOptions, FSDPOptions
 from moefn.train.loop import global_batch, local_batch
 from tests.parity import Case, build_pair
 from tests.ranks import RankPool
 from tests.test_plan import meta_model
 
-FSDP = ("fsdp", (("precision", "fp32"),))
+FSDP = FSDPOptions(precision="fp32")
 
 
 def _allocated_bytes(tensors: Any) -> int:
@@ -45,12 +46,12 @@ def _measure(rank: int, world: int, case: Case) -> dict[str, int]:
 
 @pytest.mark.parametrize(("mesh", "stages", "preset"), [
     ("dp_shard=4", (FSDP,), "tiny-full"),
-    ("dp_shard=4,ep=2", (("ep", (("dispatch", "all_to_all"),)), FSDP), "tiny"),
-    ("dp_shard=4,ep=2", (("ep", (("dispatch", "all_to_all"),)), FSDP), "tiny-2experts"),
-    ("dp_shard=2,cp=2,ep=4", (("cp", ()), ("ep", (("dispatch", "all_gather"),)), FSDP), "tiny"),
-    ("dp_shard=2,ep=2", (("ep", (("dispatch", "all_to_all"),)), FSDP), "tiny-full"),
+    ("dp_shard=4,ep=2", (EPOptions(dispatch="all_to_all"), FSDP), "tiny"),
+    ("dp_shard=4,ep=2", (EPOptions(dispatch="all_to_all"), FSDP), "tiny-2experts"),
+    ("dp_shard=2,cp=2,ep=4", (CPOptions(), EPOptions(dispatch="all_gather"), FSDP), "tiny"),
+    ("dp_shard=2,ep=2", (EPOptions(dispatch="all_to_all"), FSDP), "tiny-full"),
     ("dp_shard=3", (FSDP,), "tiny-full"),  # 64 vocab rows, 32-wide norms over 3: padded shards
-    ("dp_replicate=2,dp_shard=2,ep=2", (("ep", (("dispatch", "all_gather"),)), FSDP), "tiny"),
+    ("dp_replicate=2,dp_shard=2,ep=2", (EPOptions(dispatch="all_gather"), FSDP), "tiny"),
 ])
 def test_memory_estimate_is_exact_on_every_rank(ranks: Callable[[int], RankPool], mesh: str,
                                                 stages: Any, preset: str) -> None:

@@ -12,14 +12,15 @@ from torch.distributed.tensor import DTensor
 
 from moefn import MeshSpec, compose, plan_fsdp
 from moefn.adapters.reference import causal_lm_loss
+from moefn.plan.options import ACOptions, CPOptions, EPOptions, FSDPOptions
 from moefn.plan.records import FullyShard
 from moefn.train.loop import global_batch, local_batch
 from tests.parity import Case, assert_parity, build_pair, run_parity
 from tests.ranks import RankPool
 
 
-def fsdp(**options: Any) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
-    return (("fsdp", tuple(sorted({"precision": "fp32", **options}.items()))),)
+def fsdp(**options: Any) -> tuple[FSDPOptions, ...]:
+    return (FSDPOptions(**{"precision": "fp32", **options}),)
 
 
 CASES = [
@@ -95,8 +96,8 @@ def test_frozen_modules_get_no_unit_unless_asked() -> None:
 
 @pytest.mark.parametrize("dispatch", ["all_to_all", "all_gather"])
 def test_bf16_with_every_stage(ranks: Callable[[int], RankPool], dispatch: str) -> None:
-    stages = (("cp", ()), ("ep", (("dispatch", dispatch),)), ("ac", (("mode", "router"),)),
-              ("fsdp", (("precision", "bf16"),)))
+    stages = (CPOptions(), EPOptions(dispatch=dispatch), ACOptions(mode="router"),
+              FSDPOptions(precision="bf16"))
     result = ranks(4).run(run_parity, Case(mesh="dp_shard=2,cp=2,ep=2", stages=stages,
                                            preset="tiny-full"))[0]
     assert result["master_dtypes"] == {"torch.float32"}

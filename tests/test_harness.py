@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from moefn.plan.options import CPOptions, EPOptions, FSDPOptions
 from tests.parity import Case, run_parity
 from tests.ranks import RankFailure, RankPool
 
@@ -56,7 +57,7 @@ def test_workers_do_not_accumulate_threads(ranks: Callable[[int], RankPool]) -> 
     after each case (else hundreds of idle threads per worker load the machine)."""
     pool = ranks(4)
     case = Case(mesh="dp_shard=2,cp=2,ep=2", steps=1,
-                stages=(("cp", ()), ("ep", ()), ("fsdp", (("precision", "fp32"),))))
+                stages=(CPOptions(), EPOptions(), FSDPOptions(precision="fp32")))
     for _ in range(8):
         pool.run(run_parity, case)
     counts = {pid: _threads(pid) for pid in [os.getpid(), *pool.pids]}

@@ -23,6 +23,7 @@ from moefn.adapters.reference import causal_lm_loss
 from moefn.adapters.transformers.experts import local_experts, moefn_experts_forward
 from moefn.cli import main
 from moefn.plan.hf_roles import is_fused_experts
+from moefn.plan.options import ACOptions, CPOptions, Dispatch, EPOptions, FSDPOptions
 from moefn.plan.records import ActivationCheckpoint
 from moefn.realize.activation_checkpointing import is_recomputing
 from moefn.realize.apply import apply_checkpoint
@@ -39,13 +40,13 @@ from tests.hf_parity import (
 from tests.parity import worst_relative_error
 from tests.ranks import RankPool
 
-FSDP = ("fsdp", (("precision", "fp32"),))
-CP = ("cp", (("seq_len", 16),))
-ROUTER_AC = ("ac", (("mode", "router"),))
+FSDP = FSDPOptions(precision="fp32")
+CP = CPOptions(seq_len=16)
+ROUTER_AC = ACOptions(mode="router")
 
 
-def ep(dispatch: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
-    return ("ep", (("dispatch", dispatch),))
+def ep(dispatch: Dispatch) -> EPOptions:
+    return EPOptions(dispatch=dispatch)
 
 
 CP_EP_AC_FSDP = (CP, ep("all_to_all"), ROUTER_AC, FSDP)

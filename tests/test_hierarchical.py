@@ -9,26 +9,28 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from attrs import evolve
 
 from moefn import MeshSpec, compose, plan_ep, plan_fsdp
 from moefn.plan.errors import PlanFormatError
-from moefn.plan.records import InstallDispatch, ShardPlan
+from moefn.plan.options import ACOptions, EPOptions, FSDPOptions
+from moefn.plan.records import InstallDispatch
 from moefn.plan.serialize import from_json, to_json
 from tests.hf_parity import HFCase, assert_hf_parity, run_hf_parity
 from tests.parity import Case, assert_parity, run_parity
 from tests.ranks import RankPool
 from tests.test_plan import meta_model, problems_of
 
-FSDP = ("fsdp", (("precision", "fp32"),))
-TWO_NODES = ("ep", (("dispatch", "hierarchical"), ("ranks_per_node", 2)))
+FSDP = FSDPOptions(precision="fp32")
+TWO_NODES = EPOptions(dispatch="hierarchical", ranks_per_node=2)
 
 
 def _parity(rank: int, world: int, mode: str) -> dict[str, Any]:
     if mode == "deepseek_v3":
         return run_hf_parity(rank, world, HFCase(
             family="deepseek_v3", mesh="dp_shard=4,ep=4",
-            stages=(TWO_NODES, ("ac", (("mode", "selective"),)), FSDP)))
-    ac = () if mode == "none" else (("ac", (("mode", mode),)),)
+            stages=(TWO_NODES, ACOptions(mode="selective"), FSDP)))
+    ac = () if mode == "none" else (ACOptions(mode=mode),)
     # expert 0 forced: every token crosses to node 0, some ranks get few rows
     case = Case(mesh="dp_shard=4,ep=4", stages=(TWO_NODES, *ac, FSDP), preset="tiny-full",
                 force_experts=(0,) if mode == "router" else ())
@@ -74,7 +76,11 @@ def test_plan_json_keeps_ranks_per_node_and_reads_older_plans() -> None:
     for step in doc["plan"]["steps"]:  # a plan written before ranks_per_node existed
         if step["record"] == "InstallDispatch":
             del step["ranks_per_node"]
-    assert from_json(json.dumps(doc)) == flat
+    with pytest.raises(PlanFormatError, match="missing \\['ranks_per_node'\\]"):
+        from_json(json.dumps(doc))  # version 2 files have it
+    del doc["plan"]["options"]  # version 1 files had neither
+    doc["version"] = 1
+    assert from_json(json.dumps(doc)) == evolve(flat, options=())
     doc["plan"]["steps"][0].pop("path")
     with pytest.raises(PlanFormatError, match="missing \\['path'\\]"):
         from_json(json.dumps(doc))

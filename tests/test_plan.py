@@ -11,6 +11,7 @@ import torch
 from returns.result import Failure
 
 from moefn import (
+    EPOptions,
     MeshSpec,
     PlanError,
     PlanFormatError,
@@ -164,7 +165,7 @@ def test_json_round_trip_is_identity() -> None:
     text = to_json(plan)
     assert from_json(text) == plan
     doc = json.loads(text)
-    assert doc["version"] == 1 and doc["format"] == "moefn.plan"
+    assert doc["version"] == 2 and doc["format"] == "moefn.plan"
 
 
 def test_activation_checkpoints_keep_their_json_name() -> None:
@@ -238,9 +239,9 @@ def test_a_helper_raising_plan_error_inside_a_stage_is_a_failure(helper: str) ->
         "MeshSpec.size": lambda: plan.mesh.size("no_such_axis"),  # type: ignore[arg-type]
     }
 
-    def run(p: ShardPlan) -> object:
+    def run(options: EPOptions, p: ShardPlan) -> object:
         calls[helper]()
         raise AssertionError("the helper should have raised")
 
-    result = Stage(name="ep", run=run)(plan)  # type: ignore[arg-type]
+    result = Stage(options=EPOptions(), run=run)(plan)
     assert isinstance(result, Failure) and isinstance(result.failure(), PlanError)

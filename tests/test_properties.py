@@ -22,10 +22,11 @@ from torch import nn
 from torch.distributed.tensor import Shard as DShard
 from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
-from moefn import MeshSpec, ShardPlan, Stage, compose, inspect_model, plan_ac, plan_cp, plan_ep, plan_fsdp
+from moefn import MeshSpec, ShardPlan, Stage, compose, inspect_model, stages_from
 from moefn.adapters.reference import MoEConfig, MoETransformer
 from moefn.analyse.layout import ParamLayout, owning_unit, param_layouts
 from moefn.analyse.render import diff
+from moefn.plan.options import ACOptions, CPOptions, EPOptions, FSDPOptions, StageOptions
 from moefn.plan.records import (
     STAGE_ORDER,
     ActivationCheckpoint,
@@ -44,12 +45,11 @@ PROPERTY_SETTINGS = settings(max_examples=100, deadline=None, database=None,
 class Scenario:
     config: MoEConfig
     mesh: MeshSpec
-    stages: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]  # (stage name, options)
+    stages: tuple[StageOptions, ...]
     frozen: tuple[str, ...]  # parameters with requires_grad=False
 
     def build_stages(self) -> tuple[Stage, ...]:
-        factories = {"cp": plan_cp, "ep": plan_ep, "ac": plan_ac, "fsdp": plan_fsdp}
-        return tuple(factories[name](**dict(options)) for name, options in self.stages)
+        return stages_from(self.stages)
 
     def model(self, device: str = "meta") -> MoETransformer:
         torch.manual_seed(0)
@@ -98,24 +98,24 @@ def scenarios(draw: st.DrawFn) -> Scenario:
                                if (dp_shard * cp) % d == 0 and config.n_experts % d == 0]))
     mesh = MeshSpec(dp_replicate=draw(st.sampled_from([1, 1, 2])), dp_shard=dp_shard, cp=cp, ep=ep)
     blocks = [f"layers.{i}" for i in range(config.n_layers)]
-    stages: list[tuple[str, tuple[tuple[str, Any], ...]]] = []
+    stages: list[StageOptions] = []
     if cp > 1 and draw(st.booleans()):
         seq = draw(st.sampled_from([None, 2 * cp, 8 * cp]))
-        stages.append(("cp", (("seq_len", seq),)))
+        stages.append(CPOptions(seq_len=seq))
     if ep > 1 and has_moe and draw(st.booleans()):
-        stages.append(("ep", (("dispatch", draw(st.sampled_from(["all_to_all", "all_gather"]))),)))
+        stages.append(EPOptions(dispatch=draw(st.sampled_from(["all_to_all", "all_gather"]))))
     if draw(st.booleans()):
         skip = tuple(draw(st.lists(st.sampled_from([*blocks, "layers.*"]), max_size=2, unique=True)))
-        stages.append(("ac", (("mode", draw(st.sampled_from(["router", "full", "selective", "none"]))),
-                              ("every", draw(st.integers(1, 3))), ("skip", skip))))
+        stages.append(ACOptions(mode=draw(st.sampled_from(["router", "full", "selective", "none"])),
+                                every=draw(st.integers(1, 3)), skip=skip))
     if draw(st.booleans()) or not stages:
-        stages.append(("fsdp", (
-            ("precision", draw(st.sampled_from(["bf16", "fp32"]))),
-            ("reshard_after_forward", draw(st.booleans())),
-            ("lm_head_precision", draw(st.sampled_from([None, "fp32", "bf16"]))),
-            ("wrap_outer_model", draw(st.booleans())),
-            ("shard_frozen", draw(st.booleans())),
-        )))
+        stages.append(FSDPOptions(
+            precision=draw(st.sampled_from(["bf16", "fp32"])),
+            reshard_after_forward=draw(st.booleans()),
+            lm_head_precision=draw(st.sampled_from([None, "fp32", "bf16"])),
+            wrap_outer_model=draw(st.booleans()),
+            shard_frozen=draw(st.booleans()),
+        ))
     names = [name for name, _ in param_names(config)]
     frozen_names = tuple(draw(st.lists(st.sampled_from(names), max_size=3, unique=True)))
     return Scenario(config=config, mesh=mesh, stages=tuple(stages), frozen=frozen_names)
@@ -201,8 +201,8 @@ def test_every_parameter_is_placed_exactly_once(scenario: Scenario) -> None:
         managing = [u for u in containing if name not in u.ignored]
         assert owner == (max(managing, key=lambda u: len(u.path)) if managing else None)
         assert layouts[name].unit == (None if owner is None else owner.path)
-        if not info.requires_grad and not dict(dict(scenario.stages).get("fsdp", ())).get(
-                "shard_frozen", False):
+        if not info.requires_grad and not any(
+                isinstance(o, FSDPOptions) and o.shard_frozen for o in scenario.stages):
             assert owner is None, f"frozen {name} sharded"
         axes = [axis for axis, _ in layouts[name].shards]
         assert len(axes) == len(set(axes)), (name, axes)
@@ -295,7 +295,10 @@ def test_composing_equals_applying_stages_one_by_one(scenario: Scenario) -> None
         chained = chained.bind(stage)
     assert composed == chained
     plan = composed.unwrap()
-    assert plan.stages == tuple(name for name, _ in scenario.stages)
+    assert plan.stages == tuple(o.stage for o in scenario.stages)
+    assert plan.options == scenario.stages
+    for same in (plan, from_json(to_json(plan))):  # the plan is made again from its options
+        assert compose(*stages_from(same.options))(model, same.mesh).unwrap() == plan
     assert list(plan.stages) == sorted(plan.stages, key=STAGE_ORDER.index)
     for cut in range(len(stages) + 1):  # any prefix composed, the rest bound one by one
         partial: Any = compose(*stages[:cut])(model, scenario.mesh)

@@ -14,13 +14,14 @@ from torch.distributed.tensor import DTensor
 from moefn import MeshSpec, RealizeError, ShardPlan, compose, plan_fsdp
 from moefn.adapters.reference import MoETransformer, get_preset
 from moefn.analyse.layout import param_layouts
+from moefn.plan.options import FSDPOptions
 from moefn.plan.records import DistributeParams, FullyShard, InstallDispatch, Shard
 from moefn.plan.serialize import from_json, to_json
 from moefn.realize import build_device_meshes, realize
 from tests.parity import Case, assert_parity, run_parity
 from tests.ranks import RankPool
 
-FSDP32 = (("fsdp", (("precision", "fp32"),)),)
+FSDP32 = (FSDPOptions(precision="fp32"),)
 
 
 @pytest.mark.parametrize(("world", "mesh", "preset"), [

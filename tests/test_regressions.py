@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from moefn import MeshSpec, compose, plan_ac, plan_cp, plan_ep, plan_fsdp
+from moefn import MeshSpec, compose, plan_ac, plan_ep, plan_fsdp
 from moefn.adapters.reference import (
     Block,
     MoETransformer,
@@ -27,6 +27,8 @@ from moefn.adapters.reference import (
     next_token_labels,
 )
 from moefn.plan.compose import Stage
+from moefn.plan.options import ACOptions, CPOptions, Dispatch, EPOptions, FSDPOptions, StageOptions
+from moefn.plan.stages import stages_from
 from moefn.realize import build_device_meshes, realize
 from moefn.realize.activation_checkpointing import install_checkpoint, is_recomputing
 from moefn.realize.dispatch import LocalDispatch
@@ -37,12 +39,12 @@ from tests.parity import Case, assert_parity, build_pair, full_grad, run_parity
 from tests.ranks import RankPool
 
 WORLD = 4
-Stages = tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
-FSDP32 = ("fsdp", (("precision", "fp32"),))
+Stages = tuple[StageOptions, ...]
+FSDP32 = FSDPOptions(precision="fp32")
 
 
-def ep(dispatch: str = "all_to_all") -> tuple[str, tuple[tuple[str, Any], ...]]:
-    return ("ep", (("dispatch", dispatch),))
+def ep(dispatch: Dispatch = "all_to_all") -> EPOptions:
+    return EPOptions(dispatch=dispatch)
 
 
 def _parities(rank: int, world: int, cases: list[Case]) -> list[dict[str, Any]]:
@@ -70,7 +72,7 @@ EXPERT_SCALING = {
     # HSDP: experts reduce over dp_replicate only (ep_shard=1)
     "hsdp-ep2": Case(mesh="dp_replicate=2,dp_shard=2,ep=2", stages=(ep(), FSDP32)),
     # context parallel ranks feed the experts too: tokens from cp=2 × dp_shard=2
-    "cp-ep2": Case(mesh="dp_shard=2,cp=2,ep=2", stages=(("cp", ()), ep(), FSDP32)),
+    "cp-ep2": Case(mesh="dp_shard=2,cp=2,ep=2", stages=(CPOptions(), ep(), FSDP32)),
 }
 
 
@@ -301,7 +303,7 @@ def test_every_routing_weight_slot_gets_a_nonzero_gradient(ranks: Callable[[int]
 
 
 def _bf16_training(rank: int, world: int) -> dict[str, Any]:
-    case = Case(mesh="dp_shard=4,ep=2", stages=(ep(), ("ac", ()), ("fsdp", (("precision", "bf16"),))),
+    case = Case(mesh="dp_shard=4,ep=2", stages=(ep(), ACOptions(), FSDPOptions(precision="bf16")),
                 preset="tiny-full")
     reference, model, plan = build_pair(case)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -339,7 +341,7 @@ def test_bf16_precision_keeps_fp32_master_weights_grads_and_optimizer_state(
 
 TIED_STAGES: dict[str, Stages] = {
     "fsdp": (FSDP32,),
-    "ep-ac-fsdp": (ep(), ("ac", ()), FSDP32),
+    "ep-ac-fsdp": (ep(), ACOptions(), FSDP32),
     "ep-no-fsdp": (ep(),),
 }
 
@@ -384,14 +386,12 @@ def test_tied_lm_head_stays_tied_after_realize_and_optimizer_steps(
 
 LAYOUTS: dict[str, tuple[str, Stages]] = {
     "fsdp": ("dp_shard=4", (FSDP32,)),
-    "hsdp": ("dp_replicate=2,dp_shard=2", (("fsdp", (("precision", "bf16"),)),)),
+    "hsdp": ("dp_replicate=2,dp_shard=2", (FSDPOptions(precision="bf16"),)),
     "ep-alone": ("dp_shard=4,ep=2", (ep(),)),
-    "ac-alone": ("dp_shard=4", (("ac", (("mode", "selective"),)),)),
-    "ep-ac-fsdp": ("dp_shard=4,ep=4", (ep("all_gather"), ("ac", ()), FSDP32)),
-    "cp-ep-ac-fsdp": ("dp_shard=2,cp=2,ep=2", (("cp", ()), ep(), ("ac", ()), FSDP32)),
+    "ac-alone": ("dp_shard=4", (ACOptions(mode="selective"),)),
+    "ep-ac-fsdp": ("dp_shard=4,ep=4", (ep("all_gather"), ACOptions(), FSDP32)),
+    "cp-ep-ac-fsdp": ("dp_shard=2,cp=2,ep=2", (CPOptions(), ep(), ACOptions(), FSDP32)),
 }
-STAGE_FACTORIES: dict[str, Callable[..., Stage]] = {
-    "cp": plan_cp, "ep": plan_ep, "ac": plan_ac, "fsdp": plan_fsdp}
 
 
 def _checkpoint_keys(rank: int, world: int, name: str) -> list[str]:
@@ -400,7 +400,7 @@ def _checkpoint_keys(rank: int, world: int, name: str) -> list[str]:
     plain = MoETransformer(get_preset("tiny-full"))
     model = copy.deepcopy(plain)
     mesh = MeshSpec.parse(mesh_text)
-    planned = compose(*(STAGE_FACTORIES[s](**dict(o)) for s, o in stages))(model, mesh)
+    planned = compose(*stages_from(stages))(model, mesh)
     realize(planned.unwrap(), model, build_device_meshes(mesh, "cpu"))
     want, got = plain.state_dict(), model.state_dict()
     found = sorted(set(want) ^ set(got))
@@ -450,7 +450,7 @@ def _view_warnings(rank: int, world: int) -> list[str]:
     import warnings
 
     _, model, _ = build_pair(Case(mesh="dp_shard=4,ep=2", stages=(
-        ("ep", (("dispatch", "all_gather"),)), ("fsdp", (("precision", "fp32"),))),
+        EPOptions(dispatch="all_gather"), FSDPOptions(precision="fp32")),
         preset="tiny"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

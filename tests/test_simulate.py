@@ -66,8 +66,8 @@ def test_a_layout_disagreement_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> 
     import torch
 
     from moefn import PlanError, compose, plan_ep, plan_fsdp
-    from moefn.realize import simulate as sim
     from moefn.adapters.reference import MoETransformer, get_preset
+    from moefn.realize import simulate as sim
 
     with torch.device("meta"):
         model = MoETransformer(get_preset("tiny"))
@@ -83,9 +83,9 @@ def test_ranks_that_are_not_realized_are_checked_too(monkeypatch: pytest.MonkeyP
     import torch
 
     from moefn import PlanError, compose, plan_ep, plan_fsdp
-    from moefn.realize import simulate as sim
     from moefn.adapters.reference import MoETransformer, get_preset
     from moefn.analyse.layout import local_shape_and_offset
+    from moefn.realize import simulate as sim
 
     with torch.device("meta"):
         model = MoETransformer(get_preset("tiny"))
@@ -107,9 +107,9 @@ def test_experts_with_an_uneven_dim_1_shard_on_dim_0() -> None:
     from attrs import evolve
 
     from moefn import RealizeError, compose, plan_ep, plan_fsdp
-    from moefn.realize import simulate as sim
     from moefn.adapters.reference import MoETransformer, get_preset
     from moefn.plan.records import FullyShard
+    from moefn.realize import simulate as sim
 
     with torch.device("meta"):
         model = MoETransformer(get_preset("tiny-2experts"))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from moefn.adapters.reference import Router, causal_lm_loss
+from moefn.plan.options import EPOptions, FSDPOptions
 from moefn.train.clip import clip_grad_norm
 from moefn.train.loop import global_batch, local_batch
 from moefn.train.routing import update_expert_bias
@@ -18,7 +19,7 @@ from tests.ranks import RankPool
 
 def _clip_and_bias(rank: int, world: int, dispatch: str) -> dict[str, Any]:
     case = Case(mesh="dp_shard=4,ep=2", preset="tiny-full",
-                stages=(("ep", (("dispatch", dispatch),)), ("fsdp", (("precision", "fp32"),))))
+                stages=(EPOptions(dispatch=dispatch), FSDPOptions(precision="fp32")))
     reference, model, plan = build_pair(case)
     batch = global_batch(reference.config, 4, 16, 0)
     mine = local_batch(batch, plan.mesh, rank)

@@ -1,7 +1,9 @@
 """Stages and their left-to-right composition.
 
-A stage is a pure function ``ShardPlan -> Result[ShardPlan, PlanError]`` with a name; `compose`
-runs stages left to right (as you read them) on the snapshot of a model and a MeshSpec.
+A stage is a frozen record of its options (`moefn.plan.options`) and a pure planning function
+``(options, ShardPlan) -> Result[ShardPlan, PlanError]``; calling it records the options in the
+plan. `compose` runs stages left to right (as you read them) on the snapshot of a model and a
+MeshSpec. Stages with equal options are equal:
 
 >>> import torch
 >>> from moefn import MeshSpec, compose, plan_ep, plan_fsdp
@@ -11,6 +13,10 @@ runs stages left to right (as you read them) on the snapshot of a model and a Me
 >>> planner = compose(plan_fsdp(precision="fp32"))
 >>> planner(model, MeshSpec(dp_shard=4)).unwrap().stages
 ('fsdp',)
+>>> plan_ep() == plan_ep(dispatch="all_to_all")
+True
+>>> plan_ep()
+Stage(options=EPOptions(dispatch='all_to_all', ranks_per_node=None), mesh=None)
 >>> compose(plan_ep())(model, MeshSpec(dp_shard=4))  # doctest: +ELLIPSIS
 <Failure: 1 problem:
   mesh: plan_ep needs an ep axis larger than 1 ...>
@@ -19,8 +25,9 @@ runs stages left to right (as you read them) on the snapshot of a model and a Me
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-from attrs import frozen
+from attrs import field, frozen
 from returns.result import Failure, Result, Success
 from toolz import compose_left
 from torch import nn
@@ -28,6 +35,7 @@ from torch import nn
 from moefn.plan.arguments import expect_type
 from moefn.plan.errors import PlanError
 from moefn.plan.mesh import MeshSpec
+from moefn.plan.options import StageOptions
 from moefn.plan.records import STAGE_ORDER, ShardPlan, StageName
 from moefn.plan.spec import inspect_model
 
@@ -36,14 +44,20 @@ PlanResult = Result[ShardPlan, PlanError]
 
 @frozen(kw_only=True)
 class Stage:
-    """A named planning step; call it on a plan to get the next plan or every problem found.
+    """A planning step and its options; call it on a plan to get the next plan (recording
+    ``options``) or every problem found.
 
     Problems come back as a Failure, never raised: a PlanError raised inside ``run`` (by a
-    helper such as `ModuleInfo.fact`) becomes the Failure too."""
+    helper such as `ModuleInfo.fact`) becomes the Failure too. ``run`` is a module-level
+    function, so stages with equal options compare equal."""
 
-    name: StageName
-    run: Callable[[ShardPlan], PlanResult]
+    options: StageOptions
+    run: Callable[[Any, ShardPlan], PlanResult] = field(repr=False)  # takes ``options``
     mesh: MeshSpec | None = None
+
+    @property
+    def name(self) -> StageName:
+        return self.options.stage
 
     def __call__(self, plan: ShardPlan) -> PlanResult:
         if self.name in plan.stages:
@@ -56,7 +70,7 @@ class Stage:
         if later:
             return Failure(_order_error((*plan.stages, self.name)))
         try:
-            return self.run(plan)
+            return self.run(self.options, plan).map(lambda done: done.with_stage(self.options))
         except PlanError as err:  # a helper's (ModelSpec.module, MeshSpec.size, ...): one channel
             return Failure(err)
 

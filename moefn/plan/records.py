@@ -27,10 +27,11 @@ from typing import Literal, TypeVar, get_args
 from attrs import evolve, field, frozen
 
 from moefn.plan.mesh import Axis, MeshSpec
+from moefn.plan.options import STAGE_ORDER as STAGE_ORDER
+from moefn.plan.options import CpComm as CpComm
+from moefn.plan.options import Dispatch, StageOptions
+from moefn.plan.options import StageName as StageName
 from moefn.plan.spec import ModelSpec
-
-STAGE_ORDER = ("cp", "ep", "ac", "fsdp")
-StageName = Literal["cp", "ep", "ac", "fsdp"]
 
 
 @frozen
@@ -48,10 +49,6 @@ class Replicate:
 
 
 Placement = Shard | Replicate
-
-
-CpComm = Literal["all_gather", "p2p"]
-CP_COMMS: tuple[CpComm, ...] = ("all_gather", "p2p")
 
 
 @frozen(kw_only=True)
@@ -80,7 +77,7 @@ class DistributeParams:
 class InstallDispatch:
     stage: StageName
     path: str
-    kind: Literal["all_to_all", "all_gather", "hierarchical"]
+    kind: Dispatch
     mesh_dims: tuple[Axis, ...]
     num_experts: int
     ranks_per_node: int | None = None  # hierarchical: consecutive ep ranks sharing a node
@@ -145,11 +142,15 @@ def _step_sort_key(step: Step) -> tuple[int, int]:
 
 @frozen(kw_only=True)
 class ShardPlan:
-    """The composed decisions of every stage for one model on one mesh."""
+    """The composed decisions of every stage for one model on one mesh.
+
+    ``options`` are the applied stages' options, one per name in ``stages`` (a plan read from a
+    version-1 file has none: those files did not record them)."""
 
     model: ModelSpec
     mesh: MeshSpec
     stages: tuple[StageName, ...] = ()
+    options: tuple[StageOptions, ...] = ()
     steps: tuple[Step, ...] = field(default=())
 
     @classmethod
@@ -160,9 +161,9 @@ class ShardPlan:
         """A new plan with ``steps`` merged in (stable order: by stage, then by step kind)."""
         return evolve(self, steps=tuple(sorted((*self.steps, *steps), key=_step_sort_key)))
 
-    def with_stage(self, stage: StageName) -> ShardPlan:
-        """A new plan that records ``stage`` as applied."""
-        return evolve(self, stages=(*self.stages, stage))
+    def with_stage(self, options: StageOptions) -> ShardPlan:
+        """A new plan that records the stage of ``options`` as applied, with its options."""
+        return evolve(self, stages=(*self.stages, options.stage), options=(*self.options, options))
 
     def steps_of(self, kind: type[S]) -> tuple[S, ...]:
         return tuple(s for s in self.steps if isinstance(s, kind))

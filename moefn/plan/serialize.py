@@ -22,11 +22,12 @@ from moefn.plan.errors import PlanError, PlanFormatError, Problem
 from moefn.plan.records import STAGE_ORDER, ActivationCheckpoint, ShardPlan
 
 FORMAT = "moefn.plan"
-VERSION = 1
-# fields added since plans of this version were first written (each has a default), by record:
-# an older plan without them still reads
-ADDED_FIELDS: dict[str, set[str]] = {"InstallDispatch": {"ranks_per_node"},
-                                     "ContextParallelAttention": {"comm"}}
+VERSION = 2  # 2: the plan records its stages' options (``options``)
+# fields a file may lack (each has a default), by record: field → the newest version whose
+# files may lack it (ranks_per_node and comm came within version 1; options with version 2)
+ADDED_FIELDS: dict[str, dict[str, int]] = {"InstallDispatch": {"ranks_per_node": 1},
+                                           "ContextParallelAttention": {"comm": 1},
+                                           "ShardPlan": {"options": 1}}
 # a record's "record" name where it is not its class name: plans keep the names they were
 # first written with
 RECORD_NAMES: dict[type, str] = {ActivationCheckpoint: "Checkpoint"}
@@ -50,7 +51,7 @@ def _encode(value: Any) -> Any:
 
 
 def to_json(plan: ShardPlan, indent: int | None = None) -> str:
-    """The plan as JSON text (format "moefn.plan", version 1)."""
+    """The plan as JSON text (format "moefn.plan", version `VERSION`)."""
     expect_type(plan, ShardPlan, "plan", "a ShardPlan", "pass the plan (result.unwrap())")
     return json.dumps({"format": FORMAT, "version": VERSION, "plan": _encode(plan)},
                       indent=indent, sort_keys=False)
@@ -62,7 +63,7 @@ class _Bad(Exception):
         self.where, self.message, self.value = where, message, value
 
 
-def _decode(tp: Any, data: Any, where: str) -> Any:
+def _decode(tp: Any, data: Any, where: str, version: int) -> Any:
     origin = typing.get_origin(tp)
     if origin is typing.Literal:
         if data not in typing.get_args(tp) or isinstance(data, bool) != any(
@@ -73,11 +74,11 @@ def _decode(tp: Any, data: Any, where: str) -> Any:
         named = [o for o in typing.get_args(tp) if isinstance(o, type) and attrs.has(o)
                  and isinstance(data, dict) and data.get("record") == _name(o)]
         if named:  # the record names its type: report errors inside it, not "matches none"
-            return _decode(named[0], data, where)
+            return _decode(named[0], data, where, version)
         errors = []
         for option in typing.get_args(tp):
             try:
-                return _decode(option, data, where)
+                return _decode(option, data, where, version)
             except _Bad as err:
                 errors.append(err.message)
         raise _Bad(where, "matches none of: " + "; ".join(errors), _short(data))
@@ -86,10 +87,10 @@ def _decode(tp: Any, data: Any, where: str) -> Any:
         if not isinstance(data, list):
             raise _Bad(where, "expected a list", _short(data))
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_decode(args[0], v, f"{where}[{i}]") for i, v in enumerate(data))
+            return tuple(_decode(args[0], v, f"{where}[{i}]", version) for i, v in enumerate(data))
         if len(args) != len(data):
             raise _Bad(where, f"expected {len(args)} items", _short(data))
-        return tuple(_decode(a, v, f"{where}[{i}]") for i, (a, v) in
+        return tuple(_decode(a, v, f"{where}[{i}]", version) for i, (a, v) in
                      enumerate(zip(args, data, strict=True)))
     if tp is type(None):
         if data is not None:
@@ -100,21 +101,22 @@ def _decode(tp: Any, data: Any, where: str) -> Any:
             raise _Bad(where, f"expected {tp.__name__}", _short(data))
         return data
     if isinstance(tp, type) and attrs.has(tp):
-        return _decode_record(tp, data, where)
+        return _decode_record(tp, data, where, version)
     raise _Bad(where, f"unsupported type {tp}", _short(data))
 
 
-def _decode_record(cls: type, data: Any, where: str) -> Any:
+def _decode_record(cls: type, data: Any, where: str, version: int) -> Any:
     if not isinstance(data, dict) or data.get("record") != _name(cls):
         raise _Bad(where, f"expected a {_name(cls)} object", _short(data))
     hints = typing.get_type_hints(cls)
     names = {f.name for f in attrs.fields(cls)}
     extra = set(data) - names - {"record"}
-    missing = names - set(data) - ADDED_FIELDS.get(_name(cls), set())
+    optional = {n for n, last in ADDED_FIELDS.get(_name(cls), {}).items() if version <= last}
+    missing = names - set(data) - optional
     if extra or missing:
         raise _Bad(where, f"fields differ (unexpected {sorted(extra)}, missing {sorted(missing)})",
                    _name(cls))
-    kwargs = {n: _decode(hints[n], data[n], f"{where}.{n}") for n in names & set(data)}
+    kwargs = {n: _decode(hints[n], data[n], f"{where}.{n}", version) for n in names & set(data)}
     try:
         return cls(**kwargs)
     except PlanError as err:
@@ -144,12 +146,17 @@ def from_json(text: str) -> ShardPlan:
             path="(plan file).version", message="unsupported plan format version",
             value=repr(version), fix=f"this moefn reads versions 1..{VERSION}; upgrade moefn")])
     try:
-        plan: ShardPlan = _decode(ShardPlan, doc.get("plan"), "plan")
+        plan: ShardPlan = _decode(ShardPlan, doc.get("plan"), "plan", version)
     except _Bad as bad:
         raise PlanFormatError([Problem(path=bad.where, message=bad.message, value=str(bad.value),
                                        fix="regenerate the plan with moefn")]) from None
     if list(plan.stages) != sorted(set(plan.stages), key=STAGE_ORDER.index):
         raise PlanFormatError([Problem(path="plan.stages", message="stages repeated or out of order",
                                        value=repr(list(plan.stages)), fix="regenerate the plan with moefn")])
+    if version > 1 and tuple(o.stage for o in plan.options) != plan.stages:
+        raise PlanFormatError([Problem(
+            path="plan.options", message="options do not match the stages (one record each, "
+            "in order)", value=repr([_name(type(o)) for o in plan.options]),
+            fix="regenerate the plan with moefn")])
     return plan
 

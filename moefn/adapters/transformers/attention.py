@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moefn.plan.records import CpComm
+from moefn.plan.options import CpComm
 from moefn.realize.context_parallel import attend_all_gathered
 from moefn.realize.ring_attention import ring_attention
 

@@ -13,13 +13,12 @@ ranks share a node), which fans it out inside; ``"all_gather"`` gathers every to
 
 from __future__ import annotations
 
-from typing import Literal
-
 from returns.result import Failure, Success
 
 from moefn.plan.compose import PlanResult, Stage
 from moefn.plan.errors import PlanError, Problem
 from moefn.plan.mesh import MeshSpec, divisors, nearest
+from moefn.plan.options import Dispatch, EPOptions
 from moefn.plan.records import DistributeParams, InstallDispatch, Shard, ShardPlan, Step
 from moefn.plan.stages.common import (
     already_parallel_problems,
@@ -27,8 +26,6 @@ from moefn.plan.stages.common import (
     gradient_sync,
     without_gradient_sync,
 )
-
-Dispatch = Literal["all_to_all", "all_gather", "hierarchical"]
 
 
 def _node_problems(dispatch: object, ranks_per_node: object, ep: int) -> list[Problem]:
@@ -53,39 +50,41 @@ def plan_ep(dispatch: Dispatch = "all_to_all", mesh: MeshSpec | None = None,
             ranks_per_node: int | None = None) -> Stage:
     """Shard every MoE block's fused experts (dim 0 = expert) with ``Shard(0)`` on ``ep``."""
     check_stage_mesh(mesh)
+    return Stage(options=EPOptions(dispatch=dispatch, ranks_per_node=ranks_per_node),
+                 run=_plan, mesh=mesh)
 
-    def run(plan: ShardPlan) -> PlanResult:
-        problems = already_parallel_problems(plan)
-        ep = plan.mesh.ep
-        experts = plan.model.paths_with("experts")
-        if dispatch not in ("all_to_all", "all_gather", "hierarchical"):
-            problems.append(Problem(path="", message="unknown dispatch", value=repr(dispatch),
-                                    fix='use "all_to_all", "all_gather" or "hierarchical"'))
-        problems += _node_problems(dispatch, ranks_per_node, ep)
-        if ep == 1:
-            problems.append(Problem(path="mesh", message="plan_ep needs an ep axis larger than 1",
-                                    value="ep=1", fix="set ep in the mesh or leave plan_ep out"))
-        if not experts:
-            problems.append(Problem(path="", message="model has no MoE experts to parallelize",
-                                    value=plan.model.root_class, fix="leave plan_ep out"))
-        steps: list[Step] = []
-        for path in experts:
-            n = int(plan.model.module(path).fact("num_experts"))
-            if ep > 1 and n % ep:
-                valid = nearest(tuple(d for d in divisors(plan.mesh.dp_shard * plan.mesh.cp)
-                                      if n % d == 0), ep)
-                problems.append(Problem(path=path, message="number of experts not divisible by ep",
-                                        value=f"{n} experts, ep={ep}",
-                                        fix=f"use ep in {valid}"))
-                continue
-            params = tuple(t.name.rpartition(".")[2] for t in plan.model.direct_params(path))
-            steps.append(DistributeParams(stage="ep", path=path, params=params, mesh_dims=("ep",),
-                                          placements=(Shard(0),)))
-            steps.append(InstallDispatch(stage="ep", path=path, kind=dispatch, mesh_dims=("ep",),
-                                         num_experts=n, ranks_per_node=ranks_per_node))
-        if problems:
-            return Failure(PlanError(problems))
-        placed = without_gradient_sync(plan).add_steps(steps)
-        return Success(placed.add_steps(gradient_sync(placed, "ep")).with_stage("ep"))
 
-    return Stage(name="ep", run=run, mesh=mesh)
+def _plan(options: EPOptions, plan: ShardPlan) -> PlanResult:
+    dispatch, ranks_per_node = options.dispatch, options.ranks_per_node
+    problems = already_parallel_problems(plan)
+    ep = plan.mesh.ep
+    experts = plan.model.paths_with("experts")
+    if dispatch not in ("all_to_all", "all_gather", "hierarchical"):
+        problems.append(Problem(path="", message="unknown dispatch", value=repr(dispatch),
+                                fix='use "all_to_all", "all_gather" or "hierarchical"'))
+    problems += _node_problems(dispatch, ranks_per_node, ep)
+    if ep == 1:
+        problems.append(Problem(path="mesh", message="plan_ep needs an ep axis larger than 1",
+                                value="ep=1", fix="set ep in the mesh or leave plan_ep out"))
+    if not experts:
+        problems.append(Problem(path="", message="model has no MoE experts to parallelize",
+                                value=plan.model.root_class, fix="leave plan_ep out"))
+    steps: list[Step] = []
+    for path in experts:
+        n = int(plan.model.module(path).fact("num_experts"))
+        if ep > 1 and n % ep:
+            valid = nearest(tuple(d for d in divisors(plan.mesh.dp_shard * plan.mesh.cp)
+                                  if n % d == 0), ep)
+            problems.append(Problem(path=path, message="number of experts not divisible by ep",
+                                    value=f"{n} experts, ep={ep}",
+                                    fix=f"use ep in {valid}"))
+            continue
+        params = tuple(t.name.rpartition(".")[2] for t in plan.model.direct_params(path))
+        steps.append(DistributeParams(stage="ep", path=path, params=params, mesh_dims=("ep",),
+                                      placements=(Shard(0),)))
+        steps.append(InstallDispatch(stage="ep", path=path, kind=dispatch, mesh_dims=("ep",),
+                                     num_experts=n, ranks_per_node=ranks_per_node))
+    if problems:
+        return Failure(PlanError(problems))
+    placed = without_gradient_sync(plan).add_steps(steps)
+    return Success(placed.add_steps(gradient_sync(placed, "ep")))

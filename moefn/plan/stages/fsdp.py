@@ -16,14 +16,13 @@ needs it at once); the root last.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from attrs import evolve
 from returns.result import Failure, Success
 
 from moefn.plan.compose import PlanResult, Stage
 from moefn.plan.errors import PlanError, Problem
 from moefn.plan.mesh import Axis, MeshSpec
+from moefn.plan.options import FSDPOptions, Precision
 from moefn.plan.records import DistributeParams, FullyShard, ShardPlan
 from moefn.plan.spec import ModelSpec
 from moefn.plan.stages.common import (
@@ -35,7 +34,6 @@ from moefn.plan.stages.common import (
 )
 from moefn.plan.stages.dtypes import place_kept
 
-Precision = Literal["bf16", "fp32"]
 _DTYPES: dict[str, tuple[str | None, str | None]] = {
     "bf16": ("bfloat16", "float32"),
     "fp32": (None, None),
@@ -77,72 +75,78 @@ def plan_fsdp(
     frozen sub-models (no trainable parameter) stay unsharded unless ``shard_frozen``.
     """
     check_stage_mesh(mesh)
+    return Stage(options=FSDPOptions(
+        precision=precision, reshard_after_forward=reshard_after_forward, offload=offload,
+        lm_head_precision=lm_head_precision, wrap_outer_model=wrap_outer_model,
+        shard_frozen=shard_frozen), run=_plan, mesh=mesh)
 
-    def run(plan: ShardPlan) -> PlanResult:
-        problems = already_parallel_problems(plan)
-        problems += [Problem(path="", message="unknown precision", value=repr(p),
-                             fix='use "bf16" or "fp32"')
-                     for p in (precision, *([] if lm_head_precision is None else [lm_head_precision]))
-                     if not isinstance(p, str) or p not in _DTYPES]
-        flags = {"reshard_after_forward": reshard_after_forward, "offload": offload,
-                 "wrap_outer_model": wrap_outer_model, "shard_frozen": shard_frozen}
-        problems += [Problem(path="", message=f"{name} must be a bool", value=repr(flag),
-                             fix=f"use {name}=True or False")
-                     for name, flag in flags.items() if type(flag) is not bool]
-        problems += _precision_problems(plan.model, precision)
-        if problems:
-            return Failure(PlanError(problems))
-        param_dtype, reduce_dtype = _DTYPES[precision]
-        spec, mesh_spec = plan.model, plan.mesh
-        dense = dense_dp_dims(mesh_spec)
 
-        def unit(path: str, dims: tuple[Axis, ...], shard_dim: int = 0,
-                 dtypes: tuple[str | None, str | None] = (param_dtype, reduce_dtype)) -> FullyShard:
-            return FullyShard(stage="fsdp", path=path, mesh_dims=dims, shard_dim=shard_dim,
-                              reshard_after_forward=reshard_after_forward, param_dtype=dtypes[0],
-                              reduce_dtype=dtypes[1], offload=offload)
+def _plan(options: FSDPOptions, plan: ShardPlan) -> PlanResult:
+    precision, lm_head_precision = options.precision, options.lm_head_precision
+    reshard_after_forward, offload = options.reshard_after_forward, options.offload
+    wrap_outer_model, shard_frozen = options.wrap_outer_model, options.shard_frozen
+    problems = already_parallel_problems(plan)
+    problems += [Problem(path="", message="unknown precision", value=repr(p),
+                         fix='use "bf16" or "fp32"')
+                 for p in (precision, *([] if lm_head_precision is None else [lm_head_precision]))
+                 if not isinstance(p, str) or p not in _DTYPES]
+    flags = {"reshard_after_forward": reshard_after_forward, "offload": offload,
+             "wrap_outer_model": wrap_outer_model, "shard_frozen": shard_frozen}
+    problems += [Problem(path="", message=f"{name} must be a bool", value=repr(flag),
+                         fix=f"use {name}=True or False")
+                 for name, flag in flags.items() if type(flag) is not bool]
+    problems += _precision_problems(plan.model, precision)
+    if problems:
+        return Failure(PlanError(problems))
+    param_dtype, reduce_dtype = _DTYPES[precision]
+    spec, mesh_spec = plan.model, plan.mesh
+    dense = dense_dp_dims(mesh_spec)
 
-        units: list[FullyShard] = []
-        unsharded: list[str] = []  # expert params with nothing left to shard (ep_shard = 1)
-        for step in plan.steps:
-            if isinstance(step, DistributeParams) and "ep" in step.mesh_dims:
-                dims = expert_dp_dims(mesh_spec)
-                if all(mesh_spec.size(d) == 1 for d in dims):
-                    unsharded += [f"{step.path}.{p}" for p in step.params]
-                    continue
-                # fewer local experts than shards: dim 1 (FSDP2 shards dims > 0 only evenly;
-                # otherwise dim 0, padded, where some ranks hold no expert rows)
-                local_experts = int(spec.module(step.path).fact("num_experts")) // mesh_spec.ep
-                even = all(t.shape[1] % mesh_spec.ep_shard == 0
-                           for t in spec.params_under(step.path) if len(t.shape) > 1)
-                shard_dim = 1 if mesh_spec.ep_shard > local_experts and even else 0
-                units.append(unit(step.path, dims, shard_dim))
-        units += [unit(p, dense) for p in (*spec.paths_with("block"), *spec.paths_with("mtp"))]
-        for role in ("embed", "lm_head"):
-            for path in spec.paths_with(role):
-                params = spec.params_under(path)
-                dtypes = (_LM_HEAD_DTYPES[lm_head_precision] if role == "lm_head" and lm_head_precision
-                          else (param_dtype, reduce_dtype))
-                if params and all(len(spec.tie_of(t.name)) == 1 for t in params):
-                    # lm_head runs last in forward and first in backward: resharding it in
-                    # between would only all-gather it again at once
-                    units.append(evolve(unit(path, dense, dtypes=dtypes),
-                                        reshard_after_forward=reshard_after_forward
-                                        and role != "lm_head"))
-        # the outer units (the backbone, the root) stay gathered through their whole forward
-        # and are needed again as backward starts: resharding them in between only costs an
-        # all-gather, never memory
-        outer = [p for p in spec.paths_with("backbone") if p]
-        if wrap_outer_model or not outer:
-            outer.append("")
-        units += [evolve(unit(p, dense), reshard_after_forward=False) for p in outer]
-        if not shard_frozen:
-            unsharded += [t.name for t in spec.tensors if not t.is_buffer and not t.requires_grad]
-        units = [evolve(u, ignored=tuple(n for n in unsharded
-                                         if u.path == "" or n.startswith(u.path + ".")))
-                 for u in units]
-        placed, kept = place_kept(spec, [u for u in units if _has_params_left(spec, u)],
-                                  low_precision=param_dtype is not None)
-        return Success(without_gradient_sync(plan).add_steps([*placed, *kept]).with_stage("fsdp"))
+    def unit(path: str, dims: tuple[Axis, ...], shard_dim: int = 0,
+             dtypes: tuple[str | None, str | None] = (param_dtype, reduce_dtype)) -> FullyShard:
+        return FullyShard(stage="fsdp", path=path, mesh_dims=dims, shard_dim=shard_dim,
+                          reshard_after_forward=reshard_after_forward, param_dtype=dtypes[0],
+                          reduce_dtype=dtypes[1], offload=offload)
 
-    return Stage(name="fsdp", run=run, mesh=mesh)
+    units: list[FullyShard] = []
+    unsharded: list[str] = []  # expert params with nothing left to shard (ep_shard = 1)
+    for step in plan.steps:
+        if isinstance(step, DistributeParams) and "ep" in step.mesh_dims:
+            dims = expert_dp_dims(mesh_spec)
+            if all(mesh_spec.size(d) == 1 for d in dims):
+                unsharded += [f"{step.path}.{p}" for p in step.params]
+                continue
+            # fewer local experts than shards: dim 1 (FSDP2 shards dims > 0 only evenly;
+            # otherwise dim 0, padded, where some ranks hold no expert rows)
+            local_experts = int(spec.module(step.path).fact("num_experts")) // mesh_spec.ep
+            even = all(t.shape[1] % mesh_spec.ep_shard == 0
+                       for t in spec.params_under(step.path) if len(t.shape) > 1)
+            shard_dim = 1 if mesh_spec.ep_shard > local_experts and even else 0
+            units.append(unit(step.path, dims, shard_dim))
+    units += [unit(p, dense) for p in (*spec.paths_with("block"), *spec.paths_with("mtp"))]
+    for role in ("embed", "lm_head"):
+        for path in spec.paths_with(role):
+            params = spec.params_under(path)
+            dtypes = (_LM_HEAD_DTYPES[lm_head_precision] if role == "lm_head" and lm_head_precision
+                      else (param_dtype, reduce_dtype))
+            if params and all(len(spec.tie_of(t.name)) == 1 for t in params):
+                # lm_head runs last in forward and first in backward: resharding it in
+                # between would only all-gather it again at once
+                units.append(evolve(unit(path, dense, dtypes=dtypes),
+                                    reshard_after_forward=reshard_after_forward
+                                    and role != "lm_head"))
+    # the outer units (the backbone, the root) stay gathered through their whole forward
+    # and are needed again as backward starts: resharding them in between only costs an
+    # all-gather, never memory
+    outer = [p for p in spec.paths_with("backbone") if p]
+    if wrap_outer_model or not outer:
+        outer.append("")
+    units += [evolve(unit(p, dense), reshard_after_forward=False) for p in outer]
+    if not shard_frozen:
+        unsharded += [t.name for t in spec.tensors if not t.is_buffer and not t.requires_grad]
+    units = [evolve(u, ignored=tuple(n for n in unsharded
+                                     if u.path == "" or n.startswith(u.path + ".")))
+             for u in units]
+    placed, kept = place_kept(spec, [u for u in units if _has_params_left(spec, u)],
+                              low_precision=param_dtype is not None)
+    return Success(without_gradient_sync(plan).add_steps([*placed, *kept]))
