@@ -74,7 +74,7 @@ def test_parallel_hf_model_trains_like_one_process(ranks: Callable[[int], RankPo
     for result in results:
         assert_hf_parity(result)
         assert result["experts_implementation"] == "moefn"
-        assert result["attn_implementation"] == ("moefn" if any(s[0] == "cp" for s in case.stages)
+        assert result["attn_implementation"] == ("moefn" if any(isinstance(s, CPOptions) for s in case.stages)
                                                  else result["reference_implementations"][1])
         assert result["reference_implementations"][0] != "moefn"  # the reference is untouched
         done, mesh = result["installed"], MeshSpec.parse(case.mesh)
@@ -256,7 +256,7 @@ def _hybrid_trains_like_one_process(rank: int, world: int, family: str,
                                     precision: str) -> dict[str, Any]:
     """A hybrid family with EP 2 × router AC × FSDP in ``precision`` (fp32, or a bf16 policy)."""
     case = HFCase(family=family, mesh=HYBRID_MESH, steps=2,
-                  stages=(ep("all_to_all"), ROUTER_AC, ("fsdp", (("precision", precision),))))
+                  stages=(ep("all_to_all"), ROUTER_AC, FSDPOptions(precision=precision)))
     result = run_hf_parity(rank, world, case)
     return {k: result[k] for k in (
         "losses", "reference", "max_loss_diff", "grad_errors", "zero_grads",
