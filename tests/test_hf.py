@@ -74,11 +74,12 @@ def test_parallel_hf_model_trains_like_one_process(ranks: Callable[[int], RankPo
     for result in results:
         assert_hf_parity(result)
         assert result["experts_implementation"] == "moefn"
-        assert result["attn_implementation"] == ("moefn" if any(isinstance(s, CPOptions) for s in case.stages)
+        with_cp = any(isinstance(s, CPOptions) for s in case.stages)
+        assert result["attn_implementation"] == ("moefn" if with_cp
                                                  else result["reference_implementations"][1])
         assert result["reference_implementations"][0] != "moefn"  # the reference is untouched
         done, mesh = result["installed"], MeshSpec.parse(case.mesh)
-        dispatch = dict(dict(case.stages)["ep"])["dispatch"]
+        dispatch = next(s.dispatch for s in case.stages if isinstance(s, EPOptions))
         assert done["dispatchers"] == [{"all_to_all": "AllToAllDispatch",
                                         "all_gather": "AllGatherDispatch"}[dispatch]]
         assert done["plain_expert_params"] == 0 and done["experts_placements"]
