@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -264,3 +265,17 @@ def test_compare_takes_hierarchical_sides(capsys: pytest.CaptureFixture[str]) ->
     assert main(["plan", "--model", "tiny", "--compare", "dp_shard=4,ep=4",
                  "dp_shard=4,ep=4:dispatch=hierarchical"]) == 2
     assert "ranks_per_node=... on a --compare side" in capsys.readouterr().err
+
+
+def test_readme_sample_output_is_what_plan_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    """README's "See before you launch" block: every line is (the start of) a line of the output."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    command = "moefn plan --model deepseek-v3 --mesh dp_shard=1024,ep=64 --seq-len 4096 --ac\nfull --gpu-memory 80GiB"
+    assert command in readme
+    start = readme.index("```text\n", readme.index(command)) + len("```text\n")
+    sample = readme[start:readme.index("```", start)].splitlines()
+    assert main(command.split()[1:]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    stale = [line for line in sample
+             if line not in ("…", "") and not any(p.startswith(line) for p in printed)]
+    assert not stale, stale
