@@ -129,5 +129,5 @@ def profile_peer() -> list[dict[str, Any]]:
         run_local(1, peer._save, path)
         runs = {s: run_local(peer.NPROC, _profile_rank, path, s) for s in SYSTEMS}
     return [{"category": category, "rank": rank,
-             **{f"{s}_ms": runs[s][rank][category] for s in SYSTEMS}}  # type: ignore[index]
-            for rank in RANKS for category in runs[SYSTEMS[0]][RANKS[0]]]  # type: ignore[union-attr]
+             **{f"{s}_ms": runs[s][rank][category] for s in SYSTEMS}}
+            for rank in RANKS for category in runs[SYSTEMS[0]][RANKS[0]]]
