@@ -3,13 +3,14 @@
 The same transformers Qwen3-MoE model (hidden 256, 4 MoE layers, 16 experts, top-2, fp32,
 SDPA), saved once and loaded by every system, so all start from identical weights. One fixed
 global batch of 8 × 128 tokens split over the data-parallel ranks, 12 steps; the loss is the
-cross-entropy summed over the global batch divided by its token count. Systems run one after
-another in the same invocation on forked gloo ranks (threads per rank = max(1, cores // nproc)):
+cross-entropy summed over the global batch divided by its token count, at ep 2 and ep 4.
+Systems run one after another in the same invocation on forked gloo ranks (threads per rank =
+max(1, cores // nproc)):
 
 - ``transformers``: ``from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=4,
-  ep_size=2, ep_implementation="all_to_all"))``;
-- ``moefn all_to_all`` / ``moefn all_gather``: ``plan_ep`` + ``plan_fsdp(precision="fp32")``
-  on the unmodified model from ``from_pretrained`` (dp_shard=4, ep=2);
+  ep_size=ep, ep_implementation="all_to_all"))``;
+- ``moefn all_to_all``: ``plan_ep`` + ``plan_fsdp(precision="fp32")``
+  on the unmodified model from ``from_pretrained`` (dp_shard=4, ep=ep);
 - ``one process``: the same model and batch, no parallelism (the loss reference).
 
 Each rank's loss is its token sum over the global token count; transformers averages gradients
@@ -43,7 +44,8 @@ from moefn.launch import run_local
 from moefn.realize import build_device_meshes, realize
 from moefn.train.loop import Batch, local_batch
 
-NPROC, FSDP, EP = 4, 4, 2
+NPROC, FSDP, EPS = 4, 4, (2, 4)
+SYSTEMS = ("transformers", "moefn all_to_all")
 ROWS, SEQ, VOCAB = 8, 128, 1024
 OPTIMIZERS = {"sgd": lambda p: torch.optim.SGD(p, lr=0.25),
               "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3)}
@@ -72,17 +74,17 @@ def _batch() -> Batch:
                  labels=next_token_labels(ids))
 
 
-def _load(path: str, system: str) -> nn.Module:
+def _load(path: str, system: str, ep: int) -> nn.Module:
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
 
     kwargs: dict[str, Any] = {"dtype": torch.float32, "attn_implementation": "sdpa"}
     if system == "transformers":
-        kwargs["distributed_config"] = DistributedConfig(fsdp_size=FSDP, ep_size=EP,
+        kwargs["distributed_config"] = DistributedConfig(fsdp_size=FSDP, ep_size=ep,
                                                          ep_implementation="all_to_all")
     model: nn.Module = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if system.startswith("moefn"):
-        mesh = MeshSpec(dp_shard=FSDP, ep=EP)
+        mesh = MeshSpec(dp_shard=FSDP, ep=ep)
         stages = (plan_ep(dispatch=system.split()[1]), plan_fsdp(precision="fp32"))  # type: ignore[arg-type]
         realize(compose(*stages)(model, mesh).unwrap(), model, build_device_meshes(mesh, "cpu"))
     return model.train()
@@ -112,10 +114,10 @@ def _train(model: nn.Module, mine: Batch, num_valid: int, optimizer_name: str, s
     return {"losses": losses, "median_step_s": statistics.median(times[2:]), "comm": comm}
 
 
-def _rank(rank: int, world: int, path: str, system: str, optimizer: str,
-          steps: int) -> dict[str, Any]:
+def _rank(rank: int, world: int, path: str, system: str, optimizer: str, steps: int,
+          ep: int) -> dict[str, Any]:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    model = _load(path, system)
+    model = _load(path, system, ep)
     batch = _batch()
     mine = local_batch(batch, MeshSpec(dp_shard=FSDP), rank)
     # transformers' FSDP averages gradients over its ranks; moefn's reductions are sums
@@ -125,17 +127,18 @@ def _rank(rank: int, world: int, path: str, system: str, optimizer: str,
 
 def _one_process(rank: int, world: int, path: str, optimizer: str, steps: int) -> dict[str, Any]:
     batch = _batch()
-    return _train(_load(path, "one process"), batch, batch.num_valid, optimizer, steps, steps // 2)
+    return _train(_load(path, "one process", 1), batch, batch.num_valid, optimizer, steps, steps // 2)
 
 
 def _save(rank: int, world: int, path: str) -> None:
     save_model(path)
 
 
-def bench_peer(steps: int = 12, rounds: int = 3) -> list[dict[str, Any]]:
-    """One row per (system, optimizer): step time (median over ``rounds`` alternating rounds of
-    the per-run median), loss gap to one process, collectives of one step."""
-    systems = ("transformers", "moefn all_to_all", "moefn all_gather")
+def bench_peer(steps: int = 12, rounds: int = 3,
+               eps: tuple[int, ...] = EPS) -> list[dict[str, Any]]:
+    """One row per (system, dispatch, optimizer, ep): step time (median over ``rounds``
+    alternating rounds of the per-run median), loss gap to one process, collectives of one
+    step."""
     rows = []
     with tempfile.TemporaryDirectory() as root:
         path = os.path.join(root, "qwen3-moe")
@@ -144,24 +147,32 @@ def bench_peer(steps: int = 12, rounds: int = 3) -> list[dict[str, Any]]:
         run_local(1, _save, path)
         for optimizer in OPTIMIZERS:
             reference = run_local(1, _one_process, path, optimizer, steps)[0]
-            runs: dict[str, list[dict[str, Any]]] = {system: [] for system in systems}
-            for _ in range(rounds):
-                for system in systems:
-                    runs[system].append(run_local(NPROC, _rank, path, system, optimizer, steps)[0])
-            rows.append(_row("one process", optimizer, [reference], reference))
-            rows += [_row(system, optimizer, runs[system], reference) for system in systems]
-    base = {r["optimizer"]: r["median_step_s"] for r in rows if r["system"] == "transformers"}
+            rows.append(_row("one process", optimizer, 1, [reference], reference))
+            for ep in eps:
+                runs: dict[str, list[dict[str, Any]]] = {system: [] for system in SYSTEMS}
+                for _ in range(rounds):
+                    for system in SYSTEMS:
+                        runs[system].append(
+                            run_local(NPROC, _rank, path, system, optimizer, steps, ep)[0])
+                rows += [_row(system, optimizer, ep, runs[system], reference)
+                         for system in SYSTEMS]
+    base = {(r["optimizer"], r["ep"]): r["median_step_s"] for r in rows
+            if r["system"] == "transformers"}
     for row in rows:
-        row["vs_transformers"] = round(row["median_step_s"] / base[row["optimizer"]], 3)
+        key = (row["optimizer"], row["ep"] if row["ep"] > 1 else eps[0])
+        row["vs_transformers"] = round(row["median_step_s"] / base[key], 3)
     return rows
 
 
-def _row(system: str, optimizer: str, runs: list[dict[str, Any]],
+def _row(system: str, optimizer: str, ep: int, runs: list[dict[str, Any]],
          reference: dict[str, Any]) -> dict[str, Any]:
     comm = runs[0]["comm"]
     medians = sorted(r["median_step_s"] for r in runs)
+    name, _, dispatch = system.partition(" ")
     return {
-        "system": system, "optimizer": optimizer,
+        "system": name if dispatch != "process" else system,
+        "dispatch": {"process": "-", "": "all_to_all"}.get(dispatch, dispatch),
+        "optimizer": optimizer, "ep": ep,
         "median_step_s": round(statistics.median(medians), 4),
         "step_s_range": f"{medians[0]:.3f}–{medians[-1]:.3f}",
         "max_loss_diff_vs_one_process": max(abs(a - b) for r in runs for a, b in zip(

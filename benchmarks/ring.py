@@ -85,9 +85,10 @@ def ring_section(rows: list[dict[str, Any]], steps: int, seq: int,
 
 
 def replace_section(path: Path, section: str) -> None:
-    """Put ``section`` in place of the ring section of ``path`` (appended if there is none)."""
+    """Put ``section`` in place of the section of ``path`` with the same title (its heading up
+    to `` (``), appended if there is none."""
     text = path.read_text()
-    start = text.find(TITLE)
+    start = text.find(section.split("\n")[0].split(" (")[0])
     if start >= 0:
         end = text.find("\n## ", start + 1)
         text = text[:start] + section + ("\n" + text[end:] if end >= 0 else "\n")

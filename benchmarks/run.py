@@ -2,8 +2,10 @@
 
 ``python -m benchmarks.run [--steps N]`` (or ``moefn bench``) prints tables, writes
 results/benchmarks.json and docs/benchmarks.md; ``--ring`` runs only the ring-vs-all-gather
-section (`benchmarks.ring`, at ``--ring-seq`` tokens) and replaces it in
-docs/benchmarks.md. Targets live here, never in timed unit tests;
+section (`benchmarks.ring`, at ``--ring-seq`` tokens), ``--peer`` only the comparison with
+transformers (`benchmarks.peer`), ``--profile`` only the profile of both
+(`benchmarks.profile`): each replaces its section in docs/benchmarks.md and its key in
+results/benchmarks.json. Targets live here, never in timed unit tests;
 the machine is shared, so rounds alternate systems and we report medians, ratios and the load average.
 """
 
@@ -246,6 +248,49 @@ def _table(rows: list[dict[str, Any]], keys: list[str]) -> str:
     return head + "\n".join("| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows)
 
 
+def peer_section(rows: list[dict[str, Any]]) -> str:
+    """The moefn-vs-transformers table."""
+    return ("## moefn vs transformers `DistributedConfig` (Qwen3-MoE, hidden 256, 4 MoE layers, "
+            "16 experts top-2, fp32; 4 CPU ranks: FSDP 4 × EP 2 and 4; batch 8×128; 12 steps, "
+            "median of steps 3–12, median of 3 alternating rounds; collectives and bytes of "
+            "one step on rank 0)\n\n"
+            + _table(rows, ["system", "dispatch", "optimizer", "ep", "median_step_s",
+                            "step_s_range", "vs_transformers", "max_loss_diff_vs_one_process",
+                            "collectives_per_step_rank0", "received_bytes_per_step_rank0",
+                            "all_to_all_received_bytes_rank0"]))
+
+
+def profile_section(rows: list[dict[str, Any]], load: tuple[Any, Any]) -> str:
+    """The side-by-side profile, with the load average before and after the run."""
+    systems = [k for k in rows[0] if k.endswith("_ms")]
+    total = [{"category": "step (profiled wall)", "rank": rank,
+              **{s: round(sum(r[s] for r in rows if r["rank"] == rank), 1) for s in systems}}
+             for rank in sorted({r["rank"] for r in rows})]
+    return ("## Where a step goes: moefn next to transformers (torch.profiler, `python -m "
+            "benchmarks.run --profile`; peer setup, SGD, ep 2; ms per step of the main thread, "
+            "3 steps after 3 warm-up, with_stack on, so slower than unprofiled steps; load "
+            f"average {load[0]} before, {load[1]} after)\n\n"
+            + _table(rows + total, ["category", "rank", *systems]))
+
+
+def _only(name: str, bench: Callable[[], list[dict[str, Any]]],
+          section: Callable[[list[dict[str, Any]], tuple[Any, Any]], str]) -> None:
+    """Run one section, replace it in docs/benchmarks.md and its key in the results JSON."""
+    from benchmarks.ring import replace_section
+
+    before = os.getloadavg()
+    rows = bench()
+    text = section(rows, (before, os.getloadavg()))
+    json_path = ROOT / "results" / "benchmarks.json"
+    results = json.loads(json_path.read_text()) if json_path.exists() else {}
+    results[name] = rows
+    results[f"{name}_load_average"] = [before, os.getloadavg()]
+    json_path.parent.mkdir(exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=1) + "\n")
+    replace_section(ROOT / "docs" / "benchmarks.md", text)
+    print(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
@@ -253,8 +298,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="run only the ring-vs-all-gather section and replace it in place")
     parser.add_argument("--ring-seq", type=int, default=512,
                         help="sequence length of the ring section (default 512)")
+    parser.add_argument("--peer", action="store_true",
+                        help="run only the comparison with transformers, replace it in place")
+    parser.add_argument("--profile", action="store_true",
+                        help="run only the side-by-side profile, replace it in place")
     args = parser.parse_args(argv)
     from benchmarks.peer import bench_peer
+    from benchmarks.profile import profile_peer
     from benchmarks.ring import bench_ring, replace_section, ring_section
 
     def ring() -> tuple[list[dict[str, Any]], str]:
@@ -262,6 +312,13 @@ def main(argv: list[str] | None = None) -> None:
         rows = bench_ring(args.steps, args.ring_seq)
         return rows, ring_section(rows, args.steps, args.ring_seq, (before, os.getloadavg()))
 
+    if args.peer:
+        _only("peer", bench_peer, lambda rows, load: peer_section(rows) + "\n\nLoad average "
+              f"{load[0]} before, {load[1]} after.")
+    if args.profile:
+        _only("profile", profile_peer, profile_section)
+    if args.peer or args.profile:
+        return
     if args.ring:
         section = ring()[1]
         replace_section(ROOT / "docs" / "benchmarks.md", section)
@@ -271,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     benches: dict[str, Callable[[], list[dict[str, Any]]]] = {
         "peer": bench_peer, "dispatch": partial(bench_dispatch, args.steps),
         "ac": partial(bench_ac, args.steps), "cp": partial(bench_cp, args.steps),
-        "planning": bench_planning, "planning_sweep": bench_planning_sweep}
+        "planning": bench_planning, "planning_sweep": bench_planning_sweep,
+        "profile": profile_peer}
     sections: dict[str, str] = {}
 
     def ring_rows() -> list[dict[str, Any]]:
@@ -292,14 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n\n".join([
         "# moefn benchmarks\n\nGenerated by `python -m benchmarks.run` (`nox -s bench`). "
         f"Machine: {machine}.",
-        "## moefn vs transformers `DistributedConfig` (Qwen3-MoE, hidden 256, 4 MoE layers, "
-        "16 experts top-2, fp32; 4 CPU ranks: FSDP 4 × EP 2; batch 8×128; 12 steps, median of "
-        "steps 3–12, median of 3 alternating rounds; collectives and bytes of one step on rank 0)\n\n"
-        + _table(results["peer"], ["system", "optimizer", "median_step_s", "step_s_range",
-                                   "vs_transformers",
-                                   "max_loss_diff_vs_one_process", "collectives_per_step_rank0",
-                                   "received_bytes_per_step_rank0",
-                                   "all_to_all_received_bytes_rank0"]),
+        peer_section(results["peer"]),
         "## Token dispatch (small preset, 4 CPU ranks, dp_shard=4, FSDP fp32; bytes received per "
         "step on rank 0, all collectives: measured with CommLedger, predicted by estimate)\n\n"
         + _table(results["dispatch"], ["ep", "dispatch", "median_step_s", "received_bytes_rank0",
@@ -319,6 +370,8 @@ def main(argv: list[str] | None = None) -> None:
         "## Plan time as the model grows (1024 ranks, ep 64)\n\n"
         + _table(results["planning_sweep"], ["layers", "experts", "plan_s"]),
         sections["ring"],
+        profile_section(results["profile"], (machine["load_average"],
+                                             machine["load_average_after"])),
     ])
     (ROOT / "docs" / "benchmarks.md").write_text(text + "\n")
     print(text)

@@ -192,7 +192,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--nproc", type=_local_ranks, default=4,
                       help=f"local CPU ranks (processes), 1 to {MAX_LOCAL_RANKS}")
     demo.add_argument("--steps", type=_positive, default=5)
-    demo.add_argument("--dispatch", choices=("all_to_all", "all_gather"), default="all_to_all")
+    demo.add_argument("--dispatch", choices=DISPATCHES, default="all_to_all")
+    demo.add_argument("--ranks-per-node", type=_positive, default=None, metavar="R",
+                      help="with --dispatch hierarchical: consecutive ep ranks sharing a "
+                           "\"node\", dividing the demo's ep (2)")
     demo.add_argument("--micro-batches", type=_positive, default=1,
                       help="gradient accumulation: micro-batches per step, reduced once")
     demo.add_argument("--json", action="store_true")
@@ -537,9 +540,14 @@ def _plan_command(args: argparse.Namespace) -> int:
 
 
 def _demo_command(args: argparse.Namespace) -> int:
-    from moefn.demo import DemoOptions, run_demo
+    from moefn.demo import DemoOptions, demo_mesh, run_demo
 
+    usage = _nodes_problem(args.dispatch, args.ranks_per_node, demo_mesh(args.nproc).ep)
+    if usage:
+        print(f"moefn demo: {usage}", file=sys.stderr)
+        return 2
     options = DemoOptions(nproc=args.nproc, steps=args.steps, dispatch=args.dispatch,
+                          ranks_per_node=args.ranks_per_node,
                           micro_batches=args.micro_batches, verbose=not args.json)
     try:
         result = run_demo(options)

@@ -20,6 +20,7 @@ from moefn.analyse.render import diff
 from moefn.launch import init_from_env, launched_by_torchrun, run_local
 from moefn.plan.compose import Stage, compose
 from moefn.plan.mesh import MeshSpec
+from moefn.plan.options import Dispatch
 from moefn.plan.stages import plan_ac, plan_cp, plan_ep, plan_fsdp
 from moefn.realize import build_device_meshes, realize
 from moefn.train.loop import global_batch, local_batch, train
@@ -34,7 +35,8 @@ class DemoOptions:
     seq: int = 32
     lr: float = 0.25
     seed: int = 0
-    dispatch: str = "all_to_all"
+    dispatch: Dispatch = "all_to_all"
+    ranks_per_node: int | None = None  # with dispatch="hierarchical": ep ranks per node
     micro_batches: int = 1
     verbose: bool = False  # rank 0 prints the plan and a header (stdout), progress (stderr)
 
@@ -47,7 +49,7 @@ def demo_mesh(nproc: int) -> MeshSpec:
 
 def demo_stages(mesh: MeshSpec, options: DemoOptions) -> tuple[Stage, ...]:
     cp = (plan_cp(seq_len=options.seq),) if mesh.cp > 1 else ()
-    ep = (plan_ep(dispatch="all_gather" if options.dispatch == "all_gather" else "all_to_all"),)
+    ep = (plan_ep(dispatch=options.dispatch, ranks_per_node=options.ranks_per_node),)
     return (*cp, *(ep if mesh.ep > 1 else ()), plan_ac(mode="router"),
             plan_fsdp(precision="fp32"))
 

@@ -101,6 +101,28 @@ def test_demo_json_matches_one_process() -> None:
     assert report["max_abs_loss_diff"] <= 1e-5
 
 
+def test_demo_hierarchical_dispatch_matches_one_process() -> None:
+    """2 ranks (cp 2 × ep 2) as 2 "nodes" of one rank: the plan says hierarchical, tokens
+    cross nodes, losses as one process."""
+    out = subprocess.run([sys.executable, "-m", "moefn", "demo", "--nproc", "2", "--steps", "2",
+                          "--dispatch", "hierarchical", "--ranks-per-node", "1"],
+                         capture_output=True, text=True, check=True, timeout=900).stdout
+    assert "dispatch hierarchical over ep(2)" in out, out
+    diffs = re.findall(r"^ +\d+ +\S+ +\S+ +(\S+)$", out, re.MULTILINE)
+    assert len(diffs) == 2 and max(map(float, diffs)) <= 1e-5, out
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--dispatch", "hierarchical"], "--dispatch hierarchical needs --ranks-per-node"),
+    (["--dispatch", "hierarchical", "--ranks-per-node", "3"], "--ranks-per-node 3 does not divide ep=2"),
+    (["--ranks-per-node", "2"], "--ranks-per-node 2 applies to --dispatch hierarchical only"),
+])
+def test_demo_ranks_per_node_usage_errors(argv: list[str], says: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--nproc", "2", *argv]) == 2
+    assert says in capsys.readouterr().err
+
+
 def test_compare_prints_step_memory_and_comm_deltas(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--model", "tiny", "--compare", "dp_shard=4,ep=2",
                  "dp_shard=4,ep=4"]) == 0
