@@ -167,5 +167,6 @@ def run_parity(rank: int, world: int, case: Case) -> dict[str, Any]:
 def assert_parity(result: dict[str, Any], tol: float = 1e-5) -> None:
     assert result["max_loss_diff"] <= tol, (result["losses"], result["reference"])
     assert not result["zero_grads"], f"zero gradients: {result['zero_grads']}"
+    assert not result["unreached"], f"no gradient in one process: {result['unreached']}"
     worst = max(result["grad_errors"].items(), key=lambda kv: kv[1])
     assert worst[1] <= tol, f"gradient mismatch {worst}"
