@@ -117,6 +117,7 @@ class HFCase:
     lr: float = 0.5
     seed: int = 0
     extra: tuple[tuple[str, Any], ...] = ()  # config overrides, e.g. (("tie_word_embeddings", True),)
+    control: bool = False  # also measure plain data parallelism on the same slices
 
 
 def hf_batch(vocab: int, batch: int, seq: int, seed: int) -> Batch:
@@ -162,8 +163,9 @@ def run_hf_parity(rank: int, world: int, case: HFCase) -> dict[str, Any]:
     reference, model, plan = build_hf_pair(case)
     batch = hf_batch(int(reference.config.vocab_size), case.batch, case.seq, case.seed)
     in_forward = _record_kept_dtypes(model, plan)
+    control = copy.deepcopy(reference) if case.control else None
     result = train_side_by_side(reference, model, batch, local_batch(batch, plan.mesh, rank),
-                                case.lr, case.steps, lambda m, b: (logits_of(m, b),))
+                                case.lr, case.steps, lambda m, b: (logits_of(m, b),), control)
     return {
         **result,
         "kept_in_forward": in_forward,
@@ -201,9 +203,16 @@ def installed(model: nn.Module) -> dict[str, Any]:
 
 
 def assert_hf_parity(result: dict[str, Any], tol: float = 1e-5) -> None:
+    """Losses and gradients within ``tol``; a gradient plain data parallelism itself gets wrong by
+    more (``control_errors``) within twice the control's error. Parameters the loss does not reach
+    in one process get no gradient here either, and are a minority."""
     assert result["max_loss_diff"] <= tol, (result["losses"], result["reference"])
     assert result["losses"][-1] < result["losses"][0], result["losses"]  # it trains
     assert not result["zero_grads"], f"zero gradients: {result['zero_grads']}"
-    worst = max(result["grad_errors"].items(), key=lambda kv: kv[1])
-    assert worst[1] <= tol, f"gradient mismatch {worst}"
+    control = result["control_errors"]
+    over = {n: (e, control.get(n)) for n, e in result["grad_errors"].items()
+            if e > max(tol, 2 * control.get(n, 0.0))}
+    assert not over, f"gradient mismatch (error, plain data parallelism's error): {over}"
+    assert len(result["unreached"]) < len(result["grad_errors"]) / 2, result["unreached"]
+    assert result["state_dict_keys"] == result["reference_keys"]
     assert result["state_dict_keys"] == result["reference_keys"]

@@ -82,16 +82,39 @@ def model_outputs(model: nn.Module, batch: Batch) -> Any:
     return model(batch.input_ids, batch.position_ids)
 
 
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).abs().max()) / max(float(want.abs().max()), 1e-30)
+
+
+def _control_grads(control: nn.Module, mine: Batch, num_valid: int,
+                   outputs: Outputs) -> dict[str, torch.Tensor]:
+    """Plain data parallelism without moefn: ``control`` (a copy of the reference) on this rank's
+    slice, its gradients summed over all ranks by hand."""
+    causal_lm_loss(outputs(control, mine), mine.labels, num_valid).backward()
+    grads = {}
+    for name, param in control.named_parameters():
+        if param.grad is not None:
+            torch.distributed.all_reduce(param.grad)
+            grads[name] = param.grad
+    return grads
+
+
 def train_side_by_side(reference: nn.Module, model: nn.Module, batch: Batch, mine: Batch,
-                       lr: float, steps: int, outputs: Outputs = model_outputs) -> dict[str, Any]:
+                       lr: float, steps: int, outputs: Outputs = model_outputs,
+                       control: nn.Module | None = None) -> dict[str, Any]:
     """SGD on both models: ``reference`` on the global ``batch``, ``model`` on this rank's
     ``mine``. Global losses per step and, for the first step, each parameter's relative
-    gradient error (a parameter whose gradient is zero on either side is listed)."""
+    gradient error (a parameter whose gradient is zero on either side is listed; one the loss
+    does not reach in ``reference`` is ``unreached``, and an error of inf if ``model`` has a
+    nonzero gradient for it). With ``control``, a copy of ``reference`` before any step, also
+    the errors of plain data parallelism on the same slices (``control_errors``)."""
     opt_ref = torch.optim.SGD(reference.parameters(), lr=lr)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     losses, ref_losses = [], []
     grad_errors: dict[str, float] = {}
+    control_errors: dict[str, float] = {}
     zero_grads: list[str] = []
+    unreached: list[str] = []
     for step in range(steps):
         opt.zero_grad()
         opt_ref.zero_grad()
@@ -105,18 +128,26 @@ def train_side_by_side(reference: nn.Module, model: nn.Module, batch: Batch, min
         ref_losses.append(float(ref_loss.detach()))
         if step == 0:
             ref_params = dict(reference.named_parameters())
+            plain = {} if control is None else _control_grads(control, mine, batch.num_valid,
+                                                              outputs)
             for name, param in model.named_parameters():
                 if not param.requires_grad:
                     continue
+                if ref_params[name].grad is None:
+                    unreached.append(name)
+                    reached = param.grad is not None and float(full_grad(param).abs().max()) > 0
+                    grad_errors[name] = float("inf") if reached else 0.0
+                    continue
                 got, want = full_grad(param), full_grad(ref_params[name])
-                scale = float(want.abs().max())
-                if scale == 0.0 or float(got.abs().max()) == 0.0:
+                if float(want.abs().max()) == 0.0 or float(got.abs().max()) == 0.0:
                     zero_grads.append(name)
-                grad_errors[name] = float((got - want).abs().max()) / max(scale, 1e-30)
+                grad_errors[name] = _relative_error(got, want)
+                if name in plain:
+                    control_errors[name] = _relative_error(plain[name], want)
         opt.step()
         opt_ref.step()
     return {"losses": losses, "reference": ref_losses, "grad_errors": grad_errors,
-            "zero_grads": zero_grads,
+            "zero_grads": zero_grads, "unreached": unreached, "control_errors": control_errors,
             "max_loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True))}
 
 
@@ -136,5 +167,6 @@ def run_parity(rank: int, world: int, case: Case) -> dict[str, Any]:
 def assert_parity(result: dict[str, Any], tol: float = 1e-5) -> None:
     assert result["max_loss_diff"] <= tol, (result["losses"], result["reference"])
     assert not result["zero_grads"], f"zero gradients: {result['zero_grads']}"
+    assert not result["unreached"], f"no gradient in one process: {result['unreached']}"
     worst = max(result["grad_errors"].items(), key=lambda kv: kv[1])
     assert worst[1] <= tol, f"gradient mismatch {worst}"

@@ -82,10 +82,14 @@ def hf_config_from_json(path: str | Path) -> Any:
 
 
 def build_hf_model(config: Any, device: str = "meta", dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """``AutoModelForCausalLM.from_config(config)`` on ``device`` (meta: no memory, seconds)."""
+    """``AutoModelForCausalLM.from_config(config)`` on ``device`` (meta: no memory, seconds),
+    with the parameters the model keeps in float32 stored so (`keep_fp32`)."""
     from transformers import AutoModelForCausalLM
+
+    from moefn.adapters.transformers.precision import keep_fp32
 
     auto: Any = AutoModelForCausalLM  # untyped in transformers
     with torch.device(device):
         model: nn.Module = auto.from_config(config, dtype=dtype)
+    keep_fp32(model)
     return model
