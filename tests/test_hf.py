@@ -25,8 +25,8 @@ from moefn.cli import main
 from moefn.plan.hf_roles import is_fused_experts
 from moefn.plan.options import ACOptions, CPOptions, Dispatch, EPOptions, FSDPOptions
 from moefn.plan.records import ActivationCheckpoint
-from moefn.realize.activation_checkpointing import is_recomputing
 from moefn.realize.apply import apply_checkpoint
+from moefn.realize.routing_tape import is_recomputing
 from moefn.train.loop import local_batch
 from tests.hf_parity import (
     CONFIGS,
