@@ -20,6 +20,7 @@ pytest.importorskip("transformers")
 
 from moefn import MeshSpec, PlanError, compose, inspect_model, plan_cp, plan_ep, plan_fsdp
 from moefn.adapters.reference import causal_lm_loss
+from moefn.adapters.registry import adapter_for
 from moefn.adapters.transformers.experts import local_experts, moefn_experts_forward
 from moefn.cli import main
 from moefn.plan.hf_roles import is_fused_experts
@@ -371,10 +372,12 @@ def test_moefn_experts_match_transformers_experts(family: str, impl: str) -> Non
 
 def _checkpointed(family: str, mode: str) -> nn.Module:
     model = build_hf(family)
+    adapter = adapter_for(model)
+    assert adapter is not None and adapter.name == "transformers"
     if mode != "off":
         for path in inspect_model(model).paths_with("block"):
             apply_checkpoint(ActivationCheckpoint(stage="ac", path=path, mode=mode),  # type: ignore[arg-type]
-                             model.get_submodule(path))
+                             model.get_submodule(path), adapter)
     return model
 
 
