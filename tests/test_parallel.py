@@ -99,7 +99,7 @@ def test_each_record_plans_its_stage_in_stage_order(
 
 @pytest.mark.parametrize(("choices", "error", "words"), [
     ({"ep": {"dispatch": "all_gather"}}, ArgumentTypeError,
-     ("ep", "an EPOptions or None", "{'dispatch': 'all_gather'}", "ep=EPOptions(...)")),
+     ("ep", "expected EPOptions or None", "{'dispatch': 'all_gather'}", "ep=EPOptions(...)")),
     ({"fsdp": True}, ArgumentTypeError, ("fsdp", "True", "fsdp=FSDPOptions(...)")),
     ({"ac": ACOptions(mode="sometimes")}, PlanError,  # type: ignore[arg-type]
      ("unknown checkpoint mode", "'sometimes'")),
