@@ -48,7 +48,7 @@ def parallelize(model: nn.Module, meshes: DeviceMeshes, *, cp: CPOptions | None 
         "cp": (cp, CPOptions), "ep": (ep, EPOptions), "ac": (ac, ACOptions),
         "fsdp": (fsdp, FSDPOptions)}
     for name, (record, kind) in given.items():
-        expect_type(record, (kind, type(None)), name, f"a {kind.__name__} or None",
+        expect_type(record, (kind, type(None)), name, f"{kind.__name__} or None",
                     f"pass {name}={kind.__name__}(...) or leave {name} out")
     records = [record for record, _ in given.values() if record is not None]
     if not records:
