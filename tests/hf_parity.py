@@ -186,8 +186,8 @@ def installed(model: nn.Module) -> dict[str, Any]:
     from torch.distributed.tensor import DTensor
 
     from moefn.adapters.transformers.attention import CP_GROUP
-    from moefn.adapters.transformers.experts import ROUTER_REPLAY
     from moefn.plan.hf_roles import is_fused_experts
+    from moefn.realize.routing_tape import REPLAYING
 
     experts = [m for m in model.modules() if is_fused_experts(m)]
     return {
@@ -197,7 +197,7 @@ def installed(model: nn.Module) -> dict[str, Any]:
         "plain_expert_params": sum(not isinstance(p, DTensor) for m in experts
                                    for p in m.parameters()),
         "checkpointed": sum(bool(getattr(m, "_moefn_checkpoint", None)) for m in model.modules()),
-        "router_replay": sum(bool(getattr(m, ROUTER_REPLAY, False)) for m in model.modules()),
+        "router_replay": sum(bool(getattr(m, REPLAYING, False)) for m in model.modules()),
         "cp_attention": sum(getattr(m, CP_GROUP, None) is not None for m in model.modules()),
     }
 

@@ -21,7 +21,8 @@ from moefn.adapters.reference import (
 )
 from moefn.plan.options import ACOptions, Dispatch, EPOptions, FSDPOptions, Mode
 from moefn.realize import build_device_meshes, realize
-from moefn.realize.activation_checkpointing import install_checkpoint, is_recomputing
+from moefn.realize.activation_checkpointing import install_checkpoint
+from moefn.realize.routing_tape import is_recomputing
 from moefn.train.loop import global_batch, local_batch
 from tests.parity import (
     Case,

@@ -20,13 +20,14 @@ pytest.importorskip("transformers")
 
 from moefn import MeshSpec, PlanError, compose, inspect_model, plan_cp, plan_ep, plan_fsdp
 from moefn.adapters.reference import causal_lm_loss
+from moefn.adapters.registry import adapter_for
 from moefn.adapters.transformers.experts import local_experts, moefn_experts_forward
 from moefn.cli import main
 from moefn.plan.hf_roles import is_fused_experts
 from moefn.plan.options import ACOptions, CPOptions, Dispatch, EPOptions, FSDPOptions
 from moefn.plan.records import ActivationCheckpoint
-from moefn.realize.activation_checkpointing import is_recomputing
 from moefn.realize.apply import apply_checkpoint
+from moefn.realize.routing_tape import is_recomputing
 from moefn.train.loop import local_batch
 from tests.hf_parity import (
     CONFIGS,
@@ -399,10 +400,12 @@ def test_moefn_experts_match_transformers_experts(family: str, impl: str) -> Non
 
 def _checkpointed(family: str, mode: str) -> nn.Module:
     model = build_hf(family)
+    adapter = adapter_for(model)
+    assert adapter is not None and adapter.name == "transformers"
     if mode != "off":
         for path in inspect_model(model).paths_with("block"):
             apply_checkpoint(ActivationCheckpoint(stage="ac", path=path, mode=mode),  # type: ignore[arg-type]
-                             model.get_submodule(path))
+                             model.get_submodule(path), adapter)
     return model
 
 

@@ -1,4 +1,4 @@
-"""`moefn.parallelize`: one call that plans the stages the mesh asks for and realizes them."""
+"""`moefn.parallelize`: one call that plans the stages given options records and realizes them."""
 
 from __future__ import annotations
 
@@ -11,7 +11,18 @@ import pytest
 import torch
 from torch import nn
 
-from moefn import MeshSpec, PlanError, compose, launch, parallelize, to_json
+from moefn import (
+    ACOptions,
+    CPOptions,
+    EPOptions,
+    FSDPOptions,
+    MeshSpec,
+    PlanError,
+    compose,
+    launch,
+    parallelize,
+    to_json,
+)
 from moefn.adapters.reference import MoETransformer, get_preset
 from moefn.demo import DemoOptions, demo_mesh, demo_rows, demo_stages
 from moefn.plan.errors import ArgumentTypeError
@@ -37,8 +48,9 @@ def _demo_losses(rank: int, world: int) -> dict[str, Any]:
             plan = compose(*demo_stages(mesh, OPTIONS))(model, mesh).unwrap()
             realize(plan, model, meshes)
         else:
-            model, plan = parallelize(model, meshes, cp={"seq_len": OPTIONS.seq}, ac="router",
-                                      fsdp={"precision": "fp32"})
+            model, plan = parallelize(model, meshes, cp=CPOptions(seq_len=OPTIONS.seq),
+                                      ep=EPOptions(), ac=ACOptions(mode="router"),
+                                      fsdp=FSDPOptions(precision="fp32"))
         out[way] = (to_json(plan), train(model, mine, batch.num_valid, OPTIONS.steps,
                                           OPTIONS.lr))
     return out
@@ -48,7 +60,7 @@ def test_parallelize_trains_the_demo_like_compose_and_realize(
         ranks: Callable[[int], RankPool]) -> None:
     for per_rank in ranks(4).run(_demo_losses):
         (plan_a, losses_a), (plan_b, losses_b) = per_rank["compose"], per_rank["parallelize"]
-        assert plan_a == plan_b  # auto turned on cp and ep (the mesh has both) and fsdp
+        assert plan_a == plan_b  # the demo's stages, options and steps
         assert losses_a == losses_b and len(losses_a) == OPTIONS.steps
         assert losses_a[-1] < losses_a[0]
 
@@ -70,28 +82,31 @@ def _meta(preset: str = "tiny") -> nn.Module:
 
 
 @pytest.mark.parametrize(("mesh", "choices", "stages"), [
-    ("dp_shard=4,ep=2", {}, ("ep", "fsdp")),
-    ("dp_shard=2,cp=2", {}, ("cp", "fsdp")),
-    ("dp_shard=4,ep=2", {"ac": True}, ("ep", "ac", "fsdp")),
-    ("dp_shard=4,ep=2", {"ac": "full", "fsdp": False}, ("ep", "ac")),
-    ("dp_shard=4,ep=2", {"ep": {"dispatch": "all_gather"}}, ("ep", "fsdp")),
+    ("dp_shard=4,ep=2", {"ep": EPOptions(), "fsdp": FSDPOptions()}, ("ep", "fsdp")),
+    ("dp_shard=2,cp=2", {"fsdp": FSDPOptions(), "cp": CPOptions()}, ("cp", "fsdp")),
+    ("dp_shard=4,ep=2", {"ac": ACOptions(mode="full"), "ep": EPOptions(dispatch="all_gather")},
+     ("ep", "ac")),
+    ("dp_shard=4,ep=2", {"fsdp": FSDPOptions(), "ac": ACOptions(), "ep": EPOptions()},
+     ("ep", "ac", "fsdp")),
 ])
-def test_auto_turns_on_the_stages_the_mesh_has(
+def test_each_record_plans_its_stage_in_stage_order(
         fake_world: Callable[[MeshSpec], DeviceMeshes], mesh: str, choices: dict[str, Any],
         stages: tuple[str, ...]) -> None:
     _, plan = parallelize(_meta(), fake_world(MeshSpec.parse(mesh)), **choices)
     assert plan.stages == stages
-    modes = {getattr(step, "mode") for step in plan.steps if hasattr(step, "mode")}
-    assert modes == {True: {"router"}, "full": {"full"}}.get(choices.get("ac"), set())
+    assert plan.options == tuple(sorted(choices.values(), key=lambda o: stages.index(o.stage)))
 
 
 @pytest.mark.parametrize(("choices", "error", "words"), [
-    ({"ep": {"dispatch": "all_gather", "dispatcher": 1}}, ArgumentTypeError,
-     ("ep", "unknown plan_ep option", "dispatcher", "use options among ('dispatch', ")),
-    ({"fsdp": "yes"}, ArgumentTypeError, ("fsdp", "'yes'", "fsdp=True")),
-    ({"ac": "sometimes"}, ArgumentTypeError, ("ac", "a mode", "'sometimes'")),
-    ({"ep": {"dispatch": "broadcast"}}, PlanError, ("unknown dispatch", "'broadcast'")),
-    ({"cp": True}, PlanError, ("cp",)),  # the mesh has no cp axis: plan_cp says why
+    ({"ep": {"dispatch": "all_gather"}}, ArgumentTypeError,
+     ("ep", "expected EPOptions or None", "{'dispatch': 'all_gather'}", "ep=EPOptions(...)")),
+    ({"fsdp": True}, ArgumentTypeError, ("fsdp", "True", "fsdp=FSDPOptions(...)")),
+    ({"ac": ACOptions(mode="sometimes")}, PlanError,  # type: ignore[arg-type]
+     ("unknown checkpoint mode", "'sometimes'")),
+    ({"ep": EPOptions(dispatch="broadcast")}, PlanError,  # type: ignore[arg-type]
+     ("unknown dispatch", "'broadcast'")),
+    ({"cp": CPOptions()}, PlanError, ("cp",)),  # the mesh has no cp axis: plan_cp says why
+    ({}, PlanError, ("no stage asked for", "fsdp=FSDPOptions()")),
 ])
 def test_bad_choices_are_refused_and_leave_the_model_untouched(
         fake_world: Callable[[MeshSpec], DeviceMeshes], choices: dict[str, Any],
@@ -106,7 +121,7 @@ def test_bad_choices_are_refused_and_leave_the_model_untouched(
 
 def test_meshes_must_be_device_meshes() -> None:
     with pytest.raises(ArgumentTypeError, match="build_device_meshes"):
-        parallelize(_meta(), MeshSpec(dp_shard=4, ep=2))  # type: ignore[arg-type]
+        parallelize(_meta(), MeshSpec(dp_shard=4, ep=2), fsdp=FSDPOptions())  # type: ignore[arg-type]
 
 
 REFERENCE_ARGUMENTS = (  # nemo_automodel.components.moe.parallelizer.parallelize_model

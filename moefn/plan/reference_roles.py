@@ -21,6 +21,11 @@ def _kinds(module: object) -> frozenset[str]:
                      if c.__module__.startswith(REFERENCE_PACKAGE))
 
 
+def is_reference_model(model: nn.Module) -> bool:
+    """Whether ``model`` is the reference `MoETransformer` (or a subclass)."""
+    return "MoETransformer" in _kinds(model)
+
+
 def _int(module: nn.Module, name: str) -> int:
     return int(getattr(module, name))
 
@@ -31,7 +36,7 @@ class ReferenceRecogniser:
     name = "moefn"
 
     def recognise(self, model: nn.Module) -> Recognition | None:
-        if "MoETransformer" not in _kinds(model):
+        if not is_reference_model(model):
             return None
         roles: dict[str, set[Role]] = {"": {"backbone"}, "embed": {"embed"},
                                        "lm_head": {"lm_head"}}

@@ -25,7 +25,14 @@ from moefn.plan.hf_roles import HFRecogniser
 from moefn.plan.reference_roles import ReferenceRecogniser
 from moefn.plan.roles import Fact, Recogniser, Recognition, Role
 
-RECOGNISERS: tuple[Recogniser, ...] = (ReferenceRecogniser(), HFRecogniser())
+RECOGNISERS: list[Recogniser] = [ReferenceRecogniser(), HFRecogniser()]
+
+
+def register_recogniser(recogniser: Recogniser) -> None:
+    """Let `inspect_model` (and so every stage) recognise one more model kind, after moefn's
+    own; `moefn.adapters.registry.register_adapter` calls it with the adapter's recogniser."""
+    if all(r is not recogniser for r in RECOGNISERS):
+        RECOGNISERS.append(recogniser)
 
 
 @frozen(kw_only=True)

@@ -24,6 +24,7 @@ from typing import assert_never
 
 from torch import nn
 
+from moefn.adapters.registry import adapter_for
 from moefn.plan.records import (
     ActivationCheckpoint,
     ContextParallelAttention,
@@ -90,23 +91,25 @@ def realize(plan: ShardPlan, model: nn.Module, meshes: DeviceMeshes,
     check_arguments(plan, model, meshes, check_inputs)
     problems = local_problems(plan, model, meshes)
     agree(fingerprint(plan), problems, () if problems else value_digests(model))
+    adapter = adapter_for(model)
+    assert adapter is not None  # local_problems reports a model no adapter recognises
     modules = dict(model.named_modules())
     _mark_realized(plan, modules)
     sync = plan.steps_of(SyncGradients)
     for _, step in sorted(enumerate(plan.steps), key=_realize_order):
         match step:
             case ContextParallelAttention():
-                apply_context_parallel(step, modules[step.path], meshes)
+                apply_context_parallel(step, modules[step.path], meshes, adapter)
             case DistributeParams():
                 apply_distribute(step, modules[step.path], meshes)
             case InstallDispatch():
-                apply_dispatch(step, modules[step.path], meshes)
+                apply_dispatch(step, modules[step.path], meshes, adapter)
             case SyncGradients():
                 apply_sync(step, sync, model, meshes)
             case KeepDtype():
                 apply_keep_dtype(step, modules[step.path], meshes)
             case ActivationCheckpoint():
-                apply_checkpoint(step, modules[step.path])
+                apply_checkpoint(step, modules[step.path], adapter)
             case FullyShard():
                 apply_fully_shard(step, modules[step.path], model, meshes)
             case _:

@@ -2,10 +2,11 @@
 
 Recomputing a router can pick different experts than the first forward did (changed scores,
 ties, nondeterministic kernels), which breaks token dispatch in backward. ``"router"`` mode
-records each router's top-k choice on a tape owned by that one checkpoint call and replays it
-during recompute (the scores — and so the routing weights' gradients — are recomputed);
-everything else is recomputed. ``"selective"`` mode saves matmuls, attention, collectives and
-top-k through torch's selective checkpointing and recomputes the rest; ``"full"`` recomputes all.
+gives each checkpoint call its own routing tape (`moefn.realize.routing_tape`): routers record
+their top-k choice in forward and replay it during recompute (the scores — and so the routing
+weights' gradients — are recomputed); everything else is recomputed. ``"selective"`` mode saves
+matmuls, attention, collectives and top-k through torch's selective checkpointing and
+recomputes the rest; ``"full"`` recomputes all.
 
 >>> from moefn.adapters.reference import MoETransformer, get_preset
 >>> block = MoETransformer(get_preset("tiny")).layers[0]
@@ -16,12 +17,11 @@ top-k through torch's selective checkpointing and recomputes the rest; ``"full"`
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.checkpoint import (
     SAC_IGNORED_OPS,
     CheckpointPolicy,
@@ -29,65 +29,9 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
+from moefn.realize.routing_tape import tape_contexts
+
 MARKER = "_moefn_checkpoint"
-
-
-def is_recomputing() -> bool:
-    """True while autograd runs a backward pass (where checkpointed forwards are recomputed)."""
-    return bool(torch._C._current_graph_task_id() != -1)
-
-
-class RoutingTape:
-    """Top-k choices of the routers inside one checkpointed call, in call order."""
-
-    def __init__(self) -> None:
-        self.entries: list[Tensor] = []
-        self.replay_position = 0
-
-
-_TAPES: list[tuple[str, RoutingTape]] = []  # the innermost active (mode, tape)
-
-
-@contextlib.contextmanager
-def _using(mode: str, tape: RoutingTape) -> Iterator[None]:
-    _TAPES.append((mode, tape))
-    tape.replay_position = 0
-    try:
-        yield
-    finally:
-        _TAPES.pop()
-
-
-def taping() -> bool:
-    """True inside a router-mode checkpoint (a routing tape records or replays)."""
-    return bool(_TAPES)
-
-
-def taped(choose: Callable[[], Tensor], what: str = "routers") -> Tensor:
-    """``choose()`` (top-k indices), recorded on the innermost routing tape in forward and
-    replayed from it in recompute; outside a router-mode checkpoint just ``choose()``."""
-    if _TAPES and _TAPES[-1][0] == "replay":
-        tape = _TAPES[-1][1]
-        if tape.replay_position >= len(tape.entries):
-            raise RuntimeError(f"recompute ran more {what} than the forward it replays")
-        index = tape.entries[tape.replay_position]
-        tape.replay_position += 1
-        return index
-    index = choose().detach()  # no autograd state: replayable
-    if _TAPES and _TAPES[-1][0] == "record":
-        _TAPES[-1][1].entries.append(index)
-    return index
-
-
-def route(choice: Tensor, top_k: int) -> Tensor:
-    """``topk(choice).indices``, recorded in forward and replayed in recompute under "router"."""
-    return taped(lambda: torch.topk(choice.detach(), top_k, dim=-1).indices)
-
-
-def _routing_contexts() -> tuple[contextlib.AbstractContextManager[None],
-                                 contextlib.AbstractContextManager[None]]:
-    tape = RoutingTape()
-    return _using("record", tape), _using("replay", tape)
 
 
 def _aten(name: str) -> Any:
@@ -137,7 +81,7 @@ def _selective_contexts() -> Any:
     return create_selective_checkpoint_contexts(selective_policy)  # type: ignore[no-untyped-call]
 
 
-_CONTEXTS: dict[str, Callable[[], Any]] = {"router": _routing_contexts,
+_CONTEXTS: dict[str, Callable[[], Any]] = {"router": tape_contexts,
                                           "selective": _selective_contexts}
 
 

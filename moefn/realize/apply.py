@@ -18,7 +18,7 @@ from torch.distributed.tensor import Replicate as DReplicate
 from torch.distributed.tensor import Shard as DShard
 from torch.distributed.tensor.placement_types import Placement as DPlacement
 
-from moefn.plan.hf_roles import is_transformers_module
+from moefn.adapters.adapter import Adapter
 from moefn.plan.records import (
     ActivationCheckpoint,
     ContextParallelAttention,
@@ -46,17 +46,8 @@ def to_dtensor_placement(placement: Placement) -> DPlacement:
 
 
 def apply_context_parallel(step: ContextParallelAttention, module: nn.Module,
-                           meshes: DeviceMeshes) -> None:
-    from moefn.realize.context_parallel import AllGatherKVAttention
-    from moefn.realize.ring_attention import RingKVAttention
-
-    if is_transformers_module(module):  # through transformers' attention registry
-        from moefn.adapters.transformers.attention import install_context_parallel
-
-        install_context_parallel(module, meshes.group(step.mesh_dims), step.comm)
-        return
-    kind = RingKVAttention if step.comm == "p2p" else AllGatherKVAttention
-    setattr(module, "impl", kind(meshes.group(step.mesh_dims)))
+                           meshes: DeviceMeshes, adapter: Adapter) -> None:
+    adapter.install_context_parallel(module, meshes.group(step.mesh_dims), step.comm)
 
 
 def apply_distribute(step: DistributeParams, module: nn.Module, meshes: DeviceMeshes) -> None:
@@ -85,7 +76,8 @@ def _node_groups(meshes: DeviceMeshes, ranks_per_node: int) -> tuple[ProcessGrou
 _NODE_GROUPS = "_moefn_node_groups"
 
 
-def apply_dispatch(step: InstallDispatch, module: nn.Module, meshes: DeviceMeshes) -> None:
+def apply_dispatch(step: InstallDispatch, module: nn.Module, meshes: DeviceMeshes,
+                   adapter: Adapter) -> None:
     from moefn.realize.ep_dispatch import AllGatherDispatch, AllToAllDispatch, HierarchicalDispatch
 
     dispatcher: Dispatcher
@@ -95,21 +87,14 @@ def apply_dispatch(step: InstallDispatch, module: nn.Module, meshes: DeviceMeshe
     else:
         kind = AllToAllDispatch if step.kind == "all_to_all" else AllGatherDispatch
         dispatcher = kind(step.num_experts, meshes.group(step.mesh_dims))
-    if is_transformers_module(module):  # through transformers' experts interface
-        from moefn.adapters.transformers.experts import install_dispatcher
-
-        install_dispatcher(module, dispatcher)
-        return
-    setattr(module, "dispatcher", dispatcher)
+    adapter.install_dispatch(module, dispatcher)
 
 
-def apply_checkpoint(step: ActivationCheckpoint, block: nn.Module) -> None:
+def apply_checkpoint(step: ActivationCheckpoint, block: nn.Module, adapter: Adapter) -> None:
     from moefn.realize.activation_checkpointing import install_checkpoint
 
-    if step.mode == "router" and is_transformers_module(block):  # HF routers run topk themselves
-        from moefn.adapters.transformers.experts import install_router_replay
-
-        install_router_replay(block)
+    if step.mode == "router" and adapter.install_router_replay is not None:
+        adapter.install_router_replay(block)
     install_checkpoint(block, step.mode)
 
 

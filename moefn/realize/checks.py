@@ -7,10 +7,11 @@ import hashlib
 import torch.distributed as dist
 from torch import nn
 
+from moefn.adapters.adapter import Adapter
+from moefn.adapters.registry import adapter_for
 from moefn.analyse.layout import fsdp_shard_ranks
 from moefn.plan.dtypes import CAST_DTYPES
 from moefn.plan.errors import PlanError, Problem
-from moefn.plan.hf_roles import is_transformers_module
 from moefn.plan.records import (
     ContextParallelAttention,
     DistributeParams,
@@ -49,18 +50,7 @@ def _structure_problems(planned: ModelSpec, actual: ModelSpec) -> list[Problem]:
     return problems
 
 
-def _hf_accepts(module: nn.Module, kind: str) -> bool:
-    """transformers experts / attention modules take a dispatcher / CP through moefn.adapters.transformers."""
-    if not is_transformers_module(module):
-        return False
-    if kind == "experts":
-        from moefn.plan.hf_roles import is_fused_experts
-
-        return is_fused_experts(module)
-    return hasattr(module, "config")
-
-
-def _module_problems(plan: ShardPlan, model: nn.Module) -> list[Problem]:
+def _module_problems(plan: ShardPlan, model: nn.Module, adapter: Adapter) -> list[Problem]:
     modules = dict(model.named_modules())
     problems: list[Problem] = []
     for step in plan.steps:
@@ -68,13 +58,12 @@ def _module_problems(plan: ShardPlan, model: nn.Module) -> list[Problem]:
         if module is None:
             problems.append(Problem(path=step.path, message="module in the plan is missing",
                                     value=type(step).__name__, fix="re-plan this model"))
-        elif (isinstance(step, InstallDispatch) and not hasattr(module, "dispatcher")
-              and not _hf_accepts(module, "experts")):
+        elif isinstance(step, InstallDispatch) and not adapter.accepts_dispatch(module):
             problems.append(Problem(path=step.path, message="module has no token dispatcher",
                                     value=type(module).__name__,
                                     fix="plan EP only for recognised experts modules"))
-        elif (isinstance(step, ContextParallelAttention) and not hasattr(module, "impl")
-              and not _hf_accepts(module, "attention")):
+        elif (isinstance(step, ContextParallelAttention)
+              and not adapter.accepts_context_parallel(module)):
             problems.append(Problem(path=step.path, message="module has no attention impl",
                                     value=type(module).__name__,
                                     fix="plan CP only for recognised core attention modules"))
@@ -177,8 +166,13 @@ def local_problems(plan: ShardPlan, model: nn.Module, meshes: DeviceMeshes) -> l
                                       f"{dist.get_world_size()}",
                                 fix="launch as many ranks as the plan's mesh has"))
     problems += _structure_problems(plan.model, actual)
-    if not problems:
-        problems += _module_problems(plan, model) + _device_problems(model, meshes)
+    adapter = adapter_for(model)
+    if adapter is None:
+        problems.append(Problem(path="", message="no adapter realizes this model kind",
+                                value=type(model).__name__,
+                                fix="register one: moefn.adapters.registry.register_adapter(...)"))
+    if not problems and adapter is not None:
+        problems += _module_problems(plan, model, adapter) + _device_problems(model, meshes)
     if not problems:
         problems += _step_problems(plan, model, actual, meshes)
     return problems

@@ -71,7 +71,7 @@ def global_mask(q_pos: Tensor, k_pos: Tensor, window: int | None = None,
                 chunk: int | None = None) -> Tensor:
     """Which keys each query sees, ``[B, 1, Sq, Sk]``, from global positions ``q_pos[B, Sq]``
     and ``k_pos[B, Sk]``: causal, within ``window`` positions (``q − window < k ≤ q``) and in
-    the same ``chunk`` of positions, as transformers' sliding-window and chunked masks.
+    the same ``chunk`` of positions (sliding-window and chunked attention).
 
     >>> global_mask(torch.arange(4)[None], torch.arange(4)[None], window=2).int()[0, 0].tolist()
     [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]

@@ -14,9 +14,9 @@ from torch.distributed.tensor import DTensor
 
 from moefn.adapters.reference.config import MoEConfig
 from moefn.adapters.reference.layers import DenseMLP
-from moefn.realize.activation_checkpointing import is_recomputing, route
 from moefn.realize.dispatch import Dispatcher, LocalDispatch
 from moefn.realize.experts import ExpertsImpl, run_grouped_experts
+from moefn.realize.routing_tape import is_recomputing, route
 
 
 class Router(nn.Module):

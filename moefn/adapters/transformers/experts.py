@@ -11,10 +11,9 @@ and use the class's own ``_apply_gate``). Parameters may be DTensors
 (``Shard(0)`` on ``ep``): the local experts are ``.to_local()``.
 
 Router-saving AC: transformers routers call ``torch.topk`` themselves. `install_router_replay`
-hooks each router of a block so that, inside a router-mode checkpoint, every ``topk`` it runs
-is recorded on that checkpoint call's routing tape (`moefn.realize.activation_checkpointing`)
-in forward and replayed in recompute (the values are gathered from the recomputed scores at the
-recorded indices, so gradients flow as through ``topk``). Outside such a checkpoint the hooks do nothing.
+hooks each router of a block with `moefn.realize.routing_tape.replay_topk`, so that inside a
+router-mode checkpoint every ``topk`` it runs is recorded on that checkpoint call's routing
+tape in forward and replayed in recompute. Outside such a checkpoint the hooks do nothing.
 
 >>> register()  # realize then calls install_dispatcher on each experts module (tests/test_hf.py)
 """
@@ -22,16 +21,13 @@ recorded indices, so gradients flow as through ``topk``). Outside such a checkpo
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
-from torch.overrides import TorchFunctionMode
 
-from moefn.realize.activation_checkpointing import taped, taping
 from moefn.realize.dispatch import Dispatcher, LocalDispatch
 from moefn.realize.experts import ExpertsImpl, run_grouped_experts
+from moefn.realize.routing_tape import replay_topk
 
 IMPLEMENTATION = "moefn"
 
@@ -109,68 +105,10 @@ def install_dispatcher(module: nn.Module, dispatcher: Dispatcher) -> None:
     config._experts_implementation_internal = IMPLEMENTATION
 
 
-class _GatherAt(torch.autograd.Function):
-    """``source.gather(dim, index)`` that saves only ``index`` for backward, as ``topk`` does, so
-    the recorded forward and the replayed recompute save the same tensors (checkpoint checks)."""
-
-    @staticmethod
-    def forward(ctx: Any, source: Tensor, dim: int, index: Tensor) -> Tensor:
-        ctx.dim, ctx.shape = dim, source.shape
-        ctx.save_for_backward(index)
-        return source.gather(dim, index)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        (index,) = ctx.saved_tensors
-        return grad.new_zeros(ctx.shape).scatter(ctx.dim, index, grad), None, None
-
-
-class _TopKTape(TorchFunctionMode):
-    """Inside a router-mode checkpoint, every ``topk`` is recorded on the active routing tape in
-    forward and replayed in recompute; its values are gathered at the indices either way."""
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if func not in (torch.topk, Tensor.topk) or not taping():
-            return func(*args, **kwargs)
-
-        def choose() -> Tensor:
-            with torch.no_grad():
-                return func(*args, **kwargs)[1]  # type: ignore[no-any-return]
-
-        index = taped(choose, "router top-k calls")
-        dim = kwargs.get("dim", args[2] if len(args) > 2 else -1)
-        values = _GatherAt.apply(args[0], dim, index)  # type: ignore[no-untyped-call]
-        return torch.return_types.topk((values, index))
-
-
-ROUTER_REPLAY = "_moefn_router_replay"
-
-
-def install_router_replay(block: nn.Module) -> int:
-    """Hook every router of ``block`` so router-mode checkpointing replays its top-k choice;
-    returns the number of routers hooked (hooking twice is a no-op)."""
+def install_router_replay(block: nn.Module) -> None:
+    """Hook every router of ``block`` so router-mode checkpointing replays its top-k choice
+    (`moefn.realize.routing_tape.replay_topk`: transformers routers call ``topk`` themselves)."""
     from moefn.plan.hf_roles import routers_in
 
-    count = 0
     for router in routers_in(block):
-        count += 1
-        if getattr(router, ROUTER_REPLAY, False):
-            continue
-        active: list[_TopKTape] = []
-
-        def enter(module: nn.Module, args: Any, active: list[_TopKTape] = active) -> None:
-            if taping():
-                mode = _TopKTape()
-                mode.__enter__()  # type: ignore[no-untyped-call]  # untyped in torch
-                active.append(mode)
-
-        def leave(module: nn.Module, args: Any, output: Any,
-                  active: list[_TopKTape] = active) -> None:
-            if active:
-                active.pop().__exit__(None, None, None)  # type: ignore[no-untyped-call]
-
-        router.register_forward_pre_hook(enter)
-        router.register_forward_hook(leave, always_call=True)
-        setattr(router, ROUTER_REPLAY, True)
-    return count
+        replay_topk(router)
