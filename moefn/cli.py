@@ -213,6 +213,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--micro-batches", type=_positive, default=1,
                       help="gradient accumulation: micro-batches per step, reduced once")
     demo.add_argument("--json", action="store_true")
+    cal = sub.add_parser("calibrate", help="measure this machine (matmul, per-op overhead, "
+                                           "collectives on N local ranks) into a --hardware "
+                                           "profile for plan --search")
+    cal.add_argument("--nproc", type=_local_ranks, default=4, help="local ranks running at once")
+    cal.add_argument("--out", default="hardware.json", help="where to write the profile")
     bench = sub.add_parser("bench", help="run benchmarks/ (from a repository checkout): tables "
                                          "in docs/benchmarks.md, JSON in results/")
     bench.add_argument("--steps", type=_positive, default=6,
@@ -602,6 +607,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _plan_command(args)
     if args.command == "bench":
         return _bench_command(args)
+    if args.command == "calibrate":
+        from moefn.calibrate import main as calibrate
+
+        profile = calibrate(args.out, args.nproc)
+        flops = ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s"
+                          for k, v in profile["matmul_flops_per_s"].items())
+        print(f"wrote {args.out}: matmul {flops}; per op {profile['op_overhead_s'] * 1e6:.1f} µs;"
+              + "".join(f" {op} {link['latency_s'] * 1e6:.0f} µs + "
+                        f"{link['bandwidth_bytes_per_s'] / 1e9:.2f} GB/s;"
+                        for op, link in profile["intra_node"].items()))
+        return 0
     return _demo_command(args)
 
 

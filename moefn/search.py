@@ -23,7 +23,7 @@ from attrs import evolve, frozen
 from returns.result import Failure
 from torch import nn
 
-from moefn.analyse.activations import activation_memory, hidden_dtype
+from moefn.analyse.activations import activation_memory, fsdp_buffers, hidden_dtype
 from moefn.analyse.comm import (
     Comm,
     Op,
@@ -75,6 +75,7 @@ class Request:
     imbalance: float = 1.0
     top: int = 3
     overlap: Overlap = Overlap()
+    precision: Literal["bf16", "fp32"] = "bf16"  # plan_fsdp's
 
 
 @frozen(kw_only=True)
@@ -154,7 +155,9 @@ class _Model:
     units: dict[str, int]  # kind (`_kinds`) → FSDP units
     param_dtype: str  # the blocks' compute dtype
     buffers: int
-    activations: dict[str, tuple[int, int, int]]  # AC mode → (tokens, total, fsdp buffers)
+    activations: dict[str, tuple[int, int, int, int]]  # AC mode → tokens, total, FSDP
+    # buffers, which of FSDP's (held, forward, backward) buffers they are
+    fsdp: tuple[tuple[float, float], ...]  # those three as a + b / ep
 
 
 def _kinds(plan: ShardPlan) -> dict[str, tuple[str, str, str]]:
@@ -178,11 +181,11 @@ def _kinds(plan: ShardPlan) -> dict[str, tuple[str, str, str]]:
     return out
 
 
-def _proxy_stages(ac: AcMode, experts: bool) -> list[Stage]:
+def _proxy_stages(ac: AcMode, experts: bool, precision: Literal["bf16", "fp32"]) -> list[Stage]:
     stages: list[Stage] = [plan_ep()] if experts else []
     if ac != "none":
         stages.append(plan_ac(mode=ac))
-    return [*stages, plan_fsdp()]
+    return [*stages, plan_fsdp(precision=precision)]
 
 
 def _model(model: nn.Module, request: Request, modes: tuple[AcMode, ...]) -> _Model:
@@ -190,8 +193,8 @@ def _model(model: nn.Module, request: Request, modes: tuple[AcMode, ...]) -> _Mo
     experts = spec.paths_with("experts")
     # ep_shard = 2: expert parameters in units of their own, as in most searched layouts
     proxy_mesh = MeshSpec(dp_shard=4, ep=2) if experts else MeshSpec(dp_shard=4)
-    proxies = {ac: plan_or_raise(compose(*_proxy_stages(ac, bool(experts)))(model, proxy_mesh))
-               for ac in modes}
+    proxies = {ac: plan_or_raise(compose(*_proxy_stages(ac, bool(experts), request.precision))(
+        model, proxy_mesh)) for ac in modes}
     plan = proxies[modes[0]]
     kinds = _kinds(plan)
     grouped: Counter[tuple[tuple[int, ...], str, bool, str, str, str]] = Counter(
@@ -200,9 +203,15 @@ def _model(model: nn.Module, request: Request, modes: tuple[AcMode, ...]) -> _Mo
     units = plan.steps_of(FullyShard)
     dtype = hidden_dtype(plan)
     activations = {}
+    at_2 = fsdp_buffers(plan)
     for ac, proxy in proxies.items():
         act = activation_memory(proxy, 1, request.seq_len, request.imbalance, 0, dtype)
-        activations[ac] = (act.tokens, act.total, dict(act.parts)["fsdp_buffers"])
+        buffers = dict(act.parts)["fsdp_buffers"]
+        activations[ac] = (act.tokens, act.total, buffers, at_2.index(buffers))
+    # FSDP's buffers hold the local experts unsharded: measured at ep = 2 and ep = 4
+    at_4 = (fsdp_buffers(plan_or_raise(compose(*_proxy_stages("none", True, request.precision))(
+        model, MeshSpec(dp_shard=8, ep=4)))) if experts else at_2)
+    fsdp = tuple((2.0 * b - a, 4.0 * (a - b)) for a, b in zip(at_2, at_4, strict=True))
     attention = []
     for core in spec.paths_with("core_attention"):
         heads = spec.module(core.rpartition(".")[0])
@@ -223,7 +232,7 @@ def _model(model: nn.Module, request: Request, modes: tuple[AcMode, ...]) -> _Mo
         units=dict(Counter("experts" if u.path in experts else
                            "dense" if u.reshard_after_forward else "outer" for u in units)),
         param_dtype=block.param_dtype or dtype,
-        buffers=buffer_bytes(plan), activations=activations)
+        buffers=buffer_bytes(plan), activations=activations, fsdp=fsdp)
 
 
 def _expert_shard_dim(m: _Model, mesh: MeshSpec) -> int:
@@ -325,19 +334,24 @@ def _ep_cp(m: _Model, layout: Layout, tokens: int) -> list[Comm]:
 
 def _activations(m: _Model, layout: Layout, tokens: int) -> int:
     """The proxy's activations (one real `activation_memory` per AC mode, ``seq_len`` tokens
-    on ``dp_shard=2, ep=2``) scaled to ``tokens``; FSDP's buffers as the proxy's, or every
-    unit's gathered parameters when none is resharded; gathered K/V of ``cp`` on top (every
+    on ``dp_shard=4, ep=2``) scaled to ``tokens``; FSDP's buffers for this ``ep`` (or every
+    unit's gathered parameters when none is resharded); gathered K/V of ``cp`` on top (every
     attention's without AC or with selective AC, else the one recomputed)."""
-    proxy_tokens, total, fsdp = m.activations[layout.ac]
-    scaled = (total - fsdp) * tokens // proxy_tokens
+    proxy_tokens, total, proxy_fsdp, which = m.activations[layout.ac]
+    mesh = layout.mesh
+    scaled = (total - proxy_fsdp) * tokens // proxy_tokens
+    gathered = mesh.ep == 1 or mesh.ep_shard > 1 or mesh.dp_replicate > 1
+    a, b = m.fsdp[which]
+    fsdp = round(a + b / mesh.ep) if gathered else round(a)
     if not layout.reshard:
-        fsdp = sum(math.prod(t[0]) * t[-1] * DTYPE_BYTES[t[4]] for t in m.tensors
-                   if t[3] != "unsharded")
+        fsdp = sum(math.prod(t[0]) * t[-1] * DTYPE_BYTES[t[4]]
+                   // (mesh.ep if t[3] == "experts" else 1) for t in m.tensors
+                   if t[3] != "unsharded" and (gathered or t[3] != "experts"))
     kv = 0
-    if layout.mesh.cp > 1:
+    if mesh.cp > 1:
         widths = [w for w, _ in m.attention]
         kept = widths if layout.ac in ("none", "selective") else widths[:1]
-        kv = sum(w * m.act_bytes * tokens * layout.mesh.cp for w in kept)
+        kv = sum(w * m.act_bytes * tokens * mesh.cp for w in kept)
     return scaled + fsdp + kv
 
 
@@ -403,7 +417,8 @@ class ClosedForm:
                        self._traffic[fsdp_key] + self._traffic[key], tokens)
 
 
-def _stages(layout: Layout, seq_len: int) -> list[Stage]:
+def stages(layout: Layout, seq_len: int, precision: Literal["bf16", "fp32"] = "bf16"
+            ) -> list[Stage]:
     """The stages `moefn plan` composes for ``layout.argv``."""
     stages: list[Stage] = []
     if layout.mesh.cp > 1:
@@ -413,13 +428,14 @@ def _stages(layout: Layout, seq_len: int) -> list[Stage]:
                               ranks_per_node=layout.ranks_per_node))
     if layout.ac != "none":
         stages.append(plan_ac(mode=layout.ac))
-    return [*stages, plan_fsdp(reshard_after_forward=layout.reshard)]
+    return [*stages, plan_fsdp(precision=precision, reshard_after_forward=layout.reshard)]
 
 
 def exact(m: _Model, model: nn.Module, request: Request, layout: Layout) -> Scored:
     """The layout planned with `compose`, its peak from `estimate` on the first and last rank
     and its collectives from `predict_comm` (through `estimate`)."""
-    plan = plan_or_raise(compose(*_stages(layout, request.seq_len))(model, layout.mesh))
+    plan = plan_or_raise(compose(*stages(layout, request.seq_len, request.precision))(
+        model, layout.mesh))
     ranks = sorted({0, layout.mesh.world_size - 1})
     ests = [estimate(plan, rank=r, seq_len=request.seq_len, rows=layout.rows,
                      imbalance=request.imbalance) for r in ranks]

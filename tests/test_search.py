@@ -123,7 +123,7 @@ def _request(**over: Any) -> Request:
 def test_every_layout_is_valid_fits_and_matches_its_plan(preset: str) -> None:
     from moefn.analyse.estimate import estimate
     from moefn.plan.compose import compose, plan_or_raise
-    from moefn.search import _stages
+    from moefn.search import stages
 
     with torch.device("meta"):
         model = MoETransformer(get_preset(preset))
@@ -132,7 +132,7 @@ def test_every_layout_is_valid_fits_and_matches_its_plan(preset: str) -> None:
     assert len(result.layouts) == request.top
     for checked in result.layouts:
         layout = checked.exact.layout
-        plan = plan_or_raise(compose(*_stages(layout, 64))(model, layout.mesh))
+        plan = plan_or_raise(compose(*stages(layout, 64))(model, layout.mesh))
         peak = max(estimate(plan, rank=r, seq_len=64, rows=layout.rows).peak or 0
                    for r in (0, layout.mesh.world_size - 1))
         assert peak == checked.exact.peak <= request.gpu_memory
