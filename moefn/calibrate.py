@@ -1,12 +1,12 @@
-"""``moefn calibrate``: measure this machine with microbenchmarks only and write a hardware
-profile that ``moefn plan --search --hardware FILE`` reads (`moefn.analyse.steptime`).
+"""``moefn calibrate``: measure this machine with microbenchmarks only and write a hardware profile
+that ``moefn plan --search --hardware FILE`` reads (`moefn.analyse.steptime`).
 
-Every figure is measured with ``nproc`` local ranks running at once on the default backend
-(gloo on CPU), as training would run them: matmul throughput per dtype (a square ``torch.mm``),
-the per-op overhead (a one-element add), and for each collective its latency per call (one
-element) and bandwidth (a large payload: the bytes one rank sends, counted as
-`moefn.analyse.comm` counts them, over the extra time). One machine has one kind of link: the
-inter-node figures are the intra-node ones, and the profile says so.
+Every figure is measured with ``nproc`` local CPU ranks running at once on gloo (the backend of
+moefn's local ranks; NCCL on GPUs is not measured yet), as training would run them: matmul
+throughput per dtype (a square ``torch.mm``), the per-op overhead (a one-element add), and for
+each collective its latency per call (one element) and bandwidth (a large payload: the bytes one
+rank sends, counted as `moefn.analyse.comm` counts them, over the extra time). One machine has
+one kind of link: the inter-node figures are the intra-node ones, and the profile says so.
 """
 
 from __future__ import annotations
