@@ -57,6 +57,7 @@ def _collective(op: str, elements: int, n: int, rank: int) -> tuple[Callable[[],
     def ring() -> None:  # send/recv: every rank to the next, from the previous
         reqs = [dist.isend(shard, (rank + 1) % n), dist.irecv(recv, (rank - 1) % n)]
         for r in reqs:
+            assert r is not None  # point-to-point calls return their Work
             r.wait()
     return ring, size
 

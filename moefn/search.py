@@ -202,7 +202,7 @@ def _model(model: nn.Module, request: Request, modes: tuple[AcMode, ...]) -> _Mo
         if t.name in kinds)
     units = plan.steps_of(FullyShard)
     dtype = hidden_dtype(plan)
-    activations = {}
+    activations: dict[str, tuple[int, int, int, int]] = {}
     at_2 = fsdp_buffers(plan)
     for ac, proxy in proxies.items():
         act = activation_memory(proxy, 1, request.seq_len, request.imbalance, 0, dtype)
