@@ -67,3 +67,10 @@ def models(session: nox.Session) -> None:
     process (``nox -s models -- mixtral olmoe`` for some); minutes per family on 2 cores."""
     session.install(*INSTALL, ".[dev,hf]")
     session.run("python", "-m", "tests.models_numerics", *session.posargs)
+
+
+@nox.session
+def search_calibration(session: nox.Session) -> None:
+    """The step-time model against 8 measured layouts on 4 gloo ranks: results/ and docs/."""
+    session.install(*INSTALL, ".[dev,hf]")
+    session.run("python", "-m", "benchmarks.search_calibration", *session.posargs)

@@ -145,6 +145,23 @@ def _parser() -> argparse.ArgumentParser:
                         help="print what changes from the plan on LAYOUT_A to the one on "
                              "LAYOUT_B; each is MESH[:option=value,...] with options "
                              f"{', '.join(LAYOUT_OPTIONS)} (e.g. dp_shard=8,ep=4:ac=full)")
+    target.add_argument("--search", action="store_true",
+                        help="rank every layout of --world that fits --gpu-memory by predicted "
+                             "step time (needs --world, --gpu-memory, --seq-len, "
+                             "--global-batch-tokens)")
+    plan.add_argument("--world", type=_positive, default=None, help="--search: ranks (GPUs)")
+    plan.add_argument("--gpus-per-node", type=_positive, default=8,
+                      help="--search: consecutive ranks sharing a node (default 8)")
+    plan.add_argument("--global-batch-tokens", type=_positive, default=None, metavar="T",
+                      help="--search: tokens per optimizer step (micro-batches = T / (seq_len "
+                           "× rows × dp_replicate × dp_shard))")
+    plan.add_argument("--hardware", default="h100-sxm", metavar="NAME|FILE",
+                      help="--search: a hardware profile (h100-sxm, h200, b200, mi300x, or a "
+                           "JSON file from `moefn calibrate`)")
+    plan.add_argument("--top", type=_positive, default=3, help="--search: layouts to report")
+    plan.add_argument("--no-reshard-after-forward", dest="reshard_after_forward",
+                      action="store_false",
+                      help="FSDP keeps each unit gathered from forward to backward")
     plan.add_argument("--dispatch", choices=DISPATCHES, default="all_to_all",
                       help="how tokens reach their experts' ranks; hierarchical crosses once per "
                            "destination node, then fans out inside it (needs --ranks-per-node)")
@@ -199,6 +216,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--micro-batches", type=_positive, default=1,
                       help="gradient accumulation: micro-batches per step, reduced once")
     demo.add_argument("--json", action="store_true")
+    cal = sub.add_parser("calibrate", help="measure this machine (matmul, per-op overhead, "
+                                           "collectives on N local ranks) into a --hardware "
+                                           "profile for plan --search")
+    cal.add_argument("--nproc", type=_local_ranks, default=4, help="local ranks running at once")
+    cal.add_argument("--out", default="hardware.json", help="where to write the profile")
     bench = sub.add_parser("bench", help="run benchmarks/ (from a repository checkout): tables "
                                          "in docs/benchmarks.md, JSON in results/")
     bench.add_argument("--steps", type=_positive, default=6,
@@ -332,6 +354,7 @@ def _build_plan(layout: argparse.Namespace) -> ShardPlan:
         stages.append(plan_ac(mode=layout.ac))
     if not layout.no_fsdp:
         stages.append(plan_fsdp(precision=layout.precision,
+                                reshard_after_forward=layout.reshard_after_forward,
                                 offload=bool(getattr(layout, "offload", False))))
     return plan_or_raise(compose(*stages)(model, mesh))
 
@@ -461,6 +484,10 @@ def _compare_command(args: argparse.Namespace) -> int:
 def _plan_command(args: argparse.Namespace) -> int:
     if args.compare:
         return _compare_command(args)
+    if args.search:
+        from moefn.search_cli import search_command
+
+        return search_command(args, _model_builder)
     from moefn.analyse.activations import hidden_dtype
     from moefn.analyse.cp_memory import cp_kv_bytes
     from moefn.analyse.layout import param_layouts
@@ -588,6 +615,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _plan_command(args)
     if args.command == "bench":
         return _bench_command(args)
+    if args.command == "calibrate":
+        from moefn.calibrate import main as calibrate
+
+        profile = calibrate(args.out, args.nproc)
+        flops = ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s"
+                          for k, v in profile["matmul_flops_per_s"].items())
+        print(f"wrote {args.out}: matmul {flops}; per op {profile['op_overhead_s'] * 1e6:.1f} µs;"
+              + "".join(f" {op} {link['latency_s'] * 1e6:.0f} µs + "
+                        f"{link['bandwidth_bytes_per_s'] / 1e9:.2f} GB/s;"
+                        for op, link in profile["intra_node"].items()))
+        return 0
     return _demo_command(args)
 
 

@@ -391,7 +391,7 @@ def _unit_sizes(plan: ShardPlan) -> list[tuple[str, int, int, bool]]:
             for p in sorted(first, key=first.__getitem__)]
 
 
-def _fsdp_buffers(plan: ShardPlan) -> tuple[int, int, int]:
+def fsdp_buffers(plan: ShardPlan) -> tuple[int, int, int]:
     """Bytes of FSDP2's unsharded buffers: (held all step — the root and units not resharded
     after forward —, forward at its largest, backward at its largest)."""
     units = _unit_sizes(plan)
@@ -453,7 +453,7 @@ def activation_memory(plan: ShardPlan, rows: int, seq_len: int, imbalance: float
     hidden, vocab = _dims(plan.model)
     costs = list(_segments(plan, t, seq_len // plan.mesh.cp, b, imbalance, worst=False))
     heads = 1 + len(plan.model.paths_with("mtp"))
-    fsdp_held, fsdp_forward, fsdp_backward = _fsdp_buffers(plan)
+    fsdp_held, fsdp_forward, fsdp_backward = fsdp_buffers(plan)
 
     def kept(segments: list[_Cost]) -> dict[str, int]:
         out = dict.fromkeys(("saved", "dispatch", "cp_kv"), 0)

@@ -246,20 +246,29 @@ def _ep(plan: ShardPlan, tokens: int, top_k: int, hidden: int, act: int, rank: i
             out += a2a_dispatch_comm(moved, axes, ep, step.ranks_per_node, top_k, hidden, act,
                                      forwards, returns)
             continue
-        # the lower bound of every dispatch: one row per (token, destination rank) each way
-        lower = 2 * _row_bytes(moved.sent + moved.received, hidden * act)
-        peers = ep - 1
-        packed = tokens * (hidden + top_k) * act * peers  # tokens with their routing weights
-        meta = _INDEX_BYTES * peers + tokens * top_k * _INDEX_BYTES * peers  # sizes, indices
-        results = tokens * hidden * act * peers
         # recompute stops once every saved tensor is back (torch's early stop): the results'
         # reduce-scatter is last unless shared experts run after the routed ones
         scatters = 1 + (forwards == 2 and _shared_experts_follow(plan, step.path))
-        out.append(_traffic("ep all-gather: tokens, weights, routing", "all_gather", axes,
-                            3 * forwards + 1, forwards * (packed + meta) + results, lower // 2))
-        out.append(_traffic("ep reduce-scatter: results, token grads", "reduce_scatter", axes,
-                            scatters + 1, scatters * results + packed, lower // 2))
+        out += ag_dispatch_comm(moved, axes, ep, tokens, top_k, hidden, act, forwards, scatters)
     return out
+
+
+def ag_dispatch_comm(rows: DispatchRows, axes: tuple[Axis, ...], ep: int, tokens: int,
+                     top_k: int, hidden: int, act: int, forwards: int = 1,
+                     scatters: int = 1) -> list[Comm]:
+    """The all-gather dispatch of one MoE layer for ``tokens`` per rank: tokens with their
+    weights, sizes and expert indices gathered ``forwards`` times, results reduce-scattered
+    ``scatters`` times; backward scatters the tokens' gradients and gathers the results'.
+    ``rows`` (what all-to-all would move) gives the lower bound."""
+    lower = 2 * _row_bytes(rows.sent + rows.received, hidden * act)
+    peers = ep - 1
+    packed = tokens * (hidden + top_k) * act * peers  # tokens with their routing weights
+    meta = _INDEX_BYTES * peers + tokens * top_k * _INDEX_BYTES * peers  # sizes, indices
+    results = tokens * hidden * act * peers
+    return [_traffic("ep all-gather: tokens, weights, routing", "all_gather", axes,
+                     3 * forwards + 1, forwards * (packed + meta) + results, lower // 2),
+            _traffic("ep reduce-scatter: results, token grads", "reduce_scatter", axes,
+                     scatters + 1, scatters * results + packed, lower // 2)]
 
 
 def ring_comm(kv: int, tokens: int, cp: int, causal: bool, forwards: int, act: int,
@@ -290,20 +299,31 @@ def _cp(plan: ShardPlan, tokens: int, act: int) -> list[Comm]:
         heads = plan.model.module(step.path.rpartition(".")[0])
         causal = bool(plan.model.module(step.path).get("causal", True))
         kv = 2 * tokens * int(heads.fact("n_kv_heads")) * int(heads.fact("head_dim")) * act
-        gathered = kv * (cp - 1) + (tokens * _INDEX_BYTES * (cp - 1) if causal else 0)
         forwards = 2 if _recomputed(plan, step.path) else 1
-        if step.comm == "p2p":
-            out += ring_comm(kv, tokens, cp, causal, forwards, act, axes)
-            continue
-        out.append(_traffic("cp K/V all-gather", "all_gather", axes, forwards * (2 + causal),
-                            forwards * gathered, kv * (cp - 1)))
-        out.append(_traffic("cp K/V gradient reduce-scatter", "reduce_scatter", axes, 2,
-                            kv * (cp - 1), kv * (cp - 1)))
-    if out:  # realize's input check (on by default): one small all-gather per root forward
-        cp = plan.mesh.size("cp")
-        out.append(_traffic("cp input shape check", "all_gather", ("cp",), 1,
-                            SIGNATURE_BYTES * (cp - 1), 0))
+        out += cp_attention_comm(step.comm, kv, tokens, cp, causal, forwards, act, axes)
+    if out:
+        out.append(cp_check_comm(plan.mesh.size("cp")))
     return out
+
+
+def cp_attention_comm(comm: str, kv: int, tokens: int, cp: int, causal: bool, forwards: int,
+                      act: int, axes: tuple[Axis, ...]) -> list[Comm]:
+    """One context-parallel attention's step (``kv`` bytes of local K+V): the ring
+    (`ring_comm`) or K/V (and causal positions) all-gathered ``forwards`` times and their
+    gradients reduce-scattered."""
+    if comm == "p2p":
+        return ring_comm(kv, tokens, cp, causal, forwards, act, axes)
+    gathered = kv * (cp - 1) + (tokens * _INDEX_BYTES * (cp - 1) if causal else 0)
+    return [_traffic("cp K/V all-gather", "all_gather", axes, forwards * (2 + causal),
+                     forwards * gathered, kv * (cp - 1)),
+            _traffic("cp K/V gradient reduce-scatter", "reduce_scatter", axes, 2,
+                     kv * (cp - 1), kv * (cp - 1))]
+
+
+def cp_check_comm(cp: int) -> Comm:
+    """realize's input check (on by default): one small all-gather per root forward."""
+    return _traffic("cp input shape check", "all_gather", ("cp",), 1,
+                    SIGNATURE_BYTES * (cp - 1), 0)
 
 
 def group_ranks(plan: ShardPlan, rank: int, comm: Comm) -> tuple[int, ...]:

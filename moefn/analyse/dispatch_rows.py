@@ -23,6 +23,7 @@ groups), every rank holding ``tokens`` tokens.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from fractions import Fraction
 from math import comb
@@ -112,6 +113,7 @@ def hit_probability(num_experts: int, top_k: int, first: int, count: int, n_grou
     return 1 - miss / comb(n_group, topk_group)
 
 
+@functools.lru_cache(maxsize=4096)  # pure; a plan asks once per MoE layer
 def expected_rows(tokens: int, num_experts: int, top_k: int, ep: int, ep_rank: int,
                   ranks_per_node: int = 1, n_group: int = 1, topk_group: int = 1) -> DispatchRows:
     """Expected rows of EP rank ``ep_rank`` under uniform (group-limited) routing."""

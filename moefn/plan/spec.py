@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -82,14 +83,14 @@ class ModelSpec:
     already_parallel: tuple[str, ...] = ()
 
     def module(self, path: str) -> ModuleInfo:
-        for info in self.modules:
-            if info.path == path:
-                return info
+        info = _index(self)[0].get(path)
+        if info is not None:
+            return info
         raise PlanError.single(path, "no such module in the model", path,
                                "plan against the model you realize")
 
     def paths_with(self, role: Role) -> tuple[str, ...]:
-        return tuple(m.path for m in self.modules if role in m.roles)
+        return _index(self)[1].get(role, ())
 
     def params_under(self, path: str) -> tuple[TensorInfo, ...]:
         prefix = f"{path}." if path else ""
@@ -117,6 +118,29 @@ class ModelSpec:
             h.update(f"{t.name}|{t.shape}|{t.dtype}|{t.requires_grad}|{t.is_buffer};".encode())
         h.update(repr(self.tied).encode())
         return h.hexdigest()[:16]
+
+
+_Index = tuple[dict[str, ModuleInfo], dict[str, tuple[str, ...]]]
+_INDEXES: dict[int, _Index] = {}
+
+
+def _index(spec: ModelSpec) -> _Index:
+    """Modules by path (the first of a path) and paths by role, in module order, built once per
+    spec object (the analyses ask thousands of times per plan; keyed by identity, since equal
+    specs compare field by field, and dropped with the spec)."""
+    known = _INDEXES.get(id(spec))
+    if known is not None:
+        return known
+    by_path: dict[str, ModuleInfo] = {}
+    by_role: dict[str, list[str]] = {}
+    for info in spec.modules:
+        by_path.setdefault(info.path, info)
+        for role in dict.fromkeys(info.roles):
+            by_role.setdefault(role, []).append(info.path)
+    index = by_path, {role: tuple(paths) for role, paths in by_role.items()}
+    _INDEXES[id(spec)] = index
+    weakref.finalize(spec, _INDEXES.pop, id(spec), None)
+    return index
 
 
 REALIZED = "_moefn_realized"

@@ -1,0 +1,27 @@
+"""`moefn calibrate` measures real gloo collectives and writes a profile --hardware accepts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moefn.analyse.steptime import OPS, load_profile
+from moefn.calibrate import calibrate
+from moefn.cli import main
+
+
+def test_calibrated_profile_loads_with_every_collective(tmp_path: Path) -> None:
+    data = calibrate(nproc=2, matmul_size=64, repeat=3)
+    path = tmp_path / "here.json"
+    path.write_text(json.dumps(data))
+    profile = load_profile(str(path))
+    assert profile.calibrated and profile.op_overhead_s > 0
+    assert set(profile.intra_node) == set(OPS)
+    assert all(link.latency_s > 0 for link in profile.intra_node.values())
+    assert profile.flops("float32") > 0
+
+
+def test_cli_writes_the_profile(tmp_path: Path, capsys: object) -> None:
+    out = tmp_path / "p.json"
+    assert main(["calibrate", "--nproc", "2", "--out", str(out)]) == 0
+    assert load_profile(str(out)).calibrated
