@@ -13,6 +13,7 @@ computed with their local shards.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import MethodType
 from typing import Any
 
@@ -81,7 +82,7 @@ def _gather_input(module: nn.Module, args: tuple[Any, ...],
 
 
 _MESH = "_moefn_tp_mesh"
-_FORWARDS = {"colwise": _colwise, "rowwise": _rowwise, "vocab_embed": _vocab_embed,
+_FORWARDS: dict[str, Callable[..., Tensor]] = {"colwise": _colwise, "rowwise": _rowwise, "vocab_embed": _vocab_embed,
              "vocab_head": _vocab_head}
 
 

@@ -23,6 +23,7 @@ from moefn.plan.errors import PlanError, Problem
 from moefn.plan.mesh import MeshSpec, divisors, nearest
 from moefn.plan.options import TPOptions
 from moefn.plan.records import DistributeParams, Shard, ShardPlan, Step, TensorParallel, TPStyle
+from moefn.plan.roles import Role
 from moefn.plan.spec import ModelSpec, TensorInfo
 from moefn.plan.stages.common import (
     already_parallel_problems,
@@ -119,7 +120,8 @@ def _plan(options: TPOptions, plan: ShardPlan) -> PlanResult:
         found, wrong = _module_steps(spec, path, max(tp, 1))
         steps += found
         problems += wrong
-    for role, style in (("embed", "vocab_embed"), ("lm_head", "vocab_head")):
+    vocab: tuple[tuple[Role, TPStyle], ...] = (("embed", "vocab_embed"), ("lm_head", "vocab_head"))
+    for role, style in vocab:
         for path in spec.paths_with(role):
             problems += _divides(path, "vocabulary", _weight(spec, path).shape[0], max(tp, 1))
             steps += _styled(spec, path, style)
