@@ -120,6 +120,13 @@ def test_tp_refuses_what_does_not_divide_naming_path_value_and_fix() -> None:
     assert "untie the embedding" in str(tied.failure())
 
 
+def test_tp_refuses_transformers_models_for_now() -> None:
+    from tests.hf_parity import build_hf
+
+    failure = compose(plan_tp())(build_hf("qwen3_moe", device="meta"), MeshSpec(tp=2)).failure()
+    assert [p.value for p in failure.problems] == ["transformers:qwen3_moe (Qwen3MoeForCausalLM)"]
+
+
 def test_version_2_plans_read_without_tp() -> None:
     plan: ShardPlan = compose(plan_ep())(_meta(), MeshSpec(dp_shard=2, ep=2)).unwrap()
     doc = json.loads(to_json(plan))

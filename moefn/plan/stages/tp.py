@@ -110,6 +110,10 @@ def _plan(options: TPOptions, plan: ShardPlan) -> PlanResult:
     if tp == 1:
         problems.append(Problem(path="mesh", message="plan_tp needs a tp axis larger than 1",
                                 value="tp=1", fix="set tp in the mesh or leave plan_tp out"))
+    if spec.family != "moefn":
+        problems.append(Problem(path="", message="tensor parallelism is realized for the reference "
+                                "model only so far", value=f"{spec.family} ({spec.root_class})",
+                                fix="leave plan_tp out (tp=1) for transformers models"))
     regions = (*spec.paths_with("attention"), *spec.paths_with("dense_mlp"))
     if not spec.paths_with("attention"):
         problems.append(Problem(path="", message="no attention module to split over tp",
