@@ -165,7 +165,7 @@ def test_json_round_trip_is_identity() -> None:
     text = to_json(plan)
     assert from_json(text) == plan
     doc = json.loads(text)
-    assert doc["version"] == 2 and doc["format"] == "moefn.plan"
+    assert doc["version"] == 3 and doc["format"] == "moefn.plan"
 
 
 def test_activation_checkpoints_keep_their_json_name() -> None:

@@ -14,16 +14,19 @@ from typing import Any
 import pytest
 import torch
 from attrs import evolve
+from torch.distributed.tensor.parallel import loss_parallel
 
 import moefn.plan.stages.common as common
 from moefn import MeshSpec, compose, plan_cp, plan_ep, plan_fsdp, plan_tp
-from moefn.adapters.reference import MoETransformer, get_preset
+from moefn.adapters.reference import MoETransformer, causal_lm_loss, get_preset
 from moefn.analyse.render import diff
 from moefn.plan.options import ACOptions, CPOptions, EPOptions, FSDPOptions, TPOptions
 from moefn.plan.records import DistributeParams, ShardPlan, Shard, SyncGradients, TensorParallel
 from moefn.plan.serialize import from_json, to_json
-from tests.parity import Case, assert_parity, run_parity
+from moefn.train.loop import global_batch, local_batch
+from tests.parity import Case, assert_parity, build_pair, run_parity
 from tests.ranks import RankPool
+from tests.test_comm import Totals, _count_and_predict
 
 TP = TPOptions()
 FSDP = FSDPOptions(precision="fp32")
@@ -44,6 +47,36 @@ PARITY = {
 def test_tp_matches_one_process(ranks: Callable[[int], RankPool], name: str) -> None:
     for result in ranks(4).run(run_parity, PARITY[name]):
         assert_parity(result)
+
+
+COMM = {
+    "tp=2 x dp_shard=2": PARITY["tp=2 x dp_shard=2"],
+    "tp=2 x dp_shard=2 + fsdp": Case(mesh="dp_shard=2,tp=2", stages=(TP, FSDP)),
+}
+
+
+def _comm(rank: int, world: int, case: Case) -> tuple[Totals, Totals]:
+    """One step's collectives as `CommLedger` counts them, and as the plan predicts them."""
+    reference, model, plan = build_pair(case)
+    batch = global_batch(reference.config, case.batch, case.seq, case.seed)
+    mine = local_batch(batch, plan.mesh, rank)
+
+    def step() -> None:
+        with loss_parallel():
+            causal_lm_loss(model(mine.input_ids, mine.position_ids), mine.labels,
+                           batch.num_valid).backward()
+
+    return _count_and_predict(rank, plan, step, mine.input_ids.numel())
+
+
+@pytest.mark.parametrize("name", COMM)
+def test_predicted_tp_comm_is_what_a_step_moves(ranks: Callable[[int], RankPool],
+                                                name: str) -> None:
+    for rank, (measured, predicted) in enumerate(ranks(4).run(_comm, COMM[name])):
+        assert measured == predicted, (rank, sorted(measured.items()), sorted(predicted.items()))
+        tp_group = (rank - rank % 2, rank - rank % 2 + 1)
+        assert {op for op, group in measured if group == tp_group} >= {
+            "all_gather", "reduce_scatter"}, measured
 
 
 def _parity_without_gradient_rule(rank: int, world: int, case: Case) -> dict[str, Any]:
