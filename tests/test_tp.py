@@ -21,7 +21,7 @@ from moefn import MeshSpec, compose, plan_cp, plan_ep, plan_fsdp, plan_tp
 from moefn.adapters.reference import MoETransformer, causal_lm_loss, get_preset
 from moefn.analyse.render import diff
 from moefn.plan.options import ACOptions, CPOptions, EPOptions, FSDPOptions, TPOptions
-from moefn.plan.records import DistributeParams, ShardPlan, Shard, SyncGradients, TensorParallel
+from moefn.plan.records import DistributeParams, Shard, ShardPlan, SyncGradients, TensorParallel
 from moefn.plan.serialize import from_json, to_json
 from moefn.train.loop import global_batch, local_batch
 from tests.parity import Case, assert_parity, build_pair, run_parity

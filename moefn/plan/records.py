@@ -149,8 +149,8 @@ class FullyShard:
     ignored: tuple[str, ...] = ()  # full parameter names this unit (and its parents) leave alone
 
 
-Step = (ContextParallelAttention | TensorParallel | DistributeParams | InstallDispatch | SyncGradients | KeepDtype
-        | ActivationCheckpoint | FullyShard)
+Step = (ContextParallelAttention | TensorParallel | DistributeParams | InstallDispatch
+        | SyncGradients | KeepDtype | ActivationCheckpoint | FullyShard)
 """Every step kind, listed once here, in the order realize applies them."""
 STEP_KINDS: tuple[type[Step], ...] = get_args(Step)
 

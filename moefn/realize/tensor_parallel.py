@@ -82,8 +82,9 @@ def _gather_input(module: nn.Module, args: tuple[Any, ...],
 
 
 _MESH = "_moefn_tp_mesh"
-_FORWARDS: dict[str, Callable[..., Tensor]] = {"colwise": _colwise, "rowwise": _rowwise, "vocab_embed": _vocab_embed,
-             "vocab_head": _vocab_head}
+_FORWARDS: dict[str, Callable[..., Tensor]] = {"colwise": _colwise, "rowwise": _rowwise,
+                                                "vocab_embed": _vocab_embed,
+                                                "vocab_head": _vocab_head}
 
 
 def apply_tensor_parallel(step: TensorParallel, module: nn.Module, mesh: DeviceMesh) -> None:
