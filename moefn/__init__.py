@@ -25,11 +25,11 @@ if TYPE_CHECKING:
     from moefn.plan.compose import Planner, Stage, compose, plan_or_raise
     from moefn.plan.errors import PlanError, PlanFormatError, Problem, RealizeError
     from moefn.plan.mesh import MeshSpec
-    from moefn.plan.options import ACOptions, CPOptions, EPOptions, FSDPOptions
+    from moefn.plan.options import ACOptions, CPOptions, EPOptions, FSDPOptions, TPOptions
     from moefn.plan.records import ShardPlan
     from moefn.plan.serialize import from_json, to_json
     from moefn.plan.spec import ModelSpec, inspect_model
-    from moefn.plan.stages import plan_ac, plan_cp, plan_ep, plan_fsdp, stages_from
+    from moefn.plan.stages import plan_ac, plan_cp, plan_ep, plan_fsdp, plan_tp, stages_from
 
 # name → module; loaded on first use, so that `moefn --help` does not wait for torch
 _HOMES = {
@@ -45,7 +45,8 @@ _HOMES = {
     "diff": "moefn.analyse.render", "parallelize": "moefn.parallel",
     "stages_from": "moefn.plan.stages", "ACOptions": "moefn.plan.options",
     "CPOptions": "moefn.plan.options", "EPOptions": "moefn.plan.options",
-    "FSDPOptions": "moefn.plan.options",
+    "FSDPOptions": "moefn.plan.options", "TPOptions": "moefn.plan.options",
+    "plan_tp": "moefn.plan.stages",
 }
 
 
@@ -69,6 +70,7 @@ __all__ = [
     "RealizeError",
     "ShardPlan",
     "Stage",
+    "TPOptions",
     "compose",
     "diff",
     "from_json",
@@ -77,6 +79,7 @@ __all__ = [
     "plan_cp",
     "plan_ep",
     "plan_fsdp",
+    "plan_tp",
     "parallelize",
     "plan_or_raise",
     "stages_from",

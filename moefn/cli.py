@@ -336,11 +336,11 @@ def _tokens_per_rank(layout: argparse.Namespace) -> int:
 
 
 def _build_plan(layout: argparse.Namespace) -> ShardPlan:
-    """compose(plan_cp, plan_ep, plan_ac, plan_fsdp) as the mesh and flags ask."""
+    """compose(plan_cp, plan_tp, plan_ep, plan_ac, plan_fsdp) as the mesh and flags ask."""
     import torch
 
     from moefn.plan.compose import Stage, compose, plan_or_raise
-    from moefn.plan.stages import plan_ac, plan_cp, plan_ep, plan_fsdp
+    from moefn.plan.stages import plan_ac, plan_cp, plan_ep, plan_fsdp, plan_tp
 
     mesh = layout.mesh_spec
     with torch.device("meta"):
@@ -348,6 +348,8 @@ def _build_plan(layout: argparse.Namespace) -> ShardPlan:
     stages: list[Stage] = []
     if mesh.cp > 1:
         stages.append(plan_cp(seq_len=layout.seq_len, comm=layout.cp_comm))
+    if mesh.tp > 1:
+        stages.append(plan_tp())
     if mesh.ep > 1:
         stages.append(plan_ep(dispatch=layout.dispatch, ranks_per_node=layout.ranks_per_node))
     if layout.ac != "none":

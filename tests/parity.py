@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from attrs import frozen
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from moefn import MeshSpec, Planner, compose, from_json, stages_from, to_json
 from moefn.adapters.reference import MoETransformer, Router, causal_lm_loss, get_preset
@@ -101,13 +103,16 @@ def _control_grads(control: nn.Module, mine: Batch, num_valid: int,
 
 def train_side_by_side(reference: nn.Module, model: nn.Module, batch: Batch, mine: Batch,
                        lr: float, steps: int, outputs: Outputs = model_outputs,
-                       control: nn.Module | None = None) -> dict[str, Any]:
+                       control: nn.Module | None = None, tp: int = 1) -> dict[str, Any]:
     """SGD on both models: ``reference`` on the global ``batch``, ``model`` on this rank's
     ``mine``. Global losses per step and, for the first step, each parameter's relative
     gradient error (a parameter whose gradient is zero on either side is listed; one the loss
     does not reach in ``reference`` is ``unreached``, and an error of inf if ``model`` has a
     nonzero gradient for it). With ``control``, a copy of ``reference`` before any step, also
-    the errors of plain data parallelism on the same slices (``control_errors``)."""
+    the errors of plain data parallelism on the same slices (``control_errors``).
+
+    With ``tp > 1`` the logits are vocabulary-sharded DTensors: the loss and its backward run
+    under ``loss_parallel``, and a tp group's loss (its tokens) counts once."""
     opt_ref = torch.optim.SGD(reference.parameters(), lr=lr)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     losses, ref_losses = [], []
@@ -118,13 +123,14 @@ def train_side_by_side(reference: nn.Module, model: nn.Module, batch: Batch, min
     for step in range(steps):
         opt.zero_grad()
         opt_ref.zero_grad()
-        loss = causal_lm_loss(outputs(model, mine), mine.labels, batch.num_valid)
-        loss.backward()
+        with loss_parallel() if tp > 1 else nullcontext():
+            loss = causal_lm_loss(outputs(model, mine), mine.labels, batch.num_valid)
+            loss.backward()
         ref_loss = causal_lm_loss(outputs(reference, batch), batch.labels, batch.num_valid)
         ref_loss.backward()
-        total = loss.detach().clone()
+        total = (loss.full_tensor() if isinstance(loss, DTensor) else loss).detach().clone()
         torch.distributed.all_reduce(total)
-        losses.append(float(total))
+        losses.append(float(total) / tp)
         ref_losses.append(float(ref_loss.detach()))
         if step == 0:
             ref_params = dict(reference.named_parameters())
@@ -160,7 +166,7 @@ def run_parity(rank: int, world: int, case: Case) -> dict[str, Any]:
                 module.expert_bias[list(case.force_experts)] = 1e3
     batch = global_batch(reference.config, case.batch, case.seq, case.seed)
     result = train_side_by_side(reference, model, batch, local_batch(batch, plan.mesh, rank),
-                                case.lr, case.steps)
+                                case.lr, case.steps, tp=plan.mesh.tp)
     return {**result, "master_dtypes": {str(p.dtype) for p in model.parameters()}}
 
 

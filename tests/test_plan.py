@@ -51,7 +51,7 @@ def test_mesh_layout_and_validation() -> None:
     with pytest.raises(PlanError, match="ep must divide"):
         MeshSpec(dp_shard=3, ep=2)
     with pytest.raises(PlanError) as err:
-        MeshSpec.parse("dp_shard=x,tp=2")
+        MeshSpec.parse("dp_shard=x,xp=2")
     assert len(err.value.problems) == 2
     with pytest.raises(PlanError, match="does not cover the world"):
         MeshSpec.parse("dp_shard=4", world_size=8)
@@ -165,7 +165,7 @@ def test_json_round_trip_is_identity() -> None:
     text = to_json(plan)
     assert from_json(text) == plan
     doc = json.loads(text)
-    assert doc["version"] == 2 and doc["format"] == "moefn.plan"
+    assert doc["version"] == 3 and doc["format"] == "moefn.plan"
 
 
 def test_activation_checkpoints_keep_their_json_name() -> None:

@@ -23,6 +23,11 @@ measure `moefn.analyse.ledger.CommLedger` counts on a real run (all-gather and r
   where each block's dK/dV accumulator (fp32) follows it ``cp`` times back to its owner (every
   send has its receive on the same rank: `ring_comm`); realize's input check (``check_inputs=True``, the default)
   all-gathers a 200-byte shape signature over ``cp`` once per forward.
+- TP, for ``tokens`` per rank split on the sequence over ``tp``: every attention and dense MLP
+  all-gathers its input's chunks in forward and reduce-scatters their gradient in backward;
+  every row-wise linear (and the embedding) reduce-scatters its partial sums in forward and
+  all-gathers their gradient; lm_head gathers like an attention, once per call (MTP calls it
+  again). MoE layers see ``tokens / tp`` tokens, CP attention ``1/tp`` of the K/V heads.
 - A block checkpointed in "full" or "router" mode runs its forward collectives again in
   backward (EP and CP; FSDP units are not gathered again), up to the last one whose result
   backward needs; "selective" keeps them.
@@ -62,6 +67,7 @@ from moefn.plan.records import (
     KeepDtype,
     ShardPlan,
     SyncGradients,
+    TensorParallel,
 )
 
 MAX_TENSORS = 8  # tensor arguments realize's input check compares (a forward rarely takes more)
@@ -298,7 +304,8 @@ def _cp(plan: ShardPlan, tokens: int, act: int) -> list[Comm]:
         cp, axes = math.prod(plan.mesh.size(a) for a in step.mesh_dims), step.mesh_dims
         heads = plan.model.module(step.path.rpartition(".")[0])
         causal = bool(plan.model.module(step.path).get("causal", True))
-        kv = 2 * tokens * int(heads.fact("n_kv_heads")) * int(heads.fact("head_dim")) * act
+        kv_heads = int(heads.fact("n_kv_heads")) // plan.mesh.tp  # tp: this rank's share
+        kv = 2 * tokens * kv_heads * int(heads.fact("head_dim")) * act
         forwards = 2 if _recomputed(plan, step.path) else 1
         out += cp_attention_comm(step.comm, kv, tokens, cp, causal, forwards, act, axes)
     if out:
@@ -324,6 +331,25 @@ def cp_check_comm(cp: int) -> Comm:
     """realize's input check (on by default): one small all-gather per root forward."""
     return _traffic("cp input shape check", "all_gather", ("cp",), 1,
                     SIGNATURE_BYTES * (cp - 1), 0)
+
+
+def _tp(plan: ShardPlan, tokens: int, hidden: int, act: int) -> list[Comm]:
+    tp = plan.mesh.tp
+    moved = tokens // tp * hidden * act * (tp - 1)  # one rank's chunk to or from each peer
+    out = []
+    for step in plan.steps_of(TensorParallel):
+        forwards = 2 if _recomputed(plan, step.path) else 1
+        calls = 1 + bool(plan.model.paths_with("mtp")) if step.style == "vocab_head" else 1
+        if step.style in ("gather", "vocab_head"):
+            out += [_traffic("tp sequence all-gather", "all_gather", ("tp",), calls * forwards,
+                             calls * forwards * moved, calls * moved),
+                    _traffic("tp gradient reduce-scatter", "reduce_scatter", ("tp",), calls,
+                             calls * moved, calls * moved)]
+        elif step.style in ("rowwise", "vocab_embed"):
+            out += [_traffic("tp partial-sum reduce-scatter", "reduce_scatter", ("tp",), forwards,
+                             forwards * moved, moved),
+                    _traffic("tp gradient all-gather", "all_gather", ("tp",), 1, moved, moved)]
+    return out
 
 
 def group_ranks(plan: ShardPlan, rank: int, comm: Comm) -> tuple[int, ...]:
@@ -358,6 +384,8 @@ def predict_comm(plan: ShardPlan, tokens: int, top_k: int, hidden: int,
     """Every collective of one training step on ``rank`` with ``tokens`` local tokens; the
     all-to-all dispatch moves ``rows`` per MoE layer (default: expected for uniform routing,
     `moefn.analyse.dispatch_rows.expected_rows`)."""
+    tp = plan.mesh.tp
     return _merge([*_fsdp(plan), *_sync(plan),
-                   *_ep(plan, tokens, top_k, hidden, activation_bytes, rank, rows),
-                   *_cp(plan, tokens, activation_bytes)])
+                   *_ep(plan, tokens // tp, top_k, hidden, activation_bytes, rank, rows),
+                   *_cp(plan, tokens, activation_bytes),
+                   *_tp(plan, tokens, hidden, activation_bytes)])

@@ -31,6 +31,7 @@ from moefn.plan.records import (
     ShardPlan,
     Step,
     SyncGradients,
+    TensorParallel,
 )
 
 
@@ -57,6 +58,8 @@ def _step_text(step: Step, mesh: MeshSpec) -> tuple[str, str]:
                      f"gradient all-reduce (sum, {step.dtype}) over {_axes(step.mesh_dims, mesh)}")
     if isinstance(step, ActivationCheckpoint):
         return "+", f"checkpoint mode={step.mode}"
+    if isinstance(step, TensorParallel):
+        return "~", f"tensor parallel {step.style} over {_axes(step.mesh_dims, mesh)}"
     if isinstance(step, ContextParallelAttention):
         seq = f", seq_len {step.seq_len}" if step.seq_len else ""
         how = "all-gather K/V" if step.comm == "all_gather" else "ring (p2p) K/V"

@@ -111,6 +111,10 @@ class Planner:
         conflicts = [m for m in meshes if m != meshes[0]]
         if conflicts:
             return Failure(_mesh_conflict(meshes[0], conflicts[0]))
+        if meshes[0].tp > 1 and "tp" not in names:
+            return Failure(PlanError.single(
+                "mesh", "a tp axis without plan_tp (its ranks would train on the same tokens)",
+                f"tp={meshes[0].tp}", "add plan_tp() to the stages or set tp=1"))
         try:
             spec = inspect_model(model)
         except PlanError as err:

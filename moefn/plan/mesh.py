@@ -1,13 +1,18 @@
 """MeshSpec: the pure description of the device mesh and its one fixed rank layout.
 
-Dense parameters see the ranks as ``dp_replicate × dp_shard × cp`` (outer to inner). Experts see
-the same ranks with ``dp_shard × cp`` re-split as ``ep_shard × ep``, ep innermost, so an EP group is
-a run of adjacent ranks. Named groups: ``dp_shard_cp`` (dp_shard × cp flattened, the dense
-data-parallel group) and ``ep_shard`` (ranks holding the same experts).
+Dense parameters see the ranks as ``dp_replicate × dp_shard × cp × tp`` (outer to inner, tp
+innermost). Experts see the same ranks with ``dp_shard × cp × tp`` re-split as ``ep_shard × ep``, ep
+innermost, so an EP group is a run of adjacent ranks. Named groups: ``dp_shard_cp`` (dp_shard × cp
+flattened, the data-parallel group of tensor-parallel parameters), ``dp_shard_cp_tp`` (every rank
+of a replica: the data-parallel group of parameters that see tp-distinct tokens) and
+``ep_shard`` (ranks holding the same experts).
 
 >>> m = MeshSpec.parse("dp_shard=4,ep=2")
 >>> m.world_size, m.ep_shard, m.size("dp_shard_cp")
 (4, 2, 4)
+>>> t = MeshSpec.parse("dp_shard=2,tp=2,ep=2")
+>>> t.world_size, t.ep_shard, t.size("dp_shard_cp"), t.size("dp_shard_cp_tp")
+(4, 2, 2, 4)
 """
 
 from __future__ import annotations
@@ -20,22 +25,25 @@ from attrs import frozen
 from moefn.plan.arguments import expect_type, int_at_least, one_of
 from moefn.plan.errors import ArgumentTypeError, PlanError, Problem
 
-Axis = Literal["dp_replicate", "dp_shard", "cp", "dp_shard_cp", "ep_shard", "ep"]
+Axis = Literal["dp_replicate", "dp_shard", "cp", "tp", "dp_shard_cp", "dp_shard_cp_tp",
+               "ep_shard", "ep"]
 """Every axis name a plan may refer to."""
-Dim = Literal["dp_replicate", "dp_shard", "cp", "ep_shard", "ep"]
+Dim = Literal["dp_replicate", "dp_shard", "cp", "tp", "ep_shard", "ep"]
 """The dimensions of the device mesh's views (flattened axes span several)."""
-BaseAxis = Literal["dp_replicate", "dp_shard", "cp", "ep"]
+BaseAxis = Literal["dp_replicate", "dp_shard", "cp", "tp", "ep"]
 """The sizes a MeshSpec is made of."""
 
 BASE_AXES: Final[tuple[BaseAxis, ...]] = get_args(BaseAxis)
-DENSE_DIMS: Final[tuple[Dim, ...]] = ("dp_replicate", "dp_shard", "cp")
+DENSE_DIMS: Final[tuple[Dim, ...]] = ("dp_replicate", "dp_shard", "cp", "tp")
 EXPERT_DIMS: Final[tuple[Dim, ...]] = ("dp_replicate", "ep_shard", "ep")
 #: Every axis, with the dimensions it spans (outer to inner).
 AXIS_SPANS: Final[dict[Axis, tuple[Dim, ...]]] = {
     "dp_replicate": ("dp_replicate",),
     "dp_shard": ("dp_shard",),
     "cp": ("cp",),
+    "tp": ("tp",),
     "dp_shard_cp": ("dp_shard", "cp"),
+    "dp_shard_cp_tp": ("dp_shard", "cp", "tp"),
     "ep_shard": ("ep_shard",),
     "ep": ("ep",),
 }
@@ -64,24 +72,24 @@ def nearest(values: tuple[int, ...], target: int, count: int = 8) -> tuple[int, 
     return tuple(sorted(sorted(values, key=lambda v: (abs(v - target), v))[:count]))
 
 
-def _mesh_problems(dp_replicate: int, dp_shard: int, cp: int, ep: int) -> list[Problem]:
-    sizes = (dp_replicate, dp_shard, cp, ep)
+def _mesh_problems(dp_replicate: int, dp_shard: int, cp: int, tp: int, ep: int) -> list[Problem]:
+    sizes = (dp_replicate, dp_shard, cp, tp, ep)
     problems = [
         Problem(path="mesh", message=f"axis {name} must be a positive integer", value=repr(size),
                 fix=f"set {name}=1 or larger")
         for name, size in zip(BASE_AXES, sizes, strict=True)
         if type(size) is not int or size < 1
     ]
-    if not problems and dp_replicate * dp_shard * cp > MAX_WORLD:
+    if not problems and dp_replicate * dp_shard * cp * tp > MAX_WORLD:
         problems.append(Problem(
             path="mesh", message="mesh larger than any world torch.distributed can address",
-            value=f"dp_replicate×dp_shard×cp={dp_replicate * dp_shard * cp}",
+            value=f"dp_replicate×dp_shard×cp×tp={dp_replicate * dp_shard * cp * tp}",
             fix=f"keep the world size at or below {MAX_WORLD} ranks"))
-    if not problems and (dp_shard * cp) % ep:
-        valid = nearest(divisors(dp_shard * cp), ep)
+    if not problems and (dp_shard * cp * tp) % ep:
+        valid = nearest(divisors(dp_shard * cp * tp), ep)
         problems.append(Problem(
-            path="mesh", message="ep must divide dp_shard × cp (experts re-split those ranks)",
-            value=f"ep={ep}, dp_shard×cp={dp_shard * cp}", fix=f"use ep in {valid}"))
+            path="mesh", message="ep must divide dp_shard × cp × tp (experts re-split those ranks)",
+            value=f"ep={ep}, dp_shard×cp×tp={dp_shard * cp * tp}", fix=f"use ep in {valid}"))
     return problems
 
 
@@ -93,9 +101,10 @@ class MeshSpec:
     dp_shard: int = 1
     cp: int = 1
     ep: int = 1
+    tp: int = 1
 
     def __attrs_post_init__(self) -> None:
-        sizes = (self.dp_replicate, self.dp_shard, self.cp, self.ep)
+        sizes = (self.dp_replicate, self.dp_shard, self.cp, self.tp, self.ep)
         problems = _mesh_problems(*sizes)
         if problems:
             wrong_type = any(type(size) is not int for size in sizes)
@@ -127,20 +136,20 @@ class MeshSpec:
         if world_size is not None and spec.world_size != world_size:
             raise PlanError.single(
                 "mesh", "mesh does not cover the world", f"{spec.world_size} ranks in the mesh, "
-                f"world size {world_size}", "make dp_replicate × dp_shard × cp equal the world size")
+                f"world size {world_size}", "make dp_replicate × dp_shard × cp × tp equal the world size")
         return spec
 
     @property
     def world_size(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.cp
+        return self.dp_replicate * self.dp_shard * self.cp * self.tp
 
     @property
     def ep_shard(self) -> int:
-        return self.dp_shard * self.cp // self.ep
+        return self.dp_shard * self.cp * self.tp // self.ep
 
     def base_size(self, dim: Dim) -> int:
         sizes = {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "cp": self.cp,
-                 "ep": self.ep, "ep_shard": self.ep_shard}
+                 "tp": self.tp, "ep": self.ep, "ep_shard": self.ep_shard}
         return sizes[dim]
 
     def size(self, axis: Axis) -> int:
@@ -188,10 +197,11 @@ class MeshSpec:
                      if [self.coordinate(r, dim) for dim in fixed] == mine)
 
     def describe(self) -> str:
-        text = (f"dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} cp={self.cp} "
+        tp = f"tp={self.tp} " if self.tp > 1 else ""
+        text = (f"dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} cp={self.cp} {tp}"
                 f"ep={self.ep}")
         return f"{text} (world {self.world_size}, ep_shard={self.ep_shard})"
 
     def as_text(self) -> str:
-        """Round-trips through `parse`."""
-        return ",".join(f"{d}={self.base_size(d)}" for d in BASE_AXES)
+        """Round-trips through `parse` (``tp`` only when it is larger than 1)."""
+        return ",".join(f"{d}={self.base_size(d)}" for d in BASE_AXES if d != "tp" or self.tp > 1)

@@ -1,4 +1,4 @@
-"""Stage options: what `plan_cp`, `plan_ep`, `plan_ac` and `plan_fsdp` were called with.
+"""Stage options: what `plan_cp`, `plan_tp`, `plan_ep`, `plan_ac` and `plan_fsdp` were called with.
 
 Each stage holds one of these frozen records and the plan it makes records it
 (``ShardPlan.options``), so a plan says how it was made and can be made again with
@@ -19,8 +19,8 @@ from typing import ClassVar, Literal
 
 from attrs import frozen
 
-STAGE_ORDER = ("cp", "ep", "ac", "fsdp")
-StageName = Literal["cp", "ep", "ac", "fsdp"]
+STAGE_ORDER = ("cp", "tp", "ep", "ac", "fsdp")
+StageName = Literal["cp", "tp", "ep", "ac", "fsdp"]
 
 CpComm = Literal["all_gather", "p2p"]
 CP_COMMS: tuple[CpComm, ...] = ("all_gather", "p2p")
@@ -36,6 +36,14 @@ class CPOptions:
     stage: ClassVar[StageName] = "cp"
     seq_len: int | None = None
     comm: CpComm = "all_gather"
+
+
+@frozen(kw_only=True)
+class TPOptions:
+    """`plan_tp`: no choices yet (attention, dense MLPs, embedding and lm_head are split over
+    ``tp``, the rest runs on each tp rank's own tokens)."""
+
+    stage: ClassVar[StageName] = "tp"
 
 
 @frozen(kw_only=True)
@@ -70,4 +78,4 @@ class FSDPOptions:
     shard_frozen: bool = False
 
 
-StageOptions = CPOptions | EPOptions | ACOptions | FSDPOptions
+StageOptions = CPOptions | TPOptions | EPOptions | ACOptions | FSDPOptions

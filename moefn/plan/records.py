@@ -1,9 +1,10 @@
 """ShardPlan and its step records: what each stage decided, as plain frozen data.
 
-Step kinds, in the order realize applies them (CP → EP → AC → FSDP):
+Step kinds, in the order realize applies them (CP → TP → EP → AC → FSDP):
 
 - `ContextParallelAttention`: a core attention sees the whole sequence's K/V over ``cp``
   (head-tail layout), all-gathered or passed around the ring (``comm="p2p"``);
+- `TensorParallel`: a module's part in tensor parallelism over ``tp`` (its ``style``);
 - `DistributeParams`: parameters of a module become DTensors with placements on mesh axes;
 - `InstallDispatch`: an experts module sends tokens to the ranks that own their experts;
 - `SyncGradients`: gradients of a module all-reduce (sum) over data-parallel axes, without FSDP;
@@ -62,6 +63,26 @@ class ContextParallelAttention:
     layout: Literal["head_tail"] = "head_tail"
     seq_len: int | None = None
     comm: CpComm = "all_gather"
+
+
+TPStyle = Literal["gather", "colwise", "rowwise", "replicate", "vocab_embed", "vocab_head"]
+"""``gather``: an attention or dense MLP all-gathers its input's sequence over tp (backward:
+reduce-scatter); ``colwise``/``rowwise``: a linear sharded on its output/input features
+(rowwise reduce-scatters its partial sums back to sequence shards); ``replicate``: a linear
+inside a gathered module kept whole on every tp rank (MLA's latent projections), its gradient
+summed over tp; ``vocab_embed``/``vocab_head``: embedding and lm_head sharded on the vocabulary
+(the logits stay vocabulary-sharded for the loss). Sharded parameters get a `DistributeParams`
+step on ``tp`` too."""
+
+
+@frozen(kw_only=True)
+class TensorParallel:
+    """How a module runs under tensor parallelism (``style``, see `TPStyle`)."""
+
+    stage: StageName
+    path: str
+    style: TPStyle
+    mesh_dims: tuple[Axis, ...] = ("tp",)
 
 
 @frozen(kw_only=True)
@@ -128,8 +149,8 @@ class FullyShard:
     ignored: tuple[str, ...] = ()  # full parameter names this unit (and its parents) leave alone
 
 
-Step = (ContextParallelAttention | DistributeParams | InstallDispatch | SyncGradients | KeepDtype
-        | ActivationCheckpoint | FullyShard)
+Step = (ContextParallelAttention | TensorParallel | DistributeParams | InstallDispatch
+        | SyncGradients | KeepDtype | ActivationCheckpoint | FullyShard)
 """Every step kind, listed once here, in the order realize applies them."""
 STEP_KINDS: tuple[type[Step], ...] = get_args(Step)
 
@@ -176,3 +197,7 @@ class ShardPlan:
                 for name in step.params:
                     out[f"{step.path}.{name}" if step.path else name] = step
         return out
+
+    def tp_sharded_paths(self) -> tuple[str, ...]:
+        """Modules whose parameters `plan_tp` shards over tp (DTensors on the tp axis)."""
+        return tuple(s.path for s in self.steps_of(DistributeParams) if "tp" in s.mesh_dims)

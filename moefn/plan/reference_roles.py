@@ -53,6 +53,8 @@ class ReferenceRecogniser:
             elif "CoreAttention" in kinds:
                 tags.add("core_attention")
                 facts[path] = (("causal", bool(getattr(module, "causal"))),)
+            elif "DenseMLP" in kinds and path.endswith(".mlp"):
+                tags.add("dense_mlp")
             elif "MoE" in kinds:
                 tags.add("moe")
                 if getattr(module, "shared") is not None:

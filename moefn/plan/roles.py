@@ -12,7 +12,7 @@ from attrs import frozen
 from torch import nn
 
 Role = Literal["backbone", "block", "attention", "core_attention", "mixer", "moe", "router",
-               "experts", "shared_experts", "embed", "lm_head", "mtp", "keep_fp32"]
+               "experts", "shared_experts", "dense_mlp", "embed", "lm_head", "mtp", "keep_fp32"]
 ROLES: frozenset[Role] = frozenset(get_args(Role))
 Fact = tuple[str, int | str | bool]
 

@@ -13,7 +13,7 @@
 'FSDPMoETransformer'
 
 Order: check everything on every rank, agree across ranks (same plan, no problems anywhere,
-the same values in every tensor that is not on meta), then mutate CP → EP → AC → FSDP
+the same values in every tensor that is not on meta), then mutate CP → TP → EP → AC → FSDP
 (inner FSDP units before outer ones). A failed check raises RealizeError on every rank and
 leaves the model untouched.
 """
@@ -35,6 +35,7 @@ from moefn.plan.records import (
     ShardPlan,
     Step,
     SyncGradients,
+    TensorParallel,
 )
 from moefn.plan.spec import REALIZED
 from moefn.realize.agree import agree
@@ -52,6 +53,7 @@ from moefn.realize.checks import fingerprint, local_problems
 from moefn.realize.digest import value_digests
 from moefn.realize.input_check import install_input_check
 from moefn.realize.meshes import DeviceMeshes, build_device_meshes
+from moefn.realize.tensor_parallel import apply_tensor_parallel
 
 
 def _mark_realized(plan: ShardPlan, modules: dict[str, nn.Module]) -> None:
@@ -64,14 +66,15 @@ def _mark_realized(plan: ShardPlan, modules: dict[str, nn.Module]) -> None:
 
 
 def _realize_order(item: tuple[int, Step]) -> tuple[int, int, str]:
-    """CP first, then EP (parameters and dispatchers in plan order), gradient sync (and the
+    """CP first, then TP and EP (parameters, forwards and dispatchers in plan order), gradient
+    sync (and the
     all-reduce of parameters kept out of FSDP),
     checkpointing, and FSDP units inner before outer (a unit wraps its units' leftovers)."""
     index, step = item
     match step:
         case ContextParallelAttention():
             return 0, index, ""
-        case DistributeParams() | InstallDispatch():
+        case TensorParallel() | DistributeParams() | InstallDispatch():
             return 1, index, ""
         case SyncGradients() | KeepDtype():
             return 2, index, ""
@@ -100,8 +103,10 @@ def realize(plan: ShardPlan, model: nn.Module, meshes: DeviceMeshes,
         match step:
             case ContextParallelAttention():
                 apply_context_parallel(step, modules[step.path], meshes, adapter)
+            case TensorParallel():
+                apply_tensor_parallel(step, modules[step.path], meshes.get(step.mesh_dims))
             case DistributeParams():
-                apply_distribute(step, modules[step.path], meshes)
+                apply_distribute(step, modules[step.path], meshes, model)
             case InstallDispatch():
                 apply_dispatch(step, modules[step.path], meshes, adapter)
             case SyncGradients():

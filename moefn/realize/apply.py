@@ -50,14 +50,20 @@ def apply_context_parallel(step: ContextParallelAttention, module: nn.Module,
     adapter.install_context_parallel(module, meshes.group(step.mesh_dims), step.comm)
 
 
-def apply_distribute(step: DistributeParams, module: nn.Module, meshes: DeviceMeshes) -> None:
-    """Each rank keeps its slice; every rank holds the same full tensor, so no data moves."""
+def apply_distribute(step: DistributeParams, module: nn.Module, meshes: DeviceMeshes,
+                     root: nn.Module) -> None:
+    """Each rank keeps its slice; every rank holds the same full tensor, so no data moves.
+    Modules of ``root`` that share a parameter (tied embeddings) keep sharing it."""
     mesh = meshes.get(step.mesh_dims)
     placements = [to_dtensor_placement(p) for p in step.placements]
     for name in step.params:
         old = module.get_parameter(name)
-        new = distribute_tensor(old.detach(), mesh, placements, src_data_rank=None)
-        module.register_parameter(name, nn.Parameter(new, requires_grad=old.requires_grad))
+        new = nn.Parameter(distribute_tensor(old.detach(), mesh, placements, src_data_rank=None),
+                           requires_grad=old.requires_grad)
+        for holder in root.modules():
+            for key, param in list(holder._parameters.items()):
+                if param is old:
+                    holder.register_parameter(key, new)
 
 
 def _node_groups(meshes: DeviceMeshes, ranks_per_node: int) -> tuple[ProcessGroup, ProcessGroup]:

@@ -13,19 +13,8 @@ from torch import nn
 
 from moefn.plan.arguments import expect_type
 from moefn.plan.errors import Problem, RealizeError
-from moefn.plan.mesh import DENSE_DIMS, EXPERT_DIMS, MeshSpec
 from moefn.plan.records import ShardPlan
-from moefn.realize.meshes import DeviceMeshes
-
-
-def expected_views(spec: MeshSpec) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
-    """Dim names and sizes of each DeviceMeshes view that ``spec`` asks for."""
-    return {
-        "world": (("world",), (spec.world_size,)),
-        "dense": (DENSE_DIMS, (spec.dp_replicate, spec.dp_shard, spec.cp)),
-        "expert": (EXPERT_DIMS, (spec.dp_replicate, spec.ep_shard, spec.ep)),
-        "data": (("dp_replicate", "dp_shard_cp"), (spec.dp_replicate, spec.dp_shard * spec.cp)),
-    }
+from moefn.realize.meshes import DeviceMeshes, expected_views
 
 
 def mesh_view_problems(meshes: DeviceMeshes) -> list[Problem]:

@@ -1,9 +1,9 @@
 """Build the real DeviceMesh views of a MeshSpec (effectful: creates process groups).
 
-One 1-D world mesh is unflattened three times — dense ``(dp_replicate, dp_shard, cp)``, data
-``(dp_replicate, dp_shard_cp)`` and expert ``(dp_replicate, ep_shard, ep)`` — so every named
-group comes from adjacent dimensions of one parent and the submeshes of the views agree (FSDP
-can then shard ep-placed DTensors).
+One 1-D world mesh is unflattened four times — dense ``(dp_replicate, dp_shard, cp, tp)``, data
+``(dp_replicate, dp_shard_cp, tp)``, tokens ``(dp_replicate, dp_shard_cp_tp)`` and expert
+``(dp_replicate, ep_shard, ep)`` — so every named group comes from adjacent dimensions of one
+parent and the submeshes of the views agree (FSDP can then shard ep- and tp-placed DTensors).
 
 >>> from moefn.launch import fake_world
 >>> with fake_world(world_size=4):
@@ -32,6 +32,7 @@ class DeviceMeshes:
     dense: DeviceMesh
     expert: DeviceMesh
     data: DeviceMesh
+    tokens: DeviceMesh
 
     @property
     def device_type(self) -> str:
@@ -39,7 +40,9 @@ class DeviceMeshes:
 
     def get(self, dims: tuple[Axis, ...]) -> DeviceMesh:
         """The (sub)mesh over named axes, e.g. ``("dp_replicate", "dp_shard_cp")`` or ``("ep",)``."""
-        if "dp_shard_cp" in dims:
+        if "dp_shard_cp_tp" in dims:
+            return self.tokens[dims]
+        if "dp_shard_cp" in dims or dims == ("tp",):  # tp DTensors and FSDP on one view
             return self.data[dims]
         if all(d in EXPERT_DIMS for d in dims) and any(d in ("ep", "ep_shard") for d in dims):
             return self.expert[dims]
@@ -72,8 +75,19 @@ def build_device_meshes(spec: MeshSpec, device_type: str) -> DeviceMeshes:
                                   f"mesh {spec.world_size} ranks, process group {ranks}",
                                   f"launch {spec.world_size} ranks or plan for {ranks}")
     world = init_device_mesh(device_type, (spec.world_size,), mesh_dim_names=("world",))
-    dense = world._unflatten(0, (spec.dp_replicate, spec.dp_shard, spec.cp), DENSE_DIMS)
-    expert = world._unflatten(0, (spec.dp_replicate, spec.ep_shard, spec.ep), EXPERT_DIMS)
-    data = world._unflatten(0, (spec.dp_replicate, spec.dp_shard * spec.cp),
-                            ("dp_replicate", "dp_shard_cp"))
-    return DeviceMeshes(spec, world, dense, expert, data)
+    views = {name: world._unflatten(0, sizes, dims)
+             for name, (dims, sizes) in expected_views(spec).items() if name != "world"}
+    return DeviceMeshes(spec, world, **views)
+
+
+def expected_views(spec: MeshSpec) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """Dim names and sizes of each DeviceMeshes view that ``spec`` asks for."""
+    return {
+        "world": (("world",), (spec.world_size,)),
+        "dense": (DENSE_DIMS, (spec.dp_replicate, spec.dp_shard, spec.cp, spec.tp)),
+        "expert": (EXPERT_DIMS, (spec.dp_replicate, spec.ep_shard, spec.ep)),
+        "data": (("dp_replicate", "dp_shard_cp", "tp"),
+                 (spec.dp_replicate, spec.dp_shard * spec.cp, spec.tp)),
+        "tokens": (("dp_replicate", "dp_shard_cp_tp"),
+                   (spec.dp_replicate, spec.dp_shard * spec.cp * spec.tp)),
+    }

@@ -104,12 +104,12 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, position_ids: Tensor) -> Tensor:
         b, s, _ = x.shape
 
-        def heads(t: Tensor, n: int) -> Tensor:
-            return t.view(b, s, n, self.head_dim).transpose(1, 2)
+        def heads(t: Tensor) -> Tensor:  # as many heads as the projection gives (tp: a share)
+            return t.view(b, s, -1, self.head_dim).transpose(1, 2)
 
-        q = rotary(heads(self.q_proj(x), self.n_heads), position_ids, self.theta)
-        k = rotary(heads(self.k_proj(x), self.n_kv_heads), position_ids, self.theta)
-        v = heads(self.v_proj(x), self.n_kv_heads)
+        q = rotary(heads(self.q_proj(x)), position_ids, self.theta)
+        k = rotary(heads(self.k_proj(x)), position_ids, self.theta)
+        v = heads(self.v_proj(x))
         out = self.core(q, k, v, position_ids)
         projected: Tensor = self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
         return projected
@@ -146,14 +146,16 @@ class MLAttention(nn.Module):
 
     def forward(self, x: Tensor, position_ids: Tensor) -> Tensor:
         b, s, _ = x.shape
-        q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x))).view(b, s, self.n_heads, -1)
+        qk = self.nope + self.rope  # heads: as many as the projections give (tp: a share)
+        q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x))).view(b, s, -1, qk)
         q_nope, q_rope = q.transpose(1, 2).split((self.nope, self.rope), dim=-1)
         latent, k_rope = self.kv_a_proj(x).split((self.kv_rank, self.rope), dim=-1)
-        kv = self.kv_b_proj(self.kv_a_norm(latent)).view(b, s, self.n_heads, -1).transpose(1, 2)
+        kv = self.kv_b_proj(self.kv_a_norm(latent)).view(b, s, -1, self.nope + self.v_dim
+                                                          ).transpose(1, 2)
         k_nope, v = kv.split((self.nope, self.v_dim), dim=-1)
         k_rope = rotary(k_rope.unsqueeze(1), position_ids, self.theta)  # [B,1,S,rope]
         q = torch.cat((q_nope, rotary(q_rope, position_ids, self.theta)), dim=-1)
-        k = torch.cat((k_nope, k_rope.expand(-1, self.n_heads, -1, -1)), dim=-1)
+        k = torch.cat((k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)
         out = self.core(q, k, v, position_ids)
         projected: Tensor = self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
         return projected

@@ -1,4 +1,4 @@
-"""The four planning stages. Each returns a `Stage`; none touches a process group or a module.
+"""The five planning stages. Each returns a `Stage`; none touches a process group or a module.
 
 `stages_from` makes the stages back from a plan's recorded options, so a plan can be made again:
 
@@ -22,9 +22,10 @@ from moefn.plan.stages.ac import plan_ac
 from moefn.plan.stages.cp import plan_cp
 from moefn.plan.stages.ep import plan_ep
 from moefn.plan.stages.fsdp import plan_fsdp
+from moefn.plan.stages.tp import plan_tp
 
 FACTORIES: dict[StageName, Callable[..., Stage]] = {
-    "cp": plan_cp, "ep": plan_ep, "ac": plan_ac, "fsdp": plan_fsdp}
+    "cp": plan_cp, "tp": plan_tp, "ep": plan_ep, "ac": plan_ac, "fsdp": plan_fsdp}
 
 
 def stages_from(options: Iterable[StageOptions]) -> tuple[Stage, ...]:
@@ -37,4 +38,4 @@ def stages_from(options: Iterable[StageOptions]) -> tuple[Stage, ...]:
     return tuple(stages)
 
 
-__all__ = ["plan_ac", "plan_cp", "plan_ep", "plan_fsdp", "stages_from"]
+__all__ = ["plan_ac", "plan_cp", "plan_ep", "plan_fsdp", "plan_tp", "stages_from"]

@@ -30,6 +30,7 @@ from moefn.plan.stages.common import (
     check_stage_mesh,
     dense_dp_dims,
     expert_dp_dims,
+    tp_sharded_dp_dims,
     without_gradient_sync,
 )
 from moefn.plan.stages.dtypes import place_kept
@@ -96,11 +97,17 @@ def _plan(options: FSDPOptions, plan: ShardPlan) -> PlanResult:
                          fix=f"use {name}=True or False")
                  for name, flag in flags.items() if type(flag) is not bool]
     problems += _precision_problems(plan.model, precision)
+    tp_paths = plan.tp_sharded_paths()
+    problems += [Problem(path=t.name, message="a tied embedding sharded over tp cannot share an "
+                         "FSDP unit with parameters that are not", value=" = ".join(group),
+                         fix="untie the embedding (tie_embeddings=False) or leave plan_fsdp out")
+                 for group in plan.model.tied for t in [plan.model.tensor(group[0])]
+                 if any(n.rpartition(".")[0] in tp_paths for n in group)]
     if problems:
         return Failure(PlanError(problems))
     param_dtype, reduce_dtype = _DTYPES[precision]
     spec, mesh_spec = plan.model, plan.mesh
-    dense = dense_dp_dims(mesh_spec)
+    dense, sharded = dense_dp_dims(mesh_spec), tp_sharded_dp_dims(mesh_spec)
 
     def unit(path: str, dims: tuple[Axis, ...], shard_dim: int = 0,
              dtypes: tuple[str | None, str | None] = (param_dtype, reduce_dtype)) -> FullyShard:
@@ -124,6 +131,10 @@ def _plan(options: FSDPOptions, plan: ShardPlan) -> PlanResult:
             shard_dim = 1 if mesh_spec.ep_shard > local_experts and even else 0
             units.append(unit(step.path, dims, shard_dim))
     units += [unit(p, dense) for p in (*spec.paths_with("block"), *spec.paths_with("mtp"))]
+    # linears sharded over tp: units of their own on the data-parallel axes without tp (their
+    # DTensors carry tp), inside the block's unit on every rank of the replica
+    units += [unit(p, sharded) for p in tp_paths
+              if not {"embed", "lm_head"} & set(spec.module(p).roles)]
     for role in ("embed", "lm_head"):
         for path in spec.paths_with(role):
             params = spec.params_under(path)
@@ -132,7 +143,8 @@ def _plan(options: FSDPOptions, plan: ShardPlan) -> PlanResult:
             if params and all(len(spec.tie_of(t.name)) == 1 for t in params):
                 # lm_head runs last in forward and first in backward: resharding it in
                 # between would only all-gather it again at once
-                units.append(evolve(unit(path, dense, dtypes=dtypes),
+                units.append(evolve(unit(path, sharded if path in tp_paths else dense,
+                                         dtypes=dtypes),
                                     reshard_after_forward=reshard_after_forward
                                     and role != "lm_head"))
     # the outer units (the backbone, the root) stay gathered through their whole forward

@@ -1,0 +1,174 @@
+"""Tensor parallelism: parity with one process on 4 gloo ranks (one pool run per layout), the
+gradient rule, and the plan (validation, JSON, diff).
+
+Each parity case compares losses and every gradient with the single-process model (relative
+≤ 1e-5, none zero); a tp group's loss counts once (`tests.parity.train_side_by_side`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from attrs import evolve
+from torch.distributed.tensor.parallel import loss_parallel
+
+import moefn.plan.stages.common as common
+from moefn import MeshSpec, compose, plan_cp, plan_ep, plan_fsdp, plan_tp
+from moefn.adapters.reference import MoETransformer, causal_lm_loss, get_preset
+from moefn.analyse.render import diff
+from moefn.plan.options import ACOptions, CPOptions, EPOptions, FSDPOptions, TPOptions
+from moefn.plan.records import DistributeParams, Shard, ShardPlan, SyncGradients, TensorParallel
+from moefn.plan.serialize import from_json, to_json
+from moefn.train.loop import global_batch, local_batch
+from tests.parity import Case, assert_parity, build_pair, run_parity
+from tests.ranks import RankPool
+from tests.test_comm import Totals, _count_and_predict
+
+TP = TPOptions()
+FSDP = FSDPOptions(precision="fp32")
+PARITY = {
+    "tp=2 x dp_shard=2": Case(mesh="dp_shard=2,tp=2", stages=(TP,)),
+    "tp=2 x dp_shard=2 x ep=2, router AC, fsdp": Case(
+        mesh="dp_shard=2,tp=2,ep=2", stages=(TP, EPOptions(), ACOptions(mode="router"), FSDP)),
+    "tp=2 x cp=2": Case(mesh="cp=2,tp=2", stages=(CPOptions(), TP)),
+    "tp=2 x dp_shard=2 x ep=2, router AC, fsdp, MLA": Case(
+        mesh="dp_shard=2,tp=2,ep=2", stages=(TP, EPOptions(), ACOptions(mode="router"), FSDP),
+        preset="tiny-mla"),
+    "tp=2 x dp_shard=2, dense layer, MTP, tied embedding": Case(
+        mesh="dp_shard=2,tp=2", stages=(TP,), preset="tiny-full"),
+}
+
+
+@pytest.mark.parametrize("name", PARITY)
+def test_tp_matches_one_process(ranks: Callable[[int], RankPool], name: str) -> None:
+    for result in ranks(4).run(run_parity, PARITY[name]):
+        assert_parity(result)
+
+
+COMM = {
+    "tp=2 x dp_shard=2": PARITY["tp=2 x dp_shard=2"],
+    "tp=2 x dp_shard=2 + fsdp": Case(mesh="dp_shard=2,tp=2", stages=(TP, FSDP)),
+}
+
+
+def _comm(rank: int, world: int, case: Case) -> tuple[Totals, Totals]:
+    """One step's collectives as `CommLedger` counts them, and as the plan predicts them."""
+    reference, model, plan = build_pair(case)
+    batch = global_batch(reference.config, case.batch, case.seq, case.seed)
+    mine = local_batch(batch, plan.mesh, rank)
+
+    def step() -> None:
+        with loss_parallel():
+            causal_lm_loss(model(mine.input_ids, mine.position_ids), mine.labels,
+                           batch.num_valid).backward()
+
+    return _count_and_predict(rank, plan, step, mine.input_ids.numel())
+
+
+@pytest.mark.parametrize("name", COMM)
+def test_predicted_tp_comm_is_what_a_step_moves(ranks: Callable[[int], RankPool],
+                                                name: str) -> None:
+    for rank, (measured, predicted) in enumerate(ranks(4).run(_comm, COMM[name])):
+        assert measured == predicted, (rank, sorted(measured.items()), sorted(predicted.items()))
+        tp_group = (rank - rank % 2, rank - rank % 2 + 1)
+        assert {op for op, group in measured if group == tp_group} >= {
+            "all_gather", "reduce_scatter"}, measured
+
+
+def _parity_without_gradient_rule(rank: int, world: int, case: Case) -> dict[str, Any]:
+    """`run_parity` with the gradient rule removed: parameters that are not tp-sharded sum
+    their gradients over dp_shard_cp only, not over tp."""
+    rule = common.dense_dp_dims
+    common.dense_dp_dims = common.tp_sharded_dp_dims
+    try:
+        return run_parity(rank, world, case)
+    finally:
+        common.dense_dp_dims = rule
+
+
+def test_parity_breaks_without_the_gradient_rule(ranks: Callable[[int], RankPool]) -> None:
+    for result in ranks(4).run(_parity_without_gradient_rule, PARITY["tp=2 x dp_shard=2"]):
+        worst = max(result["grad_errors"].items(), key=lambda kv: kv[1])
+        assert worst[1] > 1e-2, worst
+        with pytest.raises(AssertionError):
+            assert_parity(result)
+
+
+def _meta(preset: str = "tiny") -> MoETransformer:
+    with torch.device("meta"):
+        return MoETransformer(get_preset(preset))
+
+
+def test_tp_plan_shards_attention_mlp_and_vocabulary_and_sums_the_rest_over_tp() -> None:
+    plan: ShardPlan = compose(plan_tp(), plan_ep())(_meta("tiny-full"),
+                                                     MeshSpec.parse("dp_shard=2,tp=2,ep=2")).unwrap()
+    styles = {s.path: s.style for s in plan.steps_of(TensorParallel)}
+    assert styles["layers.0.attn"] == styles["layers.0.mlp"] == "gather"
+    assert styles["layers.0.attn.q_proj"] == styles["layers.0.mlp.up_proj"] == "colwise"
+    assert styles["layers.1.attn.o_proj"] == "rowwise"
+    assert (styles["embed"], styles["lm_head"]) == ("vocab_embed", "vocab_head")
+    assert "layers.1.mlp.shared.up_proj" not in styles  # shared experts see distinct tokens
+    placed = {s.path: s.placements for s in plan.steps_of(DistributeParams) if s.mesh_dims == ("tp",)}
+    assert placed["layers.0.attn.o_proj"] == (Shard(1),)
+    assert "lm_head" not in placed  # tied to embed.weight, placed there
+    sync = {s.path: s.mesh_dims for s in plan.steps_of(SyncGradients)}
+    assert sync[""] == ("dp_shard_cp_tp",)  # the gradient rule
+    assert sync["layers.0.attn.q_proj"] == ("dp_shard_cp",)
+    assert sync["layers.1.mlp.experts"] == ("ep_shard",)
+    text = diff(plan)
+    assert "tensor parallel rowwise over tp(2)" in text
+    assert "gradient all-reduce (sum) over dp_shard_cp_tp(4)" in text
+    assert from_json(to_json(plan)) == plan
+
+
+def test_deepseek_v3_plans_with_tp_and_experts_span_tp() -> None:
+    mesh = MeshSpec.parse("dp_shard=256,tp=4,ep=64")
+    plan = compose(plan_tp(), plan_ep(), plan_fsdp())(_meta("deepseek-v3"), mesh).unwrap()
+    assert (mesh.world_size, mesh.ep_shard) == (1024, 16)  # ep_shard · ep = dp_shard · cp · tp
+    styles = {s.path: s.style for s in plan.steps_of(TensorParallel)}
+    assert styles["layers.5.attn.kv_a_proj"] == "replicate"  # MLA's latent stays whole
+    assert styles["layers.5.attn.kv_b_proj"] == "colwise"
+    assert [mesh.group_ranks(5, ("tp",)), mesh.group_ranks(5, ("ep",))[:4]] == [
+        (4, 5, 6, 7), (0, 1, 2, 3)]
+
+
+def test_tp_refuses_what_does_not_divide_naming_path_value_and_fix() -> None:
+    problems = compose(plan_tp())(_meta(), MeshSpec(tp=3)).failure().problems
+    found = {(p.path, p.message): (p.value, p.fix) for p in problems}
+    assert found[("layers.0.attn", "attention heads not divisible by tp")] == (
+        "4, tp=3", "use tp in (1, 2, 4)")
+    assert ("layers.0.attn", "key/value heads not divisible by tp") in found
+    assert found[("embed", "vocabulary not divisible by tp")][0] == "64, tp=3"
+    assert ("layers.1.attn.q_proj", "output features not divisible by tp") in found
+    kv = compose(plan_tp())(_meta(), MeshSpec(tp=4)).failure().problems
+    assert [(p.path, p.value) for p in kv] == [("layers.0.attn", "2, tp=4"),
+                                              ("layers.1.attn", "2, tp=4")]
+    assert "without plan_tp" in str(compose(plan_cp())(_meta(), MeshSpec(cp=2, tp=2)).failure())
+    assert "tp axis larger than 1" in str(compose(plan_tp())(_meta(), MeshSpec(dp_shard=2)).failure())
+    tied = compose(plan_tp(), plan_fsdp())(_meta("tiny-full"), MeshSpec(dp_shard=2, tp=2))
+    assert "untie the embedding" in str(tied.failure())
+
+
+def test_tp_refuses_transformers_models_for_now() -> None:
+    from tests.hf_parity import build_hf
+
+    failure = compose(plan_tp())(build_hf("qwen3_moe", device="meta"), MeshSpec(tp=2)).failure()
+    assert [p.value for p in failure.problems] == ["transformers:qwen3_moe (Qwen3MoeForCausalLM)"]
+
+
+def test_version_2_plans_read_without_tp() -> None:
+    plan: ShardPlan = compose(plan_ep())(_meta(), MeshSpec(dp_shard=2, ep=2)).unwrap()
+    doc = json.loads(to_json(plan))
+    assert doc["version"] == 3 and doc["plan"]["mesh"]["tp"] == 1
+    del doc["plan"]["mesh"]["tp"]
+    doc["version"] = 2
+    assert from_json(json.dumps(doc)) == plan
+    doc["version"] = 3
+    with pytest.raises(Exception, match="missing \\['tp'\\]"):
+        from_json(json.dumps(doc))
+    assert evolve(plan.mesh, tp=1).as_text() == "dp_replicate=1,dp_shard=2,cp=1,ep=2"
+    assert MeshSpec.parse("dp_shard=2,tp=2").as_text() == "dp_replicate=1,dp_shard=2,cp=1,tp=2,ep=1"
