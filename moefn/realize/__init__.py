@@ -100,7 +100,8 @@ def realize(plan: ShardPlan, model: nn.Module, meshes: DeviceMeshes,
             case DistributeParams():
                 apply_distribute(step, modules[step.path], meshes)
             case InstallDispatch():
-                apply_dispatch(step, modules[step.path], meshes)
+                apply_dispatch(step, modules[step.path], meshes,
+                               modules[step.path.rpartition(".")[0]])
             case SyncGradients():
                 apply_sync(step, sync, model, meshes)
             case KeepDtype():

@@ -85,7 +85,9 @@ def _node_groups(meshes: DeviceMeshes, ranks_per_node: int) -> tuple[ProcessGrou
 _NODE_GROUPS = "_moefn_node_groups"
 
 
-def apply_dispatch(step: InstallDispatch, module: nn.Module, meshes: DeviceMeshes) -> None:
+def apply_dispatch(step: InstallDispatch, module: nn.Module, meshes: DeviceMeshes,
+                   block: nn.Module) -> None:
+    """Give experts ``module`` (in MoE block ``block``) the planned dispatcher."""
     from moefn.realize.ep_dispatch import AllGatherDispatch, AllToAllDispatch, HierarchicalDispatch
 
     dispatcher: Dispatcher
@@ -98,7 +100,7 @@ def apply_dispatch(step: InstallDispatch, module: nn.Module, meshes: DeviceMeshe
     if is_transformers_module(module):  # through transformers' experts interface
         from moefn.adapters.transformers.experts import install_dispatcher
 
-        install_dispatcher(module, dispatcher)
+        install_dispatcher(module, dispatcher, block)
         return
     setattr(module, "dispatcher", dispatcher)
 
