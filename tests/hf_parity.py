@@ -88,7 +88,7 @@ def build_hf(family: str, seed: int = 0, device: str | None = None, **extra: Any
     from transformers import AutoModelForCausalLM
 
     from moefn.adapters.transformers.catalogue import tiny_config
-    from moefn.plan.hf_roles import routers_in
+    from moefn.plan.hf_roles import router_weight, routers_in
 
     # the suite's hand-made configs; any other family: docs/models.md's tiny config, eager
     config = CONFIGS[family](**extra) if family in CONFIGS else tiny_config(family, **extra)
@@ -101,7 +101,8 @@ def build_hf(family: str, seed: int = 0, device: str | None = None, **extra: Any
                                                         attn_implementation=attn)
     with torch.no_grad():
         for router in routers_in(model):
-            weight = router.get_parameter("weight")
+            weight = router_weight(router, 1)
+            assert weight is not None
             nn.init.normal_(weight, std=weight.shape[1] ** -0.5)
     return model.train()
 

@@ -159,7 +159,7 @@ def _install_cp(module: nn.Module, group: ProcessGroup, comm: CpComm) -> None:
     setattr(module, "cp_group", group)
 
 
-def _install_dispatch(module: nn.Module, dispatcher: Dispatcher) -> None:
+def _install_dispatch(module: nn.Module, dispatcher: Dispatcher, block: nn.Module) -> None:
     setattr(module, "dispatcher", dispatcher)
 
 

@@ -32,22 +32,23 @@ class Adapter:
 
     ``accepts_dispatch`` / ``accepts_context_parallel`` say whether a module can take a token
     dispatcher / a cp group (realize checks every step before it changes anything);
-    ``install_dispatch(experts, dispatcher)`` makes an experts module send its tokens through
-    the dispatcher (`moefn.realize.dispatch`); ``install_context_parallel(attention, group,
+    ``install_dispatch(experts, dispatcher, block)`` makes an experts module (in MoE ``block``)
+    send its tokens through the dispatcher (`moefn.realize.dispatch`); ``install_context_parallel(attention, group,
     comm)`` makes an attention module keep its queries and see the whole sequence's keys and
     values over ``group`` (``comm``: ``"all_gather"`` or ``"p2p"``; see
     `moefn.realize.context_parallel` and `moefn.realize.ring_attention`);
     ``install_router_replay(block)`` hooks the routers of a block checkpointed in router mode
     (`moefn.realize.routing_tape.replay_topk`), None when the routers call
-    `moefn.realize.routing_tape.route` themselves. ``install_tensor_parallel`` is the slot for
-    the tensor-parallel stage (not built yet; no kind has one).
+    `moefn.realize.routing_tape.route` themselves. ``install_tensor_parallel`` is the slot for a
+    model kind's own tensor parallelism: none fills it yet (`moefn.realize.tensor_parallel`
+    realizes the reference model's; transformers models are refused tp at plan time).
     """
 
     name: str
     recogniser: Recogniser
     recognise: Callable[[nn.Module], bool]
     accepts_dispatch: Callable[[nn.Module], bool]
-    install_dispatch: Callable[[nn.Module, Dispatcher], None]
+    install_dispatch: Callable[[nn.Module, Dispatcher, nn.Module], None]
     accepts_context_parallel: Callable[[nn.Module], bool]
     install_context_parallel: Callable[[nn.Module, ProcessGroup, CpComm], None]
     install_router_replay: Callable[[nn.Module], None] | None = None

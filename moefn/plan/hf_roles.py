@@ -38,7 +38,7 @@ from moefn.plan.roles import Fact, Recognition, Role, group_facts
 
 TRANSFORMERS_PREFIX = "transformers."
 ROUTER_NAMES = ("gate", "router")
-SHARED_NAMES = ("shared_expert", "shared_experts")
+SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
 ATTENTION_NAMES = ("self_attn", "attention", "attn")
 
 
@@ -53,26 +53,46 @@ def is_transformers_module(module: object) -> bool:
 
 def is_fused_experts(module: nn.Module) -> bool:
     """transformers fused experts: 3-D ``gate_up_proj`` (or ``up_proj``) and ``down_proj``
-    parameters on a class decorated with ``@use_experts_implementation``."""
-    if not is_transformers_module(module) or not hasattr(module, "is_transposed"):
+    parameters on a class decorated with ``@use_experts_implementation``, or `is_input_scaled`."""
+    if not is_transformers_module(module):
         return False
     own = dict(module.named_parameters(recurse=False))
     up = own.get("gate_up_proj", own.get("up_proj"))
     down = own.get("down_proj")
-    return up is not None and down is not None and up.dim() == 3 and down.dim() == 3
+    if up is None or down is None or up.dim() != 3 or down.dim() != 3:
+        return False
+    return hasattr(module, "is_transposed") or is_input_scaled(module)
+
+
+def is_input_scaled(module: nn.Module) -> bool:
+    """Llama 4's experts: outside the experts interface, stored ``[E, in, out]``
+    (``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``) and run by the MoE block on every
+    token with its *input* scaled by the router score (zero for experts not chosen)."""
+    own = dict(module.named_parameters(recurse=False))
+    up, down = own.get("gate_up_proj"), own.get("down_proj")
+    return (not hasattr(module, "is_transposed") and up is not None and down is not None
+            and up.dim() == down.dim() == 3 and up.shape[1] == down.shape[2]
+            and up.shape[2] == 2 * down.shape[1] and hasattr(module, "act_fn"))
 
 
 def num_experts(experts: nn.Module) -> int:
     return int(experts.get_parameter("down_proj").shape[0])
 
 
+def router_weight(router: nn.Module, experts: int) -> nn.Parameter | None:
+    """The router's output projection: its last 2-D ``weight`` (its own or a nested Linear's:
+    ``router.gate``, ``router.proj``, ``gate.wg``, an MLP's ``out_proj``) with a row per expert,
+    plus rows for shared experts (Inkling) or a skip expert (Zaya) when the router scores those."""
+    weights = [p for n, p in router.named_parameters()
+               if n.rpartition(".")[2] == "weight" and p.dim() == 2 and p.shape[0] >= experts]
+    return weights[-1] if weights else None
+
+
 def router_of(moe: nn.Module, experts: nn.Module) -> tuple[str, nn.Module] | None:
-    """The sibling router of ``experts``: a child called gate/router with a weight [E, H]."""
+    """The sibling router of ``experts``: a child called gate/router holding a `router_weight`."""
     for name in ROUTER_NAMES:
         child = getattr(moe, name, None)
-        weight = getattr(child, "weight", None)
-        if (isinstance(child, nn.Module) and isinstance(weight, nn.Parameter) and weight.dim() == 2
-                and weight.shape[0] == num_experts(experts)):
+        if isinstance(child, nn.Module) and router_weight(child, num_experts(experts)) is not None:
             return name, child
     return None
 
@@ -121,7 +141,8 @@ CP_LAYER_TYPES = ("full_attention", "attention", "sliding_attention", "chunked_a
 def _cp_facts(attention: nn.Module, config: object, index: int) -> tuple[Fact, ...]:
     """``mask``: the sinks, sliding window or chunks CP applies by global position (the ring
     refuses them); ``cp_supported=False`` with ``kind`` for other layer types (indexed,
-    compressed, linear, ...): their attention is more than a masked softmax over K/V."""
+    compressed, linear, ...): their attention is more than a masked softmax over K/V; and for
+    attention that counts positions on the sequence it is given (Llama 4)."""
     masks = []
     if getattr(attention, "sinks", None) is not None:
         masks.append("attention sinks")
@@ -133,6 +154,9 @@ def _cp_facts(attention: nn.Module, config: object, index: int) -> tuple[Fact, .
     if kind == "chunked_attention":
         masks.append(f"attention_chunk_size={getattr(config, 'attention_chunk_size', None)}")
     facts: tuple[Fact, ...] = (("mask", ", ".join(masks)),) if masks else ()
+    if hasattr(attention, "attn_temperature_tuning"):  # Llama 4
+        return (*facts, ("cp_supported", False), ("kind", "positions counted on the local "
+                "sequence (Llama 4: temperature tuning; its decoder layer drops position_ids)"))
     if kind is not None and kind not in CP_LAYER_TYPES:
         return (*facts, ("cp_supported", False), ("kind", ", ".join([*masks, kind])))
     return facts
@@ -191,7 +215,10 @@ class HFRecogniser:
             return None  # not an MoE model moefn can parallelize: inspect_model says so
         out = _Collector()
         config = getattr(model, "config", None)
-        prefix = getattr(model, "base_model_prefix", "")
+        # the base model: ``base_model_prefix``, or ``model`` where the prefix names the
+        # multimodal model's child instead (Llama4ForCausalLM: "language_model")
+        prefix = next((p for p in (getattr(model, "base_model_prefix", ""), "model")
+                       if p and isinstance(getattr(model, p, None), nn.Module)), "")
         backbone = getattr(model, prefix, None) if prefix else None
         backbone_path = prefix if isinstance(backbone, nn.Module) else ""
         base = backbone if isinstance(backbone, nn.Module) else model
@@ -242,8 +269,8 @@ class HFRecogniser:
             router = router_of(moe, module)
             if router is None:
                 out.missing(moe_path, "router", f"children {[n for n, _ in moe.named_children()]}",
-                            f"a sibling of the experts called one of {ROUTER_NAMES} with weight "
-                            f"[{num_experts(module)}, hidden]")
+                            f"a sibling of the experts called one of {ROUTER_NAMES} holding a "
+                            f"weight of at least {num_experts(module)} rows (a Linear or an MLP)")
             else:
                 router_path = f"{moe_path}.{router[0]}"
                 out.tag(router_path, "router")

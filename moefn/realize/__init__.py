@@ -108,7 +108,8 @@ def realize(plan: ShardPlan, model: nn.Module, meshes: DeviceMeshes,
             case DistributeParams():
                 apply_distribute(step, modules[step.path], meshes, model)
             case InstallDispatch():
-                apply_dispatch(step, modules[step.path], meshes, adapter)
+                apply_dispatch(step, modules[step.path], meshes, adapter,
+                               modules[step.path.rpartition(".")[0]])
             case SyncGradients():
                 apply_sync(step, sync, model, meshes)
             case KeepDtype():

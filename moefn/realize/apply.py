@@ -83,7 +83,8 @@ _NODE_GROUPS = "_moefn_node_groups"
 
 
 def apply_dispatch(step: InstallDispatch, module: nn.Module, meshes: DeviceMeshes,
-                   adapter: Adapter) -> None:
+                   adapter: Adapter, block: nn.Module) -> None:
+    """Give experts ``module`` (in MoE block ``block``) the planned dispatcher."""
     from moefn.realize.ep_dispatch import AllGatherDispatch, AllToAllDispatch, HierarchicalDispatch
 
     dispatcher: Dispatcher
@@ -93,7 +94,7 @@ def apply_dispatch(step: InstallDispatch, module: nn.Module, meshes: DeviceMeshe
     else:
         kind = AllToAllDispatch if step.kind == "all_to_all" else AllGatherDispatch
         dispatcher = kind(step.num_experts, meshes.group(step.mesh_dims))
-    adapter.install_dispatch(module, dispatcher)
+    adapter.install_dispatch(module, dispatcher, block)
 
 
 def apply_checkpoint(step: ActivationCheckpoint, block: nn.Module, adapter: Adapter) -> None:

@@ -27,7 +27,7 @@ def _install_context_parallel(module: nn.Module, group: ProcessGroup, comm: CpCo
     setattr(module, "impl", kind(group))
 
 
-def _install_dispatch(module: nn.Module, dispatcher: Dispatcher) -> None:
+def _install_dispatch(module: nn.Module, dispatcher: Dispatcher, block: nn.Module) -> None:
     setattr(module, "dispatcher", dispatcher)
 
 

@@ -25,6 +25,7 @@ from functools import partial
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from moefn.plan.hf_roles import is_input_scaled
 from moefn.realize.dispatch import Dispatcher, LocalDispatch
 from moefn.realize.experts import ExpertsImpl, run_grouped_experts
 from moefn.realize.routing_tape import replay_topk
@@ -43,7 +44,7 @@ def _weights(module: nn.Module) -> tuple[Tensor, Tensor | None, Tensor, Tensor |
     up_name = "gate_up_proj" if has_gate else "up_proj"
     up = _local(module.get_parameter(up_name))
     down = _local(module.get_parameter("down_proj"))
-    if not getattr(module, "is_transposed", False):  # stored [E, out, in]
+    if not (getattr(module, "is_transposed", False) or is_input_scaled(module)):  # [E, out, in]
         up, down = up.transpose(1, 2), down.transpose(1, 2)
     up_bias = _local(module.get_parameter(f"{up_name}_bias")) if has_bias else None
     down_bias = _local(module.get_parameter("down_proj_bias")) if has_bias else None
@@ -51,9 +52,13 @@ def _weights(module: nn.Module) -> tuple[Tensor, Tensor | None, Tensor, Tensor |
 
 
 def _activate(module: nn.Module, h: Tensor) -> Tensor:
-    if getattr(module, "has_gate", True):
+    if getattr(module, "has_gate", True) and hasattr(module, "_apply_gate"):
         gated: Tensor = module._apply_gate(h)  # type: ignore[operator]
         return gated
+    if getattr(module, "has_gate", True):  # Llama 4: transformers' default gate, written out
+        gate, up = h.chunk(2, dim=-1)
+        h = up * module.act_fn(gate)  # type: ignore[operator]
+        return h
     out: Tensor = module.act_fn(h)  # type: ignore[operator]
     return out
 
@@ -91,14 +96,34 @@ def register() -> None:
     ExpertsInterface.register(IMPLEMENTATION, moefn_experts_forward)
 
 
-def install_dispatcher(module: nn.Module, dispatcher: Dispatcher) -> None:
-    """Give ``module`` (fused experts) ``dispatcher`` and switch its model to ``"moefn"``.
+def input_scaled_moe_forward(block: nn.Module, hidden_states: Tensor) -> tuple[Tensor, Tensor]:
+    """Llama 4's MoE block through the dispatcher: the router's scores are zero except at each
+    token's top-k, so each (token, chosen expert) becomes one row scaled by its score *before*
+    the expert (weight 1 after), and the shared expert is added as transformers does."""
+    x = hidden_states.reshape(-1, hidden_states.shape[-1])
+    scores, logits = block.router(x)  # type: ignore[operator]
+    weights, index = scores.topk(int(getattr(block, "top_k")), dim=1)  # the router's choice, not a new one
+    rows = (x.unsqueeze(1) * weights.unsqueeze(-1)).reshape(-1, x.shape[-1])
+    routed = block.experts(rows, index.reshape(-1, 1), rows.new_ones(rows.shape[0], 1))  # type: ignore[operator]
+    shared: Tensor = block.shared_expert(x)  # type: ignore[operator]
+    return shared + routed.view(*index.shape, -1).sum(dim=1), logits
+
+
+def install_dispatcher(module: nn.Module, dispatcher: Dispatcher, block: nn.Module) -> None:
+    """Give ``module`` (fused experts in MoE block ``block``) ``dispatcher`` and switch its
+    model to ``"moefn"``.
 
     The switch is on the module's config (shared by the whole model, as
-    ``model.set_experts_implementation`` does); experts without a dispatcher run locally.
+    ``model.set_experts_implementation`` does); experts without a dispatcher run locally. Input-
+    scaled experts (Llama 4) have no experts interface: ``block`` runs `input_scaled_moe_forward`,
+    which calls the experts module (so FSDP's hooks gather its shards) with `moefn_experts_forward`.
     """
     register()
     setattr(module, "dispatcher", dispatcher)
+    if is_input_scaled(module):
+        setattr(module, "forward", partial(moefn_experts_forward, module))
+        setattr(block, "forward", partial(input_scaled_moe_forward, block))
+        return
     config = getattr(module, "config", None)
     if config is None:
         raise ValueError(f"{type(module).__name__} has no config: not a transformers experts module")
