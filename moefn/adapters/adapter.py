@@ -33,9 +33,9 @@ class Adapter:
     ``accepts_dispatch`` / ``accepts_context_parallel`` say whether a module can take a token
     dispatcher / a cp group (realize checks every step before it changes anything);
     ``install_dispatch(experts, dispatcher, block)`` makes an experts module (in MoE ``block``)
-    send its tokens through the dispatcher (`moefn.realize.dispatch`); ``install_context_parallel(attention, group,
-    comm)`` makes an attention module keep its queries and see the whole sequence's keys and
-    values over ``group`` (``comm``: ``"all_gather"`` or ``"p2p"``; see
+    send its tokens through the dispatcher (`moefn.realize.dispatch`);
+    ``install_context_parallel(attention, group, comm)`` makes an attention module keep its
+    queries and see the whole sequence's keys and values over ``group`` (``comm``: ``"all_gather"`` or ``"p2p"``; see
     `moefn.realize.context_parallel` and `moefn.realize.ring_attention`);
     ``install_router_replay(block)`` hooks the routers of a block checkpointed in router mode
     (`moefn.realize.routing_tape.replay_topk`), None when the routers call
