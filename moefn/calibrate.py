@@ -15,6 +15,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -67,7 +68,7 @@ def _measure_rank(rank: int, world: int, matmul_size: int, repeat: int) -> dict[
     for dtype in (torch.float32, torch.bfloat16):
         a = torch.randn(matmul_size, matmul_size, dtype=dtype)
         flops[str(dtype).removeprefix("torch.")] = (
-            2 * matmul_size**3 / _seconds(lambda: torch.mm(a, a), repeat))
+            2 * matmul_size**3 / _seconds(partial(torch.mm, a, a), repeat))
     x = torch.ones(1)
     ops = 1000
     overhead = _seconds(lambda: [torch.add(x, x) for _ in range(ops)], repeat) / ops

@@ -7,8 +7,9 @@ with CP, EP, router-mode AC and FSDP and realized on real gloo ranks through not
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,11 @@ from torch.distributed import ProcessGroup
 from torch.distributed.tensor import DTensor
 
 from moefn import MeshSpec, PlanError, compose, plan_ac, plan_cp, plan_ep, plan_fsdp
+from moefn.adapters import registry
 from moefn.adapters.adapter import Adapter
 from moefn.adapters.reference import get_preset
 from moefn.adapters.registry import adapter_for, register_adapter
+from moefn.plan import spec
 from moefn.plan.options import CpComm
 from moefn.plan.roles import Fact, Recognition, Role
 from moefn.realize import build_device_meshes, realize
@@ -189,8 +192,24 @@ MESH = MeshSpec(dp_shard=2, cp=2, ep=2)
 SEQ = 16
 
 
+@contextlib.contextmanager
+def _toy_registered() -> Iterator[None]:
+    """TOY registered for the block only: the registry is process-wide, and later tests in this
+    process (or rank worker) must see moefn's own kinds alone."""
+    adapters, recognisers = list(registry._REGISTERED), list(spec.RECOGNISERS)
+    try:
+        register_adapter(TOY)
+        yield
+    finally:
+        registry._REGISTERED[:], spec.RECOGNISERS[:] = adapters, recognisers
+
+
 def _toy_parity(rank: int, world: int) -> dict[str, Any]:
-    register_adapter(TOY)
+    with _toy_registered():
+        return _toy_parity_registered(rank)
+
+
+def _toy_parity_registered(rank: int) -> dict[str, Any]:
     torch.manual_seed(0)
     reference = ToyModel()
     model = copy.deepcopy(reference)
@@ -220,14 +239,15 @@ def test_a_model_kind_registered_from_outside_trains_like_one_process(
 
 
 def test_the_registry_finds_each_kind_and_refuses_a_second_adapter_of_one_name() -> None:
-    register_adapter(TOY)
-    register_adapter(TOY)  # again: nothing changes
-    assert adapter_for(ToyModel()) is TOY
-    with pytest.raises(PlanError, match="another adapter has this name"):
-        register_adapter(Adapter(name="toy", recogniser=ToyRecogniser(), recognise=_is_toy,
-                                 accepts_dispatch=_is_experts, install_dispatch=_install_dispatch,
-                                 accepts_context_parallel=_is_attention,
-                                 install_context_parallel=_install_cp))
+    with _toy_registered():
+        register_adapter(TOY)  # again: nothing changes
+        assert adapter_for(ToyModel()) is TOY
+        with pytest.raises(PlanError, match="another adapter has this name"):
+            register_adapter(Adapter(
+                name="toy", recogniser=ToyRecogniser(), recognise=_is_toy,
+                accepts_dispatch=_is_experts, install_dispatch=_install_dispatch,
+                accepts_context_parallel=_is_attention, install_context_parallel=_install_cp))
+    assert adapter_for(ToyModel()) is None
 
 
 def test_realize_does_not_know_transformers() -> None:

@@ -6,8 +6,8 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -292,7 +292,8 @@ def test_compare_takes_hierarchical_sides(capsys: pytest.CaptureFixture[str]) ->
 def test_readme_sample_output_is_what_plan_prints(capsys: pytest.CaptureFixture[str]) -> None:
     """README's "See before you launch" block: every line is (the start of) a line of the output."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    command = "moefn plan --model deepseek-v3 --mesh dp_shard=1024,ep=64 --seq-len 4096 --ac\nfull --gpu-memory 80GiB"
+    command = ("moefn plan --model deepseek-v3 --mesh dp_shard=1024,ep=64 --seq-len 4096 --ac\n"
+               "full --gpu-memory 80GiB")
     assert command in readme
     start = readme.index("```text\n", readme.index(command)) + len("```text\n")
     sample = readme[start:readme.index("```", start)].splitlines()

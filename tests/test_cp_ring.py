@@ -1,7 +1,7 @@
 """Ring (p2p) context parallelism: parity with one process on 4 gloo ranks, the ring's own
 numerics, its communication against `CommLedger`, and its plan.
 
-Every 4-rank case runs inside one pool call (`_run_all`), the parity cases against the
+Each 4-rank layout runs in its own pool call (`_run_case`), the parity cases against the
 single-process model (losses and every gradient, relative ≤ 1e-5, none zero).
 """
 
@@ -29,7 +29,7 @@ from moefn.realize.context_parallel import shard_sequence
 from moefn.realize.ring_attention import ring_attention
 from tests.hf_parity import HFCase, assert_hf_parity, run_hf_parity
 from tests.parity import Case, assert_parity, run_parity
-from tests.ranks import RankPool, release_groups
+from tests.ranks import RankPool
 from tests.test_comm import _measure
 
 RING = CPOptions(comm="p2p")
@@ -109,28 +109,30 @@ def _broken_merge(rank: int, world: int) -> dict[str, Any]:
         ring_module.merge_partials = saved
 
 
-def _run_all(rank: int, world: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for causal in (True, False):
-        for heads, dims in (((4, 2), (8, 8)), ((2, 2), (12, 8))):
-            out[f"alone {heads} {dims} causal={causal}"] = _ring_alone(rank, world, heads, dims,
-                                                                       causal)
-    for name, case in PARITY.items():
-        out[name] = run_parity(rank, world, case)
-        release_groups()
-    for name, hf_case in HF_PARITY.items():
-        out[name] = run_hf_parity(rank, world, hf_case)
-        release_groups()
-    for name, case in COMM.items():
-        out[name] = _measure(rank, world, case)
-        release_groups()
-    out["broken merge"] = _broken_merge(rank, world)
-    return out
+def _run_alone(rank: int, world: int) -> dict[str, Any]:
+    return {f"alone {heads} {dims} causal={causal}": _ring_alone(rank, world, heads, dims, causal)
+            for causal in (True, False)
+            for heads, dims in (((4, 2), (8, 8)), ((2, 2), (12, 8)))}
+
+
+def _run_case(rank: int, world: int, name: str) -> dict[str, Any]:
+    """One layout per pool call: each realize leaves threads torch keeps (tests/ranks.py)."""
+    if name in PARITY:
+        return {name: run_parity(rank, world, PARITY[name])}
+    if name in HF_PARITY:
+        return {name: run_hf_parity(rank, world, HF_PARITY[name])}
+    if name in COMM:
+        return {name: _measure(rank, world, COMM[name])}
+    return {name: _broken_merge(rank, world)}
 
 
 @pytest.fixture(scope="module")
 def results(ranks: Callable[[int], RankPool]) -> list[dict[str, Any]]:
-    answer: list[dict[str, Any]] = ranks(4).run(_run_all)
+    pool = ranks(4)
+    answer: list[dict[str, Any]] = pool.run(_run_alone)
+    for name in [*PARITY, *HF_PARITY, *COMM, "broken merge"]:
+        for mine, got in zip(answer, pool.run(_run_case, name), strict=True):
+            mine.update(got)
     return answer
 
 

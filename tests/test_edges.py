@@ -423,7 +423,7 @@ def test_input_check_cost_is_what_the_readme_says() -> None:
 @pytest.mark.parametrize(("call", "error", "says"), [
     (lambda: MeshSpec(dp_shard=4, ep=2).coordinate(4, "ep"), PlanError, "use a rank in 0..3"),
     (lambda: MeshSpec(dp_shard=4, ep=2).coordinate(-1, "ep"), PlanError, "rank"),
-    (lambda: MeshSpec(dp_shard=4, ep=2).coordinate(1, "tp"), PlanError, "use one of"),
+    (lambda: MeshSpec(dp_shard=4, ep=2).coordinate(1, "pp"), PlanError, "use one of"),
     (lambda: MeshSpec(dp_shard=4, ep=2).group_ranks(1.0, ("ep",)), TypeError, "int"),
     (lambda: MeshSpec(dp_shard=4, ep=2).group_ranks(1, "ep"), TypeError, "axes"),
 ])

@@ -405,8 +405,8 @@ def test_hf_moe_model_with_missing_pieces_lists_found_and_expected() -> None:
     text = str(result.failure())
     assert "model.layers.1.mlp: transformers MoE model: no router (value: found children " \
            "['experts', 'gate'])" in text
-    assert "expected a sibling of the experts called one of ('gate', 'router') with weight " \
-           "[8, hidden]" in text
+    assert "expected a sibling of the experts called one of ('gate', 'router') holding a " \
+           "weight of at least 8 rows (a Linear or an MLP)" in text
     backbone = build_hf("qwen3_moe", device="meta").model  # no lm_head: not a causal LM
     with pytest.raises(PlanError, match="no lm_head.*expected a causal LM"):
         inspect_model(backbone)

@@ -18,7 +18,8 @@ def rows() -> list[Row]:
 
 def test_models_doc_is_current(rows: list[Row]) -> None:
     problems = stale(DOC.read_text(), rows)
-    assert not problems, "regenerate with `python -m moefn.adapters.transformers.catalogue`:\n" + "\n".join(problems)
+    assert not problems, ("regenerate with `python -m moefn.adapters.transformers.catalogue`:\n"
+                          + "\n".join(problems))
     assert len(rows) >= 61 and sum(row.plans for row in rows) >= 40  # transformers 5.24: 61, 40
 
 

@@ -12,8 +12,17 @@ import torch
 
 from moefn.adapters.reference import MoETransformer, get_preset
 from moefn.analyse.comm import Comm
-from moefn.analyse.steptime import (HardwareProfile, Overlap, Traffic, Work, load_profile,
-                                    load_profile_json, place, placement, step_time)
+from moefn.analyse.steptime import (
+    HardwareProfile,
+    Overlap,
+    Traffic,
+    Work,
+    load_profile,
+    load_profile_json,
+    place,
+    placement,
+    step_time,
+)
 from moefn.cli import main
 from moefn.plan.errors import PlanError
 from moefn.plan.mesh import MeshSpec

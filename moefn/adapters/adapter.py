@@ -35,8 +35,9 @@ class Adapter:
     ``install_dispatch(experts, dispatcher, block)`` makes an experts module (in MoE ``block``)
     send its tokens through the dispatcher (`moefn.realize.dispatch`);
     ``install_context_parallel(attention, group, comm)`` makes an attention module keep its
-    queries and see the whole sequence's keys and values over ``group`` (``comm``: ``"all_gather"`` or ``"p2p"``; see
-    `moefn.realize.context_parallel` and `moefn.realize.ring_attention`);
+    queries and see the whole sequence's keys and values over ``group`` (``comm``:
+    ``"all_gather"`` or ``"p2p"``; see `moefn.realize.context_parallel` and
+    `moefn.realize.ring_attention`);
     ``install_router_replay(block)`` hooks the routers of a block checkpointed in router mode
     (`moefn.realize.routing_tape.replay_topk`), None when the routers call
     `moefn.realize.routing_tape.route` themselves. ``install_tensor_parallel`` is the slot for a

@@ -69,8 +69,13 @@ from moefn.analyse.layout import fsdp_gathered
 from moefn.plan.arguments import int_at_least, one_of
 from moefn.plan.dtypes import DTYPE_BYTES
 from moefn.plan.errors import PlanError
-from moefn.plan.records import (ActivationCheckpoint, ContextParallelAttention, FullyShard,
-                                InstallDispatch, ShardPlan)
+from moefn.plan.records import (
+    ActivationCheckpoint,
+    ContextParallelAttention,
+    FullyShard,
+    InstallDispatch,
+    ShardPlan,
+)
 from moefn.plan.spec import ModelSpec, TensorInfo
 
 PARTS = ("saved", "recompute", "dispatch", "cp_kv", "logits", "fsdp_buffers",

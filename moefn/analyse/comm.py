@@ -21,8 +21,9 @@ measure `moefn.analyse.ledger.CommLedger` counts on a real run (all-gather and r
   reduce-scatters their gradients; or, with the ring (``comm="p2p"``), all-gathers only the
   positions (causal) and sends K/V blocks ``cp−1`` times in forward and again in backward,
   where each block's dK/dV accumulator (fp32) follows it ``cp`` times back to its owner (every
-  send has its receive on the same rank: `ring_comm`); realize's input check (``check_inputs=True``, the default)
-  all-gathers a 200-byte shape signature over ``cp`` once per forward.
+  send has its receive on the same rank: `ring_comm`); realize's input check
+  (``check_inputs=True``, the default) all-gathers a 200-byte shape signature over ``cp`` once
+  per forward.
 - TP, for ``tokens`` per rank split on the sequence over ``tp``: every attention and dense MLP
   all-gathers its input's chunks in forward and reduce-scatters their gradient in backward;
   every row-wise linear (and the embedding) reduce-scatters its partial sums in forward and
@@ -202,9 +203,9 @@ def a2a_dispatch_comm(rows: DispatchRows, axes: tuple[Axis, ...], ep: int,
                       returns: int = 1) -> list[Comm]:
     """The all-to-all dispatch of one MoE layer moving ``rows``: per hop (the ep group, or when
     ``ranks_per_node`` is given, i.e. hierarchical, across nodes and within the node), the
-    counts (one int64 per group rank), the expert ids (``K`` int64 per row), the rows (token and ``K`` weights)
-    and the returned sums (``H``); backward returns the rows' and weights' gradients and sends
-    the sums' gradients. ``forwards`` counts runs of the forward (2 with recompute), ``returns``
+    counts (one int64 per group rank), the expert ids (``K`` int64 per row), the rows (token
+    and ``K`` weights) and the returned sums (``H``); backward returns the rows' and weights'
+    gradients and sends the sums' gradients. ``forwards`` counts runs of the forward (2 with recompute), ``returns``
     those reaching the sums' exchange (recompute stops at the last tensor backward saves).
 
     >>> from moefn.analyse.dispatch_rows import expected_rows

@@ -12,8 +12,8 @@ import re
 
 from attrs import frozen
 
-from moefn.plan.errors import Problem
 from moefn.analyse.render import format_bytes
+from moefn.plan.errors import Problem
 
 UNITS: dict[str, int] = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}

@@ -23,7 +23,7 @@ def mesh_view_problems(meshes: DeviceMeshes) -> list[Problem]:
     problems = []
     for view, (names, sizes) in expected_views(meshes.spec).items():
         mesh = getattr(meshes, view)
-        have = (tuple(mesh.mesh_dim_names or ()), tuple(mesh.shape))
+        have = ((), ()) if mesh is None else (tuple(mesh.mesh_dim_names or ()), tuple(mesh.shape))
         if have != (names, sizes):
             problems.append(Problem(
                 path=f"meshes.{view}", message="device mesh view differs from its MeshSpec",

@@ -32,7 +32,7 @@ class DeviceMeshes:
     dense: DeviceMesh
     expert: DeviceMesh
     data: DeviceMesh
-    tokens: DeviceMesh
+    tokens: DeviceMesh | None = None  # only with tp > 1
 
     @property
     def device_type(self) -> str:
@@ -40,7 +40,7 @@ class DeviceMeshes:
 
     def get(self, dims: tuple[Axis, ...]) -> DeviceMesh:
         """The (sub)mesh over named axes, e.g. ``("dp_replicate", "dp_shard_cp")`` or ``("ep",)``."""
-        if "dp_shard_cp_tp" in dims:
+        if "dp_shard_cp_tp" in dims and self.tokens is not None:
             return self.tokens[dims]
         if "dp_shard_cp" in dims or dims == ("tp",):  # tp DTensors and FSDP on one view
             return self.data[dims]
@@ -81,13 +81,18 @@ def build_device_meshes(spec: MeshSpec, device_type: str) -> DeviceMeshes:
 
 
 def expected_views(spec: MeshSpec) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
-    """Dim names and sizes of each DeviceMeshes view that ``spec`` asks for."""
-    return {
+    """Dim names and sizes of each DeviceMeshes view that ``spec`` asks for: without tp, no tp
+    dims and no tokens view (each view's dims are process groups realize would create)."""
+    tp = (("tp",), (spec.tp,)) if spec.tp > 1 else ((), ())
+    views = {
         "world": (("world",), (spec.world_size,)),
-        "dense": (DENSE_DIMS, (spec.dp_replicate, spec.dp_shard, spec.cp, spec.tp)),
+        "dense": (("dp_replicate", "dp_shard", "cp", *tp[0]),
+                  (spec.dp_replicate, spec.dp_shard, spec.cp, *tp[1])),
         "expert": (EXPERT_DIMS, (spec.dp_replicate, spec.ep_shard, spec.ep)),
-        "data": (("dp_replicate", "dp_shard_cp", "tp"),
-                 (spec.dp_replicate, spec.dp_shard * spec.cp, spec.tp)),
-        "tokens": (("dp_replicate", "dp_shard_cp_tp"),
-                   (spec.dp_replicate, spec.dp_shard * spec.cp * spec.tp)),
+        "data": (("dp_replicate", "dp_shard_cp", *tp[0]),
+                 (spec.dp_replicate, spec.dp_shard * spec.cp, *tp[1])),
     }
+    if spec.tp > 1:
+        views["tokens"] = (("dp_replicate", "dp_shard_cp_tp"),
+                           (spec.dp_replicate, spec.dp_shard * spec.cp * spec.tp))
+    return views
