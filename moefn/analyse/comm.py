@@ -205,8 +205,9 @@ def a2a_dispatch_comm(rows: DispatchRows, axes: tuple[Axis, ...], ep: int,
     ``ranks_per_node`` is given, i.e. hierarchical, across nodes and within the node), the
     counts (one int64 per group rank), the expert ids (``K`` int64 per row), the rows (token
     and ``K`` weights) and the returned sums (``H``); backward returns the rows' and weights'
-    gradients and sends the sums' gradients. ``forwards`` counts runs of the forward (2 with recompute), ``returns``
-    those reaching the sums' exchange (recompute stops at the last tensor backward saves).
+    gradients and sends the sums' gradients. ``forwards`` counts runs of the forward (2 with
+    recompute), ``returns`` those reaching the sums' exchange (recompute stops at the last
+    tensor backward saves).
 
     >>> from moefn.analyse.dispatch_rows import expected_rows
     >>> rows = expected_rows(4096, num_experts=16, top_k=2, ep=2, ep_rank=0)
