@@ -23,7 +23,7 @@ from attrs import evolve, frozen
 from returns.result import Failure
 from torch import nn
 
-from moefn.analyse.activations import activation_memory, fsdp_buffers, hidden_dtype
+from moefn.analyse.activations import activation_phases, buffers_of, hidden_dtype, unit_sizes
 from moefn.analyse.comm import (
     Comm,
     Op,
@@ -155,9 +155,15 @@ class _Model:
     units: dict[str, int]  # kind (`_kinds`) → FSDP units
     param_dtype: str  # the blocks' compute dtype
     buffers: int
-    activations: dict[str, tuple[int, int, int, int]]  # AC mode → tokens, total, FSDP
-    # buffers, which of FSDP's (held, forward, backward) buffers they are
-    fsdp: tuple[tuple[float, float], ...]  # those three as a + b / ep
+    # AC mode → tokens, and per phase kind (`FSDP_AT_PHASE`) the largest bytes on top of
+    # the sharded state but FSDP's buffers, with which of FSDP's buffers that phase holds
+    activations: dict[str, tuple[int, tuple[tuple[int, int], ...]]]
+    # per FSDP unit, in forward order: path, gathered and reduced bytes each as (a, b) of
+    # a + b / ep, resharded after forward
+    fsdp: tuple[tuple[str, tuple[float, float], tuple[float, float], bool], ...]
+
+
+_FSDP_AT_PHASE = {"logits": 0, "forward": 1, "backward": 2}  # in `fsdp_buffers`' order
 
 
 def _kinds(plan: ShardPlan) -> dict[str, tuple[str, str, str]]:
@@ -202,16 +208,22 @@ def _model(model: nn.Module, request: Request, modes: tuple[AcMode, ...]) -> _Mo
         if t.name in kinds)
     units = plan.steps_of(FullyShard)
     dtype = hidden_dtype(plan)
-    activations: dict[str, tuple[int, int, int, int]] = {}
-    at_2 = fsdp_buffers(plan)
+    activations: dict[str, tuple[int, tuple[tuple[int, int], ...]]] = {}
     for ac, proxy in proxies.items():
-        act = activation_memory(proxy, 1, request.seq_len, request.imbalance, 0, dtype)
-        buffers = dict(act.parts)["fsdp_buffers"]
-        activations[ac] = (act.tokens, act.total, buffers, at_2.index(buffers))
-    # FSDP's buffers hold the local experts unsharded: measured at ep = 2 and ep = 4
-    at_4 = (fsdp_buffers(plan_or_raise(compose(*_proxy_stages("none", True, request.precision))(
-        model, MeshSpec(dp_shard=8, ep=4)))) if experts else at_2)
-    fsdp = tuple((2.0 * b - a, 4.0 * (a - b)) for a, b in zip(at_2, at_4, strict=True))
+        largest: dict[int, int] = {}
+        for name, parts in activation_phases(proxy, 1, request.seq_len, request.imbalance, 0,
+                                             dtype):
+            which = _FSDP_AT_PHASE.get(name.split(" ")[0])
+            if which is not None:  # the optimizer's phase: `ClosedForm.peak`'s temporaries
+                rest = sum(parts.values()) - parts.get("fsdp_buffers", 0)
+                largest[which] = max(largest.get(which, 0), rest)
+        activations[ac] = (request.seq_len, tuple((v, k) for k, v in largest.items()))
+    # each unit's buffers hold its local experts unsharded: measured at ep = 2 and ep = 4
+    units_2 = unit_sizes(plan)
+    units_4 = (unit_sizes(plan_or_raise(compose(*_proxy_stages("none", True, request.precision))(
+        model, MeshSpec(dp_shard=8, ep=4)))) if experts else units_2)
+    fsdp = tuple((path, (2.0 * g4 - g2, 4.0 * (g2 - g4)), (2.0 * r4 - r2, 4.0 * (r2 - r4)), again)
+                 for (path, g2, r2, again), (_, g4, r4, _) in zip(units_2, units_4, strict=True))
     attention = []
     for core in spec.paths_with("core_attention"):
         heads = spec.module(core.rpartition(".")[0])
@@ -332,27 +344,31 @@ def _ep_cp(m: _Model, layout: Layout, tokens: int) -> list[Comm]:
     return out
 
 
-def _activations(m: _Model, layout: Layout, tokens: int) -> int:
-    """The proxy's activations (one real `activation_memory` per AC mode, ``seq_len`` tokens
-    on ``dp_shard=4, ep=2``) scaled to ``tokens``; FSDP's buffers for this ``ep`` (or every
-    unit's gathered parameters when none is resharded); gathered K/V of ``cp`` on top (every
-    attention's without AC or with selective AC, else the one recomputed)."""
-    proxy_tokens, total, proxy_fsdp, which = m.activations[layout.ac]
+def _fsdp_buffers(m: _Model, mesh: MeshSpec, reshard: bool) -> tuple[int, int, int]:
+    """`fsdp_buffers` of the mesh: each unit's bytes at its ``ep`` (no expert bytes when the
+    experts have no FSDP unit)."""
+    ep = mesh.ep if mesh.ep == 1 or mesh.ep_shard > 1 or mesh.dp_replicate > 1 else math.inf
+
+    def at(a: float, b: float) -> int:
+        return round(a + b / ep)
+
+    return buffers_of([(path, at(*g), at(*r), again and reshard)
+                       for path, g, r, again in m.fsdp])
+
+
+def _activations(m: _Model, layout: Layout, tokens: int, fsdp: tuple[int, int, int]) -> int:
+    """The proxy's phases (one real `activation_phases` per AC mode, ``seq_len`` tokens on
+    ``dp_shard=4, ep=2``) scaled to ``tokens``, each with its ``fsdp`` buffers
+    (`_fsdp_buffers`), the largest; gathered K/V of ``cp`` on top (every attention's without
+    AC or with selective AC, else the one recomputed)."""
+    proxy_tokens, phases = m.activations[layout.ac]
     mesh = layout.mesh
-    scaled = (total - proxy_fsdp) * tokens // proxy_tokens
-    gathered = mesh.ep == 1 or mesh.ep_shard > 1 or mesh.dp_replicate > 1
-    a, b = m.fsdp[which]
-    fsdp = round(a + b / mesh.ep) if gathered else round(a)
-    if not layout.reshard:
-        fsdp = sum(math.prod(t[0]) * t[-1] * DTYPE_BYTES[t[4]]
-                   // (mesh.ep if t[3] == "experts" else 1) for t in m.tensors
-                   if t[3] != "unsharded" and (gathered or t[3] != "experts"))
     kv = 0
     if mesh.cp > 1:
         widths = [w for w, _ in m.attention]
         kept = widths if layout.ac in ("none", "selective") else widths[:1]
         kv = sum(w * m.act_bytes * tokens * mesh.cp for w in kept)
-    return scaled + fsdp + kv
+    return max(rest * tokens // proxy_tokens + fsdp[which] for rest, which in phases) + kv
 
 
 def _work(m: _Model, layout: Layout, tokens: int) -> Work:
@@ -374,8 +390,13 @@ def _scored(m: _Model, request: Request, layout: Layout, peak: int, parts: dict[
 
 def _placed(request: Request, layout: Layout, comms: list[Comm] | tuple[Comm, ...]
             ) -> list[Traffic]:
-    return [place(c, layout.mesh, request.gpus_per_node, request.profile, layout.micro_batches,
-                  request.imbalance, layout.ranks_per_node) for c in comms]
+    """Each collective placed (a repeated one, as every MoE layer's, placed once)."""
+    placed: dict[Comm, Traffic] = {}
+    for c in comms:
+        if c not in placed:
+            placed[c] = place(c, layout.mesh, request.gpus_per_node, request.profile,
+                              layout.micro_batches, request.imbalance, layout.ranks_per_node)
+    return [placed[c] for c in comms]
 
 
 class ClosedForm:
@@ -385,6 +406,7 @@ class ClosedForm:
     def __init__(self, m: _Model, request: Request) -> None:
         self.m, self.request = m, request
         self._state: dict[tuple[MeshSpec, bool], tuple[dict[str, int], list[Comm]]] = {}
+        self._fsdp: dict[tuple[MeshSpec, bool], tuple[int, int, int]] = {}
         self._traffic: dict[tuple[object, ...], list[Traffic]] = {}
 
     def state(self, layout: Layout) -> tuple[dict[str, int], list[Comm]]:
@@ -399,7 +421,11 @@ class ClosedForm:
         tokens = layout.rows * self.request.seq_len // layout.mesh.cp
         held = self.state(layout)[0]
         temporaries = held.get("optimizer states", 0) // 2  # foreach AdamW's sqrt(exp_avg_sq)
-        parts = {**held, "activations": max(_activations(self.m, layout, tokens), temporaries),
+        key = (layout.mesh, layout.reshard)
+        if key not in self._fsdp:
+            self._fsdp[key] = _fsdp_buffers(self.m, layout.mesh, layout.reshard)
+        activations = _activations(self.m, layout, tokens, self._fsdp[key])
+        parts = {**held, "activations": max(activations, temporaries),
                  "buffers": self.m.buffers}
         return sum(parts.values()), parts
 
@@ -433,12 +459,16 @@ def stages(layout: Layout, seq_len: int, precision: Literal["bf16", "fp32"] = "b
 
 def exact(m: _Model, model: nn.Module, request: Request, layout: Layout) -> Scored:
     """The layout planned with `compose`, its peak from `estimate` on the first and last rank
-    and its collectives from `predict_comm` (through `estimate`)."""
+    (the first only when it is over the budget already) and its collectives from
+    `predict_comm` (through `estimate`)."""
     plan = plan_or_raise(compose(*stages(layout, request.seq_len, request.precision))(
         model, layout.mesh))
-    ranks = sorted({0, layout.mesh.world_size - 1})
-    ests = [estimate(plan, rank=r, seq_len=request.seq_len, rows=layout.rows,
-                     imbalance=request.imbalance) for r in ranks]
+    ests = []
+    for rank in sorted({0, layout.mesh.world_size - 1}):
+        ests.append(estimate(plan, rank=rank, seq_len=request.seq_len, rows=layout.rows,
+                             imbalance=request.imbalance))
+        if (ests[-1].peak or 0) > request.gpu_memory - request.reserve:
+            break
     est = max(ests, key=lambda e: e.peak or 0)
     assert est.peak is not None and est.activations is not None
     mem = est.memory

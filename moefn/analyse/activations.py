@@ -60,7 +60,7 @@ True
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from attrs import frozen
 
@@ -376,7 +376,7 @@ def _segments(plan: ShardPlan, t: int, seq: int, b: int, imbalance: float,
                     transient=inner.transient)
 
 
-def _unit_sizes(plan: ShardPlan) -> list[tuple[str, int, int, bool]]:
+def unit_sizes(plan: ShardPlan) -> list[tuple[str, int, int, bool]]:
     """(path, gathered bytes, reduce-scatter input bytes, resharded after forward) per unit, in
     forward order, nested units folded into their parent (the root apart)."""
     units = {u.path: u for u in plan.steps_of(FullyShard)}
@@ -399,7 +399,11 @@ def _unit_sizes(plan: ShardPlan) -> list[tuple[str, int, int, bool]]:
 def fsdp_buffers(plan: ShardPlan) -> tuple[int, int, int]:
     """Bytes of FSDP2's unsharded buffers: (held all step — the root and units not resharded
     after forward —, forward at its largest, backward at its largest)."""
-    units = _unit_sizes(plan)
+    return buffers_of(unit_sizes(plan))
+
+
+def buffers_of(units: Sequence[tuple[str, int, int, bool]]) -> tuple[int, int, int]:
+    """`fsdp_buffers` of units given as `unit_sizes` gives them."""
     held = sum(g for p, g, _, reshard in units if p == "" or not reshard)
     moving = [(g, r) for p, g, r, reshard in units if p != "" and reshard]
     forward = max((a[0] + b[0] for a, b in zip(moving, moving[1:], strict=False)),
@@ -441,12 +445,19 @@ def hidden_dtype(plan: ShardPlan) -> str:
     return embed[0].dtype if embed else "float32"
 
 
-def activation_memory(plan: ShardPlan, rows: int, seq_len: int, imbalance: float = 1.0,
-                      optimizer_states: int = 0, activation_dtype: str = "float32") -> Activations:
-    """Peak bytes on top of parameters, gradients and optimizer states, and its parts.
+def _kept(segments: list[_Cost]) -> dict[str, int]:
+    out = dict.fromkeys(("saved", "dispatch", "cp_kv"), 0)
+    for c in segments:
+        for part, value in c.kept.items():
+            out[part] += value
+    return out
 
-    ``optimizer_states`` is the bytes of one optimizer state copy on the rank (foreach AdamW's
-    temporaries); ``activation_dtype`` the compute dtype."""
+
+def activation_phases(plan: ShardPlan, rows: int, seq_len: int, imbalance: float = 1.0,
+                      optimizer_states: int = 0, activation_dtype: str = "float32"
+                      ) -> list[tuple[str, dict[str, int]]]:
+    """Bytes on top of the sharded state by part, at each phase where the peak may fall
+    (`activation_memory`'s arguments)."""
     int_at_least(rows, "rows")
     int_at_least(seq_len, "seq_len")
     if not (isinstance(imbalance, int | float) and 1.0 <= imbalance < math.inf):
@@ -460,28 +471,34 @@ def activation_memory(plan: ShardPlan, rows: int, seq_len: int, imbalance: float
     heads = 1 + len(plan.model.paths_with("mtp"))
     fsdp_held, fsdp_forward, fsdp_backward = fsdp_buffers(plan)
 
-    def kept(segments: list[_Cost]) -> dict[str, int]:
-        out = dict.fromkeys(("saved", "dispatch", "cp_kv"), 0)
-        for c in segments:
-            for part, value in c.kept.items():
-                out[part] += value
-        return out
-
     phases: list[tuple[str, dict[str, int]]] = [
         # the loss runs after the last block's reshard and before any backward prefetch
-        ("logits", {**kept(costs), "logits": _logits(t, vocab, b, heads),
+        ("logits", {**_kept(costs), "logits": _logits(t, vocab, b, heads),
                     "fsdp_buffers": fsdp_held}),
         ("optimizer", {"optimizer_temporaries": optimizer_states})]
     for i, cost in enumerate(costs):
         if cost.full or cost.transient:
             phases.append((f"backward {cost.path}",
-                           {**kept(costs[:i]), "recompute": _recompute(cost),
+                           {**_kept(costs[:i]), "recompute": _recompute(cost),
                             "fsdp_buffers": fsdp_backward}))
     if costs:  # the last block's forward, its all-gather and the previous one's output held
-        phases.append(("forward", {**kept(costs[:-1]), "fsdp_buffers": fsdp_forward}))
+        phases.append(("forward", {**_kept(costs[:-1]), "fsdp_buffers": fsdp_forward}))
+    return phases
+
+
+def activation_memory(plan: ShardPlan, rows: int, seq_len: int, imbalance: float = 1.0,
+                      optimizer_states: int = 0, activation_dtype: str = "float32") -> Activations:
+    """Peak bytes on top of parameters, gradients and optimizer states, and its parts.
+
+    ``optimizer_states`` is the bytes of one optimizer state copy on the rank (foreach AdamW's
+    temporaries); ``activation_dtype`` the compute dtype."""
+    phases = activation_phases(plan, rows, seq_len, imbalance, optimizer_states,
+                               activation_dtype)
     phase, parts = max(phases, key=lambda item: sum(item[1].values()))
+    t = _tokens(plan, rows, seq_len)
+    b = DTYPE_BYTES[activation_dtype]
     worst = list(_segments(plan, t, seq_len // plan.mesh.cp, b, imbalance, worst=True))
     recomputed = max((c.full_dispatch - c.kept.get("dispatch", 0) for c in worst), default=0)
     return Activations(tokens=t, phase=phase,
                        parts=tuple((p, parts.get(p, 0)) for p in PARTS),
-                       dispatch_worst=kept(worst)["dispatch"] + recomputed)
+                       dispatch_worst=_kept(worst)["dispatch"] + recomputed)

@@ -152,6 +152,7 @@ def _members(sizes: tuple[int, int, int, int], axes: tuple[Axis, ...], hop: Hop 
     return tuple(members)
 
 
+@functools.lru_cache(maxsize=65536)
 def placement(mesh: MeshSpec, axes: tuple[Axis, ...], gpus_per_node: int, hop: Hop | None = None,
               ranks_per_node: int | None = None) -> tuple[int, int]:
     """(group size, members on rank 0's node, itself included) of rank 0's group over
