@@ -26,11 +26,11 @@ from torch import nn
 from moefn.analyse.activations import activation_phases, buffers_of, hidden_dtype, unit_sizes
 from moefn.analyse.comm import (
     Comm,
-    Op,
     a2a_dispatch_comm,
     ag_dispatch_comm,
     cp_attention_comm,
     cp_check_comm,
+    fsdp_unit_comm,
 )
 from moefn.analyse.dispatch_rows import expected_rows
 from moefn.analyse.estimate import STATE_COPIES, buffer_bytes, estimate
@@ -304,23 +304,10 @@ def _state(m: _Model, mesh: MeshSpec, reshard: bool) -> tuple[dict[str, int], li
         unit = shards[kind][1]
         assert unit is not None
         axes = tuple(a for a in unit.mesh_dims if a != "dp_replicate")
-        n, r, units = mesh.size(axes[0]), mesh.dp_replicate, m.units.get(kind, 0)
-        gathers = 2 if reshard and kind != "outer" else 1
-        if n > 1:
-            comms.append(_comm("fsdp all-gather", "all_gather", axes, units * gathers,
-                               gathers * g * (n - 1)))
-            if reduced[kind]:
-                comms.append(_comm("fsdp reduce-scatter", "reduce_scatter", axes, units,
-                                   reduced[kind] * (n - 1)))
-        if r > 1 and reduced[kind]:
-            comms.append(_comm("fsdp all-reduce over replicas", "all_reduce", ("dp_replicate",),
-                               units, 2 * reduced[kind] * (r - 1) // r))
+        comms += fsdp_unit_comm(axes, mesh.size(axes[0]), mesh.dp_replicate,
+                                m.units.get(kind, 0), 2 if reshard and kind != "outer" else 1,
+                                g, reduced[kind])
     return dict(held), comms
-
-
-def _comm(collective: str, op: Op, axes: tuple[Axis, ...], calls: int, moved: int) -> Comm:
-    return Comm(collective=collective, op=op, axes=axes, calls=calls, sent=moved, received=moved,
-                lower_bound=0)
 
 
 def _ep_cp(m: _Model, layout: Layout, tokens: int) -> list[Comm]:

@@ -133,19 +133,31 @@ def _fsdp(plan: ShardPlan) -> list[Comm]:
                 grad_bytes = DTYPE_BYTES[unit.reduce_dtype or unit.param_dtype or dtype]
                 padded_rs += padded * grad_bytes
                 exact_rs += exact * grad_bytes
-        if not owned:
-            continue
-        if n > 1:
-            gathers = 2 if unit.reshard_after_forward else 1
-            out.append(_traffic("fsdp all-gather", "all_gather", shard_axes, gathers,
-                                gathers * gathered * (n - 1), exact_ag * (n - 1)))
-            if padded_rs:
-                out.append(_traffic("fsdp reduce-scatter", "reduce_scatter", shard_axes, 1,
-                                    padded_rs * (n - 1), exact_rs * (n - 1)))
-        if replicas > 1 and padded_rs:
-            moved = 2 * padded_rs * (replicas - 1) // replicas
-            out.append(_traffic("fsdp all-reduce over replicas", "all_reduce", ("dp_replicate",),
-                                1, moved, 2 * exact_rs * (replicas - 1) // replicas))
+        if owned:
+            out += fsdp_unit_comm(shard_axes, n, replicas, 1,
+                                  2 if unit.reshard_after_forward else 1,
+                                  gathered, padded_rs, exact_ag, exact_rs)
+    return out
+
+
+def fsdp_unit_comm(axes: tuple[Axis, ...], n: int, replicas: int, units: int, gathers: int,
+                   gathered: int, reduced: int, exact_gathered: int = 0,
+                   exact_reduced: int = 0) -> list[Comm]:
+    """FSDP's collectives for ``units`` units sharded over ``n`` ranks of ``axes`` holding
+    ``gathered`` / ``reduced`` bytes of (padded) shards between them: each all-gathered
+    ``gathers`` times per step, gradients reduce-scattered, then all-reduced over
+    ``replicas``; ``exact_*`` (unpadded) give the lower bounds."""
+    out = []
+    if n > 1:
+        out.append(_traffic("fsdp all-gather", "all_gather", axes, units * gathers,
+                            gathers * gathered * (n - 1), exact_gathered * (n - 1)))
+        if reduced:
+            out.append(_traffic("fsdp reduce-scatter", "reduce_scatter", axes, units,
+                                reduced * (n - 1), exact_reduced * (n - 1)))
+    if replicas > 1 and reduced:
+        out.append(_traffic("fsdp all-reduce over replicas", "all_reduce", ("dp_replicate",),
+                            units, 2 * reduced * (replicas - 1) // replicas,
+                            2 * exact_reduced * (replicas - 1) // replicas))
     return out
 
 

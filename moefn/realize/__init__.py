@@ -67,9 +67,8 @@ def _mark_realized(plan: ShardPlan, modules: dict[str, nn.Module]) -> None:
 
 def _realize_order(item: tuple[int, Step]) -> tuple[int, int, str]:
     """CP first, then TP and EP (parameters, forwards and dispatchers in plan order), gradient
-    sync (and the
-    all-reduce of parameters kept out of FSDP),
-    checkpointing, and FSDP units inner before outer (a unit wraps its units' leftovers)."""
+    sync (and the all-reduce of parameters kept out of FSDP), checkpointing, and FSDP units
+    inner before outer (a unit wraps its units' leftovers)."""
     index, step = item
     match step:
         case ContextParallelAttention():
