@@ -51,6 +51,8 @@ TINY: dict[str, int] = {
     "moe_shared_expert_intermediate_size": 32, "shared_experts_intermediate_size": 32,
     "q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4,
     "v_head_dim": 8, "sliding_window": 8, "attention_chunk_size": 8,
+    # Gemma 4's per-layer input embedding (262144 × 256 by default: 134 M of a tiny model)
+    "vocab_size_per_layer_input": 64, "hidden_size_per_layer_input": 8,
     # linear attention and Mamba mixers (hybrid models)
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 8,
     "linear_value_head_dim": 8, "mamba_num_heads": 4, "mamba_head_dim": 16, "n_groups": 2,
