@@ -54,11 +54,16 @@ def _threads(pid: int) -> int:
 
 def test_workers_do_not_accumulate_threads(ranks: Callable[[int], RankPool]) -> None:
     """Every realize creates gloo groups, each with its own threads; the pool must free them
-    after each case (else hundreds of idle threads per worker load the machine)."""
+    after each case (else hundreds of idle threads per worker load the machine): the same
+    workers run three cases without being replaced, and end with the threads they had after
+    the first."""
     pool = ranks(4)
     case = Case(mesh="dp_shard=2,cp=2,ep=2", steps=1,
                 stages=(CPOptions(), EPOptions(), FSDPOptions(precision="fp32")))
-    for _ in range(8):
+    pool.run(run_parity, case)
+    pids, first = pool.pids, [_threads(pid) for pid in pool.pids]
+    for _ in range(2):
         pool.run(run_parity, case)
-    counts = {pid: _threads(pid) for pid in [os.getpid(), *pool.pids]}
-    assert max(counts.values()) <= 100, counts
+    assert pool.pids == pids, "workers were replaced: they held too many threads after a case"
+    counts = {pid: _threads(pid) for pid in [os.getpid(), *pids]}
+    assert [counts[pid] for pid in pids] == first and max(counts.values()) <= 100, (first, counts)
