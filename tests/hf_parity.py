@@ -114,7 +114,7 @@ class HFCase:
     stages: tuple[StageOptions, ...]
     batch: int = 4
     seq: int = 16
-    steps: int = 3
+    steps: int = 2
     lr: float = 0.5
     seed: int = 0
     extra: tuple[tuple[str, Any], ...] = ()  # config overrides, e.g. (("tie_word_embeddings", True),)

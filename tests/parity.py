@@ -33,7 +33,7 @@ class Case:
     preset: str = "tiny"
     batch: int = 4
     seq: int = 16
-    steps: int = 3
+    steps: int = 2
     lr: float = 0.25
     seed: int = 0
     force_experts: tuple[int, ...] = ()  # route every token to these experts (expert bias)

@@ -58,6 +58,7 @@ def test_workers_do_not_accumulate_threads(ranks: Callable[[int], RankPool]) -> 
     workers run three cases without being replaced, and end with the threads they had after
     the first."""
     pool = ranks(4)
+    pool.close()  # fresh workers: an earlier test file's case may have left threads behind
     case = Case(mesh="dp_shard=2,cp=2,ep=2", steps=1,
                 stages=(CPOptions(), EPOptions(), FSDPOptions(precision="fp32")))
     pool.run(run_parity, case)
