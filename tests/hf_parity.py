@@ -81,6 +81,10 @@ CONFIGS: dict[str, Callable[..., Any]] = {
     "deepseek_v3": _deepseek_v3, "gpt_oss": _gpt_oss,
 }
 EAGER_ONLY = ("gpt_oss",)  # sinks: transformers has no sdpa path for them
+# parameters transformers initialises to zero where zero stops gradients, set to one here: Zaya
+# scales its keys by a per-K/V-head ``qk_norm.temp`` of zeros, so attention is uniform and
+# q/k projections and their convolutions get no gradient even in one process
+ONES_INIT: dict[str, tuple[str, ...]] = {"zaya": ("temp",)}
 
 
 def build_hf(family: str, seed: int = 0, device: str | None = None, **extra: Any) -> nn.Module:
@@ -104,6 +108,9 @@ def build_hf(family: str, seed: int = 0, device: str | None = None, **extra: Any
             weight = router_weight(router, 1)
             assert weight is not None
             nn.init.normal_(weight, std=weight.shape[1] ** -0.5)
+        for name, param in model.named_parameters():
+            if name.rpartition(".")[2] in ONES_INIT.get(family, ()):
+                nn.init.ones_(param)
     return model.train()
 
 
