@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import torch
 from torch import nn
 
 pytest.importorskip("transformers")
@@ -37,12 +38,14 @@ def test_latent_attention_tiny_configs_keep_kv_heads_and_rotary_width() -> None:
 
 
 def test_heterogeneous_config_is_read_per_layer() -> None:
-    """DOTS3's global config refuses per-layer attributes (heads, ...); its sliding layers' own
-    values are made tiny too (64 heads of 256 by default)."""
-    model = build_tiny("dots3_note_text")
+    """DOTS3's global config refuses the attributes that differ per layer (heads, ...): planning
+    reads each layer's own. Its tiny sliding layers are tiny too (64 heads of 256 by default)."""
+    assert [layer.self_attn.num_heads for layer in build_tiny("dots3_note_text").model.layers] == [4, 4]
+    model = build_tiny("dots3_note_text", per_layer_config={1: {"num_attention_heads": 2,
+                                                                "num_key_value_heads": 2}})
     spec = inspect_model(model)
     heads = {m.path: dict(m.facts)["n_heads"] for m in spec.modules if "attention" in m.roles}
-    assert heads == {"model.layers.0.self_attn": 4, "model.layers.1.self_attn": 4}
+    assert heads == {"model.layers.0.self_attn": 4, "model.layers.1.self_attn": 2}
     assert plan_row("dots3_note_text").plans
 
 
@@ -83,6 +86,18 @@ def test_zaya_keys_get_gradients() -> None:
     assert min(v for n, v in grads.items() if "q_proj" in n or "k_proj" in n) > 0
     assert all(float(p.detach().abs().min()) == 1.0 for n, p in build_hf("zaya").named_parameters()
                if n.endswith("qk_norm.temp"))
+
+
+def test_sampled_routing_is_compared_with_routers_in_eval_mode() -> None:
+    """PhiMoE's sparsemixer samples experts in training (Gumbel noise), which no two processes
+    draw alike; the sweep's models route it by argmax, so the random state does not matter."""
+    model = build_hf("phimoe")
+    batch = hf_batch(int(model.config.vocab_size), 4, 16, 0)  # in training, seeds 1, 2 differ by 1e-2
+    runs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        runs.append(logits_of(model, batch).detach())
+    assert torch.equal(*runs) and model.training
 
 
 def test_flint_tiny_model_has_experts() -> None:
