@@ -81,6 +81,13 @@ CONFIGS: dict[str, Callable[..., Any]] = {
     "deepseek_v3": _deepseek_v3, "gpt_oss": _gpt_oss,
 }
 EAGER_ONLY = ("gpt_oss",)  # sinks: transformers has no sdpa path for them
+# parameters transformers initialises to zero where zero stops gradients, set to one here: Zaya
+# scales its keys by a per-K/V-head ``qk_norm.temp`` of zeros, so attention is uniform and
+# q/k projections and their convolutions get no gradient even in one process
+ONES_INIT: dict[str, tuple[str, ...]] = {"zaya": ("temp",)}
+# routers that sample their experts in training (PhiMoE's sparsemixer: Gumbel noise and a random
+# Heun mask), which no other process draws alike: in eval mode they take the argmax
+SAMPLED_ROUTING = ("phimoe",)
 
 
 def build_hf(family: str, seed: int = 0, device: str | None = None, **extra: Any) -> nn.Module:
@@ -104,7 +111,13 @@ def build_hf(family: str, seed: int = 0, device: str | None = None, **extra: Any
             weight = router_weight(router, 1)
             assert weight is not None
             nn.init.normal_(weight, std=weight.shape[1] ** -0.5)
-    return model.train()
+        for name, param in model.named_parameters():
+            if name.rpartition(".")[2] in ONES_INIT.get(family, ()):
+                nn.init.ones_(param)
+    model.train()
+    for router in routers_in(model) if family in SAMPLED_ROUTING else ():
+        router.eval()
+    return model
 
 
 @frozen(kw_only=True)

@@ -121,6 +121,7 @@ ROUTER_SHAPES = {  # family: its router, nested or with more rows than routed ex
     "gemma4_text": "router.proj after a norm, per-expert scales; experts beside a dense MLP",
     "afmoe": "router.gate, sigmoid with a bias only for the choice",
     "inkling_text": "gate.weight with rows for the shared experts too",
+    "zaya": "gate.router_mlp.out_proj, an MLP with a row for the skip expert; top-1",
 }
 
 

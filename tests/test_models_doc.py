@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -38,10 +39,19 @@ def test_an_edited_row_is_named(rows: list[Row]) -> None:
         f"docs/models.md is not for the installed transformers {transformers.__version__}"]
 
 
-def test_unrecognised_architecture_error_points_to_the_doc() -> None:
+def test_unrecognised_and_refused_models_point_to_the_doc() -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64)
+    with torch.device("meta"):
+        dense = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(PlanError) as caught:
+        inspect_model(dense)
+    assert "docs/models.md lists every transformers MoE family" in caught.value.problems[0].fix
     with pytest.raises(PlanError) as caught:
         inspect_model(build_tiny("dbrx"))
     fix = caught.value.problems[0].fix
     assert "docs/models.md lists every transformers MoE family" in fix
     cells = parse(DOC.read_text())["dbrx"]
-    assert cells[0].startswith("no: unrecognised model architecture (DbrxForCausalLM)") and fix in cells[0]
+    assert cells[0].startswith("no: transformers MoE family 'dbrx' is not supported") and fix in cells[0]

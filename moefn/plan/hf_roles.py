@@ -20,7 +20,8 @@ config's layer type, such as ``linear_attention`` or ``conv``). Its direct param
 neither is a feed-forward-only layer when the config lists per-layer types (NemotronH's ``moe``
 and ``mlp`` layers).
 
-A transformers model without fused experts is not recognised (None); a transformers MoE model
+A transformers model without fused experts is not recognised (None); a family of
+`moefn.plan.hf_refusals` raises a PlanError with the reason; a transformers MoE model
 with pieces missing raises a PlanError that lists what was found and what was expected.
 
 >>> HFRecogniser().recognise(object())  # type: ignore[arg-type]
@@ -34,6 +35,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from moefn.plan.errors import PlanError, Problem
+from moefn.plan.hf_refusals import refusal
 from moefn.plan.roles import Fact, Recognition, Role, group_facts
 
 TRANSFORMERS_PREFIX = "transformers."
@@ -135,6 +137,14 @@ def layer_type(config: object, index: int) -> str | None:
     return None
 
 
+def layer_config(config: object, index: int) -> object:
+    """The config decoder layer ``index`` reads: a heterogeneous config (DOTS3) refuses its per-
+    layer attributes (heads, ...) globally and holds them in ``per_layer_config[index]``."""
+    if getattr(config, "is_heterogeneous", False):
+        return getattr(config, "per_layer_config")[index]
+    return config
+
+
 CP_LAYER_TYPES = ("full_attention", "attention", "sliding_attention", "chunked_attention")
 
 
@@ -210,6 +220,9 @@ class HFRecogniser:
     def recognise(self, model: nn.Module) -> Recognition | None:
         if not is_transformers_module(model):
             return None
+        refused = refusal(model)
+        if refused is not None:
+            raise PlanError([refused])
         experts = [(p, m) for p, m in model.named_modules() if is_fused_experts(m)]
         if not experts:
             return None  # not an MoE model moefn can parallelize: inspect_model says so
@@ -253,10 +266,11 @@ class HFRecogniser:
                     continue
                 attn_path = f"{path}.{attention[0]}"
                 out.tag(attn_path, "attention", "core_attention")
-                facts = _attention_facts(attention[1], config)
+                own = layer_config(config, i)
+                facts = _attention_facts(attention[1], own)
                 out.facts[path] = facts  # the CP estimate reads heads on the core's parent
                 out.facts[attn_path] = (*facts, ("causal", bool(getattr(attention[1], "is_causal", True))),
-                                        *_cp_facts(attention[1], config, i))
+                                        *_cp_facts(attention[1], own, i))
         for path, module in experts:
             moe_path = path.rpartition(".")[0]
             moe = model.get_submodule(moe_path)

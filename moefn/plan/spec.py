@@ -172,12 +172,25 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _recognise(recogniser: Recogniser, model: nn.Module) -> Recognition | None:
+    """``recogniser.recognise(model)``; a crash of it (a model it misreads) becomes a PlanError."""
+    try:
+        return recogniser.recognise(model)
+    except PlanError:
+        raise
+    except Exception as error:  # any bug of a recogniser on some model: refuse it, typed
+        raise PlanError.single(
+            "", f"the {recogniser.name} recogniser failed on this model", f"{type(error).__name__}: "
+            f"{error}", "report it with the model's config; docs/models.md lists every transformers "
+            "MoE family and what moefn plans of each") from error
+
+
 def inspect_model(model: nn.Module) -> ModelSpec:
     """Snapshot ``model`` (any device, meta included). Raises PlanError if no recogniser fits."""
     recognition: Recognition | None = None
     tried: list[str] = []
     for recogniser in RECOGNISERS:
-        recognition = recogniser.recognise(model)
+        recognition = _recognise(recogniser, model)
         if recognition is not None:
             break
         tried.append(recogniser.name)
