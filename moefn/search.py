@@ -168,7 +168,8 @@ _FSDP_AT_PHASE = {"logits": 0, "forward": 1, "backward": 2}  # in `fsdp_buffers`
 
 def _kinds(plan: ShardPlan) -> dict[str, tuple[str, str, str]]:
     """Parameter → (kind, gathered dtype, reduced dtype); kind is "experts", "outer" (its unit
-    stays gathered), "dense" or "unsharded"."""
+    stays gathered after forward), "outer experts" (the last block's), "dense" or
+    "unsharded"."""
     units = {u.path: u for u in plan.steps_of(FullyShard)}
     experts = plan.model.paths_with("experts")
     out = {}
@@ -178,7 +179,7 @@ def _kinds(plan: ShardPlan) -> dict[str, tuple[str, str, str]]:
         gathered = (unit.param_dtype if unit else None) or dtype
         reduced = (unit.reduce_dtype if unit else None) or gathered
         if any(name.startswith(p + ".") for p in experts):
-            kind = "experts"
+            kind = "experts" if unit is None or unit.reshard_after_forward else "outer experts"
         elif unit is None:
             kind = "unsharded"
         else:
@@ -241,8 +242,9 @@ def _model(model: nn.Module, request: Request, modes: tuple[AcMode, ...]) -> _Mo
         groups=(int(info.get("n_group", 1)), int(info.get("topk_group", 1))) if info else (1, 1),
         shared_experts=bool(spec.paths_with("shared_experts")), attention=tuple(attention),
         tensors=tuple((*key, n) for key, n in grouped.items()),
-        units=dict(Counter("experts" if u.path in experts else
-                           "dense" if u.reshard_after_forward else "outer" for u in units)),
+        units=dict(Counter(("experts" if u.path in experts else "dense")
+                           if u.reshard_after_forward else
+                           ("outer experts" if u.path in experts else "outer") for u in units)),
         param_dtype=block.param_dtype or dtype,
         buffers=buffer_bytes(plan), activations=activations, fsdp=fsdp)
 
@@ -252,7 +254,7 @@ def _expert_shard_dim(m: _Model, mesh: MeshSpec) -> int:
     experts and dim 1 divides evenly, else dim 0."""
     local = m.num_experts // mesh.ep
     even = all(t[0][1] % mesh.ep_shard == 0 for t in m.tensors
-               if t[3] == "experts" and len(t[0]) > 1)
+               if t[3].endswith("experts") and len(t[0]) > 1)
     return 1 if mesh.ep_shard > local and even else 0
 
 
@@ -273,7 +275,7 @@ def _shards(m: _Model, mesh: MeshSpec) -> dict[str, tuple[tuple[tuple[Axis, int]
         out["experts"] = ((("ep", 0), ("ep_shard", dim)),
                           FullyShard(stage="fsdp", path="", mesh_dims=(*rep, "ep_shard"),
                                      shard_dim=dim))
-    return out
+    return {**out, "outer experts": out["experts"]}
 
 
 def _state(m: _Model, mesh: MeshSpec, reshard: bool) -> tuple[dict[str, int], list[Comm]]:
@@ -285,8 +287,8 @@ def _state(m: _Model, mesh: MeshSpec, reshard: bool) -> tuple[dict[str, int], li
     gathered: Counter[str] = Counter()
     reduced: Counter[str] = Counter()
     for shape, dtype, grad, kind, gathers_as, reduces_as, count in m.tensors:
-        if kind == "experts" and mesh.ep == 1:  # in their blocks' units
-            kind = "dense"
+        if kind.endswith("experts") and mesh.ep == 1:  # in their blocks' units
+            kind = {"experts": "dense", "outer experts": "outer"}[kind]
         placed, unit = shards[kind]
         layout = ParamLayout(name="", shape=shape, shards=placed, unit=None)
         numel = (fsdp_shard_numel(layout, unit, mesh)[0] if unit is not None
@@ -305,7 +307,8 @@ def _state(m: _Model, mesh: MeshSpec, reshard: bool) -> tuple[dict[str, int], li
         assert unit is not None
         axes = tuple(a for a in unit.mesh_dims if a != "dp_replicate")
         comms += fsdp_unit_comm(axes, mesh.size(axes[0]), mesh.dp_replicate,
-                                m.units.get(kind, 0), 2 if reshard and kind != "outer" else 1,
+                                m.units.get(kind, 0),
+                                2 if reshard and not kind.startswith("outer") else 1,
                                 g, reduced[kind])
     return dict(held), comms
 

@@ -2,7 +2,8 @@
 
 Every c10d and functional collective that passes torch's dispatcher — forward, backward and
 recompute, from FSDP, DTensor or moefn's own dispatchers — is recorded under its kind and its
-process group's ranks, with the logical payload this rank sends and receives:
+process group's ranks, with the logical payload this rank sends and receives (FSDP's
+reduce-scatter on gloo, `moefn.realize.gloo_reduce_scatter`, as the reduce-scatter it is):
 
 - all-gather of an ``s``-byte shard over ``n`` ranks: ``s·(n−1)`` each way;
 - reduce-scatter to an ``s``-byte shard: ``s·(n−1)`` each way (each peer's part);
@@ -87,8 +88,9 @@ def _traffic(name: str, args: Sequence[Any], out: Any) -> tuple[str, dist.Proces
         return "all_gather", _group(group), Traffic(1, _total(inputs) * (n - 1),
                                                     _total(inputs) * (n - 1))
     if name in ("_reduce_scatter_base_", "reduce_scatter_tensor",
-                "reduce_scatter_tensor_coalesced_", "reduce_scatter_tensor_coalesced"):
-        c10d = name.endswith("_")
+                "reduce_scatter_tensor_coalesced_", "reduce_scatter_tensor_coalesced",
+                "reduce_scatter_by_all_to_all"):
+        c10d = name.endswith("_") or name == "reduce_scatter_by_all_to_all"  # (out, in, group)
         group = _group(args[2] if c10d else args[3])
         outputs = args[0] if c10d else out
         shard = _total(outputs) if isinstance(outputs, (list, tuple)) else _nbytes(outputs)
@@ -123,7 +125,7 @@ def _traffic(name: str, args: Sequence[Any], out: Any) -> tuple[str, dist.Proces
     raise NotImplementedError(f"CommLedger does not count {name}")
 
 
-_NAMESPACES = ("c10d", "_c10d_functional")
+_NAMESPACES = ("c10d", "_c10d_functional", "moefn")
 _NOT_COLLECTIVES = ("wait_tensor", "_wrap_tensor_autograd", "barrier", "monitored_barrier")
 
 

@@ -31,6 +31,7 @@ from moefn.plan.records import (
     SyncGradients,
 )
 from moefn.realize.dispatch import Dispatcher
+from moefn.realize.gloo_reduce_scatter import use_on_gloo
 from moefn.realize.meshes import DeviceMeshes
 from moefn.realize.sync import gradient_sync_enabled
 
@@ -155,7 +156,8 @@ def apply_fully_shard(step: FullyShard, module: nn.Module, root: nn.Module,
     def placement(_: nn.Parameter) -> DShard:
         return DShard(shard_dim)
 
-    fully_shard(module, mesh=meshes.get(step.mesh_dims),
+    mesh = meshes.get(step.mesh_dims)
+    fully_shard(module, mesh=mesh,
                 reshard_after_forward=step.reshard_after_forward, mp_policy=policy,
                 offload_policy=offload, shard_placement_fn=placement if shard_dim else None,
                 ignored_params={root.get_parameter(n) for n in step.ignored} or None)
@@ -163,3 +165,4 @@ def apply_fully_shard(step: FullyShard, module: nn.Module, root: nn.Module,
     if unit is not None:
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)
+        use_on_gloo(unit, mesh)

@@ -7,8 +7,8 @@ experts (with ``ep_shard = 1`` there is nothing left to shard: the enclosing uni
 parameters that keep their own dtype (fp32 norms, routers and Mamba's ``A_log`` under bf16)
 get units of their own or stay out of FSDP with an fp32 gradient all-reduce
 (`moefn.plan.stages.dtypes`); embeddings and lm_head get units unless
-tied (a tied weight stays with the root; lm_head is not resharded after forward: backward
-needs it at once); the root last.
+tied (a tied weight stays with the root); the root last. lm_head and the last block (MTP's
+when there is one) are not resharded after forward: backward needs them at once.
 
 >>> plan_fsdp(precision="fp32").name
 'fsdp'
@@ -154,6 +154,12 @@ def _plan(options: FSDPOptions, plan: ShardPlan) -> PlanResult:
     if wrap_outer_model or not outer:
         outer.append("")
     units += [evolve(unit(p, dense), reshard_after_forward=False) for p in outer]
+    # the last block (with its experts' units) runs last in forward and first in backward,
+    # like lm_head: resharding it in between would only all-gather it again at once
+    last = [*spec.paths_with("block"), *spec.paths_with("mtp")][-1:]
+    units = [evolve(u, reshard_after_forward=False)
+             if any(u.path == b or u.path.startswith(b + ".") for b in last) else u
+             for u in units]
     if not shard_frozen:
         unsharded += [t.name for t in spec.tensors if not t.is_buffer and not t.requires_grad]
     units = [evolve(u, ignored=tuple(n for n in unsharded
