@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import bisect
 import functools
 import itertools
 import json
@@ -165,7 +166,7 @@ def placement(mesh: MeshSpec, axes: tuple[Axis, ...], gpus_per_node: int, hop: H
     """
     members = _members((mesh.dp_replicate, mesh.dp_shard, mesh.cp, mesh.ep), axes, hop,
                        ranks_per_node)
-    return len(members), sum(1 for m in members if m < gpus_per_node)
+    return len(members), bisect.bisect_left(members, gpus_per_node)  # members are sorted
 
 
 @frozen(kw_only=True)
