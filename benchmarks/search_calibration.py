@@ -26,7 +26,7 @@ from moefn.analyse.steptime import HardwareProfile
 from moefn.calibrate import calibrate
 from moefn.launch import run_local
 from moefn.realize import build_device_meshes, realize
-from moefn.search import Layout, Request, _model, exact, stages
+from moefn.search import Layout, Request, exact, stages, summarise
 from moefn.train.loop import global_batch, local_batch
 
 ROOT = Path(__file__).parents[1]
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                       global_batch_tokens=ROWS * SEQ, profile=profile, precision="fp32")
     with torch.device("meta"):
         meta = MoETransformer(get_preset("small"))
-    m = _model(meta, request, ("none", "selective", "router", "full"))
+    m = summarise(meta, request, ("none", "selective", "router", "full"))
     rows = []
     for name, mesh, dispatch, ac, reshard in LAYOUTS:
         layout = _layout(mesh, dispatch, ac, reshard)

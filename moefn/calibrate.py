@@ -7,6 +7,12 @@ throughput per dtype (a square ``torch.mm``), the per-op overhead (a one-element
 each collective its latency per call (one element) and bandwidth (a large payload: the bytes one
 rank sends, counted as `moefn.analyse.comm` counts them, over the extra time). One machine has
 one kind of link: the inter-node figures are the intra-node ones, and the profile says so.
+
+Compute figures are what one rank gets while every local rank computes too (`_busy`: each rank
+calls the kernel back to back for a while, all at once): ranks that share cores (4 ranks on 2
+cores) each get a share. Timing one call after a barrier overstates it (the ranks drift apart
+and each runs alone part of the time: 512² fp32 matmul measured 64 GFLOP/s per rank that way,
+38 with every rank busy, 74 alone, on this 2-core machine).
 """
 
 from __future__ import annotations
@@ -63,15 +69,28 @@ def _collective(op: str, elements: int, n: int, rank: int) -> tuple[Callable[[],
     return ring, size
 
 
-def _measure_rank(rank: int, world: int, matmul_size: int, repeat: int) -> dict[str, Any]:
+def _busy(fn: Callable[[], object], seconds: float) -> float:
+    """Seconds per call of ``fn`` while every rank calls its own back to back for ``seconds``
+    (after a warm-up and a barrier): what a rank gets while all local ranks compute."""
+    fn()
+    dist.barrier()
+    calls, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or not calls:
+        fn()
+        calls += 1
+    return elapsed / calls
+
+
+def _measure_rank(rank: int, world: int, matmul_size: int, repeat: int,
+                  busy_s: float) -> dict[str, Any]:
     flops = {}
     for dtype in (torch.float32, torch.bfloat16):
         a = torch.randn(matmul_size, matmul_size, dtype=dtype)
         flops[str(dtype).removeprefix("torch.")] = (
-            2 * matmul_size**3 / _seconds(partial(torch.mm, a, a), repeat))
+            2 * matmul_size**3 / _busy(partial(torch.mm, a, a), busy_s))
     x = torch.ones(1)
     ops = 1000
-    overhead = _seconds(lambda: [torch.add(x, x) for _ in range(ops)], repeat) / ops
+    overhead = _busy(lambda: [torch.add(x, x) for _ in range(ops)], busy_s) / ops
     links = {}
     for op in ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "send", "recv"):
         small, _ = _collective("send" if op == "recv" else op, SMALL, world, rank)
@@ -82,10 +101,12 @@ def _measure_rank(rank: int, world: int, matmul_size: int, repeat: int) -> dict[
     return {"flops": flops, "overhead": overhead, "links": links}
 
 
-def calibrate(nproc: int = 4, matmul_size: int = 512, repeat: int = 7) -> dict[str, Any]:
+def calibrate(nproc: int = 4, matmul_size: int = 512, repeat: int = 7,
+              busy_s: float = 1.0) -> dict[str, Any]:
     """A ``moefn.hardware`` profile of this machine, from ``nproc`` local ranks (the slowest
-    rank's figure for each measurement)."""
-    ranks = run_local(nproc, _measure_rank, matmul_size, repeat)
+    rank's figure for each measurement; compute figures over ``busy_s`` seconds of every rank
+    busy, collectives the median of ``repeat``)."""
+    ranks = run_local(nproc, _measure_rank, matmul_size, repeat, busy_s)
     flops = {k: min(r["flops"][k] for r in ranks) for k in ranks[0]["flops"]}
     links = {op: {"latency_s": max(r["links"][op]["latency_s"] for r in ranks),
                   "bandwidth_bytes_per_s": min(r["links"][op]["bandwidth_bytes_per_s"]
@@ -95,7 +116,8 @@ def calibrate(nproc: int = 4, matmul_size: int = 512, repeat: int = 7) -> dict[s
     return {"format": "moefn.hardware", "version": 1,
             "name": f"this machine ({nproc} local {backend} ranks)", "calibrated": True,
             "source": f"moefn calibrate: {nproc} ranks at once, {torch.get_num_threads()} "
-                      f"threads in the caller, matmul {matmul_size}², median of {repeat}",
+                      f"threads in the caller, matmul {matmul_size}² and per-op overhead with "
+                      f"every rank busy for {busy_s} s, collectives the median of {repeat}",
             "notes": "one machine: inter_node repeats intra_node",
             "matmul_flops_per_s": flops,
             "op_overhead_s": max(r["overhead"] for r in ranks),

@@ -13,6 +13,7 @@ The best are then planned for real (`compose`, `estimate` on the first and last 
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import Counter
@@ -31,6 +32,7 @@ from moefn.analyse.comm import (
     cp_attention_comm,
     cp_check_comm,
     fsdp_unit_comm,
+    merge_comms,
 )
 from moefn.analyse.dispatch_rows import expected_rows
 from moefn.analyse.estimate import STATE_COPIES, buffer_bytes, estimate
@@ -137,8 +139,9 @@ class Result:
 
 
 @frozen(kw_only=True)
-class _Model:
-    """What the closed form needs of the model, taken once from its snapshot and proxies."""
+class ModelSummary:
+    """What the closed form needs of the model, taken once (`summarise`) from its snapshot and
+    proxy plans."""
 
     spec: ModelSpec
     flops: ModelFlops
@@ -149,7 +152,9 @@ class _Model:
     top_k: int
     groups: tuple[int, int]
     shared_experts: bool
-    attention: tuple[tuple[int, bool], ...]  # per attention: (K+V width per token, causal)
+    # attentions alike: (K+V width per token, causal) → how many, in model order
+    attention: dict[tuple[int, bool], int]
+    kv_widths: tuple[int, int]  # K+V width per token: of every attention, of the first
     # shape, dtype, requires grad, kind (`_kinds`), gathered dtype, reduced dtype, how many
     tensors: tuple[tuple[tuple[int, ...], str, bool, str, str, str, int], ...]
     units: dict[str, int]  # kind (`_kinds`) → FSDP units
@@ -195,7 +200,8 @@ def _proxy_stages(ac: AcMode, experts: bool, precision: Literal["bf16", "fp32"])
     return [*stages, plan_fsdp(precision=precision)]
 
 
-def _model(model: nn.Module, request: Request, modes: tuple[AcMode, ...]) -> _Model:
+def summarise(model: nn.Module, request: Request, modes: tuple[AcMode, ...]) -> ModelSummary:
+    """The model's `ModelSummary` for ``request``, with activations for the AC ``modes``."""
     spec = inspect_model(model)
     experts = spec.paths_with("experts")
     # ep_shard = 2: expert parameters in units of their own, as in most searched layouts
@@ -233,14 +239,15 @@ def _model(model: nn.Module, request: Request, modes: tuple[AcMode, ...]) -> _Mo
     router = next(iter(spec.paths_with("router")), None)
     info = spec.module(router) if router else None
     block = next(u for u in units if u.path in spec.paths_with("block"))
-    return _Model(
+    return ModelSummary(
         spec=spec, flops=model_flops(spec, request.seq_len),
         hidden=next(t.shape[-1] for t in spec.tensors if t.module_path in spec.paths_with("embed")),
         act_bytes=DTYPE_BYTES[dtype], moe_layers=len(experts),
         num_experts=min((int(spec.module(p).fact("num_experts")) for p in experts), default=0),
         top_k=int(info.get("top_k", 1)) if info else 1,
         groups=(int(info.get("n_group", 1)), int(info.get("topk_group", 1))) if info else (1, 1),
-        shared_experts=bool(spec.paths_with("shared_experts")), attention=tuple(attention),
+        shared_experts=bool(spec.paths_with("shared_experts")), attention=dict(Counter(attention)),
+        kv_widths=(sum(w for w, _ in attention), attention[0][0] if attention else 0),
         tensors=tuple((*key, n) for key, n in grouped.items()),
         units=dict(Counter(("experts" if u.path in experts else "dense")
                            if u.reshard_after_forward else
@@ -249,7 +256,7 @@ def _model(model: nn.Module, request: Request, modes: tuple[AcMode, ...]) -> _Mo
         buffers=buffer_bytes(plan), activations=activations, fsdp=fsdp)
 
 
-def _expert_shard_dim(m: _Model, mesh: MeshSpec) -> int:
+def _expert_shard_dim(m: ModelSummary, mesh: MeshSpec) -> int:
     """plan_fsdp's choice for expert units: dim 1 when there are more shards than local
     experts and dim 1 divides evenly, else dim 0."""
     local = m.num_experts // mesh.ep
@@ -258,7 +265,7 @@ def _expert_shard_dim(m: _Model, mesh: MeshSpec) -> int:
     return 1 if mesh.ep_shard > local and even else 0
 
 
-def _shards(m: _Model, mesh: MeshSpec) -> dict[str, tuple[tuple[tuple[Axis, int], ...],
+def _shards(m: ModelSummary, mesh: MeshSpec) -> dict[str, tuple[tuple[tuple[Axis, int], ...],
                                                            FullyShard | None]]:
     """Per kind: the shards of its parameters (EP, then FSDP) and its FSDP unit."""
     rep: tuple[Axis, ...] = ("dp_replicate",) if mesh.dp_replicate > 1 else ()
@@ -278,21 +285,24 @@ def _shards(m: _Model, mesh: MeshSpec) -> dict[str, tuple[tuple[tuple[Axis, int]
     return {**out, "outer experts": out["experts"]}
 
 
-def _state(m: _Model, mesh: MeshSpec, reshard: bool) -> tuple[dict[str, int], list[Comm]]:
-    """Rank 0's params, grads and AdamW states (bytes), and FSDP's collectives per step of one
-    micro-batch: each unit all-gathered in forward and, if resharded, again in backward;
-    reduce-scattered, then all-reduced over ``dp_replicate``."""
+def _sharded(m: ModelSummary, mesh: MeshSpec) -> tuple[dict[str, int], dict[str, int],
+                                                       dict[str, int]]:
+    """Rank 0's params, grads and AdamW states (bytes), and per kind (`_kinds`) the bytes its
+    FSDP units gather and reduce-scatter."""
     shards = _shards(m, mesh)
     held: Counter[str] = Counter()
     gathered: Counter[str] = Counter()
     reduced: Counter[str] = Counter()
+    numels: dict[tuple[tuple[int, ...], str], int] = {}
     for shape, dtype, grad, kind, gathers_as, reduces_as, count in m.tensors:
         if kind.endswith("experts") and mesh.ep == 1:  # in their blocks' units
             kind = {"experts": "dense", "outer experts": "outer"}[kind]
         placed, unit = shards[kind]
-        layout = ParamLayout(name="", shape=shape, shards=placed, unit=None)
-        numel = (fsdp_shard_numel(layout, unit, mesh)[0] if unit is not None
-                 else math.prod(local_shape(layout, mesh, 0))) * count
+        if (shape, kind) not in numels:
+            layout = ParamLayout(name="", shape=shape, shards=placed, unit=None)
+            numels[shape, kind] = (fsdp_shard_numel(layout, unit, mesh)[0] if unit is not None
+                                   else math.prod(local_shape(layout, mesh, 0)))
+        numel = numels[shape, kind] * count
         width = DTYPE_BYTES[dtype]
         held["params"] += numel * width
         if grad:
@@ -301,6 +311,15 @@ def _state(m: _Model, mesh: MeshSpec, reshard: bool) -> tuple[dict[str, int], li
         if unit is not None:
             gathered[kind] += numel * DTYPE_BYTES[gathers_as]
             reduced[kind] += numel * DTYPE_BYTES[reduces_as] if grad else 0
+    return dict(held), dict(gathered), dict(reduced)
+
+
+def _fsdp_comms(m: ModelSummary, mesh: MeshSpec, reshard: bool, gathered: dict[str, int],
+                reduced: dict[str, int]) -> tuple[Comm, ...]:
+    """FSDP's collectives per step of one micro-batch (merged as `predict_comm` merges them):
+    each unit all-gathered in forward and, if resharded, again in backward; reduce-scattered,
+    then all-reduced over ``dp_replicate``."""
+    shards = _shards(m, mesh)
     comms: list[Comm] = []
     for kind, g in gathered.items():
         unit = shards[kind][1]
@@ -309,12 +328,19 @@ def _state(m: _Model, mesh: MeshSpec, reshard: bool) -> tuple[dict[str, int], li
         comms += fsdp_unit_comm(axes, mesh.size(axes[0]), mesh.dp_replicate,
                                 m.units.get(kind, 0),
                                 2 if reshard and not kind.startswith("outer") else 1,
-                                g, reduced[kind])
-    return dict(held), comms
+                                g, reduced.get(kind, 0))
+    return merge_comms(comms)
 
 
-def _ep_cp(m: _Model, layout: Layout, tokens: int) -> list[Comm]:
-    """EP dispatch of every MoE layer and CP K/V of every attention, one micro-batch."""
+def _times(comms: list[Comm], n: int) -> list[Comm]:
+    """``comms`` repeated ``n`` times, merged (`merge_comms`) as ``n`` copies would be."""
+    return [evolve(c, calls=c.calls * n, sent=c.sent * n, received=c.received * n,
+                   lower_bound=c.lower_bound * n) for c in merge_comms(comms)]
+
+
+def _ep_cp(m: ModelSummary, layout: Layout, tokens: int) -> tuple[Comm, ...]:
+    """EP dispatch of every MoE layer and CP K/V of every attention, one micro-batch, merged
+    as `predict_comm` merges them."""
     mesh, out = layout.mesh, []
     forwards = 2 if layout.ac in ("full", "router") else 1
     if mesh.ep > 1:
@@ -325,16 +351,16 @@ def _ep_cp(m: _Model, layout: Layout, tokens: int) -> list[Comm]:
                                 forwards, again) if layout.dispatch == "all_gather"
                else a2a_dispatch_comm(rows, ("ep",), mesh.ep, layout.ranks_per_node, m.top_k,
                                       m.hidden, m.act_bytes, forwards, again))
-        out += one * m.moe_layers
+        out += _times(one, m.moe_layers)
     if mesh.cp > 1:
-        for width, causal in m.attention:
-            out += cp_attention_comm("all_gather", tokens * width * m.act_bytes, tokens, mesh.cp,
-                                     causal, forwards, m.act_bytes, ("cp",))
+        for (width, causal), n in m.attention.items():
+            out += _times(cp_attention_comm("all_gather", tokens * width * m.act_bytes, tokens,
+                                            mesh.cp, causal, forwards, m.act_bytes, ("cp",)), n)
         out.append(cp_check_comm(mesh.cp))
-    return out
+    return merge_comms(out)
 
 
-def _fsdp_buffers(m: _Model, mesh: MeshSpec, reshard: bool) -> tuple[int, int, int]:
+def _fsdp_buffers(m: ModelSummary, mesh: MeshSpec, reshard: bool) -> tuple[int, int, int]:
     """`fsdp_buffers` of the mesh: each unit's bytes at its ``ep`` (no expert bytes when the
     experts have no FSDP unit)."""
     ep = mesh.ep if mesh.ep == 1 or mesh.ep_shard > 1 or mesh.dp_replicate > 1 else math.inf
@@ -346,7 +372,7 @@ def _fsdp_buffers(m: _Model, mesh: MeshSpec, reshard: bool) -> tuple[int, int, i
                        for path, g, r, again in m.fsdp])
 
 
-def _activations(m: _Model, layout: Layout, tokens: int, fsdp: tuple[int, int, int]) -> int:
+def _activations(m: ModelSummary, layout: Layout, tokens: int, fsdp: tuple[int, int, int]) -> int:
     """The proxy's phases (one real `activation_phases` per AC mode, ``seq_len`` tokens on
     ``dp_shard=4, ep=2``) scaled to ``tokens``, each with its ``fsdp`` buffers
     (`_fsdp_buffers`), the largest; gathered K/V of ``cp`` on top (every attention's without
@@ -355,13 +381,12 @@ def _activations(m: _Model, layout: Layout, tokens: int, fsdp: tuple[int, int, i
     mesh = layout.mesh
     kv = 0
     if mesh.cp > 1:
-        widths = [w for w, _ in m.attention]
-        kept = widths if layout.ac in ("none", "selective") else widths[:1]
-        kv = sum(w * m.act_bytes * tokens * mesh.cp for w in kept)
+        width = m.kv_widths[0] if layout.ac in ("none", "selective") else m.kv_widths[1]
+        kv = width * m.act_bytes * tokens * mesh.cp
     return max(rest * tokens // proxy_tokens + fsdp[which] for rest, which in phases) + kv
 
 
-def _work(m: _Model, layout: Layout, tokens: int) -> Work:
+def _work(m: ModelSummary, layout: Layout, tokens: int) -> Work:
     passes = 3 + (layout.ac in ("full", "router"))
     per_step = tokens * layout.micro_batches * passes
     return Work(dense_flops=float(m.flops.dense * per_step),
@@ -370,7 +395,7 @@ def _work(m: _Model, layout: Layout, tokens: int) -> Work:
                 dtype=m.param_dtype)
 
 
-def _scored(m: _Model, request: Request, layout: Layout, peak: int, parts: dict[str, int],
+def _scored(m: ModelSummary, request: Request, layout: Layout, peak: int, parts: dict[str, int],
             traffic: list[Traffic], tokens: int) -> Scored:
     step = step_time(_work(m, layout, tokens), traffic, request.profile, request.imbalance,
                      request.overlap)
@@ -378,43 +403,44 @@ def _scored(m: _Model, request: Request, layout: Layout, peak: int, parts: dict[
     return Scored(layout=layout, peak=peak, parts=parts, step=step, tokens_per_s_per_gpu=per_gpu)
 
 
-def _placed(request: Request, layout: Layout, comms: list[Comm] | tuple[Comm, ...]
-            ) -> list[Traffic]:
-    """Each collective placed (a repeated one, as every MoE layer's, placed once)."""
-    placed: dict[Comm, Traffic] = {}
-    for c in comms:
-        if c not in placed:
-            placed[c] = place(c, layout.mesh, request.gpus_per_node, request.profile,
-                              layout.micro_batches, request.imbalance, layout.ranks_per_node)
-    return [placed[c] for c in comms]
+def _placed(request: Request, layout: Layout, comms: tuple[Comm, ...]) -> list[Traffic]:
+    """Each collective placed on the links its group crosses."""
+    return [place(c, layout.mesh, request.gpus_per_node, request.profile, layout.micro_batches,
+                  request.imbalance, layout.ranks_per_node) for c in comms]
 
 
 class ClosedForm:
     """Peaks and step times of layouts without planning them; what several layouts share
     (a mesh's state and FSDP traffic, a dispatch's traffic) is computed once."""
 
-    def __init__(self, m: _Model, request: Request) -> None:
+    def __init__(self, m: ModelSummary, request: Request) -> None:
         self.m, self.request = m, request
-        self._state: dict[tuple[MeshSpec, bool], tuple[dict[str, int], list[Comm]]] = {}
-        self._fsdp: dict[tuple[MeshSpec, bool], tuple[int, int, int]] = {}
+        self._sharded: dict[MeshSpec, tuple[dict[str, int], dict[str, int], dict[str, int]]] = {}
+        # (mesh, reshard) → held state, FSDP's buffers, FSDP's collectives
+        self._state: dict[tuple[MeshSpec, bool], tuple[dict[str, int], tuple[int, int, int],
+                                                       tuple[Comm, ...]]] = {}
+        self._comms: dict[tuple[object, ...], tuple[Comm, ...]] = {}
         self._traffic: dict[tuple[object, ...], list[Traffic]] = {}
 
-    def state(self, layout: Layout) -> tuple[dict[str, int], list[Comm]]:
-        key = (layout.mesh, layout.reshard)
-        if key not in self._state:
-            self._state[key] = _state(self.m, layout.mesh, layout.reshard)
-        return self._state[key]
+    def state(self, layout: Layout) -> tuple[dict[str, int], tuple[int, int, int],
+                                             tuple[Comm, ...]]:
+        """The layout's held state (bytes), FSDP buffers (`_fsdp_buffers`) and collectives."""
+        mesh, reshard = layout.mesh, layout.reshard
+        if (mesh, reshard) not in self._state:
+            if mesh not in self._sharded:
+                self._sharded[mesh] = _sharded(self.m, mesh)
+            held, gathered, reduced = self._sharded[mesh]
+            self._state[mesh, reshard] = (held, _fsdp_buffers(self.m, mesh, reshard),
+                                          _fsdp_comms(self.m, mesh, reshard, gathered, reduced))
+        return self._state[mesh, reshard]
 
     def peak(self, layout: Layout) -> tuple[int, dict[str, int]]:
         """The worst rank's peak bytes and its parts (params, grads, optimizer states,
         activations — or foreach AdamW's temporaries, if larger —, buffers)."""
         tokens = layout.rows * self.request.seq_len // layout.mesh.cp
-        held = self.state(layout)[0]
+        held, fsdp, _ = self.state(layout)
         temporaries = held.get("optimizer states", 0) // 2  # foreach AdamW's sqrt(exp_avg_sq)
-        key = (layout.mesh, layout.reshard)
-        if key not in self._fsdp:
-            self._fsdp[key] = _fsdp_buffers(self.m, layout.mesh, layout.reshard)
-        activations = _activations(self.m, layout, tokens, self._fsdp[key])
+        activations = _activations(self.m, layout, tokens, fsdp)
         parts = {**held, "activations": max(activations, temporaries),
                  "buffers": self.m.buffers}
         return sum(parts.values()), parts
@@ -422,13 +448,17 @@ class ClosedForm:
     def score(self, layout: Layout) -> Scored:
         tokens = layout.rows * self.request.seq_len // layout.mesh.cp
         peak, parts = self.peak(layout)
-        fsdp_key = ("fsdp", layout.mesh, layout.reshard, layout.micro_batches)
+        mesh, micro = layout.mesh, layout.micro_batches
+        fsdp_key = ("fsdp", mesh, layout.reshard, micro)
         if fsdp_key not in self._traffic:
-            self._traffic[fsdp_key] = _placed(self.request, layout, self.state(layout)[1])
+            self._traffic[fsdp_key] = _placed(self.request, layout, self.state(layout)[2])
         forwards = 2 if layout.ac in ("full", "router") else 1
-        key = ("ep_cp", layout.mesh, layout.dispatch, forwards, tokens, layout.micro_batches)
+        comms = (mesh.ep, mesh.cp, layout.dispatch, layout.ranks_per_node, forwards, tokens)
+        if comms not in self._comms:
+            self._comms[comms] = _ep_cp(self.m, layout, tokens)
+        key = ("ep_cp", mesh, *comms, micro)
         if key not in self._traffic:
-            self._traffic[key] = _placed(self.request, layout, _ep_cp(self.m, layout, tokens))
+            self._traffic[key] = _placed(self.request, layout, self._comms[comms])
         return _scored(self.m, self.request, layout, peak, parts,
                        self._traffic[fsdp_key] + self._traffic[key], tokens)
 
@@ -447,7 +477,7 @@ def stages(layout: Layout, seq_len: int, precision: Literal["bf16", "fp32"] = "b
     return [*stages, plan_fsdp(precision=precision, reshard_after_forward=layout.reshard)]
 
 
-def exact(m: _Model, model: nn.Module, request: Request, layout: Layout) -> Scored:
+def exact(m: ModelSummary, model: nn.Module, request: Request, layout: Layout) -> Scored:
     """The layout planned with `compose`, its peak from `estimate` on the first and last rank
     (the first only when it is over the budget already) and its collectives from
     `predict_comm` (through `estimate`)."""
@@ -540,7 +570,7 @@ def search(model: nn.Module, request: Request,
     say = progress or (lambda _: None)
     start = time.monotonic()
     spec = inspect_model(model)
-    m = _model(model, request, AC_MODES if spec.paths_with("router") else ("none", "full"))
+    m = summarise(model, request, AC_MODES if spec.paths_with("router") else ("none", "full"))
     say(f"model summarised in {time.monotonic() - start:.1f} s")
     rejected: Counter[str] = Counter()
     budget = request.gpu_memory - request.reserve
@@ -562,7 +592,8 @@ def search(model: nn.Module, request: Request,
                 rejected["fewer rows per micro-batch than one that fits"] += len(group) - i - 1
                 break
             rejected[f"does not fit (largest part: {max(parts, key=parts.__getitem__)})"] += 1
-            closest = sorted([*closest, (peak, layout, parts)], key=lambda c: c[0])[:3]
+            if len(closest) < 3 or peak < closest[-1][0]:
+                closest = sorted([*closest, (peak, layout, parts)], key=lambda c: c[0])[:3]
     say(f"{searched} layouts scored, {len(fitting)} fit, in {time.monotonic() - start:.1f} s")
     fitting.sort(key=lambda s: s.step.seconds)
     checked: list[Checked] = []
@@ -583,12 +614,6 @@ def search(model: nn.Module, request: Request,
 
 def _by_rows(found: Iterator[Layout]) -> Iterator[list[Layout]]:
     """Layouts that differ in rows only, most rows first (`layouts` yields them together)."""
-    group: list[Layout] = []
-    for layout in found:
-        if group and evolve(layout, rows=group[0].rows,
-                            micro_batches=group[0].micro_batches) != group[0]:
-            yield sorted(group, key=lambda g: -g.rows)
-            group = []
-        group.append(layout)
-    if group:
+    for _, group in itertools.groupby(found, key=lambda g: (g.mesh, g.dispatch, g.ac, g.reshard,
+                                                            g.ranks_per_node)):
         yield sorted(group, key=lambda g: -g.rows)

@@ -11,7 +11,7 @@ from moefn.cli import main
 
 
 def test_calibrated_profile_loads_with_every_collective(tmp_path: Path) -> None:
-    data = calibrate(nproc=2, matmul_size=64, repeat=3)
+    data = calibrate(nproc=2, matmul_size=64, repeat=3, busy_s=0.1)
     path = tmp_path / "here.json"
     path.write_text(json.dumps(data))
     profile = load_profile(str(path))

@@ -151,14 +151,14 @@ def test_every_layout_is_valid_fits_and_matches_its_plan(preset: str) -> None:
 
 def test_closed_form_communication_is_the_plans_everywhere() -> None:
     """Not only the winners: every layout shape of an 8-rank world, re-planned."""
-    from moefn.search import AC_MODES, ClosedForm, _model, exact, layouts
+    from moefn.search import AC_MODES, ClosedForm, exact, layouts, summarise
 
     with torch.device("meta"):
         model = MoETransformer(get_preset("tiny-full"))
     request = _request()
     from moefn.plan.spec import inspect_model
     spec = inspect_model(model)
-    m = _model(model, request, AC_MODES)
+    m = summarise(model, request, AC_MODES)
     closed = ClosedForm(m, request)
     from collections import Counter
     seen = set()

@@ -69,6 +69,7 @@ from moefn.analyse.layout import fsdp_gathered
 from moefn.plan.arguments import int_at_least, one_of
 from moefn.plan.dtypes import DTYPE_BYTES
 from moefn.plan.errors import PlanError
+from moefn.plan.memo import per_object
 from moefn.plan.records import (
     ActivationCheckpoint,
     ContextParallelAttention,
@@ -109,6 +110,7 @@ class _Cost:
     transient: int  # gradients alive together while it runs backward
 
 
+@per_object
 def _dims(spec: ModelSpec) -> tuple[int, int]:
     """(hidden, vocab) from the embedding."""
     embeds = set(spec.paths_with("embed"))
@@ -380,12 +382,14 @@ def unit_sizes(plan: ShardPlan) -> list[tuple[str, int, int, bool]]:
     """(path, gathered bytes, reduce-scatter input bytes, resharded after forward) per unit, in
     forward order, nested units folded into their parent (the root apart)."""
     units = {u.path: u for u in plan.steps_of(FullyShard)}
+    shallow_first = sorted(units, key=len)
+    outers = {path: next((p for p in shallow_first if p and _inside(path, p)), path)
+              for path in units}
     gathered: dict[str, int] = {}
     reduced: dict[str, int] = {}
     first: dict[str, int] = {}
     for index, info, unit, numel in fsdp_gathered(plan):
-        outer = next((p for p in sorted(units, key=len) if p and _inside(unit.path, p)),
-                     unit.path)
+        outer = outers[unit.path]
         dtype = info.dtype
         gathered[outer] = gathered.get(outer, 0) + numel * DTYPE_BYTES[unit.param_dtype or dtype]
         if info.requires_grad:

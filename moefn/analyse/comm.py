@@ -57,7 +57,13 @@ from typing import Literal
 from attrs import evolve, frozen
 
 from moefn.analyse.dispatch_rows import DispatchRows, expected_rows
-from moefn.analyse.layout import fsdp_shard_numel, fsdp_shard_ranks, local_shape, param_layouts
+from moefn.analyse.layout import (
+    ParamLayout,
+    fsdp_shard_numel,
+    fsdp_shard_ranks,
+    local_shape,
+    param_layouts,
+)
 from moefn.plan.dtypes import DTYPE_BYTES
 from moefn.plan.mesh import Axis
 from moefn.plan.records import (
@@ -100,7 +106,7 @@ def _traffic(collective: str, op: Op, axes: tuple[Axis, ...], calls: int, each_w
                 received=each_way, lower_bound=lower_bound, hop=hop)
 
 
-def _merge(comms: Iterable[Comm]) -> tuple[Comm, ...]:
+def merge_comms(comms: Iterable[Comm]) -> tuple[Comm, ...]:
     """Sum records of the same collective, op and group (first-seen order)."""
     merged: dict[tuple[str, str, tuple[str, ...]], Comm] = {}
     for c in comms:
@@ -116,9 +122,12 @@ def _merge(comms: Iterable[Comm]) -> tuple[Comm, ...]:
 def _fsdp(plan: ShardPlan) -> list[Comm]:
     layouts = param_layouts(plan)
     tensors = {t.name: t for t in plan.model.tensors}
+    by_unit: dict[str | None, list[ParamLayout]] = {}
+    for layout in layouts.values():
+        by_unit.setdefault(layout.unit, []).append(layout)
     out: list[Comm] = []
     for unit in plan.steps_of(FullyShard):
-        owned = [layout for layout in layouts.values() if layout.unit == unit.path]
+        owned = by_unit.get(unit.path, [])
         n = fsdp_shard_ranks(unit, plan.mesh)
         replicas = plan.mesh.dp_replicate if "dp_replicate" in unit.mesh_dims else 1
         shard_axes = tuple(a for a in unit.mesh_dims if a != "dp_replicate")
@@ -399,7 +408,7 @@ def predict_comm(plan: ShardPlan, tokens: int, top_k: int, hidden: int,
     all-to-all dispatch moves ``rows`` per MoE layer (default: expected for uniform routing,
     `moefn.analyse.dispatch_rows.expected_rows`)."""
     tp = plan.mesh.tp
-    return _merge([*_fsdp(plan), *_sync(plan),
+    return merge_comms([*_fsdp(plan), *_sync(plan),
                    *_ep(plan, tokens // tp, top_k, hidden, activation_bytes, rank, rows),
                    *_cp(plan, tokens, activation_bytes),
                    *_tp(plan, tokens, hidden, activation_bytes)])

@@ -25,6 +25,7 @@ from moefn.plan.arguments import expect_type, int_at_least, one_of
 from moefn.plan.dtypes import DTYPE_BYTES
 from moefn.plan.errors import PlanError
 from moefn.plan.records import FullyShard, ShardPlan
+from moefn.plan.spec import enclosing
 
 Optimizer = Literal["adamw", "sgd", "sgd_momentum"]
 STATE_COPIES: dict[str, int] = {"adamw": 2, "sgd": 0, "sgd_momentum": 1}
@@ -60,10 +61,10 @@ class Estimate:
 
 def _kind(name: str, plan: ShardPlan) -> str:
     spec = plan.model
-    if any(name.startswith(p + ".") for p in spec.paths_with("experts")):
+    inside = set(enclosing(name)) - {""}
+    if inside.intersection(spec.paths_with("experts")):
         return "experts"
-    if any(name.startswith(p + ".") for p in (*spec.paths_with("embed"),
-                                              *spec.paths_with("lm_head"))):
+    if inside.intersection((*spec.paths_with("embed"), *spec.paths_with("lm_head"))):
         return "embeddings"
     return "dense"
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from attrs import frozen
 
+from moefn.plan.memo import per_object
 from moefn.plan.mesh import Axis, MeshSpec
 from moefn.plan.records import DistributeParams, FullyShard, Shard, ShardPlan
-from moefn.plan.spec import TensorInfo
+from moefn.plan.spec import TensorInfo, enclosing
 
 
 def chunk_sizes(size: int, parts: int) -> dict[int, int]:
@@ -133,10 +134,14 @@ def fsdp_gathered(plan: ShardPlan) -> Iterator[tuple[int, TensorInfo, FullyShard
             yield index, info, unit, numel
 
 
-def param_layouts(plan: ShardPlan) -> dict[str, ParamLayout]:
-    """Full parameter name → its layout (every trainable or frozen parameter, once)."""
+@per_object
+def param_layouts(plan: ShardPlan) -> Mapping[str, ParamLayout]:
+    """Full parameter name → its layout (every trainable or frozen parameter, once; computed
+    once per plan)."""
     distributed = plan.distributed_params()
-    units = sorted(plan.steps_of(FullyShard), key=lambda s: -len(s.path))
+    units: dict[str, FullyShard] = {}
+    for u in plan.steps_of(FullyShard):
+        units.setdefault(u.path, u)
     layouts: dict[str, ParamLayout] = {}
     for info in plan.model.tensors:
         if info.is_buffer:
@@ -155,9 +160,11 @@ def param_layouts(plan: ShardPlan) -> dict[str, ParamLayout]:
     return layouts
 
 
-def owning_unit(name: str, units_deepest_first: list[FullyShard]) -> FullyShard | None:
-    """The innermost FSDP unit whose module contains parameter ``name``."""
-    for unit in units_deepest_first:
-        if (unit.path == "" or name.startswith(unit.path + ".")) and name not in unit.ignored:
+def owning_unit(name: str, units: Mapping[str, FullyShard]) -> FullyShard | None:
+    """The innermost FSDP unit (``units`` by path) whose module contains parameter ``name``
+    and does not ignore it."""
+    for path in enclosing(name):
+        unit = units.get(path)
+        if unit is not None and name not in unit.ignored:
             return unit
     return None

@@ -6,7 +6,9 @@
   backward = 2× forward, and the forward again under AC ``full``/``router``; ``selective`` saves
   the matmuls and attention) at the profile's matmul throughput for the compute dtype, plus
   ``op_overhead_s`` per kernel (`KERNELS_PER_TENSOR` per parameter tensor per pass). Expert
-  FLOPs follow the most loaded rank: ``× imbalance``.
+  FLOPs follow the most loaded rank: ``× imbalance``. Both figures are what one rank gets
+  while every rank of its node computes too: a GPU's own on GPUs; on CPU ranks sharing cores,
+  a share (`moefn.calibrate` measures them with all ranks busy at once).
 - **communication**: every collective (`moefn.analyse.comm.Comm`) on the group the MeshSpec lays
   out (`placement`): calls × latency plus bytes over bandwidth, per the link it crosses. Bytes to
   peers on the rank's node use the intra-node link, the rest the inter-node link; a ring
@@ -25,6 +27,7 @@
 
 from __future__ import annotations
 
+import bisect
 import functools
 import itertools
 import json
@@ -165,7 +168,7 @@ def placement(mesh: MeshSpec, axes: tuple[Axis, ...], gpus_per_node: int, hop: H
     """
     members = _members((mesh.dp_replicate, mesh.dp_shard, mesh.cp, mesh.ep), axes, hop,
                        ranks_per_node)
-    return len(members), sum(1 for m in members if m < gpus_per_node)
+    return len(members), bisect.bisect_left(members, gpus_per_node)  # members are sorted
 
 
 @frozen(kw_only=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import weakref
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -23,6 +22,7 @@ from torch import nn
 
 from moefn.plan.errors import PlanError
 from moefn.plan.hf_roles import HFRecogniser
+from moefn.plan.memo import per_object
 from moefn.plan.reference_roles import ReferenceRecogniser
 from moefn.plan.roles import Fact, Recogniser, Recognition, Role
 
@@ -93,11 +93,10 @@ class ModelSpec:
         return _index(self)[1].get(role, ())
 
     def params_under(self, path: str) -> tuple[TensorInfo, ...]:
-        prefix = f"{path}." if path else ""
-        return tuple(t for t in self.tensors if not t.is_buffer and t.name.startswith(prefix))
+        return _params(self)[0].get(path, ())
 
     def direct_params(self, path: str) -> tuple[TensorInfo, ...]:
-        return tuple(t for t in self.tensors if not t.is_buffer and t.module_path == path)
+        return _params(self)[1].get(path, ())
 
     def tensor(self, name: str) -> TensorInfo:
         for t in self.tensors:
@@ -120,27 +119,43 @@ class ModelSpec:
         return h.hexdigest()[:16]
 
 
-_Index = tuple[dict[str, ModuleInfo], dict[str, tuple[str, ...]]]
-_INDEXES: dict[int, _Index] = {}
-
-
-def _index(spec: ModelSpec) -> _Index:
-    """Modules by path (the first of a path) and paths by role, in module order, built once per
-    spec object (the analyses ask thousands of times per plan; keyed by identity, since equal
-    specs compare field by field, and dropped with the spec)."""
-    known = _INDEXES.get(id(spec))
-    if known is not None:
-        return known
+@per_object
+def _index(spec: ModelSpec) -> tuple[dict[str, ModuleInfo], dict[str, tuple[str, ...]]]:
+    """Modules by path (the first of a path) and paths by role, in module order."""
     by_path: dict[str, ModuleInfo] = {}
     by_role: dict[str, list[str]] = {}
     for info in spec.modules:
         by_path.setdefault(info.path, info)
         for role in dict.fromkeys(info.roles):
             by_role.setdefault(role, []).append(info.path)
-    index = by_path, {role: tuple(paths) for role, paths in by_role.items()}
-    _INDEXES[id(spec)] = index
-    weakref.finalize(spec, _INDEXES.pop, id(spec), None)
-    return index
+    return by_path, {role: tuple(paths) for role, paths in by_role.items()}
+
+
+@per_object
+def _params(spec: ModelSpec) -> tuple[dict[str, tuple[TensorInfo, ...]],
+                                      dict[str, tuple[TensorInfo, ...]]]:
+    """Parameters (not buffers) under each module path and directly on it, in tensor order."""
+    under: dict[str, list[TensorInfo]] = defaultdict(list)
+    direct: dict[str, list[TensorInfo]] = defaultdict(list)
+    for t in spec.tensors:
+        if not t.is_buffer:
+            direct[t.module_path].append(t)
+            for path in enclosing(t.name):
+                under[path].append(t)
+    return ({p: tuple(ts) for p, ts in under.items()},
+            {p: tuple(ts) for p, ts in direct.items()})
+
+
+def enclosing(name: str) -> Iterator[str]:
+    """The module paths containing a parameter or module ``name``, innermost first, the root
+    (``""``) last.
+
+    >>> list(enclosing("layers.0.attn.q.weight"))
+    ['layers.0.attn.q', 'layers.0.attn', 'layers.0', 'layers', '']
+    """
+    while name:
+        name = name.rpartition(".")[0]
+        yield name
 
 
 REALIZED = "_moefn_realized"

@@ -20,7 +20,7 @@ from attrs import evolve
 
 from moefn.plan.mesh import Axis
 from moefn.plan.records import FullyShard, KeepDtype
-from moefn.plan.spec import ModelSpec, TensorInfo
+from moefn.plan.spec import ModelSpec, TensorInfo, enclosing
 
 Dtypes = tuple[str | None, str | None]
 """A unit's (param_dtype, reduce_dtype); None keeps the parameter's own dtype."""
@@ -33,9 +33,11 @@ def covers(path: str, name: str) -> bool:
 def owned(spec: ModelSpec, units: list[FullyShard]) -> dict[str, list[TensorInfo]]:
     """Each unit's trainable parameters: those under it and under no deeper unit, not ignored."""
     out: dict[str, list[TensorInfo]] = {u.path: [] for u in units}
-    deepest_first = sorted(units, key=lambda u: -len(u.path))
+    by_path: dict[str, FullyShard] = {}
+    for u in units:
+        by_path.setdefault(u.path, u)
     for t in spec.params_under(""):
-        owner = next((u for u in deepest_first if covers(u.path, t.name)), None)
+        owner = next((by_path[p] for p in enclosing(t.name) if p in by_path), None)
         if owner is not None and t.requires_grad and t.name not in owner.ignored:
             out[owner.path].append(t)
     return out
