@@ -2,8 +2,10 @@
 
 For people moving from NeMo AutoModel's ``parallelize_model``: docs/migration.md maps each of its
 arguments. Each stage argument is that stage's options record (`CPOptions`, `EPOptions`,
-`ACOptions`, `FSDPOptions`: the stage is planned with them) or None (the stage is left out);
-the stages run in the order CP → EP → AC → FSDP, as `compose(*stages_from(records))` does.
+`TPOptions`, `ACOptions`, `FSDPOptions`: the stage is planned with them) or None (the stage is
+left out); the stages run in the order CP → TP → EP → AC → FSDP, as
+`compose(*stages_from(records))` does. With ``tp`` the logits are vocabulary-sharded: compute
+the loss under ``torch.distributed.tensor.parallel.loss_parallel()``.
 Nothing changes unless every stage plans and every rank agrees.
 
 >>> import torch
@@ -27,16 +29,24 @@ from torch import nn
 from moefn.plan.arguments import expect_type
 from moefn.plan.compose import compose, plan_or_raise
 from moefn.plan.errors import PlanError
-from moefn.plan.options import ACOptions, CPOptions, EPOptions, FSDPOptions, StageOptions
+from moefn.plan.options import (
+    ACOptions,
+    CPOptions,
+    EPOptions,
+    FSDPOptions,
+    StageOptions,
+    TPOptions,
+)
 from moefn.plan.records import ShardPlan
 from moefn.plan.stages import stages_from
 from moefn.realize import DeviceMeshes, realize
 
 
 def parallelize(model: nn.Module, meshes: DeviceMeshes, *, cp: CPOptions | None = None,
-                ep: EPOptions | None = None, ac: ACOptions | None = None,
+                tp: TPOptions | None = None, ep: EPOptions | None = None,
+                ac: ACOptions | None = None,
                 fsdp: FSDPOptions | None = None) -> tuple[nn.Module, ShardPlan]:
-    """Plan the stages given options (CP → EP → AC → FSDP) for ``meshes.spec`` and realize the
+    """Plan the stages given options (CP → TP → EP → AC → FSDP) for ``meshes.spec``, realize the
     plan on ``model``, in place.
 
     Returns the model and its plan (print ``moefn.diff(plan)``; estimate memory from it). Raises
@@ -45,14 +55,14 @@ def parallelize(model: nn.Module, meshes: DeviceMeshes, *, cp: CPOptions | None 
     expect_type(meshes, DeviceMeshes, "meshes", "DeviceMeshes",
                 'pass build_device_meshes(MeshSpec(...), "cuda")')
     given: dict[str, tuple[StageOptions | None, type]] = {
-        "cp": (cp, CPOptions), "ep": (ep, EPOptions), "ac": (ac, ACOptions),
+        "cp": (cp, CPOptions), "tp": (tp, TPOptions), "ep": (ep, EPOptions), "ac": (ac, ACOptions),
         "fsdp": (fsdp, FSDPOptions)}
     for name, (record, kind) in given.items():
         expect_type(record, (kind, type(None)), name, f"{kind.__name__} or None",
                     f"pass {name}={kind.__name__}(...) or leave {name} out")
     records = [record for record, _ in given.values() if record is not None]
     if not records:
-        raise PlanError.single("parallelize", "no stage asked for", "cp, ep, ac, fsdp all None",
+        raise PlanError.single("parallelize", "no stage asked for", "cp, tp, ep, ac, fsdp all None",
                                "pass the options of at least one stage, e.g. "
                                "fsdp=FSDPOptions()")
     plan = plan_or_raise(compose(*stages_from(records))(model, meshes.spec))

@@ -179,7 +179,8 @@ def run_hf_parity(rank: int, world: int, case: HFCase) -> dict[str, Any]:
     in_forward = _record_kept_dtypes(model, plan)
     control = copy.deepcopy(reference) if case.control else None
     result = train_side_by_side(reference, model, batch, local_batch(batch, plan.mesh, rank),
-                                case.lr, case.steps, lambda m, b: (logits_of(m, b),), control)
+                                case.lr, case.steps, lambda m, b: (logits_of(m, b),), control,
+                                tp=plan.mesh.tp)
     return {
         **result,
         "kept_in_forward": in_forward,

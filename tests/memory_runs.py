@@ -14,7 +14,7 @@ rank's tensors occupy at their worst moment.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from typing import Any
 from unittest import mock
 
@@ -22,8 +22,9 @@ import attrs
 import torch
 from attrs import frozen
 from torch import Tensor
+from torch.distributed.tensor.parallel import loss_parallel
 
-from moefn import MeshSpec, compose, plan_ac, plan_cp, plan_ep, plan_fsdp
+from moefn import MeshSpec, compose, plan_ac, plan_cp, plan_ep, plan_fsdp, plan_tp
 from moefn.adapters.reference import MoETransformer, causal_lm_loss
 from moefn.adapters.reference.config import MoEConfig
 from moefn.adapters.reference.presets import get_preset
@@ -55,6 +56,8 @@ class Case:
         out: list[Stage] = []
         if mesh.cp > 1:
             out.append(plan_cp(seq_len=self.seq_len, comm=self.cp_comm))  # type: ignore[arg-type]
+        if mesh.tp > 1:
+            out.append(plan_tp())
         if mesh.ep > 1:
             out.append(plan_ep(dispatch=self.dispatch))  # type: ignore[arg-type]
         if self.ac != "none":
@@ -126,7 +129,7 @@ def run_case(rank: int, world: int, case: Case) -> dict[str, int]:
     plan = build_plan(case, model)
     mesh = plan.mesh
     realize(plan, model, build_device_meshes(mesh, "cpu"))
-    generator = torch.Generator().manual_seed(rank)
+    generator = torch.Generator().manual_seed(rank // mesh.tp)  # a tp group reads one sequence
     ids = torch.randint(0, _vocab(model), (case.rows, case.seq_len), generator=generator)
     pos = torch.arange(case.seq_len).expand(case.rows, case.seq_len).contiguous()
     if mesh.cp > 1:
@@ -140,7 +143,8 @@ def run_case(rank: int, world: int, case: Case) -> dict[str, int]:
 
         def step() -> None:
             outputs = _logits(model, ids, pos)  # kept, as a training loop's variable keeps them
-            causal_lm_loss(outputs, ids, ids.numel()).backward()  # type: ignore[no-untyped-call]
+            with loss_parallel() if mesh.tp > 1 else nullcontext():  # vocabulary-sharded logits
+                causal_lm_loss(outputs, ids, ids.numel()).backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             optimizer.zero_grad(set_to_none=False)
             del outputs

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from torch import nn
 
 from moefn import MeshSpec
 from moefn.adapters.reference import causal_lm_loss
@@ -43,7 +44,7 @@ def _forced_rows(plan: ShardPlan, rank: int, tokens: int,
     dispatch = plan.steps_of(InstallDispatch)
     if not experts or not dispatch:
         return None
-    routing = [[experts] * tokens] * plan.mesh.ep
+    routing = [[experts] * (tokens // plan.mesh.tp)] * plan.mesh.ep  # tp: MoE sees a chunk
     return rows_of_routing(routing, dispatch[0].num_experts, plan.mesh.coordinate(rank, "ep"),
                            dispatch[0].ranks_per_node or 1)
 
@@ -65,11 +66,16 @@ def _count_and_predict(rank: int, plan: ShardPlan, step: Callable[[], None],
     return measured, {key: (t.calls, t.sent, t.received) for key, t in predicted.items()}
 
 
+def force_routing(model: nn.Module, experts: tuple[int, ...]) -> None:
+    """Every token picks ``experts`` (the routers' expert bias), when any are given."""
+    for module in model.modules():
+        if isinstance(module, Router) and module.expert_bias is not None and experts:
+            module.expert_bias[list(experts)] = 1e3
+
+
 def _measure(rank: int, world: int, case: Case) -> tuple[Totals, Totals]:
     reference, model, plan = build_pair(case)
-    for module in model.modules():
-        if isinstance(module, Router) and module.expert_bias is not None and case.force_experts:
-            module.expert_bias[list(case.force_experts)] = 1e3
+    force_routing(model, case.force_experts)
     batch = global_batch(reference.config, case.batch, case.seq, case.seed)
     mine = local_batch(batch, plan.mesh, rank)
 

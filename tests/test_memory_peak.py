@@ -5,10 +5,11 @@ families (Qwen3-MoE, Mixtral): for the reference model a pairwise-covering subse
 router, selective} × CP {1, 2} × EP {1, 2} × dispatch {all_to_all, all_gather} (every pair of
 values of any two factors appears; with EP 1 the dispatch is moot), routing forced balanced,
 each configuration one where activations are at least half the measured peak; and ring (p2p)
-CP at cp=2 (`tests.memory_runs.RING`), long enough that ring attention's backward is the peak.
+CP at cp=2 (`tests.memory_runs.RING`), long enough that ring attention's backward is the peak;
+and tp=2 for the reference model and Mixtral (`TP`).
 The full matrix runs in ``nox -s memory`` (table in docs/memory.md). Dropping a term from the
-estimate — the logits, the recompute peak, or the ring's backward — moves the prediction
-outside the tolerance: the comparison can fail.
+estimate — the logits, the recompute peak, the ring's backward, or tp's split of tokens and
+heads — moves the prediction outside the tolerance: the comparison can fail.
 """
 
 from __future__ import annotations
@@ -36,10 +37,14 @@ HF = [Case(preset="hf:qwen3_moe", mesh="dp_shard=4"),
       Case(preset="hf:qwen3_moe", mesh="dp_shard=2,cp=2,ep=2", ac="selective",
            dispatch="all_gather")]
 
+# tensor parallelism: the reference model, and a transformers family with EP beside it
+TP = [Case(preset="tiny-act", mesh="dp_shard=2,tp=2"),
+      Case(preset="hf:mixtral", mesh="dp_shard=2,tp=2,ep=2")]
+
 
 @pytest.fixture(scope="module")
 def measured(ranks: Callable[[int], RankPool]) -> dict[Case, list[dict[str, int]]]:
-    return {case: ranks(4).run(run_case, case) for case in [*PAIRWISE, *HF, *RING]}
+    return {case: ranks(4).run(run_case, case) for case in [*PAIRWISE, *HF, *RING, *TP]}
 
 
 def _errors(case: Case, runs: list[dict[str, int]]) -> list[float]:
@@ -52,7 +57,7 @@ def _errors(case: Case, runs: list[dict[str, int]]) -> list[float]:
     return out
 
 
-@pytest.mark.parametrize("case", [*PAIRWISE, *HF, *RING],
+@pytest.mark.parametrize("case", [*PAIRWISE, *HF, *RING, *TP],
                          ids=lambda c: f"{c.preset}-{c.mesh}-{c.ac}-{c.dispatch}-{c.cp_comm}")
 def test_predicted_peak_is_within_10_percent_on_every_rank(
         measured: dict[Case, list[dict[str, int]]], case: Case) -> None:
@@ -71,3 +76,11 @@ def test_dropping_a_term_fails_the_comparison(measured: dict[Case, list[dict[str
     with mock.patch(f"moefn.analyse.activations.{term}", lambda *args: 0):
         errors = _errors(case, measured[case])
     assert all(e < -0.10 for e in errors), errors
+
+
+@pytest.mark.parametrize("case", TP, ids=lambda c: f"{c.preset}-{c.mesh}")
+def test_ignoring_tp_fails_the_comparison(measured: dict[Case, list[dict[str, int]]],
+                                          case: Case) -> None:
+    with mock.patch("moefn.analyse.activations._tp", lambda plan: 1):
+        errors = _errors(case, measured[case])
+    assert all(e > 0.10 for e in errors), errors

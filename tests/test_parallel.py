@@ -18,6 +18,7 @@ from moefn import (
     FSDPOptions,
     MeshSpec,
     PlanError,
+    TPOptions,
     compose,
     launch,
     parallelize,
@@ -88,6 +89,8 @@ def _meta(preset: str = "tiny") -> nn.Module:
      ("ep", "ac")),
     ("dp_shard=4,ep=2", {"fsdp": FSDPOptions(), "ac": ACOptions(), "ep": EPOptions()},
      ("ep", "ac", "fsdp")),
+    ("dp_shard=2,tp=2,ep=2", {"fsdp": FSDPOptions(), "ep": EPOptions(), "tp": TPOptions()},
+     ("tp", "ep", "fsdp")),
 ])
 def test_each_record_plans_its_stage_in_stage_order(
         fake_world: Callable[[MeshSpec], DeviceMeshes], mesh: str, choices: dict[str, Any],
@@ -101,6 +104,7 @@ def test_each_record_plans_its_stage_in_stage_order(
     ({"ep": {"dispatch": "all_gather"}}, ArgumentTypeError,
      ("ep", "expected EPOptions or None", "{'dispatch': 'all_gather'}", "ep=EPOptions(...)")),
     ({"fsdp": True}, ArgumentTypeError, ("fsdp", "True", "fsdp=FSDPOptions(...)")),
+    ({"tp": 2}, ArgumentTypeError, ("tp", "expected TPOptions or None", "tp=TPOptions(...)")),
     ({"ac": ACOptions(mode="sometimes")}, PlanError,  # type: ignore[arg-type]
      ("unknown checkpoint mode", "'sometimes'")),
     ({"ep": EPOptions(dispatch="broadcast")}, PlanError,  # type: ignore[arg-type]

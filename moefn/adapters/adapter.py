@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from attrs import frozen
 from torch import nn
 from torch.distributed import ProcessGroup
+from torch.distributed.device_mesh import DeviceMesh
 
 from moefn.plan.options import CpComm
 from moefn.plan.roles import Recogniser
@@ -40,9 +41,10 @@ class Adapter:
     `moefn.realize.ring_attention`);
     ``install_router_replay(block)`` hooks the routers of a block checkpointed in router mode
     (`moefn.realize.routing_tape.replay_topk`), None when the routers call
-    `moefn.realize.routing_tape.route` themselves. ``install_tensor_parallel`` is the slot for a
-    model kind's own tensor parallelism: none fills it yet (`moefn.realize.tensor_parallel`
-    realizes the reference model's; transformers models are refused tp at plan time).
+    `moefn.realize.routing_tape.route` themselves. ``install_tensor_parallel(module, mesh)``
+    makes an attention or dense MLP see the whole sequence of the tp group's chunks (with
+    `moefn.realize.tensor_parallel.gather_sequence`) and the positions it needs; None: the
+    module's first positional argument is gathered (`moefn.realize.tensor_parallel`).
     """
 
     name: str
@@ -53,4 +55,4 @@ class Adapter:
     accepts_context_parallel: Callable[[nn.Module], bool]
     install_context_parallel: Callable[[nn.Module, ProcessGroup, CpComm], None]
     install_router_replay: Callable[[nn.Module], None] | None = None
-    install_tensor_parallel: Callable[..., None] | None = None
+    install_tensor_parallel: Callable[[nn.Module, DeviceMesh], None] | None = None

@@ -2,7 +2,11 @@
 
 Every byte is a tensor the model code or torch allocates, read off the forward code of
 `moefn.adapters.reference` (and transformers' equivalents) and torch 2.13's autograd formulas, for ``T``
-local tokens (rows × seq_len / cp) in the compute dtype (``b`` bytes; fp32 is 4):
+local tokens (rows × seq_len / cp) in the compute dtype (``b`` bytes; fp32 is 4). With tp
+(`moefn.realize.tensor_parallel`), norms, routers and MoE blocks see ``T / tp`` tokens; each
+attention (dense MLP, lm_head) sees all ``T`` with ``1 / tp`` of the heads (features,
+vocabulary), keeps the gathered input, and transformers' attention builds a ``[B, 1, S, S]``
+boolean mask; the loss runs under ``loss_parallel`` (three fp32 logit copies in its backward):
 
 - **saved** — what each block keeps for backward. RMSNorm: its fp32 input, the fp32 normed
   tensor (a ``b``-byte one in transformers) and its output; GQA attention: rotary's fp32 input
@@ -130,6 +134,11 @@ def _under(spec: ModelSpec, path: str) -> tuple[TensorInfo, ...]:
     return spec.params_under(path)
 
 
+def _tp(plan: ShardPlan) -> int:
+    """How many ranks split each attention's heads and the residual stream's tokens."""
+    return plan.mesh.tp
+
+
 def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root + ".")
 
@@ -148,19 +157,20 @@ def _cp_comm(plan: ShardPlan, path: str) -> str | None:
 def _attention(plan: ShardPlan, path: str, t: int, seq: int, b: int,
                moefn: bool) -> tuple[int, int, int, int]:
     """(saved, cp_kv, widest, ring backward's own bytes) of one attention module (``seq``
-    local tokens per row)."""
-    spec, cp = plan.model, plan.mesh.cp
+    local tokens per row; with tp, the gathered sequence and this rank's heads)."""
+    spec, cp, tp = plan.model, plan.mesh.cp, _tp(plan)
     info = spec.module(path)
     heads, kv_heads, dim = (int(info.fact(k)) for k in ("n_heads", "n_kv_heads", "head_dim"))
     if min(heads, kv_heads, dim) < 1:
         raise PlanError.single(path, "attention without heads: no activations to size",
                                f"n_heads={heads}, n_kv_heads={kv_heads}, head_dim={dim}",
                                "fix the model's config: at least one head of width 1")
+    heads, kv_heads = heads // tp, kv_heads // tp  # tp: this rank's heads (plan_tp divides)
     names = {t_.name.rpartition(".")[0].rpartition(".")[2]: t_ for t_ in _under(spec, path)}
     q_width, kv_width = heads * dim, kv_heads * dim
     comm = _cp_comm(plan, path) if cp > 1 else None
     if "kv_b_proj" in names:  # MLA
-        saved, local_kv, dim, v_dim = _mla(names, heads, t, b, moefn)
+        saved, local_kv, dim, v_dim = _mla(names, heads, t, b, moefn, tp)
         kv_heads = heads
         out_copy = b * t * heads * v_dim  # SDPA's output, copied into o_proj's input
         k_sdpa, v_sdpa = b * cp * t * heads * dim, b * cp * t * heads * v_dim
@@ -175,8 +185,8 @@ def _attention(plan: ShardPlan, path: str, t: int, seq: int, b: int,
         saved = t * heads * _F32 + b * t * q_width + b * t * q_width  # lse, output, q
         saved += 2 * 2 * _F32 * t * dim if moefn else 0  # cos and sin of both rotary calls
         # grouped heads are expanded before SDPA, except by transformers' SDPA path without CP
-        # (``enable_gqa``); moefn's CP attention expands them after the gather
-        expand = heads > kv_heads and (moefn or cp > 1)
+        # or TP (``enable_gqa``); moefn's attention (transformers' under CP or TP) expands them
+        expand = heads > kv_heads and (moefn or cp > 1 or tp > 1)
         for width in _head_norms(spec, path, dim, q_width, kv_width):  # Qwen3's q/k norms
             saved += t * width * (_F32 + (_F32 if moefn else b)) + _F32 * t * width // dim
         k_sdpa = v_sdpa = b * cp * t * (q_width if expand else kv_width)
@@ -185,6 +195,9 @@ def _attention(plan: ShardPlan, path: str, t: int, seq: int, b: int,
                  if _inside(p, path))
     positions = _IDX * cp * t if comm is not None and causal else 0
     widest = max(b * t * q_width, k_sdpa)
+    if tp > 1:  # the gathered input, kept by the column-wise linears, and its gradient
+        saved += _gathered(spec, t, b)
+        widest = max(widest, _gathered(spec, t, b))
     if comm == "p2p":
         # the ring (`moefn.realize.ring_attention`) saves q, its own k and v, the global
         # positions, its fp32 output and lse; o_proj keeps a copy of the output
@@ -192,8 +205,16 @@ def _attention(plan: ShardPlan, path: str, t: int, seq: int, b: int,
         ring = ring_backward_bytes(t, seq, heads, kv_heads, dim, v_dim, b, cp, causal)
         return saved, local_kv + positions, widest, ring
     mask = t * cp * t if comm is not None and causal else 0
+    if tp > 1 and comm is None and causal and not moefn:
+        mask = t * seq  # moefn's attention in transformers: a boolean [B, 1, S, S] mask
     gathered = k_sdpa + v_sdpa + mask + positions
     return (saved, gathered, widest, 0) if comm is not None else (saved + gathered, 0, widest, 0)
+
+
+def _gathered(spec: ModelSpec, t: int, b: int) -> int:
+    """The whole sequence a tp-gathered module (attention, dense MLP, lm_head) keeps as its
+    linears' input (`moefn.realize.tensor_parallel.gather_sequence`)."""
+    return b * t * _dims(spec)[0]
 
 
 def _head_norms(spec: ModelSpec, path: str, dim: int, q_width: int,
@@ -207,10 +228,11 @@ def _head_norms(spec: ModelSpec, path: str, dim: int, q_width: int,
 
 
 def _mla(names: dict[str, TensorInfo], heads: int, t: int, b: int,
-         moefn: bool) -> tuple[int, int, int, int]:
+         moefn: bool, tp: int = 1) -> tuple[int, int, int, int]:
     """(saved but K/V, local K/V kept, q/k head width, v head width) of DeepSeek's multi-head
     latent attention (`MLAttention`): q and kv latents through their norms, rotary on q's and
-    k's rope parts, q and k concatenated per head, v a view of kv_b_proj's output."""
+    k's rope parts, q and k concatenated per head, v a view of kv_b_proj's output. ``heads``
+    are this rank's (``names`` hold whole shapes: ``tp`` ranks share them)."""
     kv_a = names.get("kv_a_proj", names.get("kv_a_proj_with_mqa"))
     if kv_a is None or "q_b_proj" not in names:
         raise PlanError.single("", "MLA attention without q_b_proj/kv_a_proj", sorted(names),
@@ -218,8 +240,8 @@ def _mla(names: dict[str, TensorInfo], heads: int, t: int, b: int,
     q_rank = names["q_a_proj"].shape[0] if "q_a_proj" in names else 0
     kv_rank = names["kv_b_proj"].shape[1]
     rope = kv_a.shape[0] - kv_rank
-    qk = names["q_b_proj"].shape[0] // heads
-    v_dim = names["kv_b_proj"].shape[0] // heads - (qk - rope)
+    qk = names["q_b_proj"].shape[0] // (heads * tp)
+    v_dim = names["kv_b_proj"].shape[0] // (heads * tp) - (qk - rope)
     tables = 2 * 2 * _F32 * t * rope if moefn else 0  # cos and sin of both rotary calls
     saved = (_norm(t, q_rank, b, moefn) + _norm(t, kv_rank, b, moefn)
              + (b * t * rope if b == _F32 else 0)  # the kv latent's norm keeps all kv_a_proj
@@ -316,21 +338,24 @@ def _selective(plan: ShardPlan, path: str, t: int, b: int, cp: int) -> dict[str,
 
 def _block(plan: ShardPlan, path: str, t: int, seq: int, b: int, imbalance: float,
            worst: bool) -> _Cost:
-    spec, cp = plan.model, plan.mesh.cp
+    """One block; ``t`` tokens reach its attention, ``t / tp`` its norms and MoE (tp's
+    sequence-split residual stream)."""
+    spec, cp, tp = plan.model, plan.mesh.cp, _tp(plan)
     hidden, _ = _dims(spec)
     moefn = spec.family == "moefn"
+    own = t // tp
     attn = [p for p in spec.paths_with("attention") if _inside(p, path)]
     moes = [p for p in spec.paths_with("moe") if _inside(p, path)]
-    full = {"saved": 2 * _norm(t, hidden, b, moefn), "dispatch": 0, "cp_kv": 0}
+    full = {"saved": 2 * _norm(own, hidden, b, moefn), "dispatch": 0, "cp_kv": 0}
     widest = ring = 0
     for p in attn:
         saved, gathered, wide, ring_backward = _attention(plan, p, t, seq, b, moefn)
         full["saved"] += saved
         full["cp_kv"] += gathered
         widest, ring = max(widest, wide), max(ring, ring_backward)
-    ahead = _norm(t, hidden, b, moefn)  # back-propagated (and freed) before the attention
+    ahead = _norm(own, hidden, b, moefn)  # back-propagated (and freed) before the attention
     for p in moes:
-        token, dispatch, wide = _moe(plan, p, t, b, imbalance, worst)
+        token, dispatch, wide = _moe(plan, p, own, b, imbalance, worst)
         full["saved"] += token
         full["dispatch"] += dispatch
         ahead += token + dispatch
@@ -339,7 +364,8 @@ def _block(plan: ShardPlan, path: str, t: int, seq: int, b: int, imbalance: floa
         inside = [tt for tt in _under(spec, path) if len(tt.shape) == 2
                   and not any(_inside(tt.module_path, a) for a in attn)]
         if inside:
-            saved, wide = _mlp(t, max(tt.shape[0] for tt in inside), b)
+            saved, wide = _mlp(t, max(tt.shape[0] for tt in inside) // tp, b)
+            saved += _gathered(spec, t, b) if tp > 1 else 0
             full["saved"] += saved
             ahead += saved
             widest = max(widest, wide)
@@ -351,7 +377,7 @@ def _block(plan: ShardPlan, path: str, t: int, seq: int, b: int, imbalance: floa
     elif step.mode == "selective":
         kept = _selective(plan, path, t, b, cp)
     else:  # full / router: the block's input (and positions) only
-        kept = {"saved": b * t * hidden + _IDX * t, "dispatch": 0, "cp_kv": 0}
+        kept = {"saved": b * own * hidden + _IDX * t, "dispatch": 0, "cp_kv": 0}
     return _Cost(path=path, kept=kept, full=max(total, sum(kept.values())),
                  full_dispatch=full["dispatch"],
                  transient=max(2 * widest, ring - ahead))
@@ -368,11 +394,12 @@ def _segments(plan: ShardPlan, t: int, seq: int, b: int, imbalance: float,
                 transient=0)
     for path in spec.paths_with("block"):
         yield _block(plan, path, t, seq, b, imbalance, worst)
-    norm = _norm(t, hidden, b, moefn)
+    norm = _norm(t // _tp(plan), hidden, b, moefn)
     yield _Cost(path="norm", kept={"saved": norm}, full=norm, full_dispatch=0, transient=0)
     for path in spec.paths_with("mtp"):
         inner = _block(plan, path, t, seq, b, imbalance, worst)
-        extra = 3 * norm + b * t * 2 * hidden  # norm_h, norm_e, the head's norm; cat → proj
+        # norm_h, norm_e, the head's norm; cat → proj
+        extra = 3 * norm + b * t // _tp(plan) * 2 * hidden
         yield _Cost(path=path, kept={**inner.kept, "saved": inner.kept["saved"] + extra},
                     full=inner.full + extra, full_dispatch=inner.full_dispatch,
                     transient=inner.transient)
@@ -419,11 +446,14 @@ def buffers_of(units: Sequence[tuple[str, int, int, bool]]) -> tuple[int, int, i
     return held, held + forward, held + backward
 
 
-def _logits(t: int, vocab: int, b: int, heads: int) -> int:
+def _logits(t: int, vocab: int, b: int, heads: int, tp: int = 1) -> int:
     """Every head's logits (``b``) and saved log-softmax (fp32), plus the larger of the last
-    head's fp32 upcast (forward; none in fp32) and one head's two fp32 gradients (backward)."""
+    head's fp32 upcast (forward; none in fp32) and one head's two fp32 gradients (backward).
+    With tp, ``vocab`` is this rank's shard and the loss runs under ``loss_parallel``, whose
+    backward holds three fp32 copies (its zeros, their sum with ``exp`` and the product)."""
     upcast = _F32 if b != _F32 else 0
-    return heads * (b + _F32) * t * vocab + max(upcast, 2 * _F32) * t * vocab
+    backward = 3 * _F32 if tp > 1 else 2 * _F32
+    return heads * (b + _F32) * t * vocab + max(upcast, backward) * t * vocab
 
 
 def _recompute(cost: _Cost) -> int:
@@ -432,10 +462,11 @@ def _recompute(cost: _Cost) -> int:
 
 
 def _tokens(plan: ShardPlan, rows: int, seq_len: int) -> int:
-    cp = plan.mesh.cp
-    if seq_len % cp:
-        raise PlanError.single("seq_len", "sequence length not divisible by cp", seq_len,
-                               f"use a multiple of cp={cp}")
+    """Tokens of the rank's sequence (rows × seq_len / cp); tp splits them between blocks."""
+    cp, tp = plan.mesh.cp, plan.mesh.tp
+    if seq_len % (cp * tp):
+        raise PlanError.single("seq_len", "sequence length not divisible by cp·tp", seq_len,
+                               f"use a multiple of cp·tp={cp * tp}")
     return rows * seq_len // cp
 
 
@@ -468,16 +499,17 @@ def activation_phases(plan: ShardPlan, rows: int, seq_len: int, imbalance: float
         raise PlanError.single("imbalance", "routing imbalance below 1 (or not a number)",
                                imbalance, "pass 1.0 for balanced routing, more for skew")
     one_of(activation_dtype, tuple(DTYPE_BYTES), "activation_dtype")
-    t = _tokens(plan, rows, seq_len)
+    t, tp = _tokens(plan, rows, seq_len), _tp(plan)
     b = DTYPE_BYTES[activation_dtype]
-    hidden, vocab = _dims(plan.model)
+    _, vocab = _dims(plan.model)
     costs = list(_segments(plan, t, seq_len // plan.mesh.cp, b, imbalance, worst=False))
     heads = 1 + len(plan.model.paths_with("mtp"))
     fsdp_held, fsdp_forward, fsdp_backward = fsdp_buffers(plan)
 
     phases: list[tuple[str, dict[str, int]]] = [
         # the loss runs after the last block's reshard and before any backward prefetch
-        ("logits", {**_kept(costs), "logits": _logits(t, vocab, b, heads),
+        ("logits", {**_kept(costs), "logits": _logits(t, vocab // tp, b, heads, tp)
+                    + (heads * _gathered(plan.model, t, b) if tp > 1 else 0),
                     "fsdp_buffers": fsdp_held}),
         ("optimizer", {"optimizer_temporaries": optimizer_states})]
     for i, cost in enumerate(costs):

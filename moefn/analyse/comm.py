@@ -28,7 +28,8 @@ measure `moefn.analyse.ledger.CommLedger` counts on a real run (all-gather and r
   all-gathers its input's chunks in forward and reduce-scatters their gradient in backward;
   every row-wise linear (and the embedding) reduce-scatters its partial sums in forward and
   all-gathers their gradient; lm_head gathers like an attention, once per call (MTP calls it
-  again). MoE layers see ``tokens / tp`` tokens, CP attention ``1/tp`` of the K/V heads.
+  again). MoE layers see ``tokens / tp`` tokens, CP attention ``1/tp`` of the K/V heads. A
+  checkpointed block re-runs them all but a dense MLP's last scatter (nothing after it is saved).
 - A block checkpointed in "full" or "router" mode runs its forward collectives again in
   backward (EP and CP; FSDP units are not gathered again), up to the last one whose result
   backward needs; "selective" keeps them.
@@ -361,7 +362,10 @@ def _tp(plan: ShardPlan, tokens: int, hidden: int, act: int) -> list[Comm]:
     moved = tokens // tp * hidden * act * (tp - 1)  # one rank's chunk to or from each peer
     out = []
     for step in plan.steps_of(TensorParallel):
-        forwards = 2 if _recomputed(plan, step.path) else 1
+        # a dense MLP's row-wise output ends its block: recompute stops before its scatter
+        ends = step.style == "rowwise" and "dense_mlp" in plan.model.module(
+            step.path.rpartition(".")[0]).roles
+        forwards = 2 if _recomputed(plan, step.path) and not ends else 1
         calls = 1 + bool(plan.model.paths_with("mtp")) if step.style == "vocab_head" else 1
         if step.style in ("gather", "vocab_head"):
             out += [_traffic("tp sequence all-gather", "all_gather", ("tp",), calls * forwards,

@@ -103,7 +103,8 @@ def realize(plan: ShardPlan, model: nn.Module, meshes: DeviceMeshes,
             case ContextParallelAttention():
                 apply_context_parallel(step, modules[step.path], meshes, adapter)
             case TensorParallel():
-                apply_tensor_parallel(step, modules[step.path], meshes.get(step.mesh_dims))
+                apply_tensor_parallel(step, modules[step.path], meshes.get(step.mesh_dims),
+                                      adapter)
             case DistributeParams():
                 apply_distribute(step, modules[step.path], meshes, model)
             case InstallDispatch():

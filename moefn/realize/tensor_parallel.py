@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
+from moefn.adapters.adapter import Adapter
 from moefn.plan.errors import RealizeError
 from moefn.plan.records import TensorParallel
 
@@ -81,20 +82,27 @@ def _gather_input(module: nn.Module, args: tuple[Any, ...],
     return (gather_sequence(args[0], mesh), *args[1:]), kwargs
 
 
+def install_gather(module: nn.Module, mesh: DeviceMesh) -> None:
+    """The default for a gathered module: its first positional argument is the sequence."""
+    module.register_forward_pre_hook(_gather_input, with_kwargs=True)
+
+
 _MESH = "_moefn_tp_mesh"
 _FORWARDS: dict[str, Callable[..., Tensor]] = {"colwise": _colwise, "rowwise": _rowwise,
                                                 "vocab_embed": _vocab_embed,
                                                 "vocab_head": _vocab_head}
 
 
-def apply_tensor_parallel(step: TensorParallel, module: nn.Module, mesh: DeviceMesh) -> None:
-    """Install ``step.style`` on ``module`` (its parameters are placed by their own step)."""
+def apply_tensor_parallel(step: TensorParallel, module: nn.Module, mesh: DeviceMesh,
+                          adapter: Adapter) -> None:
+    """Install ``step.style`` on ``module`` (its parameters are placed by their own step); a
+    gathered module through its kind's ``install_tensor_parallel`` when it has one."""
     setattr(module, _MESH, mesh)
     if step.style == "gather":
-        module.register_forward_pre_hook(_gather_input, with_kwargs=True)
+        (adapter.install_tensor_parallel or install_gather)(module, mesh)
     elif step.style in _FORWARDS:
         setattr(module, "forward", MethodType(_FORWARDS[step.style], module))
     # "replicate": runs whole on the gathered input as it is; the plan sums its gradient
 
 
-__all__ = ["apply_tensor_parallel", "gather_sequence", "scatter_partial"]
+__all__ = ["apply_tensor_parallel", "gather_sequence", "install_gather", "scatter_partial"]

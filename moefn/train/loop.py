@@ -14,11 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
+from typing import cast
 
 import torch
 import torch.distributed as dist
 from attrs import define
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from moefn.adapters.reference.config import MoEConfig
 from moefn.adapters.reference.transformer import causal_lm_loss, make_batch
@@ -94,12 +97,28 @@ def local_batch(batch: Batch, mesh: MeshSpec, rank: int) -> Batch:
                  labels=cut(batch.labels))
 
 
+def _step_loss(outputs: tuple[Tensor, ...], labels: Tensor, num_valid: int) -> Tensor:
+    """Back-propagate this rank's loss; return its share of the global loss (a tp group's
+    vocabulary-sharded loss, computed under ``loss_parallel``, divided among its ranks)."""
+    if not isinstance(outputs[0], DTensor):
+        loss = causal_lm_loss(outputs, labels, num_valid)
+        loss.backward()  # type: ignore[no-untyped-call]
+        return loss.detach()
+    with loss_parallel():
+        loss = causal_lm_loss(outputs, labels, num_valid)
+        loss.backward()  # type: ignore[no-untyped-call]
+    sharded = cast(DTensor, loss.detach())  # replicated over the tp group
+    whole: Tensor = sharded.full_tensor()
+    return whole / sharded.device_mesh.size()
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
                num_valid: int, distributed: bool = True, micro_batches: int = 1) -> float:
     """One optimizer step; returns the global-batch loss (summed over ranks when distributed).
 
     With ``micro_batches > 1`` the batch runs in that many slices and gradients are reduced
-    only after the last one (`moefn.train.accumulate.no_gradient_sync`)."""
+    only after the last one (`moefn.train.accumulate.no_gradient_sync`). Vocabulary-sharded
+    logits (tp) get their loss under ``loss_parallel``; a tp group's loss counts once."""
     expect_type(model, nn.Module, "model", "an nn.Module", "pass the realized model")
     expect_type(optimizer, torch.optim.Optimizer, "optimizer", "a torch.optim.Optimizer",
                 "pass torch.optim.SGD(model.parameters(), lr=...) or another optimizer")
@@ -109,10 +128,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
     total = torch.zeros((), device=batch.input_ids.device)
     for i, piece in enumerate(pieces):
         with no_gradient_sync(model) if i < len(pieces) - 1 else nullcontext():
-            loss = causal_lm_loss(model(piece.input_ids, piece.position_ids), piece.labels,
-                                  num_valid)
-            loss.backward()  # type: ignore[no-untyped-call]
-        total += loss.detach()
+            total += _step_loss(model(piece.input_ids, piece.position_ids), piece.labels,
+                                num_valid)
     optimizer.step()
     if distributed and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total)

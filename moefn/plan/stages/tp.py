@@ -32,6 +32,8 @@ from moefn.plan.stages.common import (
     without_gradient_sync,
 )
 
+#: Model families whose attention tensor parallelism has been checked against one process.
+TP_FAMILIES = ("moefn", "transformers:qwen3_moe", "transformers:mixtral")
 #: The tensor dim each sharded style splits over tp.
 SHARD_DIM: dict[TPStyle, int] = {"colwise": 0, "rowwise": 1, "vocab_embed": 0, "vocab_head": 0}
 #: Child linears of an attention or dense MLP, by name (reference and transformers names).
@@ -110,10 +112,11 @@ def _plan(options: TPOptions, plan: ShardPlan) -> PlanResult:
     if tp == 1:
         problems.append(Problem(path="mesh", message="plan_tp needs a tp axis larger than 1",
                                 value="tp=1", fix="set tp in the mesh or leave plan_tp out"))
-    if spec.family != "moefn":
-        problems.append(Problem(path="", message="tensor parallelism is realized for the reference "
-                                "model only so far", value=f"{spec.family} ({spec.root_class})",
-                                fix="leave plan_tp out (tp=1) for transformers models"))
+    if spec.family not in TP_FAMILIES:
+        problems.append(Problem(path="", message="tensor parallelism is realized for "
+                                f"{', '.join(TP_FAMILIES)} only so far",
+                                value=f"{spec.family} ({spec.root_class})",
+                                fix="leave plan_tp out (tp=1) for this model"))
     regions = (*spec.paths_with("attention"), *spec.paths_with("dense_mlp"))
     if not spec.paths_with("attention"):
         problems.append(Problem(path="", message="no attention module to split over tp",
