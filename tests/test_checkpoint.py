@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 from moefn import MeshSpec, compose
 from moefn.adapters.reference import MoETransformer, Router, causal_lm_loss, get_preset
 from moefn.plan.options import ACOptions, CPOptions, EPOptions, FSDPOptions
-from moefn.realize import build_device_meshes, realize
+from moefn.realize import build_device_meshes, gloo_reduce_scatter, realize
 from moefn.train.accumulate import no_gradient_sync
 from moefn.train.dcp import (
     full_state_dict,
@@ -252,13 +252,15 @@ def test_a_meta_realized_model_materializes_from_a_checkpoint(
 
 # --- gradient accumulation -------------------------------------------------------------------
 
-REDUCTIONS = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter_single")
+# torch.distributed's reductions, and the reduce-scatter FSDP runs on gloo (an all-to-all and a sum)
+REDUCTIONS = ((dist, "all_reduce"), (dist, "reduce_scatter_tensor"),
+              (dist, "reduce_scatter_single"), (gloo_reduce_scatter, "reduce_scatter_by_all_to_all"))
 
 
 def count_reductions(run: Callable[[], None]) -> int:
-    """How many reducing collectives ``run`` issues (torch.distributed patched meanwhile)."""
+    """How many reducing collectives ``run`` issues (each of `REDUCTIONS` patched meanwhile)."""
     calls = []
-    originals = {name: getattr(dist, name) for name in REDUCTIONS}
+    originals = {(module, name): getattr(module, name) for module, name in REDUCTIONS}
 
     def counting(original: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -267,12 +269,12 @@ def count_reductions(run: Callable[[], None]) -> int:
         return call
 
     try:
-        for name, original in originals.items():
-            setattr(dist, name, counting(original))
+        for (module, name), original in originals.items():
+            setattr(module, name, counting(original))
         run()
     finally:
-        for name, original in originals.items():
-            setattr(dist, name, original)
+        for (module, name), original in originals.items():
+            setattr(module, name, original)
     return len(calls)
 
 

@@ -190,14 +190,14 @@ def test_every_parameter_is_placed_exactly_once(scenario: Scenario) -> None:
         paths = [s.path for s in plan.steps_of(kind)]  # type: ignore[type-var]
         assert len(paths) == len(set(paths)), f"a module gets two {kind.__name__} steps"
     units = plan.steps_of(FullyShard)
-    deepest_first = sorted(units, key=lambda s: -len(s.path))
+    by_path = {u.path: u for u in units}
     for name, info in params.items():
         containing = _units_containing(name, units)
         ignoring = [u.path for u in containing if name in u.ignored]
         # a parameter a unit leaves alone is left alone by every enclosing unit, else that
         # enclosing unit would silently shard it
         assert not ignoring or len(ignoring) == len(containing), (name, ignoring)
-        owner = owning_unit(name, deepest_first)
+        owner = owning_unit(name, by_path)
         managing = [u for u in containing if name not in u.ignored]
         assert owner == (max(managing, key=lambda u: len(u.path)) if managing else None)
         assert layouts[name].unit == (None if owner is None else owner.path)

@@ -434,16 +434,23 @@ def fsdp_buffers(plan: ShardPlan) -> tuple[int, int, int]:
 
 
 def buffers_of(units: Sequence[tuple[str, int, int, bool]]) -> tuple[int, int, int]:
-    """`fsdp_buffers` of units given as `unit_sizes` gives them."""
-    held = sum(g for p, g, _, reshard in units if p == "" or not reshard)
-    moving = [(g, r) for p, g, r, reshard in units if p != "" and reshard]
-    forward = max((a[0] + b[0] for a, b in zip(moving, moving[1:], strict=False)),
-                  default=sum(g for g, _ in moving))
-    back = list(reversed(moving))
-    after, before = [*back[1:], (0, 0)][:len(back)], [(0, 0), *back[:-1]][:len(back)]
-    backward = max((g + nxt[0] + g + prev[1] for (g, _), nxt, prev
-                    in zip(back, after, before, strict=True)), default=0)
-    return held, held + forward, held + backward
+    """`fsdp_buffers` of units given as `unit_sizes` gives them. A unit not resharded after
+    forward (lm_head, the last block) stays gathered until its own backward reshards it: held
+    when the loss runs and while any unit before it runs."""
+    root = sum(g for p, g, _, _ in units if p == "")
+    moving = [(g, r, reshard) for p, g, r, reshard in units if p != ""]
+    gathered, reduced = [g for g, _, _ in moving], [r for _, r, _ in moving]
+    kept = [0 if reshard else g for g, _, reshard in moving]
+    # unit i runs with i − 1's buffer beside it (forward: its all-gather output; backward: the
+    # prefetch), in backward its own gradients and i + 1's reduce-scatter input too, and every
+    # unit before i − 1 that was not resharded
+    earlier = [sum(kept[:max(i - 1, 0)]) for i in range(len(moving))]
+    forward = max((g + (gathered[i - 1] if i else 0) + earlier[i]
+                   for i, g in enumerate(gathered)), default=0)
+    backward = max((2 * g + (gathered[i - 1] if i else 0) + earlier[i]
+                    + (reduced[i + 1] if i + 1 < len(moving) else 0)
+                    for i, g in enumerate(gathered)), default=0)
+    return root + sum(kept), root + forward, root + backward
 
 
 def _logits(t: int, vocab: int, b: int, heads: int, tp: int = 1) -> int:
