@@ -368,16 +368,20 @@ def _micro_batch(layout: argparse.Namespace) -> tuple[int, int]:
     return 1, int(layout.tokens or 4096) * layout.mesh_spec.cp
 
 
-def _peak_estimate(plan: ShardPlan, layout: argparse.Namespace) -> Estimate:
-    """The estimate of the rank with the highest predicted peak (ranks 0 and the last: FSDP2
-    pads every shard to shard 0's size, so only unevenly split non-FSDP parameters differ)."""
+def _estimate_of(plan: ShardPlan, layout: argparse.Namespace, rank: int) -> Estimate:
+    """``rank``'s estimate for the micro-batch, optimizer and routing the flags give."""
     from moefn.analyse.estimate import estimate
 
     rows, seq_len = _micro_batch(layout)
+    return estimate(plan, rank=rank, top_k=layout.top_k, optimizer=layout.optimizer,
+                    seq_len=seq_len, rows=rows, imbalance=layout.imbalance)
+
+
+def _peak_estimate(plan: ShardPlan, layout: argparse.Namespace) -> Estimate:
+    """The estimate of the rank with the highest predicted peak (ranks 0 and the last: FSDP2
+    pads every shard to shard 0's size, so only unevenly split non-FSDP parameters differ)."""
     ranks = sorted({0, layout.mesh_spec.world_size - 1})
-    estimates = [estimate(plan, rank=r, top_k=layout.top_k, optimizer=layout.optimizer,
-                          seq_len=seq_len, rows=rows, imbalance=layout.imbalance) for r in ranks]
-    return max(estimates, key=lambda e: e.peak or 0)
+    return max((_estimate_of(plan, layout, r) for r in ranks), key=lambda e: e.peak or 0)
 
 
 def _alternatives(layout: argparse.Namespace) -> list[tuple[str, dict[str, object]]]:
@@ -466,7 +470,7 @@ def _nodes_problem(dispatch: str, ranks_per_node: int | None, ep: int) -> str | 
 
 
 def _compare_command(args: argparse.Namespace) -> int:
-    from moefn.analyse.render import diff
+    from moefn.analyse.render import render_comparison
     from moefn.plan.mesh import MeshSpec
 
     try:
@@ -476,7 +480,8 @@ def _compare_command(args: argparse.Namespace) -> int:
             print(f"moefn plan: {usage}", file=sys.stderr)
             return 2
         a, b = map(_build_plan, layouts)
-        print(diff(a, b))
+        print(render_comparison(a, b, (_estimate_of(a, layouts[0], 0),
+                                       _estimate_of(b, layouts[1], 0))))
     except PlanError as err:
         print(err)
         return 1

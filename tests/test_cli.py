@@ -223,6 +223,23 @@ def test_cp_without_a_sequence_length_is_a_usage_error(
     assert says in capsys.readouterr().err
 
 
+def test_compare_counts_the_tokens_the_flags_give(capsys: pytest.CaptureFixture[str]) -> None:
+    """--compare's communication is that of `moefn plan` with the same micro-batch flags (it
+    once estimated every side at 4096 tokens whatever --seq-len and --rows said)."""
+    from moefn.analyse.render import format_bytes
+
+    flags = ["--seq-len", "32", "--rows", "3"]
+    assert main(["plan", "--model", "tiny", "--mesh", "dp_shard=2,cp=2,ep=2", *flags,
+                 "--json"]) == 0
+    comm = {c["collective"]: c["received"] for c in json.loads(capsys.readouterr().out)["comm"]}
+    assert main(["plan", "--model", "tiny", "--compare", "dp_shard=4,ep=2",
+                 "dp_shard=2,cp=2,ep=2", *flags]) == 0
+    out = capsys.readouterr().out
+    for name in ("ep dispatch + combine", "cp K/V all-gather"):
+        line = next(x for x in out.splitlines() if x.lstrip().startswith(name))
+        assert f"→ {format_bytes(comm[name]):>14}" in line, (line, comm[name])
+
+
 def test_compare_sides_take_their_own_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--model", "tiny", "--compare", "dp_shard=4,ep=2:ac=full",
                  "dp_shard=2,cp=2,ep=2:ac=router,seq_len=64,dispatch=all_gather"]) == 0

@@ -17,6 +17,8 @@ moefn plan: MoETransformer (moefn) on dp_replicate=1 dp_shard=4 cp=1 ep=2 ...
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from moefn.analyse.layout import ParamLayout, param_layouts
 from moefn.plan.arguments import expect_type
 from moefn.plan.errors import path_pattern
@@ -33,6 +35,9 @@ from moefn.plan.records import (
     SyncGradients,
     TensorParallel,
 )
+
+if TYPE_CHECKING:
+    from moefn.analyse.estimate import Estimate
 
 
 def _axes(dims: tuple[Axis, ...], mesh: MeshSpec) -> str:
@@ -150,8 +155,10 @@ def _describe(step: Step, mesh: MeshSpec) -> str:
                                                                 strict=True)))
 
 
-def render_comparison(before: ShardPlan, after: ShardPlan) -> str:
-    """What changes from ``before`` to ``after`` (same model): steps, memory, communication."""
+def render_comparison(before: ShardPlan, after: ShardPlan,
+                      estimates: tuple[Estimate, Estimate] | None = None) -> str:
+    """What changes from ``before`` to ``after`` (same model): steps, memory, communication —
+    of rank 0 as ``estimates`` give them (default: `estimate` of each plan's rank 0)."""
     from moefn.analyse.estimate import estimate
     from moefn.plan.errors import PlanError
 
@@ -182,7 +189,7 @@ def render_comparison(before: ShardPlan, after: ShardPlan) -> str:
     for (symbol, pattern, text), paths in groups.items():
         label = paths[0] if len(paths) == 1 else f"{pattern} ×{len(paths)}"
         lines.append(f"{symbol} {label or '(root)'}  {text}")
-    a_est, b_est = estimate(before), estimate(after)
+    a_est, b_est = estimates or (estimate(before), estimate(after))
     lines.append("per-rank memory (rank 0):")
     for part in ("params", "grads", "optimizer"):
         old_bytes: dict[str, int] = dict(getattr(a_est.memory, part))
