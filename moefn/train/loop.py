@@ -100,16 +100,15 @@ def local_batch(batch: Batch, mesh: MeshSpec, rank: int) -> Batch:
 def _step_loss(outputs: tuple[Tensor, ...], labels: Tensor, num_valid: int) -> Tensor:
     """Back-propagate this rank's loss; return its share of the global loss (a tp group's
     vocabulary-sharded loss, computed under ``loss_parallel``, divided among its ranks)."""
-    if not isinstance(outputs[0], DTensor):
+    sharded = isinstance(outputs[0], DTensor)
+    with loss_parallel() if sharded else nullcontext():
         loss = causal_lm_loss(outputs, labels, num_valid)
         loss.backward()  # type: ignore[no-untyped-call]
+    if not sharded:
         return loss.detach()
-    with loss_parallel():
-        loss = causal_lm_loss(outputs, labels, num_valid)
-        loss.backward()  # type: ignore[no-untyped-call]
-    sharded = cast(DTensor, loss.detach())  # replicated over the tp group
-    whole: Tensor = sharded.full_tensor()
-    return whole / sharded.device_mesh.size()
+    replicated = cast(DTensor, loss.detach())  # the same over the tp group
+    whole: Tensor = replicated.full_tensor()
+    return whole / replicated.device_mesh.size()
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
