@@ -11,9 +11,11 @@ are compared on their own groups: across nodes (ranks 0 and 2, 1 and 3) and with
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import pytest
 from torch import nn
+from torch.distributed.tensor.parallel import loss_parallel
 
 from moefn import MeshSpec
 from moefn.adapters.reference import causal_lm_loss
@@ -73,15 +75,18 @@ def force_routing(model: nn.Module, experts: tuple[int, ...]) -> None:
             module.expert_bias[list(experts)] = 1e3
 
 
-def _measure(rank: int, world: int, case: Case) -> tuple[Totals, Totals]:
+def measure(rank: int, world: int, case: Case) -> tuple[Totals, Totals]:
+    """One step's collectives as `CommLedger` counts them, and as the plan predicts them (with
+    tp, the vocabulary-sharded loss under ``loss_parallel``)."""
     reference, model, plan = build_pair(case)
     force_routing(model, case.force_experts)
     batch = global_batch(reference.config, case.batch, case.seq, case.seed)
     mine = local_batch(batch, plan.mesh, rank)
 
     def step() -> None:
-        logits = model(mine.input_ids, mine.position_ids)
-        causal_lm_loss(logits, mine.labels, batch.num_valid).backward()
+        with loss_parallel() if plan.mesh.tp > 1 else nullcontext():
+            logits = model(mine.input_ids, mine.position_ids)
+            causal_lm_loss(logits, mine.labels, batch.num_valid).backward()
 
     return _count_and_predict(rank, plan, step, mine.input_ids.numel(), case.force_experts)
 
@@ -150,7 +155,7 @@ def test_predicted_comm_of_transformers_models(ranks: Callable[[int], RankPool],
 @pytest.mark.parametrize("name", CASES)
 def test_predicted_comm_is_what_a_step_moves(ranks: Callable[[int], RankPool], name: str) -> None:
     world = MeshSpec.parse(CASES[name].mesh).world_size
-    for rank, (measured, predicted) in enumerate(ranks(world).run(_measure, CASES[name])):
+    for rank, (measured, predicted) in enumerate(ranks(world).run(measure, CASES[name])):
         assert measured == predicted, (rank, sorted(measured.items()), sorted(predicted.items()))
         assert all(sent > 0 for key, (_, sent, _) in measured.items()), measured
 

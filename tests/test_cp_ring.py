@@ -30,7 +30,7 @@ from moefn.realize.ring_attention import ring_attention
 from tests.hf_parity import HFCase, assert_hf_parity, run_hf_parity
 from tests.parity import Case, assert_parity, run_parity
 from tests.ranks import RankPool
-from tests.test_comm import _measure
+from tests.test_comm import measure
 
 RING = CPOptions(comm="p2p")
 FSDP = FSDPOptions(precision="fp32")
@@ -122,7 +122,7 @@ def _run_case(rank: int, world: int, name: str) -> dict[str, Any]:
     if name in HF_PARITY:
         return {name: run_hf_parity(rank, world, HF_PARITY[name])}
     if name in COMM:
-        return {name: _measure(rank, world, COMM[name])}
+        return {name: measure(rank, world, COMM[name])}
     return {name: _broken_merge(rank, world)}
 
 

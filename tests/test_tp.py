@@ -15,11 +15,10 @@ from typing import Any
 import pytest
 import torch
 from attrs import evolve
-from torch.distributed.tensor.parallel import loss_parallel
 
 import moefn.plan.stages.common as common
 from moefn import MeshSpec, compose, parallelize, plan_cp, plan_ep, plan_fsdp, plan_tp
-from moefn.adapters.reference import MoETransformer, causal_lm_loss, get_preset
+from moefn.adapters.reference import MoETransformer, get_preset
 from moefn.analyse.render import diff
 from moefn.plan.options import ACOptions, CPOptions, EPOptions, FSDPOptions, StageOptions, TPOptions
 from moefn.plan.records import DistributeParams, Shard, ShardPlan, SyncGradients, TensorParallel
@@ -27,9 +26,9 @@ from moefn.plan.serialize import from_json, to_json
 from moefn.realize import build_device_meshes
 from moefn.train.loop import global_batch, local_batch, train
 from tests.hf_parity import HFCase, assert_hf_parity, run_hf_parity
-from tests.parity import Case, assert_parity, build_pair, run_parity
+from tests.parity import Case, assert_parity, run_parity
 from tests.ranks import RankPool
-from tests.test_comm import Totals, _count_and_predict, force_routing
+from tests.test_comm import measure
 
 TP = TPOptions()
 FSDP = FSDPOptions(precision="fp32")
@@ -102,25 +101,10 @@ COMM = {
 }
 
 
-def _comm(rank: int, world: int, case: Case) -> tuple[Totals, Totals]:
-    """One step's collectives as `CommLedger` counts them, and as the plan predicts them."""
-    reference, model, plan = build_pair(case)
-    force_routing(model, case.force_experts)
-    batch = global_batch(reference.config, case.batch, case.seq, case.seed)
-    mine = local_batch(batch, plan.mesh, rank)
-
-    def step() -> None:
-        with loss_parallel():
-            causal_lm_loss(model(mine.input_ids, mine.position_ids), mine.labels,
-                           batch.num_valid).backward()
-
-    return _count_and_predict(rank, plan, step, mine.input_ids.numel(), case.force_experts)
-
-
 @pytest.mark.parametrize("name", COMM)
 def test_predicted_tp_comm_is_what_a_step_moves(ranks: Callable[[int], RankPool],
                                                 name: str) -> None:
-    for rank, (measured, predicted) in enumerate(ranks(4).run(_comm, COMM[name])):
+    for rank, (measured, predicted) in enumerate(ranks(4).run(measure, COMM[name])):
         assert measured == predicted, (rank, sorted(measured.items()), sorted(predicted.items()))
         tp_group = (rank - rank % 2, rank - rank % 2 + 1)
         assert {op for op, group in measured if group == tp_group} >= {
