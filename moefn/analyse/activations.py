@@ -135,7 +135,8 @@ def _under(spec: ModelSpec, path: str) -> tuple[TensorInfo, ...]:
 
 
 def _tp(plan: ShardPlan) -> int:
-    """How many ranks split each attention's heads and the residual stream's tokens."""
+    """How many ranks split each attention's heads and the residual stream's tokens (one place,
+    so that tests/test_memory_peak.py can show that ignoring tp fails the comparison)."""
     return plan.mesh.tp
 
 
