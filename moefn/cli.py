@@ -301,7 +301,9 @@ def _model_builder(args: argparse.Namespace) -> Callable[[], nn.Module]:
         except Exception as err:  # noqa: BLE001 - transformers' config classes raise their own
             raise PlanError.single("", "cannot build the transformers config",
                                    args.hf_config or args.model,
-                                   f"{err} (transformers models need moefn[hf])") from err
+                                   "pass a transformers config.json of an MoE causal LM (it "
+                                   f"failed with {type(err).__name__}: {err}; transformers "
+                                   "models need moefn[hf])") from err
         return lambda: _build_foreign(build_hf_model, config, args.hf_config or args.model,
                                       dtype=master or torch.bfloat16)
     from moefn.adapters.reference import MoETransformer, get_preset
@@ -317,6 +319,8 @@ def _build_foreign(build: Callable[..., nn.Module], config: object, source: str,
 
     try:
         return build(config, device=str(torch.get_default_device()), dtype=dtype)
+    except PlanError:
+        raise
     except Exception as err:  # noqa: BLE001 - transformers/torch raise anything on bad values
         raise PlanError.single("", "transformers cannot build a model from this config", source,
                                f"fix the config ({type(err).__name__}: {str(err)[:200]})") from err

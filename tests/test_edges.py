@@ -338,6 +338,20 @@ def test_hf_config_files_that_cannot_be_read(content: str | None, tmp_path: Path
     assert "fix:" in capsys.readouterr().out
 
 
+def test_a_dense_transformers_config_names_the_architecture(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """transformers builds a dense Llama; moefn's own refusal is what the user reads, whole."""
+    pytest.importorskip("transformers")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                                "num_hidden_layers": 1, "num_attention_heads": 4,
+                                "num_key_value_heads": 2, "vocab_size": 128}))
+    assert run_cli(["plan", "--hf-config", str(path), "--mesh", "dp_shard=2,ep=2"]) == 1
+    out = capsys.readouterr().out
+    assert "unrecognised model architecture (value: LlamaForCausalLM)" in out, out
+    assert "transformers cannot build" not in out and out.rstrip().endswith("moefn plans of each"), out
+
+
 # ---------------------------------------------------------------------------------------------
 # Ranks: device meshes and process groups that do not fit, inputs that disagree in a cp group
 # ---------------------------------------------------------------------------------------------
