@@ -85,3 +85,8 @@ __all__ = [
     "stages_from",
     "to_json",
 ]
+
+
+def __dir__() -> list[str]:
+    """The public names too (they load lazily), for dir() and tab completion."""
+    return sorted({*globals(), *__all__})

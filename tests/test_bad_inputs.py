@@ -200,11 +200,11 @@ OFFLINE: list[tuple[str, Callable[[], object], Expect]] = [
      Expect(PlanError, "mesh", "", "dp_shard=2", "MeshSpec")),
     # --- context parallel ---
     ("cp-not-dividing-sequence", lambda: compose(plan_cp(seq_len=30))(meta(), MeshSpec(cp=2)),
-     Expect(PlanError, "", "not divisible by 2·cp", "seq_len=30, cp=2", "use seq_len 28 or 32")),
+     Expect(PlanError, "plan_cp", "not divisible by 2·cp", "seq_len=30, cp=2", "use seq_len 28 or 32")),
     ("cp-sequence-too-short", lambda: compose(plan_cp(seq_len=6))(meta(), MeshSpec(cp=4)),
-     Expect(PlanError, "", "not divisible by 2·cp", "seq_len=6, cp=4", "use seq_len 8")),
+     Expect(PlanError, "plan_cp", "not divisible by 2·cp", "seq_len=6, cp=4", "use seq_len 8")),
     ("cp-sequence-zero", lambda: compose(plan_cp(seq_len=0))(meta(), MeshSpec(cp=2)),
-     Expect(PlanError, "", "sequence length", "seq_len=0", "seq_len")),
+     Expect(PlanError, "plan_cp", "sequence length", "seq_len=0", "seq_len")),
     ("plan-cp-with-cp-1", lambda: compose(plan_cp())(meta(), TWO),
      Expect(PlanError, "mesh", "needs a cp axis larger than 1", "cp=1", "leave plan_cp out")),
     # --- expert parallel ---
@@ -215,7 +215,7 @@ OFFLINE: list[tuple[str, Callable[[], object], Expect]] = [
      Expect(PlanError, "", "no MoE experts", "MoETransformer", "leave plan_ep out")),
     ("unknown-dispatch", lambda: compose(plan_ep(dispatch="nccl"))(  # type: ignore[arg-type]
         meta(), MeshSpec(dp_shard=2, ep=2)),
-     Expect(PlanError, "", "unknown dispatch", "'nccl'", '"all_gather" or "hierarchical"')),
+     Expect(PlanError, "plan_ep", "unknown dispatch", "'nccl'", '"all_gather" or "hierarchical"')),
     # --- architectures ---
     ("unknown-architecture", lambda: compose(plan_fsdp())(nn.Linear(4, 4), TWO),
      Expect(PlanError, "", "unrecognised model architecture", "Linear", "recognisers tried: moefn")),
@@ -240,25 +240,25 @@ OFFLINE: list[tuple[str, Callable[[], object], Expect]] = [
      Expect(PlanError, "mesh", "no mesh given", "None", "pass a MeshSpec")),
     # --- options ---
     ("unknown-precision", lambda: compose(plan_fsdp(precision="fp16"))(meta(), TWO),  # type: ignore[arg-type]
-     Expect(PlanError, "", "unknown precision", "'fp16'", '"bf16" or "fp32"')),
+     Expect(PlanError, "plan_fsdp", "unknown precision", "'fp16'", '"bf16" or "fp32"')),
     ("unknown-lm-head-precision",
      lambda: compose(plan_fsdp(lm_head_precision="fp8"))(meta(), TWO),  # type: ignore[arg-type]
-     Expect(PlanError, "", "unknown precision", "'fp8'", '"bf16" or "fp32"')),
+     Expect(PlanError, "plan_fsdp", "unknown precision", "'fp8'", '"bf16" or "fp32"')),
     ("unknown-ac-mode", lambda: compose(plan_ac(mode="sometimes"))(meta(), TWO),  # type: ignore[arg-type]
-     Expect(PlanError, "", "unknown checkpoint mode", "'sometimes'", "'selective'")),
+     Expect(PlanError, "plan_ac", "unknown checkpoint mode", "'sometimes'", "'selective'")),
     ("ac-every-zero", lambda: compose(plan_ac(every=0))(meta(), TWO),
-     Expect(PlanError, "", "every must be at least 1", "0", "every=1")),
+     Expect(PlanError, "plan_ac", "every must be at least 1", "0", "every=1")),
     ("ac-every-negative", lambda: compose(plan_ac(every=-3))(meta(), TWO),
-     Expect(PlanError, "", "every must be at least 1", "-3", "every=1")),
+     Expect(PlanError, "plan_ac", "every must be at least 1", "-3", "every=1")),
     ("ac-skip-matching-nothing", lambda: compose(plan_ac(skip=("blocks.*",)))(meta(), TWO),
      Expect(PlanError, "blocks.*", "matches no block", "blocks.*", "layers.0")),
     ("ac-every-fractional", lambda: compose(plan_ac(every=1.5))(meta(), TWO),  # type: ignore[arg-type]
-     Expect(PlanError, "", "every", "1.5", "every=")),
+     Expect(PlanError, "plan_ac", "every", "1.5", "every=")),
     ("ac-skip-as-string", lambda: compose(plan_ac(skip="blocks.0"))(meta(), TWO),  # type: ignore[arg-type]
      Expect(PlanError, "blocks.0", "matches no block", "blocks.0", "layers.0")),
     ("fsdp-flag-not-bool", lambda: compose(plan_fsdp(reshard_after_forward="no"))(  # type: ignore[arg-type]
         meta(), TWO),
-     Expect(PlanError, "", "reshard_after_forward", "'no'", "True or False")),
+     Expect(PlanError, "plan_fsdp", "reshard_after_forward", "'no'", "True or False")),
     # --- plan files ---
     ("json-malformed", load("{not json"),
      Expect(PlanFormatError, "(plan file)", "not valid JSON", "line 1", "to_json(plan)")),

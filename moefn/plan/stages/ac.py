@@ -46,13 +46,13 @@ def _plan(options: ACOptions, plan: ShardPlan) -> PlanResult:
     mode, globs, every = options.mode, options.skip, options.every
     problems = already_parallel_problems(plan)
     if mode not in (*SAVES, "none"):
-        problems.append(Problem(path="", message="unknown checkpoint mode", value=repr(mode),
+        problems.append(Problem(path="plan_ac", message="unknown checkpoint mode", value=repr(mode),
                                 fix=f"use one of {(*SAVES, 'none')}"))
     if type(every) is not int:
-        problems.append(Problem(path="", message="every must be an integer",
+        problems.append(Problem(path="plan_ac", message="every must be an integer",
                                 value=repr(every), fix="use every=1 for all blocks, 2 for every other"))
     elif every < 1:
-        problems.append(Problem(path="", message="every must be at least 1",
+        problems.append(Problem(path="plan_ac", message="every must be at least 1",
                                 value=str(every), fix="use every=1 for all blocks"))
     if mode == "selective" and any(s.comm == "p2p"
                                     for s in plan.steps_of(ContextParallelAttention)):

@@ -50,7 +50,7 @@ def _plan(options: CPOptions, plan: ShardPlan) -> PlanResult:
     seq_len, comm = options.seq_len, options.comm
     problems = already_parallel_problems(plan)
     if comm not in CP_COMMS:
-        problems.append(Problem(path="", message="unknown context-parallel communication",
+        problems.append(Problem(path="plan_cp", message="unknown context-parallel communication",
                                 value=f"comm={comm!r}",
                                 fix='use comm="all_gather" or comm="p2p" (ring)'))
     cp = plan.mesh.cp
@@ -58,12 +58,12 @@ def _plan(options: CPOptions, plan: ShardPlan) -> PlanResult:
         problems.append(Problem(path="mesh", message="plan_cp needs a cp axis larger than 1",
                                 value="cp=1", fix="set cp in the mesh or leave plan_cp out"))
     if seq_len is not None and (type(seq_len) is not int or seq_len < 1):
-        problems.append(Problem(path="", message="sequence length must be a positive integer",
+        problems.append(Problem(path="plan_cp", message="sequence length must be a positive integer",
                                 value=f"seq_len={seq_len!r}",
                                 fix=f"use seq_len {2 * cp} or a multiple of it"))
     elif seq_len is not None and seq_len % (2 * cp):
         problems.append(Problem(
-            path="", message="sequence length not divisible by 2·cp (head-tail layout)",
+            path="plan_cp", message="sequence length not divisible by 2·cp (head-tail layout)",
             value=f"seq_len={seq_len}, cp={cp}",
             fix=f"use seq_len {head_tail_lengths(seq_len, cp)}"))
     targets, mixers = plan.model.paths_with("core_attention"), plan.model.paths_with("mixer")

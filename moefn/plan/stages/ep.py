@@ -60,7 +60,7 @@ def _plan(options: EPOptions, plan: ShardPlan) -> PlanResult:
     ep = plan.mesh.ep
     experts = plan.model.paths_with("experts")
     if dispatch not in ("all_to_all", "all_gather", "hierarchical"):
-        problems.append(Problem(path="", message="unknown dispatch", value=repr(dispatch),
+        problems.append(Problem(path="plan_ep", message="unknown dispatch", value=repr(dispatch),
                                 fix='use "all_to_all", "all_gather" or "hierarchical"'))
     problems += _node_problems(dispatch, ranks_per_node, ep)
     if ep == 1:

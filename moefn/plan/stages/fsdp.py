@@ -87,13 +87,13 @@ def _plan(options: FSDPOptions, plan: ShardPlan) -> PlanResult:
     reshard_after_forward, offload = options.reshard_after_forward, options.offload
     wrap_outer_model, shard_frozen = options.wrap_outer_model, options.shard_frozen
     problems = already_parallel_problems(plan)
-    problems += [Problem(path="", message="unknown precision", value=repr(p),
+    problems += [Problem(path="plan_fsdp", message="unknown precision", value=repr(p),
                          fix='use "bf16" or "fp32"')
                  for p in (precision, *([] if lm_head_precision is None else [lm_head_precision]))
                  if not isinstance(p, str) or p not in _DTYPES]
     flags = {"reshard_after_forward": reshard_after_forward, "offload": offload,
              "wrap_outer_model": wrap_outer_model, "shard_frozen": shard_frozen}
-    problems += [Problem(path="", message=f"{name} must be a bool", value=repr(flag),
+    problems += [Problem(path="plan_fsdp", message=f"{name} must be a bool", value=repr(flag),
                          fix=f"use {name}=True or False")
                  for name, flag in flags.items() if type(flag) is not bool]
     problems += _precision_problems(plan.model, precision)
