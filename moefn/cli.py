@@ -130,6 +130,26 @@ def _local_ranks(text: str) -> int:
     return n
 
 
+def _calibration_ranks(text: str) -> int:
+    """calibrate --nproc: collectives need a peer, so 2 to MAX_LOCAL_RANKS (else exit 2)."""
+    n = _local_ranks(text)
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"collectives need at least 2 ranks, got {n}: use "
+                                         "--nproc 2 or more (the GPUs of one node)")
+    return n
+
+
+def _writable_file(text: str) -> str:
+    """calibrate --out: a file whose directory exists, checked before minutes of measuring."""
+    import os
+
+    folder = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write a profile to {text!r}: name a file in "
+                                         "an existing, writable directory (e.g. mine.json)")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moefn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -219,8 +239,10 @@ def _parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="measure this machine (matmul, per-op overhead, "
                                            "collectives on N local ranks) into a --hardware "
                                            "profile for plan --search")
-    cal.add_argument("--nproc", type=_local_ranks, default=4, help="local ranks running at once")
-    cal.add_argument("--out", default="hardware.json", help="where to write the profile")
+    cal.add_argument("--nproc", type=_calibration_ranks, default=4,
+                     help="local ranks running at once (2 or more)")
+    cal.add_argument("--out", type=_writable_file, default="hardware.json",
+                     help="where to write the profile")
     bench = sub.add_parser("bench", help="run benchmarks/ (from a repository checkout): tables "
                                          "in docs/benchmarks.md, JSON in results/")
     bench.add_argument("--steps", type=_positive, default=6,

@@ -295,6 +295,16 @@ def test_bench_steps_zero_is_a_usage_error() -> None:
     assert run_cli(["bench", "--steps", "0"]) == 2
 
 
+@pytest.mark.parametrize("argv", [["--nproc", "1"], ["--out", "/no/such/dir/mine.json"],
+                                  ["--out", "."]])
+def test_calibrate_refuses_before_measuring(argv: list[str],
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """One rank has no peer for a collective (gloo failed with 'Pair is not connected'); an
+    unwritable --out failed only after the whole measurement."""
+    assert run_cli(["calibrate", *argv]) == 2
+    assert argv[1] in capsys.readouterr().err
+
+
 def test_top_k_above_the_experts_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli([*PLAN_ARGS, "--top-k", "9"]) == 1
     assert "top-k larger than the number of experts" in capsys.readouterr().out
