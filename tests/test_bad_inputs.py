@@ -40,6 +40,7 @@ from moefn import (
 from moefn.adapters.reference import MoETransformer, get_preset, make_batch
 from moefn.analyse.render import diff
 from moefn.plan.serialize import from_json, to_json
+from moefn.launch import fake_world
 from moefn.realize import DeviceMeshes, build_device_meshes, realize
 from moefn.realize.dispatch import LocalDispatch
 from tests.ranks import RankPool, release_groups
@@ -198,6 +199,14 @@ OFFLINE: list[tuple[str, Callable[[], object], Expect]] = [
      Expect(PlanError, "mesh", "not an axis=size item", "'dp_shard=²'", "axis=size")),
     ("mesh-given-as-text", lambda: compose(plan_fsdp())(meta(), "dp_shard=2"),  # type: ignore[arg-type]
      Expect(PlanError, "mesh", "", "dp_shard=2", "MeshSpec")),
+    ("device-type-gpu", lambda: meshes_on("gpu"),
+     Expect(RealizeError, "device_type", "not a torch device type", "'gpu'", '"cuda"')),
+    ("device-with-index", lambda: meshes_on("cuda:0"),
+     Expect(RealizeError, "device_type", "a device, not a device type", "'cuda:0'", "'cuda'")),
+    ("device-absent", lambda: meshes_on("cuda") if not torch.cuda.is_available() else meshes_on("xpu"),
+     Expect(RealizeError, "device_type", "no such device in this process", "", "is_available()")),
+    ("device-meta", lambda: meshes_on("meta"),
+     Expect(RealizeError, "device_type", "meta tensors cannot communicate", "'meta'", "fake_world")),
     # --- context parallel ---
     ("cp-not-dividing-sequence", lambda: compose(plan_cp(seq_len=30))(meta(), MeshSpec(cp=2)),
      Expect(PlanError, "plan_cp", "not divisible by 2·cp", "seq_len=30, cp=2", "use seq_len 28 or 32")),
@@ -314,6 +323,12 @@ OFFLINE: list[tuple[str, Callable[[], object], Expect]] = [
     ("json-repeated-stage", load(edited(lambda d: _set(d["plan"], stages=["ep", "ep", "fsdp"]))),
      Expect(PlanFormatError, "plan.stages", "stage", "ep", FORMAT_FIX)),
 ]
+
+
+def meshes_on(device_type: str) -> DeviceMeshes:
+    """build_device_meshes on torch's fake process group of 2 ranks."""
+    with fake_world(2):
+        return build_device_meshes(TWO, device_type)
 
 
 def _offline_params() -> list[Any]:

@@ -14,6 +14,7 @@ parent and the submeshes of the views agree (FSDP can then shard ep- and tp-plac
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from attrs import frozen
 from torch.distributed import ProcessGroup
@@ -64,6 +65,7 @@ def build_device_meshes(spec: MeshSpec, device_type: str) -> DeviceMeshes:
     """Create the meshes for ``spec`` on ``device_type`` ("cpu" with gloo, "cuda" with NCCL)."""
     expect_type(spec, MeshSpec, "spec", "a MeshSpec", "pass plan.mesh or MeshSpec(...)")
     expect_type(device_type, str, "device_type", "a str", 'pass "cpu" (gloo) or "cuda" (NCCL)')
+    _check_device_type(device_type)
     ranks = dist.get_world_size() if dist.is_initialized() else None
     if ranks is None and not launched_by_torchrun():
         raise RealizeError.single("mesh", "no process group to build the meshes on",
@@ -78,6 +80,26 @@ def build_device_meshes(spec: MeshSpec, device_type: str) -> DeviceMeshes:
     views = {name: world._unflatten(0, sizes, dims)
              for name, (dims, sizes) in expected_views(spec).items() if name != "world"}
     return DeviceMeshes(spec, world, **views)
+
+
+def _check_device_type(device_type: str) -> None:
+    """A device type torch knows, without an index, whose devices this process has."""
+    try:
+        device = torch.device(device_type)
+    except RuntimeError as err:
+        raise RealizeError.single("device_type", "not a torch device type", repr(device_type),
+                                  'pass "cuda" (NCCL) or "cpu" (gloo)') from err
+    if device.index is not None:
+        raise RealizeError.single("device_type", "a device, not a device type", repr(device_type),
+                                  f"pass {device.type!r}: each rank uses its LOCAL_RANK's device")
+    if device.type == "meta":
+        raise RealizeError.single("device_type", "meta tensors cannot communicate", "'meta'",
+                                  'plan on meta, realize on "cuda" or "cpu" (moefn.launch.'
+                                  "fake_world stands in for a large world)")
+    if not torch.get_device_module(device.type).is_available():
+        raise RealizeError.single("device_type", "no such device in this process",
+                                  repr(device_type), 'pass "cpu" (gloo) here, or run where '
+                                  f"torch.{device.type}.is_available()")
 
 
 def expected_views(spec: MeshSpec) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
