@@ -39,8 +39,8 @@ from moefn import (
 )
 from moefn.adapters.reference import MoETransformer, get_preset, make_batch
 from moefn.analyse.render import diff
-from moefn.plan.serialize import from_json, to_json
 from moefn.launch import fake_world
+from moefn.plan.serialize import from_json, to_json
 from moefn.realize import DeviceMeshes, build_device_meshes, realize
 from moefn.realize.dispatch import LocalDispatch
 from tests.ranks import RankPool, release_groups
