@@ -272,7 +272,10 @@ def test_cp_plans_windows_and_sinks_and_refuses_indexed_and_compressed_attention
     assert "model.layers.1.self_attn: ring (p2p) attention masks causally only (value: attention " \
            "sinks)" in ring
     for family, kind in (("deepseek_v32", "indexed_attention"), ("glm_moe_dsa", "indexed_attention"),
-                         ("deepseek_v4", "compressed")):
+                         ("deepseek_v4", "compressed"),
+                         ("inkling_text", "Inkling's attention adds a relative position bias"),
+                         ("inkling2_text", "Inkling 2's attention adds a relative position bias"),
+                         ("zaya", "ZAYA's compressed convolutional attention mixes queries")):
         refused = str(compose(plan_cp())(build_hf(family, device="meta"), mesh).failure())
         grouped = refused.replace(" ×2", "")  # equal problems on both layers are listed once
         assert "self_attn: attention cannot be context-parallel (value: " in grouped, refused
