@@ -249,6 +249,8 @@ WINDOWED_SUITE = "tests/test_hf.py::test_sliding_window_and_sink_attention_train
 HYBRID_SUITE = "tests/test_hf.py::test_hybrid_models_train_like_one_process"
 CONTROL_SUITE = "tests/test_hf.py::test_hyper_connection_models_train_like_plain_data_parallelism"
 ROUTER_SUITE = "tests/test_hf.py::test_router_shapes_train_like_one_process"
+LLAMA4_SUITE = ("tests/test_hf.py::test_llama4_chunked_and_temperature_tuned_attention_trains_like_"
+                "one_process_with_cp")
 SUITE_DATE = WINDOWED_DATE = HYBRID_DATE = CONTROL_DATE = ROUTER_DATE = "2026-11-30"
 NUMERICS: dict[str, str] = {  # families the default suite's parity tests train on 4 gloo ranks
     **{family: f"matches one process: `{SUITE}[{case}]` ({SUITE_DATE})"
@@ -270,7 +272,9 @@ NUMERICS: dict[str, str] = {  # families the default suite's parity tests train 
     # routers nested, with extra rows or an MLP; Llama 4's input-scaled experts
     **{family: f"matches one process: `{ROUTER_SUITE}` (losses and gradients relative ≤ 1e-5) "
                f"({ROUTER_DATE})"
-       for family in ("llama4_text", "hunyuan_v1_moe", "gemma4_text", "afmoe", "inkling_text")},
+       for family in ("hunyuan_v1_moe", "gemma4_text", "afmoe", "inkling_text")},
+    "llama4_text": f"matches one process, and with CP (chunks, temperature tuning): "
+                   f"`{ROUTER_SUITE}`, `{LLAMA4_SUITE}` ({ROUTER_DATE})",
 }
 NOT_CHECKED = "not checked"
 HEADER = "| family | EP + router AC + FSDP ({ep}) | CP ({cp}) | numerics |"
