@@ -201,6 +201,7 @@ def installed(model: nn.Module) -> dict[str, Any]:
     from torch.distributed.tensor import DTensor
 
     from moefn.adapters.transformers.attention import CP_GROUP
+    from moefn.adapters.transformers.sequence_positions import TEMPERATURE
     from moefn.plan.hf_roles import is_fused_experts
     from moefn.realize.routing_tape import REPLAYING
 
@@ -214,6 +215,7 @@ def installed(model: nn.Module) -> dict[str, Any]:
         "checkpointed": sum(bool(getattr(m, "_moefn_checkpoint", None)) for m in model.modules()),
         "router_replay": sum(bool(getattr(m, REPLAYING, False)) for m in model.modules()),
         "cp_attention": sum(getattr(m, CP_GROUP, None) is not None for m in model.modules()),
+        "temperature_tuned": sum(getattr(m, TEMPERATURE, None) is not None for m in model.modules()),
     }
 
 

@@ -148,12 +148,18 @@ def test_router_shapes_train_like_one_process(ranks: Callable[[int], RankPool]) 
                 raise AssertionError(f"{family}: {error}") from None
 
 
-def test_llama4_is_refused_cp_by_name() -> None:
-    text = str(compose(plan_cp())(build_hf("llama4_text", device="meta"),
-                                  MeshSpec(dp_shard=2, cp=2)).failure())
-    assert "self_attn: attention cannot be context-parallel (value: chunked_attention" not in text
-    assert "positions counted on the local sequence (Llama 4: temperature tuning; its decoder " \
-           "layer drops position_ids)" in text and "leave plan_cp out for this model" in text, text
+def test_llama4_chunked_and_temperature_tuned_attention_trains_like_one_process_with_cp(
+        ranks: Callable[[int], RankPool]) -> None:
+    """Llama 4 with cp=2 × ep=2 × router AC × FSDP: a RoPE layer attending in chunks of 8 and a
+    NoPE layer whose queries transformers scales by position (temperature tuning, floor_scale 4
+    in the tiny config), both at the tokens' indices in the whole sequence although its decoder
+    layer passes no position_ids: losses and every gradient within 1e-5, none zero."""
+    case = HFCase(family="llama4_text", mesh="dp_shard=2,cp=2,ep=2", stages=CP_EP_AC_FSDP)
+    for result in ranks(4).run(run_hf_parity, case):
+        done = result["installed"]
+        assert done["cp_attention"] == done["checkpointed"] == 2, done
+        assert done["temperature_tuned"] == 1, done  # the NoPE layer's, at global positions
+        assert_hf_parity(result)
 
 
 def _masked_attention_on_ranks(rank: int, world: int) -> dict[str, float]:
@@ -266,7 +272,10 @@ def test_cp_plans_windows_and_sinks_and_refuses_indexed_and_compressed_attention
     assert "model.layers.1.self_attn: ring (p2p) attention masks causally only (value: attention " \
            "sinks)" in ring
     for family, kind in (("deepseek_v32", "indexed_attention"), ("glm_moe_dsa", "indexed_attention"),
-                         ("deepseek_v4", "compressed")):
+                         ("deepseek_v4", "compressed"),
+                         ("inkling_text", "Inkling's attention adds a relative position bias"),
+                         ("inkling2_text", "Inkling 2's attention adds a relative position bias"),
+                         ("zaya", "ZAYA's compressed convolutional attention mixes queries")):
         refused = str(compose(plan_cp())(build_hf(family, device="meta"), mesh).failure())
         grouped = refused.replace(" ×2", "")  # equal problems on both layers are listed once
         assert "self_attn: attention cannot be context-parallel (value: " in grouped, refused

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from moefn.plan.errors import PlanError, Problem
-from moefn.plan.hf_refusals import refusal
+from moefn.plan.hf_refusals import cp_refusal, refusal
 from moefn.plan.roles import Fact, Recognition, Role, group_facts
 
 TRANSFORMERS_PREFIX = "transformers."
@@ -151,8 +151,8 @@ CP_LAYER_TYPES = ("full_attention", "attention", "sliding_attention", "chunked_a
 def _cp_facts(attention: nn.Module, config: object, index: int) -> tuple[Fact, ...]:
     """``mask``: the sinks, sliding window or chunks CP applies by global position (the ring
     refuses them); ``cp_supported=False`` with ``kind`` for other layer types (indexed,
-    compressed, linear, ...): their attention is more than a masked softmax over K/V; and for
-    attention that counts positions on the sequence it is given (Llama 4)."""
+    compressed, linear, ...) and for the families of `moefn.plan.hf_refusals.cp_refusal`, with
+    its reason: their attention is more than a masked softmax over K/V."""
     masks = []
     if getattr(attention, "sinks", None) is not None:
         masks.append("attention sinks")
@@ -164,9 +164,9 @@ def _cp_facts(attention: nn.Module, config: object, index: int) -> tuple[Fact, .
     if kind == "chunked_attention":
         masks.append(f"attention_chunk_size={getattr(config, 'attention_chunk_size', None)}")
     facts: tuple[Fact, ...] = (("mask", ", ".join(masks)),) if masks else ()
-    if hasattr(attention, "attn_temperature_tuning"):  # Llama 4
-        return (*facts, ("cp_supported", False), ("kind", "positions counted on the local "
-                "sequence (Llama 4: temperature tuning; its decoder layer drops position_ids)"))
+    refused = cp_refusal(getattr(config, "model_type", None))
+    if refused is not None:
+        return (*facts, ("cp_supported", False), ("kind", refused))
     if kind is not None and kind not in CP_LAYER_TYPES:
         return (*facts, ("cp_supported", False), ("kind", ", ".join([*masks, kind])))
     return facts

@@ -8,6 +8,8 @@ keys, values and their ``position_ids`` over the cp group (an autograd all-gathe
 reduce-scatter back) before grouped KV heads are expanded, and masks by global position —
 causally, within the layer's sliding window or chunk — so the head-tail layout of
 `moefn.train.local_batch` works; per-head sink logits (GPT-OSS's ``sinks``) join the softmax.
+A layer that counts positions itself (Llama 4: chunks and query temperature tuning) gets its
+tokens' indices in the whole sequence (`moefn.adapters.transformers.sequence_positions`).
 With ``comm="p2p"`` the K/V blocks travel the cp ring instead (`moefn.realize.ring_attention`,
 causal masks only). Modules without a cp group attend locally the same way. Call the model with
 ``position_ids`` (global positions) and ``use_cache=False``; padding masks are refused (use
@@ -24,6 +26,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from moefn.adapters.transformers.sequence_positions import (
+    sequence_positions,
+    take_temperature_tuning,
+    tune_temperature,
+)
 from moefn.plan.options import CpComm
 from moefn.realize.context_parallel import attend_all_gathered
 from moefn.realize.ring_attention import ring_attention
@@ -57,12 +64,12 @@ def moefn_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value
     if attention_mask is not None:
         raise ValueError("moefn attention builds its causal mask from position_ids; a prepared "
                          "attention mask is not supported")
-    position_ids = kwargs.get("position_ids")
-    if not isinstance(position_ids, Tensor):
-        raise ValueError("moefn attention needs the global position_ids: call the model with "
-                         "position_ids=...")
-    position_ids = position_ids.expand(query.shape[0], -1)
     causal, group = bool(getattr(module, "is_causal", True)), getattr(module, CP_GROUP, None)
+    position_ids = kwargs.get("position_ids")
+    if not isinstance(position_ids, Tensor):  # a layer that counts positions itself (Llama 4)
+        position_ids = sequence_positions(query, group)
+    position_ids = position_ids.expand(query.shape[0], -1)
+    query = tune_temperature(module, query, position_ids)
     dropout = dropout if module.training else 0.0
     chunk, sinks = chunk_size(module), None if s_aux is None else s_aux.reshape(1, -1, 1, 1)
     if getattr(module, CP_COMM, "all_gather") == "p2p":
@@ -109,4 +116,5 @@ def install_context_parallel(module: nn.Module, group: dist.ProcessGroup,
         raise ValueError(f"{type(module).__name__} has no config: not a transformers attention")
     setattr(module, CP_GROUP, group)
     setattr(module, CP_COMM, comm)
+    take_temperature_tuning(module)
     config._attn_implementation_internal = IMPLEMENTATION
