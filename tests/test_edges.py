@@ -415,6 +415,25 @@ def _forward(rank: int, world: int, shapes: list[tuple[int, int]], check_inputs:
     return "ran"
 
 
+def _hf_forward(rank: int, world: int, give_positions: bool) -> object:
+    """A transformers model under cp, called as transformers users do: with or without
+    ``position_ids`` (without, its rotary and mask would count each rank's chunks from 0)."""
+    from moefn.adapters.transformers.catalogue import build_tiny
+
+    torch.manual_seed(0)
+    model = build_tiny("qwen3_moe", device="cpu").float()
+    mesh = MeshSpec(cp=world)
+    realize(compose(plan_cp(seq_len=8))(model, mesh).unwrap(), model,
+            build_device_meshes(mesh, "cpu"))
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    positions = {"position_ids": torch.tensor([[0, 1, 6, 7], [2, 3, 4, 5]][rank])[None]}
+    try:
+        model(input_ids=ids, use_cache=False, **(positions if give_positions else {}))
+    except InputError as err:
+        return [str(p) for p in err.problems]
+    return "ran"
+
+
 def test_ranks_refuse_meshes_and_inputs_that_do_not_fit(ranks: Callable[[int], RankPool]) -> None:
     pool = ranks(2)
     refusals = pool.run(_meshes_that_do_not_fit)
@@ -434,6 +453,10 @@ def test_ranks_refuse_meshes_and_inputs_that_do_not_fit(ranks: Callable[[int], R
     rows = pool.run(_forward, [(2, 8), (1, 8)], True)
     assert rows[0] == rows[1] and "rank 1: 2 tensors: argument 0 2-dim [1, 8]" in rows[0][0]
     assert pool.run(_forward, [], False) == [0, 0]  # the switch: no hook at all
+    pytest.importorskip("transformers")
+    assert pool.run(_hf_forward, True) == ["ran", "ran"]
+    missing = pool.run(_hf_forward, False)
+    assert missing[0] == missing[1] and "no position_ids under context parallelism" in missing[0][0]
 
 
 def test_input_check_cost_is_what_the_readme_says() -> None:

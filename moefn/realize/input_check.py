@@ -10,6 +10,7 @@ hanging) inside a K/V all-gather. Token counts across an ep group may differ and
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -65,6 +66,25 @@ def check_same_inputs(tensors: list[tuple[str, Tensor]], group: dist.ProcessGrou
         "with a sequence length divisible by 2·cp")
 
 
+def check_positions_given(module: nn.Module, args: tuple[Any, ...],
+                          kwargs: dict[str, Any]) -> None:
+    """Raise InputError when ``module``'s forward takes ``position_ids`` and the call gives none
+    (after `check_same_inputs`, so every rank of the group raises alike)."""
+    signature = inspect.signature(module.forward)
+    if "position_ids" not in signature.parameters:
+        return
+    try:
+        given = signature.bind_partial(*args, **kwargs).arguments.get("position_ids")
+    except TypeError:
+        return  # arguments the forward does not take: its own call says so
+    if given is None:
+        raise InputError.single(
+            "forward inputs", "no position_ids under context parallelism: each rank would "
+            "number its sequence chunks from 0 (wrong rotary positions and causal mask)",
+            "position_ids=None", "pass position_ids=, each token's index in the whole sequence "
+            "(moefn.train.local_batch cuts them with the tokens)")
+
+
 def install_input_check(model: nn.Module, group: dist.ProcessGroup, device_type: str) -> None:
     """Check the root forward's inputs across ``group`` (a cp group) before every forward."""
 
@@ -72,5 +92,6 @@ def install_input_check(model: nn.Module, group: dist.ProcessGroup, device_type:
         tensors = tensor_arguments(args, kwargs)
         device = tensors[0][1].device if tensors else torch.device(device_type)
         check_same_inputs(tensors, group, device)
+        check_positions_given(module, args, kwargs)
 
     model.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)

@@ -12,6 +12,7 @@ its own tokens divided by the global valid-token count, and every reduction is a
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import cast
@@ -111,6 +112,17 @@ def _step_loss(outputs: tuple[Tensor, ...], labels: Tensor, num_valid: int) -> T
     return whole / replicated.device_mesh.size()
 
 
+def _forward(model: nn.Module, batch: Batch) -> tuple[Tensor, ...]:
+    """The model's logits on ``batch`` (with MTP, the MTP head's after them). Called by keyword:
+    a transformers causal LM's second positional argument is ``attention_mask``, not
+    ``position_ids``; its cache stays off and its output record gives its ``logits``."""
+    takes = inspect.signature(model.forward).parameters
+    extra = {"use_cache": False} if "use_cache" in takes else {}
+    outputs = model(input_ids=batch.input_ids, position_ids=batch.position_ids, **extra)
+    logits = getattr(outputs, "logits", None)
+    return (logits,) if isinstance(logits, Tensor) else tuple(outputs)
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
                num_valid: int, distributed: bool = True, micro_batches: int = 1) -> float:
     """One optimizer step; returns the global-batch loss (summed over ranks when distributed).
@@ -127,8 +139,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
     total = torch.zeros((), device=batch.input_ids.device)
     for i, piece in enumerate(pieces):
         with no_gradient_sync(model) if i < len(pieces) - 1 else nullcontext():
-            total += _step_loss(model(piece.input_ids, piece.position_ids), piece.labels,
-                                num_valid)
+            total += _step_loss(_forward(model, piece), piece.labels, num_valid)
     optimizer.step()
     if distributed and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total)
