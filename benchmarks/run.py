@@ -262,9 +262,12 @@ def peer_section(rows: list[dict[str, Any]]) -> str:
 
 def profile_section(rows: list[dict[str, Any]], load: tuple[Any, Any]) -> str:
     """The side-by-side profile, with the load average before and after the run."""
+    from benchmarks.profile import SKEW
+
     systems = [k for k in rows[0] if k.endswith("_ms")]
     total = [{"category": "step (profiled wall)", "rank": rank,
-              **{s: round(sum(r[s] for r in rows if r["rank"] == rank), 1) for s in systems}}
+              **{s: round(sum(r[s] for r in rows if r["rank"] == rank
+                              and r["category"] != SKEW), 1) for s in systems}}
              for rank in sorted({r["rank"] for r in rows})]
     return ("## Where a step goes: moefn next to transformers (torch.profiler, `python -m "
             "benchmarks.run --profile`; peer setup, SGD, ep 2; ms per step of the main thread, "

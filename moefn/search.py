@@ -350,7 +350,8 @@ def _ep_cp(m: ModelSummary, layout: Layout, tokens: int) -> tuple[Comm, ...]:
         one = (ag_dispatch_comm(rows, ("ep",), mesh.ep, tokens, m.top_k, m.hidden, m.act_bytes,
                                 forwards, again) if layout.dispatch == "all_gather"
                else a2a_dispatch_comm(rows, ("ep",), mesh.ep, layout.ranks_per_node, m.top_k,
-                                      m.hidden, m.act_bytes, forwards, again))
+                                      m.hidden, m.act_bytes, forwards, again,
+                                      num_experts=m.num_experts))
         out += _times(one, m.moe_layers)
     if mesh.cp > 1:
         for (width, causal), n in m.attention.items():

@@ -79,7 +79,7 @@ def _predicted(rows: DispatchRows, per_node: int | None, top_k: int,
                groups: dict[str, ProcessGroup]) -> Counted:
     """The prediction by group: the flat hop on the ep group, hierarchical hops on theirs."""
     out: dict[tuple[str, tuple[int, ...]], tuple[int, int, int]] = {}
-    for c in a2a_dispatch_comm(rows, ("ep",), 4, per_node, top_k, H, 4):
+    for c in a2a_dispatch_comm(rows, ("ep",), 4, per_node, top_k, H, 4, num_experts=E):
         group = {None: "ep", "across nodes": "across", "within node": "within"}[c.hop]
         key = ("all_to_all", tuple(dist.get_process_group_ranks(groups[group])))
         calls, sent, received = out.get(key, (0, 0, 0))

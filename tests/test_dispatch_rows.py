@@ -77,13 +77,18 @@ def test_rows_of_a_routing_by_hand() -> None:
 
 def test_dispatch_bytes_count_rows_weights_and_ids() -> None:
     rows = DispatchRows(Fraction(3), Fraction(5))
-    counts, ids, data = a2a_dispatch_comm(rows, ("ep",), 4, None, top_k=2, hidden=6, act=4)
+    counts, data = a2a_dispatch_comm(rows, ("ep",), 4, None, top_k=2, hidden=6, act=4,
+                                     num_experts=8)
     assert (counts.sent, counts.received) == (3 * 8, 3 * 8)
-    assert (ids.sent, ids.received) == (3 * 2 * 8, 5 * 2 * 8)
-    # forward: rows (H + K) out, sums (H) back; backward: the reverse, same rows
-    assert data.sent == 4 * (3 * 8 + 5 * 6 + 3 * 6 + 5 * 8)
-    assert data.received == 4 * (5 * 8 + 3 * 6 + 5 * 6 + 3 * 8)
+    # forward: rows (H + K + one fp32 column holding two int16 ids) out, sums (H) back;
+    # backward: the reverse, same rows
+    assert data.sent == 4 * (3 * 9 + 5 * 6 + 3 * 6 + 5 * 9)
+    assert data.received == 4 * (5 * 9 + 3 * 6 + 5 * 6 + 3 * 9)
     assert data.lower_bound == 2 * 4 * 6 * (3 + 5)
+    # 3 ids take 6 bytes: two fp32 columns; past 32767 experts they are int32
+    wide = [a2a_dispatch_comm(rows, ("ep",), 4, None, top_k=3, hidden=6, act=4,
+                              num_experts=e)[1].sent for e in (8, 40000)]
+    assert wide == [4 * (3 * 11 + 5 * 6 + 3 * 6 + 5 * 11), 4 * (3 * 12 + 5 * 6 + 3 * 6 + 5 * 12)]
 
 
 def _router_facts(model: torch.nn.Module) -> dict[str, int | str | bool]:

@@ -11,12 +11,12 @@ measure `moefn.analyse.ledger.CommLedger` counts on a real run (all-gather and r
   parameters, in the reduce dtype), then all-reduced over ``dp_replicate`` (HSDP). A unit whose
   shard group has one rank runs no all-gather or reduce-scatter.
 - EP, for ``tokens`` per rank and ``top_k``: the all-to-all dispatchers exchange routing
-  counts, expert ids, then one row per (token, destination rank) — per (token, destination
-  node) and then within the node when hierarchical — and one result row back; the rows are
-  those of a given routing or the exact expectation for uniform routing, group-limited when
-  the router is (its ``n_group``/``topk_group`` facts; `moefn.analyse.dispatch_rows`). The
-  all-gather dispatcher gathers tokens with their weights and routing, and reduce-scatters
-  results. Backward repeats the row exchanges for gradients.
+  counts, then one row per (token, destination rank) with the expert ids inside it — per
+  (token, destination node) and then within the node when hierarchical — and one result row
+  back; the rows are those of a given routing or the exact expectation for uniform routing,
+  group-limited when the router is (its ``n_group``/``topk_group`` facts;
+  `moefn.analyse.dispatch_rows`). The all-gather dispatcher gathers tokens with their weights
+  and routing, and reduce-scatters results. Backward repeats the row exchanges for gradients.
 - CP: each attention all-gathers K and V (and the global positions when causal), and
   reduce-scatters their gradients; or, with the ring (``comm="p2p"``), all-gathers only the
   positions (causal) and sends K/V blocks ``cp−1`` times in forward and again in backward,
@@ -220,36 +220,41 @@ def _row_bytes(rows: Fraction, width: int) -> int:
     return round(rows * width)
 
 
+def _id_bytes(top_k: int, num_experts: int, act: int) -> int:
+    """Bytes of the ``top_k`` expert ids in a dispatched row: int16 (int32 past 32767 experts),
+    padded to whole ``act``-byte columns."""
+    raw = top_k * (2 if num_experts <= 32767 else 4)
+    return -(-raw // act) * act
+
+
 def a2a_dispatch_comm(rows: DispatchRows, axes: tuple[Axis, ...], ep: int,
                       ranks_per_node: int | None, top_k: int, hidden: int, act: int, forwards: int = 1,
-                      returns: int = 1) -> list[Comm]:
+                      returns: int = 1, *, num_experts: int) -> list[Comm]:
     """The all-to-all dispatch of one MoE layer moving ``rows``: per hop (the ep group, or when
     ``ranks_per_node`` is given, i.e. hierarchical, across nodes and within the node), the
-    counts (one int64 per group rank), the expert ids (``K`` int64 per row), the rows (token
-    and ``K`` weights) and the returned sums (``H``); backward returns the rows' and weights'
-    gradients and sends the sums' gradients. ``forwards`` counts runs of the forward (2 with
+    counts (one int64 per group rank), the rows (token, ``K`` weights and the ``K`` expert ids'
+    columns) and the returned sums (``H``); backward returns the rows' gradients (all columns)
+    and sends the sums' gradients. ``forwards`` counts runs of the forward (2 with
     recompute), ``returns`` those reaching the sums' exchange (recompute stops at the last
     tensor backward saves).
 
     >>> from moefn.analyse.dispatch_rows import expected_rows
     >>> rows = expected_rows(4096, num_experts=16, top_k=2, ep=2, ep_rank=0)
-    >>> [(c.collective, c.received) for c in a2a_dispatch_comm(rows, ("ep",), 2, None, 2, 256, 4)]
-    [('ep routing counts', 8), ('ep expert ids', 50244), ('ep dispatch + combine', 12912777)]
+    >>> [(c.collective, c.received) for c in a2a_dispatch_comm(rows, ("ep",), 2, None, 2, 256, 4,
+    ...                                                        num_experts=16)]
+    [('ep routing counts', 8), ('ep dispatch + combine', 12937899)]
     """
     hops: list[tuple[Hop | None, int, Fraction, Fraction]] = [(None, ep, rows.sent, rows.received)]
     if ranks_per_node is not None:
         hops = [("across nodes", ep // ranks_per_node, rows.sent, rows.received),
                 ("within node", ranks_per_node, rows.sent_in_node, rows.received_in_node)]
     out = []
+    ids = _id_bytes(top_k, num_experts, act) // act
     for hop, size, sent, received in hops:
-        dispatch, back, where = hidden + top_k, hidden, f" {hop}" if hop else ""
+        dispatch, back, where = hidden + top_k + ids, hidden, f" {hop}" if hop else ""
         out += [
             _traffic(f"ep routing counts{where}", "all_to_all", axes, forwards,
                      forwards * _INDEX_BYTES * (size - 1), 0, hop),
-            Comm(collective=f"ep expert ids{where}", op="all_to_all", axes=axes, calls=forwards,
-                 sent=forwards * _row_bytes(sent, top_k * _INDEX_BYTES),
-                 received=forwards * _row_bytes(received, top_k * _INDEX_BYTES), lower_bound=0,
-                 hop=hop),
             Comm(collective=f"ep dispatch + combine{where}", op="all_to_all", axes=axes, hop=hop,
                  calls=forwards + returns + 2,
                  sent=_row_bytes(forwards * sent * dispatch + returns * received * back
@@ -274,7 +279,7 @@ def _ep(plan: ShardPlan, tokens: int, top_k: int, hidden: int, act: int, rank: i
             # again only when shared experts follow
             returns = 1 + (forwards == 2 and _shared_experts_follow(plan, step.path))
             out += a2a_dispatch_comm(moved, axes, ep, step.ranks_per_node, top_k, hidden, act,
-                                     forwards, returns)
+                                     forwards, returns, num_experts=step.num_experts)
             continue
         # recompute stops once every saved tensor is back (torch's early stop): the results'
         # reduce-scatter is last unless shared experts run after the routed ones

@@ -8,7 +8,8 @@ call them (and run backward) the same number of times; token counts may differ p
 
 The all-to-all dispatchers send a token once per destination (not once per chosen expert): the
 row carries the token, its ``K`` routing weights and its expert ids (``-1`` for slots that go
-elsewhere); the destination applies the weights and returns one summed row. Row orders come from
+elsewhere, stored bitwise in the row's dtype: `moefn.realize.expert_ids`); the destination
+applies the weights and returns one summed row. Row orders come from
 ``nonzero`` and stable sorts only, so a recompute (selective checkpointing keeps the collectives'
 results and recomputes the permutations) rebuilds exactly the forward's order, ties included.
 
@@ -36,6 +37,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from moefn.realize.dispatch import LocalExpertsFn, sort_by_expert
+from moefn.realize.expert_ids import from_columns, to_columns
 
 Inner = Callable[[Tensor, Tensor], Tensor]  # (rows [P, H+K], expert ids [P, K]) -> [P, H]
 
@@ -79,10 +81,12 @@ def destinations(index: Tensor, first: int, per_destination: int, size: int) -> 
 
 
 def _hop(packed: Tensor, index: Tensor, first: int, per_destination: int, group: ProcessGroup,
-         inner: Inner) -> Tensor:
+         inner: Inner, num_experts: int) -> Tensor:
     """Send each token's row once to every group rank holding one of its experts, run ``inner``
     there on the received rows (with the ids of the experts that rank holds, ``-1`` elsewhere),
-    and sum the returned rows per token: ``[T, H]`` in ``inner``'s dtype."""
+    and sum the returned rows per token: ``[T, H]`` in ``inner``'s dtype. The ids travel as
+    extra columns of the rows (`moefn.realize.expert_ids`): one all-to-all of counts, one of
+    rows, one of results."""
     size = dist.get_world_size(group)
     dest, token = destinations(index, first, per_destination, size)
     send_counts = torch.bincount(dest, minlength=size)
@@ -92,9 +96,11 @@ def _hop(packed: Tensor, index: Tensor, first: int, per_destination: int, group:
     ids = index[token]
     owner = torch.div(ids - first, per_destination, rounding_mode="floor")
     ids = torch.where((ids >= first) & (owner == dest.unsqueeze(1)), ids, -1)
-    recv_ids = _wait(funcol.all_to_all_single(ids, recv, send, group))
-    received = _all_to_all(packed[token], recv, send, group)
-    returned = _all_to_all(inner(received, recv_ids), send, recv, group)
+    width = packed.shape[1]
+    rows = torch.cat([packed[token], to_columns(ids, num_experts, packed.dtype)], dim=1)
+    received = _all_to_all(rows, recv, send, group)
+    recv_ids = from_columns(received[:, width:], index.shape[1], num_experts)
+    returned = _all_to_all(inner(received[:, :width], recv_ids), send, recv, group)
     return returned.new_zeros(index.shape[0], returned.shape[1]).index_add(0, token, returned)
 
 
@@ -151,17 +157,18 @@ class AllToAllDispatch(_OneGroupDispatch):
     """Send each token once to every rank holding one of its experts, with an uneven
     all-to-all, and get one weighted sum back per (token, rank).
 
-    Per call a rank sends one row of ``H + K`` (token and routing weights, in ``x.dtype``) and
-    ``K`` int64 expert ids per (token, destination rank), and gets one row of ``H`` back per
-    pair; counts travel as ``ep`` int64 values. Backward returns the rows' gradients (weights
-    included) and sends the results' gradients."""
+    Per call a rank sends one row of ``H + K + C`` in ``x.dtype`` (token, routing weights and
+    ``C = id_columns(K, E, itemsize)`` columns of expert ids) per (token, destination rank), and
+    gets one row of ``H`` back per pair; counts travel as ``ep`` int64 values. Backward returns
+    the rows' gradients (weights and id columns included) and sends the results' gradients."""
 
     def __call__(
         self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, local_fn: LocalExpertsFn
     ) -> Tensor:
         local = self.experts_per_rank
         here = _experts_here(x.shape[1], self._first_expert(), local, local_fn)
-        return _hop(_pack(x, top_k_weights), top_k_index, 0, local, self.group, here).to(x.dtype)
+        return _hop(_pack(x, top_k_weights), top_k_index, 0, local, self.group, here,
+                    self.num_experts).to(x.dtype)
 
 
 class HierarchicalDispatch:
@@ -188,10 +195,10 @@ class HierarchicalDispatch:
         here = _experts_here(x.shape[1], node_first + i * local, local, local_fn)
 
         def fan_out(received: Tensor, ids: Tensor) -> Tensor:
-            return _hop(received, ids, node_first, local, self.within, here)
+            return _hop(received, ids, node_first, local, self.within, here, self.num_experts)
 
         return _hop(_pack(x, top_k_weights), top_k_index, 0, per_node * local, self.across,
-                    fan_out).to(x.dtype)
+                    fan_out, self.num_experts).to(x.dtype)
 
 
 class AllGatherDispatch(_OneGroupDispatch):
