@@ -82,6 +82,7 @@ from moefn.plan.records import (
     ShardPlan,
 )
 from moefn.plan.spec import ModelSpec, TensorInfo
+from moefn.plan.tp_heads import local_kv_heads
 
 PARTS = ("saved", "recompute", "dispatch", "cp_kv", "logits", "fsdp_buffers",
          "optimizer_temporaries")
@@ -166,7 +167,7 @@ def _attention(plan: ShardPlan, path: str, t: int, seq: int, b: int,
         raise PlanError.single(path, "attention without heads: no activations to size",
                                f"n_heads={heads}, n_kv_heads={kv_heads}, head_dim={dim}",
                                "fix the model's config: at least one head of width 1")
-    heads, kv_heads = heads // tp, kv_heads // tp  # tp: this rank's heads (plan_tp divides)
+    heads, kv_heads = heads // tp, local_kv_heads(heads, kv_heads, tp)  # tp: this rank's heads
     names = {t_.name.rpartition(".")[0].rpartition(".")[2]: t_ for t_ in _under(spec, path)}
     q_width, kv_width = heads * dim, kv_heads * dim
     comm = _cp_comm(plan, path) if cp > 1 else None
