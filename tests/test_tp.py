@@ -173,17 +173,29 @@ def test_replicated_kv_parity_breaks_without_the_sum_over_tp(
         assert wrong and all(n.endswith(("k_proj.weight", "v_proj.weight")) for n in wrong), wrong
 
 
-def _hf_replicated_kv(rank: int, world: int) -> dict[str, Any]:
-    """Qwen3-MoE with one K/V head (and per-head q/k norms) on tp=2 with FSDP."""
+#: Qwen3-MoE with one K/V head (and per-head q/k norms) and a dense first layer
+QWEN3_KV1_DENSE = (("mlp_only_layers", [0]),)
+
+
+def _hf_replicated_kv_and_dense_mlp(rank: int, world: int) -> dict[str, Any]:
     with mock.patch.dict(hf_parity._COMMON, num_key_value_heads=1):
         return run_hf_parity(rank, world, HFCase(family="qwen3_moe", mesh="dp_shard=2,tp=2",
-                                                 stages=(TP, FSDP), steps=2))
+                                                 stages=(TP, FSDP), extra=QWEN3_KV1_DENSE))
 
 
-def test_tp_replicates_a_transformers_single_kv_head(ranks: Callable[[int], RankPool]) -> None:
-    for result in ranks(4).run(_hf_replicated_kv):
+def test_tp_replicates_a_transformers_single_kv_head_and_splits_its_dense_mlp(
+        ranks: Callable[[int], RankPool]) -> None:
+    for result in ranks(4).run(_hf_replicated_kv_and_dense_mlp):
         assert_hf_parity(result)
         assert max(result["grad_errors"].values()) <= 1e-5, result["grad_errors"]
+    with mock.patch.dict(hf_parity._COMMON, num_key_value_heads=1):
+        model = hf_parity.build_hf("qwen3_moe", device="meta", **dict(QWEN3_KV1_DENSE))
+    plan = compose(plan_tp())(model, MeshSpec(tp=2)).unwrap()
+    styles = {s.path: (s.style, s.kv_heads) for s in plan.steps_of(TensorParallel)}
+    assert styles["model.layers.0.mlp"] == ("gather", None)
+    assert styles["model.layers.0.mlp.down_proj"] == ("rowwise", None)
+    assert styles["model.layers.1.self_attn.k_proj"] == ("replicate", (4, 1))
+    assert "model.layers.1.mlp" not in styles  # the MoE block: its tokens stay split
 
 
 def _train_both_ways(rank: int, world: int) -> tuple[list[float], list[float]]:
