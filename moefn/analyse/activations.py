@@ -50,7 +50,7 @@ boolean mask; the loss runs under ``loss_parallel`` (three fp32 logit copies in 
 Not modelled: allocator fragmentation and caching, framework overhead (CUDA context, NCCL
 buffers), and attention kernels that materialise the ``seq × seq`` scores — such as torch's CPU
 SDPA when the q/k and v head widths differ (MLA): it falls back to the math kernel, which keeps
-two ``B·H·S·S`` fp32 tensors, so MLA on CPU measures ~20 % above the estimate, with or without
+two ``B·H·S·S`` fp32 tensors, so the estimate falls ~20 % short for MLA on CPU, with or without
 tp (tiny-act-mla: −22 % at dp_shard=4, −17 % at dp_shard=2,tp=2).
 
 >>> from moefn.adapters.reference import MoETransformer, get_preset
