@@ -205,8 +205,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--rows", type=_positive, default=1,
                       help="sequences per rank per micro-batch (with --seq-len)")
     plan.add_argument("--tokens", type=_positive, default=None,
-                      help="tokens per rank per step, a shorthand for rows × seq_len / cp "
-                           "(default 4096; not with --seq-len)")
+                      help="tokens per rank per step (with tp, per tp group), a shorthand for "
+                           "rows × seq_len / cp (default 4096; not with --seq-len)")
     plan.add_argument("--gpu-memory", type=_size, default=None, metavar="SIZE",
                       help="device memory per rank, e.g. 80GiB: exit 1 when the worst rank's "
                            "predicted peak exceeds it minus --reserve")
@@ -276,8 +276,11 @@ def _activation_table(est: Estimate, layout: argparse.Namespace) -> str:
     if act is None or est.peak is None:
         return ""
     rows_, seq_len = _micro_batch(layout)
+    tp = layout.mesh_spec.tp
+    tokens = (f"{act.tokens} tokens per tp group, {act.tokens // tp} per rank" if tp > 1
+              else f"{act.tokens} tokens per rank")
     lines = [f"activations of rank {est.rank} at its peak ({rows_} × {seq_len} per micro-batch, "
-             f"{act.tokens} tokens per rank, during {act.phase}; fused attention, no seq×seq):"]
+             f"{tokens}, during {act.phase}; fused attention, no seq×seq):"]
     for part, value in act.parts:
         worst = (f"   (all ep·top_k rows to this rank: {size(act.dispatch_worst)})"
                  if part == "dispatch" and layout.mesh_spec.ep > 1 else "")
@@ -536,7 +539,7 @@ def _plan_command(args: argparse.Namespace) -> int:
     simulated: list[dict[str, object]] = []
     comm: list[dict[str, object]] = []
     text = ""
-    world = tokens = 0
+    world = tokens = owned = 0
     try:
         mesh = MeshSpec.parse(args.mesh)
         world = mesh.world_size
@@ -551,6 +554,7 @@ def _plan_command(args: argparse.Namespace) -> int:
                          for shape, ranks in layout.local_shapes(mesh)]
                   for name, layout in param_layouts(plan).items()}
         tokens = _tokens_per_rank(layout)
+        owned = tokens // mesh.tp  # a tp group reads one sequence, each rank owns 1/tp of it
         est = _peak_estimate(plan, layout)
         kv_held = cp_kv_bytes(plan, tokens, DTYPE_BYTES[hidden_dtype(plan)])
         memory = {"rank": est.rank, "params": dict(est.memory.params), "grads": dict(est.memory.grads),
@@ -590,7 +594,7 @@ def _plan_command(args: argparse.Namespace) -> int:
                      "fix": g.fix} for g in group_problems(err.problems)]
         text = str(err)
     if args.json:
-        print(json.dumps({"world_size": world, "tokens_per_rank": tokens, "steps": steps,
+        print(json.dumps({"world_size": world, "tokens_per_rank": owned, "steps": steps,
                           "problems": problems,
                           "local_shapes": shapes, "memory": memory, "comm": comm,
                           "simulated": simulated}))

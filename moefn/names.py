@@ -7,7 +7,7 @@ True
 from __future__ import annotations
 
 MODEL_PRESETS: tuple[str, ...] = ("tiny", "tiny-full", "tiny-2experts", "tiny-bidirectional",
-                                  "tiny-mla", "small", "deepseek-v3", "qwen3-30b-a3b")
+                                  "tiny-mla", "tiny-kv3", "small", "deepseek-v3", "qwen3-30b-a3b")
 HF_PRESET_NAMES: tuple[str, ...] = ("hf-qwen3-30b-a3b", "hf-qwen3-235b-a22b", "hf-mixtral-8x7b",
                                     "hf-deepseek-v3", "hf-olmoe-1b-7b", "hf-qwen1.5-moe-a2.7b",
                                     "hf-gpt-oss-20b", "hf-gpt-oss-120b")

@@ -37,6 +37,9 @@ PRESETS: dict[str, MoEConfig] = {
                              moe_intermediate=64, n_layers=2),
     "tiny-act-mla": attrs.evolve(get_preset("tiny-mla"), hidden=64, vocab_size=512,
                                  moe_intermediate=64),
+    # 6 query heads over 3 K/V heads: replicated K/V projections at tp=2
+    "tiny-act-kv3": attrs.evolve(get_preset("tiny-kv3"), hidden=64, head_dim=16, vocab_size=512,
+                                 moe_intermediate=64, n_layers=2),
 }
 
 

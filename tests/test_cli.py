@@ -212,6 +212,15 @@ def test_plan_composes_every_stage_the_flags_ask_for(capsys: pytest.CaptureFixtu
     assert any(c["collective"].startswith("cp K/V") for c in doc["comm"])
 
 
+def test_plan_counts_a_tp_groups_tokens_once(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["plan", "--model", "tiny", "--mesh", "dp_shard=2,cp=2,tp=2", "--seq-len", "32",
+            "--rows", "3"]
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens_per_rank"] == 3 * 32 // 2 // 2
+    assert main(argv) == 0
+    assert "48 tokens per tp group, 24 per rank" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(("argv", "says"), [
     (["--mesh", "dp_shard=2,cp=2"], "add --seq-len"),
     (["--mesh", "dp_shard=4", "--seq-len", "8", "--tokens", "8"], "not both"),

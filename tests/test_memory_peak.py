@@ -6,7 +6,7 @@ router, selective} × CP {1, 2} × EP {1, 2} × dispatch {all_to_all, all_gather
 values of any two factors appears; with EP 1 the dispatch is moot), routing forced balanced,
 each configuration one where activations are at least half the measured peak; and ring (p2p)
 CP at cp=2 (`tests.memory_runs.RING`), long enough that ring attention's backward is the peak;
-and tp=2 for the reference model and Mixtral (`TP`).
+and tp=2 for the reference model (K/V heads split, and replicated) and Mixtral (`TP`).
 The full matrix runs in ``nox -s memory`` (table in docs/memory.md). Dropping a term from the
 estimate — the logits, the recompute peak, the ring's backward, or tp's split of tokens and
 heads — moves the prediction outside the tolerance: the comparison can fail.
@@ -37,8 +37,12 @@ HF = [Case(preset="hf:qwen3_moe", mesh="dp_shard=4"),
       Case(preset="hf:qwen3_moe", mesh="dp_shard=2,cp=2,ep=2", ac="selective",
            dispatch="all_gather")]
 
-# tensor parallelism: the reference model, and a transformers family with EP beside it
+# tensor parallelism: the reference model (also with K/V projections replicated: 3 K/V heads),
+# and a transformers family with EP beside it
 TP = [Case(preset="tiny-act", mesh="dp_shard=2,tp=2"),
+      Case(preset="tiny-act-kv3", mesh="dp_shard=2,tp=2"),
+      # full AC: a block's backward prefetch is its own tp projection's unit (+11 % without it)
+      Case(preset="tiny-act", mesh="dp_shard=2,tp=2", ac="full"),
       Case(preset="hf:mixtral", mesh="dp_shard=2,tp=2,ep=2")]
 
 

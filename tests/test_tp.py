@@ -11,6 +11,7 @@ import copy
 import json
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from moefn.plan.records import DistributeParams, Shard, ShardPlan, SyncGradients
 from moefn.plan.serialize import from_json, to_json
 from moefn.realize import build_device_meshes
 from moefn.train.loop import global_batch, local_batch, train
+from tests import hf_parity
 from tests.hf_parity import HFCase, assert_hf_parity, run_hf_parity
 from tests.parity import Case, assert_parity, run_parity
 from tests.ranks import RankPool
@@ -42,6 +44,9 @@ PARITY = {
         preset="tiny-mla"),
     "tp=2 x dp_shard=2, dense layer, MTP, tied embedding": Case(
         mesh="dp_shard=2,tp=2", stages=(TP,), preset="tiny-full"),
+    # 3 KV heads for 6 query heads: k_proj/v_proj replicated, rank 0 reads K/V heads 0, 0, 1
+    "tp=2 x dp_shard=2, K/V heads replicated": Case(
+        mesh="dp_shard=2,tp=2", stages=(TP,), preset="tiny-kv3"),
 }
 
 
@@ -98,6 +103,9 @@ COMM = {
     "tp=2 x dp_shard=2 x ep=2, router AC, MTP": Case(
         mesh="dp_shard=2,tp=2,ep=2", stages=(TP, EPOptions(), ACOptions(mode="router")),
         preset="tiny-full", force_experts=(0, 4)),
+    # K/V projections replicated: FSDP gathers them whole, CP gathers the K/V heads each computes
+    "tp=2 x cp=2, K/V heads replicated, fsdp": Case(
+        mesh="cp=2,tp=2", stages=(CPOptions(), TP, FSDP), preset="tiny-kv3"),
 }
 
 
@@ -139,6 +147,55 @@ def test_transformers_parity_breaks_without_the_gradient_rule(
             assert worst[1] > 1e-2, worst
             with pytest.raises(AssertionError):
                 assert_hf_parity(result)
+
+
+def _parity_with_replicated_kv_not_summed_over_tp(rank: int, world: int,
+                                                  case: Case) -> dict[str, Any]:
+    """`run_parity` with the wrong rule for replicated K/V projections: as if each tp rank's
+    gradient were the whole one (summed over dp_shard_cp only, like a tp-sharded weight's)."""
+    sharded = ShardPlan.tp_sharded_paths
+
+    def with_replicated_kv(plan: ShardPlan) -> tuple[str, ...]:
+        return (*sharded(plan), *(s.path for s in plan.steps_of(TensorParallel) if s.kv_heads))
+
+    ShardPlan.tp_sharded_paths = with_replicated_kv  # type: ignore[method-assign]
+    try:
+        return run_parity(rank, world, case)
+    finally:
+        ShardPlan.tp_sharded_paths = sharded  # type: ignore[method-assign]
+
+
+def test_replicated_kv_parity_breaks_without_the_sum_over_tp(
+        ranks: Callable[[int], RankPool]) -> None:
+    case = evolve(PARITY["tp=2 x dp_shard=2, K/V heads replicated"], steps=1)  # no drift yet
+    for result in ranks(4).run(_parity_with_replicated_kv_not_summed_over_tp, case):
+        wrong = {n: e for n, e in result["grad_errors"].items() if e > 1e-2}
+        assert wrong and all(n.endswith(("k_proj.weight", "v_proj.weight")) for n in wrong), wrong
+
+
+#: Qwen3-MoE with one K/V head (and per-head q/k norms) and a dense first layer
+QWEN3_KV1_DENSE = (("mlp_only_layers", [0]),)
+
+
+def _hf_replicated_kv_and_dense_mlp(rank: int, world: int) -> dict[str, Any]:
+    with mock.patch.dict(hf_parity._COMMON, num_key_value_heads=1):
+        return run_hf_parity(rank, world, HFCase(family="qwen3_moe", mesh="dp_shard=2,tp=2",
+                                                 stages=(TP, FSDP), extra=QWEN3_KV1_DENSE))
+
+
+def test_tp_replicates_a_transformers_single_kv_head_and_splits_its_dense_mlp(
+        ranks: Callable[[int], RankPool]) -> None:
+    for result in ranks(4).run(_hf_replicated_kv_and_dense_mlp):
+        assert_hf_parity(result)
+        assert max(result["grad_errors"].values()) <= 1e-5, result["grad_errors"]
+    with mock.patch.dict(hf_parity._COMMON, num_key_value_heads=1):
+        model = hf_parity.build_hf("qwen3_moe", device="meta", **dict(QWEN3_KV1_DENSE))
+    plan = compose(plan_tp())(model, MeshSpec(tp=2)).unwrap()
+    styles = {s.path: (s.style, s.kv_heads) for s in plan.steps_of(TensorParallel)}
+    assert styles["model.layers.0.mlp"] == ("gather", None)
+    assert styles["model.layers.0.mlp.down_proj"] == ("rowwise", None)
+    assert styles["model.layers.1.self_attn.k_proj"] == ("replicate", (4, 1))
+    assert "model.layers.1.mlp" not in styles  # the MoE block: its tokens stay split
 
 
 def _train_both_ways(rank: int, world: int) -> tuple[list[float], list[float]]:
@@ -192,6 +249,8 @@ def test_deepseek_v3_plans_with_tp_and_experts_span_tp() -> None:
     assert (mesh.world_size, mesh.ep_shard) == (1024, 16)  # ep_shard · ep = dp_shard · cp · tp
     styles = {s.path: s.style for s in plan.steps_of(TensorParallel)}
     assert styles["layers.5.attn.kv_a_proj"] == "replicate"  # MLA's latent stays whole
+    assert "kv_a_proj ×61 [tp] replicated over tp(4): MLA latent, whole on every rank" in " ".join(
+        diff(plan).split())
     assert styles["layers.5.attn.kv_b_proj"] == "colwise"
     assert [mesh.group_ranks(5, ("tp",)), mesh.group_ranks(5, ("ep",))[:4]] == [
         (4, 5, 6, 7), (0, 1, 2, 3)]
@@ -202,16 +261,26 @@ def test_tp_refuses_what_does_not_divide_naming_path_value_and_fix() -> None:
     found = {(p.path, p.message): (p.value, p.fix) for p in problems}
     assert found[("layers.0.attn", "attention heads not divisible by tp")] == (
         "4, tp=3", "use tp in (1, 2, 4)")
-    assert ("layers.0.attn", "key/value heads not divisible by tp") in found
     assert found[("embed", "vocabulary not divisible by tp")][0] == "64, tp=3"
     assert ("layers.1.attn.q_proj", "output features not divisible by tp") in found
-    kv = compose(plan_tp())(_meta(), MeshSpec(tp=4)).failure().problems
-    assert [(p.path, p.value) for p in kv] == [("layers.0.attn", "2, tp=4"),
-                                              ("layers.1.attn", "2, tp=4")]
     assert "without plan_tp" in str(compose(plan_cp())(_meta(), MeshSpec(cp=2, tp=2)).failure())
     assert "tp axis larger than 1" in str(compose(plan_tp())(_meta(), MeshSpec(dp_shard=2)).failure())
     tied = compose(plan_tp(), plan_fsdp())(_meta("tiny-full"), MeshSpec(dp_shard=2, tp=2))
     assert "untie the embedding" in str(tied.failure())
+
+
+def test_tp_replicates_kv_projections_whose_heads_do_not_divide_and_says_so() -> None:
+    plan = compose(plan_tp(), plan_fsdp())(_meta(), MeshSpec(tp=4)).unwrap()
+    steps = {s.path: s for s in plan.steps_of(TensorParallel)}
+    assert [(steps[f"layers.0.attn.{n}"].style, steps[f"layers.0.attn.{n}"].kv_heads)
+            for n in ("q_proj", "k_proj", "v_proj")] == [
+        ("colwise", None), ("replicate", (4, 2)), ("replicate", (4, 2))]
+    assert "layers.0.attn.k_proj" not in plan.tp_sharded_paths()  # its gradient sums over tp
+    lines = [line for line in diff(plan).splitlines() if "replicated" in line]
+    assert [line.split()[1] for line in lines] == ["layers.*.attn.k_proj", "layers.*.attn.v_proj"]
+    assert lines[0].endswith("[tp] replicated over tp(4): 2 KV heads, tp 4 (1 KV head(s) per "
+                             "rank for its 1 query head(s)); gradient summed over tp"), lines
+    assert '"kv_heads": [4, 2]' in to_json(plan) and from_json(to_json(plan)) == plan
 
 
 def test_tp_refuses_transformers_families_not_checked_yet() -> None:

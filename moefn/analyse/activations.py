@@ -41,12 +41,17 @@ boolean mask; the loss runs under ``loss_parallel`` (three fp32 logit copies in 
   dtype) of the unit before it — ``reduce_scatter_max_input_buffers`` (1) earlier input in
   flight; the running unit's own input is built in its post-backward hook, after its
   activations are freed; in forward the running unit and the previous unit's all-gather
-  output. Units never resharded (the root, lm_head) are held throughout.
+  output. Units never resharded (the root, lm_head) are held throughout. A block's backward
+  counts its own unit's buffers; under tp its prefetch is its own projection's unit, not the
+  block before it (`_late_prefetch`).
 - **optimizer_temporaries** — foreach AdamW's ``sqrt(exp_avg_sq)`` list (one state copy);
   the step runs after backward has freed the activations.
 
 Not modelled: allocator fragmentation and caching, framework overhead (CUDA context, NCCL
-buffers), and attention kernels that materialise the ``seq × seq`` scores.
+buffers), and attention kernels that materialise the ``seq × seq`` scores — such as torch's CPU
+SDPA when the q/k and v head widths differ (MLA): it falls back to the math kernel, which keeps
+two ``B·H·S·S`` fp32 tensors, so the estimate falls ~20 % short for MLA on CPU, with or without
+tp (tiny-act-mla: −22 % at dp_shard=4, −17 % at dp_shard=2,tp=2).
 
 >>> from moefn.adapters.reference import MoETransformer, get_preset
 >>> from moefn import MeshSpec, compose, plan_fsdp
@@ -82,6 +87,7 @@ from moefn.plan.records import (
     ShardPlan,
 )
 from moefn.plan.spec import ModelSpec, TensorInfo
+from moefn.plan.tp_heads import local_kv_heads
 
 PARTS = ("saved", "recompute", "dispatch", "cp_kv", "logits", "fsdp_buffers",
          "optimizer_temporaries")
@@ -166,7 +172,7 @@ def _attention(plan: ShardPlan, path: str, t: int, seq: int, b: int,
         raise PlanError.single(path, "attention without heads: no activations to size",
                                f"n_heads={heads}, n_kv_heads={kv_heads}, head_dim={dim}",
                                "fix the model's config: at least one head of width 1")
-    heads, kv_heads = heads // tp, kv_heads // tp  # tp: this rank's heads (plan_tp divides)
+    heads, kv_heads = heads // tp, local_kv_heads(heads, kv_heads, tp)  # tp: this rank's heads
     names = {t_.name.rpartition(".")[0].rpartition(".")[2]: t_ for t_ in _under(spec, path)}
     q_width, kv_width = heads * dim, kv_heads * dim
     comm = _cp_comm(plan, path) if cp > 1 else None
@@ -434,12 +440,37 @@ def fsdp_buffers(plan: ShardPlan) -> tuple[int, int, int]:
     return buffers_of(unit_sizes(plan))
 
 
+def _late_prefetch(plan: ShardPlan, units: Sequence[tuple[str, int, int, bool]]) -> set[str]:
+    """Units (blocks) holding tp-sharded linears with FSDP units of their own. FSDP2 prefetches
+    in backward the unit that finished its forward just before the running one: for such a
+    block, its own output projection; the block before it is gathered only when the block's
+    first attention projection runs its backward, after the recomputed activations are freed."""
+    inner = {u.path for u in plan.steps_of(FullyShard)} & set(plan.tp_sharded_paths())
+    return {p for p, _, _, _ in units if p and any(u != p and _inside(u, p) for u in inner)}
+
+
+def backward_buffers(plan: ShardPlan) -> dict[str, int]:
+    """FSDP2's unsharded bytes while each unit (by path) runs its backward (see `buffers_of`)."""
+    units = unit_sizes(plan)
+    moving = [p for p, _, _, _ in units if p]
+    return dict(zip(moving, _buffers(units, _late_prefetch(plan, units))[3], strict=True))
+
+
 def buffers_of(units: Sequence[tuple[str, int, int, bool]]) -> tuple[int, int, int]:
     """`fsdp_buffers` of units given as `unit_sizes` gives them. A unit not resharded after
     forward (lm_head, the last block) stays gathered until its own backward reshards it: held
     when the loss runs and while any unit before it runs."""
+    held, forward, backward, _ = _buffers(units, set())
+    return held, forward, backward
+
+
+def _buffers(units: Sequence[tuple[str, int, int, bool]],
+             late: set[str]) -> tuple[int, int, int, list[int]]:
+    """(held, forward at its largest, backward at its largest, backward per unit but the root);
+    units in ``late`` run their backward without the one before them (`_late_prefetch`)."""
     root = sum(g for p, g, _, _ in units if p == "")
     moving = [(g, r, reshard) for p, g, r, reshard in units if p != ""]
+    prefetched = [p not in late for p, _, _, _ in units if p != ""]
     gathered, reduced = [g for g, _, _ in moving], [r for _, r, _ in moving]
     kept = [0 if reshard else g for g, _, reshard in moving]
     # unit i runs with i − 1's buffer beside it (forward: its all-gather output; backward: the
@@ -448,10 +479,9 @@ def buffers_of(units: Sequence[tuple[str, int, int, bool]]) -> tuple[int, int, i
     earlier = [sum(kept[:max(i - 1, 0)]) for i in range(len(moving))]
     forward = max((g + (gathered[i - 1] if i else 0) + earlier[i]
                    for i, g in enumerate(gathered)), default=0)
-    backward = max((2 * g + (gathered[i - 1] if i else 0) + earlier[i]
-                    + (reduced[i + 1] if i + 1 < len(moving) else 0)
-                    for i, g in enumerate(gathered)), default=0)
-    return root + sum(kept), root + forward, root + backward
+    backward = [root + 2 * g + (gathered[i - 1] if i and prefetched[i] else 0) + earlier[i]
+                + (reduced[i + 1] if i + 1 < len(moving) else 0) for i, g in enumerate(gathered)]
+    return root + sum(kept), root + forward, max(backward, default=root), backward
 
 
 def _logits(t: int, vocab: int, b: int, heads: int, tp: int = 1) -> int:
@@ -513,6 +543,7 @@ def activation_phases(plan: ShardPlan, rows: int, seq_len: int, imbalance: float
     costs = list(_segments(plan, t, seq_len // plan.mesh.cp, b, imbalance, worst=False))
     heads = 1 + len(plan.model.paths_with("mtp"))
     fsdp_held, fsdp_forward, fsdp_backward = fsdp_buffers(plan)
+    running = backward_buffers(plan)  # a block's backward: its unit's buffers
 
     phases: list[tuple[str, dict[str, int]]] = [
         # the loss runs after the last block's reshard and before any backward prefetch
@@ -524,7 +555,7 @@ def activation_phases(plan: ShardPlan, rows: int, seq_len: int, imbalance: float
         if cost.full or cost.transient:
             phases.append((f"backward {cost.path}",
                            {**_kept(costs[:i]), "recompute": _recompute(cost),
-                            "fsdp_buffers": fsdp_backward}))
+                            "fsdp_buffers": running.get(cost.path, fsdp_backward)}))
     if costs:  # the last block's forward, its all-gather and the previous one's output held
         phases.append(("forward", {**_kept(costs[:-1]), "fsdp_buffers": fsdp_forward}))
     return phases

@@ -77,6 +77,7 @@ from moefn.plan.records import (
     SyncGradients,
     TensorParallel,
 )
+from moefn.plan.tp_heads import local_kv_heads
 
 MAX_TENSORS = 8  # tensor arguments realize's input check compares (a forward rarely takes more)
 SIGNATURE_BYTES = 8 * (1 + 3 * MAX_TENSORS)  # its all-gather: int64 count, (ndim, dim 0, dim 1) each
@@ -333,7 +334,8 @@ def _cp(plan: ShardPlan, tokens: int, act: int) -> list[Comm]:
         cp, axes = math.prod(plan.mesh.size(a) for a in step.mesh_dims), step.mesh_dims
         heads = plan.model.module(step.path.rpartition(".")[0])
         causal = bool(plan.model.module(step.path).get("causal", True))
-        kv_heads = int(heads.fact("n_kv_heads")) // plan.mesh.tp  # tp: this rank's share
+        kv_heads = local_kv_heads(int(heads.fact("n_heads")), int(heads.fact("n_kv_heads")),
+                                  plan.mesh.tp)  # tp: the heads this rank computes
         kv = 2 * tokens * kv_heads * int(heads.fact("head_dim")) * act
         forwards = 2 if _recomputed(plan, step.path) else 1
         out += cp_attention_comm(step.comm, kv, tokens, cp, causal, forwards, act, axes)

@@ -35,6 +35,7 @@ from moefn.plan.records import (
     SyncGradients,
     TensorParallel,
 )
+from moefn.plan.tp_heads import local_kv_heads
 
 if TYPE_CHECKING:
     from moefn.analyse.estimate import Estimate
@@ -63,6 +64,13 @@ def _step_text(step: Step, mesh: MeshSpec) -> tuple[str, str]:
                      f"gradient all-reduce (sum, {step.dtype}) over {_axes(step.mesh_dims, mesh)}")
     if isinstance(step, ActivationCheckpoint):
         return "+", f"checkpoint mode={step.mode}"
+    if isinstance(step, TensorParallel) and step.style == "replicate":
+        why = "MLA latent, whole on every rank"
+        if step.kv_heads is not None:
+            heads, kv = step.kv_heads
+            why = (f"{kv} KV heads, tp {mesh.tp} ({local_kv_heads(heads, kv, mesh.tp)} KV head(s) "
+                   f"per rank for its {heads // mesh.tp} query head(s))")
+        return "~", f"replicated over {_axes(step.mesh_dims, mesh)}: {why}; gradient summed over tp"
     if isinstance(step, TensorParallel):
         return "~", f"tensor parallel {step.style} over {_axes(step.mesh_dims, mesh)}"
     if isinstance(step, ContextParallelAttention):

@@ -8,7 +8,10 @@ sinks, sliding window or chunks, and ``cp_supported=False`` with a ``kind`` mark
 compressed or linear attention, which CP refuses); the MoE block ``moe``; its router
 ``router`` (facts ``top_k`` and, group-limited, ``n_group``/``topk_group``; ``keep_fp32`` when
 the model keeps it in fp32, e.g. DeepSeek-V3); the fused experts
-``experts`` (fact ``num_experts``); shared experts ``shared_experts``; ``embed``; ``lm_head``;
+``experts`` (fact ``num_experts``); shared experts ``shared_experts``; a dense layer's
+feed-forward ``dense_mlp`` (DeepSeek's first layers, Qwen3-MoE's ``mlp_only_layers``: a layer's
+child whose parameters are those of its ``gate_proj``, ``up_proj`` and ``down_proj`` linears);
+``embed``; ``lm_head``;
 the backbone (``model``) ``backbone`` unless the embeddings are tied to the lm_head (a tied weight
 must stay with the root FSDP unit, which also runs the lm_head).
 
@@ -42,6 +45,7 @@ TRANSFORMERS_PREFIX = "transformers."
 ROUTER_NAMES = ("gate", "router")
 SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
 ATTENTION_NAMES = ("self_attn", "attention", "attn")
+DENSE_MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 
 def is_transformers_module(module: object) -> bool:
@@ -118,6 +122,15 @@ def _attention_of(layer: nn.Module) -> tuple[str, nn.Module] | None:
         if "Attention" in type(child).__name__:
             return name, child
     return None
+
+
+def _dense_mlps_of(layer: nn.Module) -> Iterator[str]:
+    """Children of ``layer`` that are SwiGLU feed-forwards made of ``DENSE_MLP_LINEARS``."""
+    for name, child in layer.named_children():
+        linears = {n for n, m in child.named_children() if isinstance(m, nn.Linear)}
+        owned = {n.partition(".")[0] for n, _ in child.named_parameters()}
+        if linears == owned == set(DENSE_MLP_LINEARS):
+            yield name
 
 
 def _mixer_of(layer: nn.Module) -> tuple[str, nn.Module] | None:
@@ -249,6 +262,8 @@ class HFRecogniser:
                 path = f"{backbone_path}.layers.{i}".lstrip(".")
                 blocks.append(path)
                 out.tag(path, "block")
+                for name in _dense_mlps_of(layer):
+                    out.tag(f"{path}.{name}", "dense_mlp")
                 attention = _attention_of(layer)
                 mixer = _mixer_of(layer) if attention is None else None
                 if mixer is not None:

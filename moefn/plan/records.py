@@ -69,8 +69,9 @@ TPStyle = Literal["gather", "colwise", "rowwise", "replicate", "vocab_embed", "v
 """``gather``: an attention or dense MLP all-gathers its input's sequence over tp (backward:
 reduce-scatter); ``colwise``/``rowwise``: a linear sharded on its output/input features
 (rowwise reduce-scatters its partial sums back to sequence shards); ``replicate``: a linear
-inside a gathered module kept whole on every tp rank (MLA's latent projections), its gradient
-summed over tp; ``vocab_embed``/``vocab_head``: embedding and lm_head sharded on the vocabulary
+inside a gathered module kept whole on every tp rank (MLA's latent projections; K/V projections
+whose heads do not divide by tp, which compute only the heads the rank's queries read), its
+gradient summed over tp; ``vocab_embed``/``vocab_head``: embedding and lm_head sharded on the vocabulary
 (the logits stay vocabulary-sharded for the loss). Sharded parameters get a `DistributeParams`
 step on ``tp`` too."""
 
@@ -83,6 +84,9 @@ class TensorParallel:
     path: str
     style: TPStyle
     mesh_dims: tuple[Axis, ...] = ("tp",)
+    #: a replicated K/V projection's ``(n_heads, n_kv_heads)``: each rank computes the K/V heads
+    #: its query heads read (`moefn.plan.tp_heads.kv_heads_read`)
+    kv_heads: tuple[int, int] | None = None
 
 
 @frozen(kw_only=True)

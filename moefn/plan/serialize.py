@@ -25,11 +25,12 @@ FORMAT = "moefn.plan"
 VERSION = 3  # 2: the plan records its stages' options (``options``); 3: the mesh's ``tp``
 # fields a file may lack (each has a default), by record: field → the newest version whose
 # files may lack it (ranks_per_node and comm came within version 1; options with version 2;
-# tp with version 3)
+# tp with version 3; kv_heads within version 3)
 ADDED_FIELDS: dict[str, dict[str, int]] = {"InstallDispatch": {"ranks_per_node": 1},
                                            "ContextParallelAttention": {"comm": 1},
                                            "ShardPlan": {"options": 1},
-                                           "MeshSpec": {"tp": 2}}
+                                           "MeshSpec": {"tp": 2},
+                                           "TensorParallel": {"kv_heads": 3}}
 # a record's "record" name where it is not its class name: plans keep the names they were
 # first written with
 RECORD_NAMES: dict[type, str] = {ActivationCheckpoint: "Checkpoint"}

@@ -5,7 +5,8 @@ tensor ``[B, S/tp, H]``): norms, routers, shared experts and experts run on dist
 their gradients are summed over tp by the plan's gradient rule. An attention or dense MLP
 (``gather``) all-gathers the sequence on the way in; inside it, column-wise linears run this
 rank's shard of the output features and row-wise linears reduce-scatter their partial sums back
-to sequence chunks. Every gradient entering a gathered module's input is a partial sum over tp
+to sequence chunks; a replicated K/V projection computes only the K/V heads this rank's query
+heads read. Every gradient entering a gathered module's input is a partial sum over tp
 (each rank sees its own heads), so the gather's backward is a reduce-scatter. Collectives are
 DTensor redistributions (``torch.distributed.tensor``); parameters are DTensors sharded on tp,
 computed with their local shards.
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from types import MethodType
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -25,6 +27,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from moefn.adapters.adapter import Adapter
 from moefn.plan.errors import RealizeError
 from moefn.plan.records import TensorParallel
+from moefn.plan.tp_heads import kv_heads_read
 
 
 def gather_sequence(x: Tensor, mesh: DeviceMesh) -> Tensor:
@@ -53,6 +56,14 @@ def _local(t: Tensor) -> Tensor:
 def _colwise(self: nn.Linear, x: Tensor) -> Tensor:
     bias = None if self.bias is None else _local(self.bias)
     return F.linear(x, _local(self.weight), bias)
+
+
+def _kv_heads(self: nn.Linear, x: Tensor) -> Tensor:
+    """A replicated K/V projection: the rows of the K/V heads this rank's query heads read
+    (``_ROWS``); the other rows get no gradient here, and the plan sums the rows' over tp."""
+    rows = torch.tensor(getattr(self, _ROWS), device=x.device)
+    bias = None if self.bias is None else self.bias.index_select(0, rows)
+    return F.linear(x, self.weight.index_select(0, rows), bias)
 
 
 def _rowwise(self: nn.Linear, x: Tensor) -> Tensor:
@@ -88,6 +99,7 @@ def install_gather(module: nn.Module, mesh: DeviceMesh) -> None:
 
 
 _MESH = "_moefn_tp_mesh"
+_ROWS = "_moefn_tp_kv_rows"
 _FORWARDS: dict[str, Callable[..., Tensor]] = {"colwise": _colwise, "rowwise": _rowwise,
                                                 "vocab_embed": _vocab_embed,
                                                 "vocab_head": _vocab_head}
@@ -102,7 +114,13 @@ def apply_tensor_parallel(step: TensorParallel, module: nn.Module, mesh: DeviceM
         (adapter.install_tensor_parallel or install_gather)(module, mesh)
     elif step.style in _FORWARDS:
         setattr(module, "forward", MethodType(_FORWARDS[step.style], module))
-    # "replicate": runs whole on the gathered input as it is; the plan sums its gradient
+    elif step.kv_heads is not None:
+        heads, kv = step.kv_heads
+        width = int(getattr(module, "out_features")) // kv
+        read = kv_heads_read(heads, kv, mesh.size(), mesh.get_local_rank())
+        setattr(module, _ROWS, [h * width + i for h in read for i in range(width)])
+        setattr(module, "forward", MethodType(_kv_heads, module))
+    # other "replicate": runs whole on the gathered input as it is; the plan sums its gradient
 
 
 __all__ = ["apply_tensor_parallel", "gather_sequence", "install_gather", "scatter_partial"]

@@ -27,6 +27,8 @@ PRESETS: dict[str, MoEConfig] = {
     # DeepSeek-style multi-head latent attention at test size
     "tiny-mla": evolve(_TINY, n_kv_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=4,
                        v_head_dim=8),
+    # 3 KV heads for 6 query heads: at tp=2 the K/V projections are replicated (tensor parallelism)
+    "tiny-kv3": evolve(_TINY, n_heads=6, n_kv_heads=3),
     "small": MoEConfig(vocab_size=256, hidden=64, n_layers=4, n_heads=4, n_kv_heads=2,
                        head_dim=16, n_experts=8, top_k=2, moe_intermediate=32,
                        n_shared_experts=1),

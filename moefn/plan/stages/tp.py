@@ -6,8 +6,11 @@ token is routed tp times, and their gradients are summed over tp (the dense data
 becomes ``dp_shard_cp_tp``). An attention or dense MLP all-gathers its input's sequence, runs
 its column-wise linears on its own heads (intermediate features), and its row-wise output linear
 reduce-scatters the partial sums back to sequence shards. MLA's latent projections stay whole on
-every tp rank (style ``replicate``). Embedding and lm_head are split on the vocabulary; the logits
-stay vocabulary-sharded (a DTensor), so the loss runs under
+every tp rank (style ``replicate``), and so do K/V projections whose heads do not divide by tp:
+each rank computes the K/V heads its query heads read (`moefn.plan.tp_heads`). Every replicated
+weight's gradient on a rank comes through that rank's query heads only — a distinct part — so
+the gradient rule sums it over tp like the norms'. Embedding and lm_head are split on the
+vocabulary; the logits stay vocabulary-sharded (a DTensor), so the loss runs under
 ``torch.distributed.tensor.parallel.loss_parallel`` and never gathers them.
 
 >>> plan_tp().name
@@ -43,6 +46,8 @@ LINEAR_STYLES: dict[str, TPStyle] = {
     "o_proj": "rowwise", "down_proj": "rowwise",
     "q_a_proj": "replicate", "kv_a_proj": "replicate", "kv_a_proj_with_mqa": "replicate",
 }
+#: The K/V projections, replicated when the attention's K/V heads do not divide by tp.
+KV_LINEARS = ("k_proj", "v_proj")
 
 
 def plan_tp(mesh: MeshSpec | None = None) -> Stage:
@@ -69,14 +74,25 @@ def _weight(spec: ModelSpec, path: str) -> TensorInfo:
     return spec.tensor(spec.tie_of(f"{path}.weight")[0])
 
 
-def _styled(spec: ModelSpec, path: str, style: TPStyle) -> list[Step]:
+def _styled(spec: ModelSpec, path: str, style: TPStyle,
+            kv_heads: tuple[int, int] | None = None) -> list[Step]:
     """The step for ``path``'s ``style`` and, for a sharded style, its parameters' placement (a
     weight tied to an earlier one is placed there)."""
     params = tuple(t.name.rpartition(".")[2] for t in spec.direct_params(path))
     placed: list[Step] = [DistributeParams(stage="tp", path=path, params=params, mesh_dims=("tp",),
                                            placements=(Shard(SHARD_DIM[style]),))
                           ] if style in SHARD_DIM and params else []
-    return [TensorParallel(stage="tp", path=path, style=style), *placed]
+    return [TensorParallel(stage="tp", path=path, style=style, kv_heads=kv_heads), *placed]
+
+
+def _replicated_kv(spec: ModelSpec, path: str, tp: int) -> tuple[int, int] | None:
+    """``(n_heads, n_kv_heads)`` of an attention whose K/V heads do not divide by tp (its K/V
+    projections are replicated), else None."""
+    info = spec.module(path)
+    if "attention" not in info.roles:
+        return None
+    heads, kv = int(info.fact("n_heads")), int(info.fact("n_kv_heads"))
+    return (heads, kv) if kv % tp else None
 
 
 def _module_steps(spec: ModelSpec, path: str, tp: int) -> tuple[list[Step], list[Problem]]:
@@ -85,9 +101,13 @@ def _module_steps(spec: ModelSpec, path: str, tp: int) -> tuple[list[Step], list
     info = spec.module(path)
     if "attention" in info.roles:
         problems += _divides(path, "attention heads", int(info.fact("n_heads")), tp)
-        problems += _divides(path, "key/value heads", int(info.fact("n_kv_heads")), tp)
+    kv_heads = _replicated_kv(spec, path, tp)
     for child, weight in _linears(spec, path):
-        style = LINEAR_STYLES.get(child.rpartition(".")[2])
+        name = child.rpartition(".")[2]
+        if kv_heads is not None and name in KV_LINEARS:
+            steps += _styled(spec, child, "replicate", kv_heads)
+            continue
+        style = LINEAR_STYLES.get(name)
         if style is None or weight is None:
             problems.append(Problem(path=child, message="linear unknown to tensor parallelism",
                                     value=spec.module(child).cls,
