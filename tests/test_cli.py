@@ -132,8 +132,9 @@ def test_compare_prints_step_memory_and_comm_deltas(capsys: pytest.CaptureFixtur
     assert "params    experts" in out and "ep dispatch + combine (ep)" in out
     # the units of `moefn plan`
     assert "params    experts         24.000 KiB →     24.000 KiB  (+0 B)" in out
-    # uniform top-2 of 8: 11/14 of the ep=2 peer's tokens, 3·(1 − C(6,2)/C(8,2)) rows at ep=4
-    assert re.search(r"ep dispatch \+ combine \(ep\) +1\.621 MiB → +2\.873 MiB  \(\+1\.252 MiB\)", out)
+    # uniform top-2 of 8: 11/14 of the ep=2 peer's tokens, 3·(1 − C(6,2)/C(8,2)) rows at ep=4;
+    # rows carry their expert ids as one more fp32 column (two int16)
+    assert re.search(r"ep dispatch \+ combine \(ep\) +1\.670 MiB → +2\.960 MiB  \(\+1\.290 MiB\)", out)
     with pytest.raises(SystemExit):
         main(["plan", "--model", "tiny", "--mesh", "dp_shard=4", "--compare", "a=1", "b=2"])
 
@@ -270,7 +271,7 @@ def test_plan_shows_hierarchical_hops_beside_their_lower_bounds(
     out = capsys.readouterr().out
     assert "dispatch hierarchical over ep(4): 8 experts, 2 per rank, 2 ranks per node" in out
     # 2 nodes of 4 experts: the bytes of the flat dispatch over ep=2 (test_compare_...)
-    assert re.search(r"\n  ep dispatch \+ combine across nodes +ep +8 +1\.621 MiB +1\.571 MiB\n", out)
+    assert re.search(r"\n  ep dispatch \+ combine across nodes +ep +8 +1\.670 MiB +1\.571 MiB\n", out)
     assert re.search(r"\n  ep dispatch \+ combine within node +ep +8 +[\d.]+ MiB +[\d.]+ MiB\n", out)
     assert "one row per (token, destination node)\n  across nodes" in out
     assert main([*argv, "--json"]) == 0
