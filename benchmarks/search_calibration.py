@@ -108,7 +108,13 @@ def main(argv: list[str] | None = None) -> None:
         "preset, SGD, fp32, 8 rows × 128 tokens per step, the profile from `moefn calibrate` "
         "on the same machine just before (nothing fitted to these layouts).\n\n"
         + "\n".join(table) + f"\n\nSpearman {rho:.2f}; all within ±30 %: {within}. Load average "
-        f"before {load_before[0]:.2f}, after {load_after[0]:.2f} (2 shared cores).\n")
+        f"before {load_before[0]:.2f}, after {load_after[0]:.2f} (2 shared cores).\n\n"
+        f"The profile: {profile.op_overhead_s * 1e6:.1f} µs per op, "
+        f"{profile.checkpoint_op_s * 1e6:.0f} µs (full) and {profile.selective_op_s * 1e6:.0f} µs "
+        f"(selective) per checkpointed forward op, {profile.op_bytes_per_s / 1e9:.1f} GB/s of op "
+        f"bytes, overlap {profile.overlap:.2f}, all-to-all latency "
+        f"{profile.intra_node['all_to_all'].latency_s * 1e3:.1f} ms, all-gather "
+        f"{profile.intra_node['all_gather'].latency_s * 1e3:.1f} ms.\n")
     print(json.dumps({"spearman": rho, "within_30_percent": within}))
 
 

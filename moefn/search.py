@@ -39,7 +39,6 @@ from moefn.analyse.estimate import STATE_COPIES, buffer_bytes, estimate
 from moefn.analyse.flops import ModelFlops, model_flops
 from moefn.analyse.layout import ParamLayout, fsdp_shard_numel, local_shape, param_layouts
 from moefn.analyse.steptime import (
-    KERNELS_PER_TENSOR,
     HardwareProfile,
     Overlap,
     StepTime,
@@ -48,6 +47,7 @@ from moefn.analyse.steptime import (
     place,
     step_time,
 )
+from moefn.opcount import OpCounts, count_ops
 from moefn.plan.compose import Stage, compose, plan_or_raise
 from moefn.plan.dtypes import DTYPE_BYTES
 from moefn.plan.mesh import Axis, MeshSpec, divisors
@@ -145,6 +145,7 @@ class ModelSummary:
 
     spec: ModelSpec
     flops: ModelFlops
+    ops: OpCounts
     hidden: int
     act_bytes: int
     moe_layers: int
@@ -240,7 +241,7 @@ def summarise(model: nn.Module, request: Request, modes: tuple[AcMode, ...]) -> 
     info = spec.module(router) if router else None
     block = next(u for u in units if u.path in spec.paths_with("block"))
     return ModelSummary(
-        spec=spec, flops=model_flops(spec, request.seq_len),
+        spec=spec, flops=model_flops(spec, request.seq_len), ops=count_ops(model, request.seq_len),
         hidden=next(t.shape[-1] for t in spec.tensors if t.module_path in spec.paths_with("embed")),
         act_bytes=DTYPE_BYTES[dtype], moe_layers=len(experts),
         num_experts=min((int(spec.module(p).fact("num_experts")) for p in experts), default=0),
@@ -387,18 +388,28 @@ def _activations(m: ModelSummary, layout: Layout, tokens: int, fsdp: tuple[int, 
     return max(rest * tokens // proxy_tokens + fsdp[which] for rest, which in phases) + kv
 
 
-def _work(m: ModelSummary, layout: Layout, tokens: int) -> Work:
+def _work(m: ModelSummary, layout: Layout, tokens: int, seq_len: int) -> Work:
+    """FLOPs, ops and their bytes of a step of ``micro_batches`` × ``tokens`` (rows of
+    ``seq_len``): AC ``full``/``router`` recompute the checkpointed blocks' forward,
+    ``selective`` what its policy does not save."""
     passes = 3 + (layout.ac in ("full", "router"))
     per_step = tokens * layout.micro_batches * passes
+    ops, micro = m.ops, layout.micro_batches
+    elements = ops.forward.elements + ops.backward.elements + {
+        "full": ops.checkpointed.elements, "router": ops.checkpointed.elements,
+        "selective": ops.checkpointed.elements - ops.saved.elements}.get(layout.ac, 0)
+    checkpointed = ops.checkpointed.ops * micro
     return Work(dense_flops=float(m.flops.dense * per_step),
-                expert_flops=float(m.flops.expert * per_step),
-                kernels=KERNELS_PER_TENSOR * m.flops.tensors * passes * layout.micro_batches,
-                dtype=m.param_dtype)
+                expert_flops=float(m.flops.expert * per_step), dtype=m.param_dtype,
+                ops=(ops.forward.ops + ops.backward.ops) * micro,
+                op_bytes=elements * m.act_bytes * tokens / seq_len * micro,
+                checkpointed_ops=checkpointed if layout.ac in ("full", "router") else 0,
+                selective_ops=checkpointed if layout.ac == "selective" else 0)
 
 
 def _scored(m: ModelSummary, request: Request, layout: Layout, peak: int, parts: dict[str, int],
             traffic: list[Traffic], tokens: int) -> Scored:
-    step = step_time(_work(m, layout, tokens), traffic, request.profile, request.imbalance,
+    step = step_time(_work(m, layout, tokens, request.seq_len), traffic, request.profile, request.imbalance,
                      request.overlap)
     per_gpu = request.global_batch_tokens / request.world / step.seconds if step.seconds else 0.0
     return Scored(layout=layout, peak=peak, parts=parts, step=step, tokens_per_s_per_gpu=per_gpu)

@@ -15,7 +15,10 @@ def test_calibrated_profile_loads_with_every_collective(tmp_path: Path) -> None:
     path = tmp_path / "here.json"
     path.write_text(json.dumps(data))
     profile = load_profile(str(path))
-    assert profile.calibrated and profile.op_overhead_s > 0
+    assert profile.calibrated and profile.op_overhead_s > 0 and profile.op_bytes_per_s > 0
+    # selective checkpointing's per-op policy costs more per op than full recompute's
+    assert 0 <= profile.checkpoint_op_s < profile.selective_op_s
+    assert 0 <= profile.overlap <= 1
     assert set(profile.intra_node) == set(OPS)
     assert all(link.latency_s > 0 for link in profile.intra_node.values())
     assert profile.flops("float32") > 0

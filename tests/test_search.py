@@ -97,7 +97,7 @@ def test_link_arithmetic_by_hand() -> None:
 
 def test_overlap_by_hand() -> None:
     prof = _profile()
-    work = Work(dense_flops=2e9, expert_flops=1e9, kernels=1000, dtype="float32")
+    work = Work(dense_flops=2e9, expert_flops=1e9, ops=1000, dtype="float32")
     fsdp = Traffic(collective="fsdp all-gather", family="fsdp", calls=1, intra_bytes=0,
                    inter_bytes=0, seconds=5.0)
     ep = Traffic(collective="ep dispatch + combine", family="ep", calls=1, intra_bytes=0,
@@ -108,6 +108,39 @@ def test_overlap_by_hand() -> None:
     assert t.seconds == pytest.approx(5.0 + 1.0)  # FSDP hidden up to compute, EP exposed
     t = step_time(work, [fsdp, ep], prof, imbalance=2.0, overlap=Overlap(fsdp_gather=False))
     assert t.seconds == pytest.approx(4.001 + 5.0 + 1.0)
+    # a machine that hides a quarter of the shorter (compute, 4.001 s) behind FSDP's 5 s
+    t = step_time(work, [fsdp, ep], _profile(overlap=0.25), imbalance=2.0)
+    assert t.seconds == pytest.approx(4.001 + 5.0 - 0.25 * 4.001 + 1.0)
+
+
+def test_op_costs_by_hand() -> None:
+    # 1 µs per op, 1 kB/s of op bytes, 10 µs and 30 µs per checkpointed forward op
+    prof = _profile(op_bytes_per_s=1e3, checkpoint_op_s=1e-5, selective_op_s=3e-5)
+    work = Work(dense_flops=0.0, expert_flops=0.0, dtype="float32", ops=2000, op_bytes=500.0,
+                checkpointed_ops=100, selective_ops=300)
+    assert step_time(work, [], prof).compute_s == pytest.approx(
+        2000e-6 + 0.5 + 100 * 1e-5 + 300 * 3e-5)
+
+
+def test_work_charges_each_ac_mode_its_recompute() -> None:
+    from attrs import evolve
+
+    from moefn.opcount import OpCounts, Ops
+    from moefn.search import Layout, _work, summarise
+
+    with torch.device("meta"):
+        model = MoETransformer(get_preset("tiny"))
+    m = evolve(summarise(model, _request(), ("none",)), ops=OpCounts(
+        forward=Ops(ops=10, elements=1000), backward=Ops(ops=20, elements=3000),
+        checkpointed=Ops(ops=8, elements=900), saved=Ops(ops=2, elements=100)))
+    # 2 micro-batches of 32 tokens (half a row of 64): elements × 2 bytes (bf16) × 0.5 × 2
+    for ac, elements, full, selective in (("none", 4000, 0, 0), ("full", 4900, 16, 0),
+                                          ("router", 4900, 16, 0), ("selective", 4800, 0, 16)):
+        layout = Layout(mesh=MeshSpec(dp_shard=8), dispatch="none", ac=ac, reshard=True,
+                        rows=1, micro_batches=2)
+        work = _work(m, layout, tokens=32, seq_len=64)
+        assert (work.ops, work.op_bytes, work.checkpointed_ops, work.selective_ops) == (
+            60, elements * 2 * 0.5 * 2, full, selective), ac
 
 
 def test_shipped_profiles_load_and_bad_ones_name_the_flag(tmp_path: Any) -> None:

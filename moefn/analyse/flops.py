@@ -25,11 +25,10 @@ from moefn.plan.spec import ModelSpec
 @frozen(kw_only=True)
 class ModelFlops:
     """Forward FLOPs per token: non-expert matmuls and attention (``dense``), routed experts
-    (``expert``, the active ``top_k`` only); parameter ``tensors`` (kernels scale with them)."""
+    (``expert``, the active ``top_k`` only)."""
 
     dense: int
     expert: int
-    tensors: int
 
 
 def _under(path: str, roots: tuple[str, ...]) -> str | None:
@@ -48,12 +47,8 @@ def model_flops(spec: ModelSpec, seq_len: int) -> ModelFlops:
         k = int(spec.module(router).get("top_k", 1)) if router else 1
         active[path] = k / int(spec.module(path).fact("num_experts"))
     dense = expert = 0.0
-    tensors = 0
     for t in spec.tensors:
-        if t.is_buffer:
-            continue
-        tensors += 1
-        if len(t.shape) < 2:
+        if t.is_buffer or len(t.shape) < 2:
             continue
         owner = _under(t.module_path, experts)
         if owner is not None:
@@ -68,4 +63,4 @@ def model_flops(spec: ModelSpec, seq_len: int) -> ModelFlops:
         causal = bool(spec.module(core).get("causal", True))
         context = seq_len / 2 if causal else seq_len
         dense += 4 * int(attn.fact("n_heads")) * int(attn.fact("head_dim")) * context
-    return ModelFlops(dense=round(dense), expert=round(expert), tensors=tensors)
+    return ModelFlops(dense=round(dense), expert=round(expert))

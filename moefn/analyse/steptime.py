@@ -1,14 +1,18 @@
 """Step time of one layout from its FLOPs and its collectives, on a hardware profile (pure).
 
-``step = max(compute, overlapped comm) + exposed comm``, where
+``step = max(compute, overlappable comm) + exposed comm`` when compute and communication
+overlap fully, where
 
 - **compute** is the rank's matmul FLOPs (dense, attention scores, the active experts; forward,
   backward = 2× forward, and the forward again under AC ``full``/``router``; ``selective`` saves
   the matmuls and attention) at the profile's matmul throughput for the compute dtype, plus
-  ``op_overhead_s`` per kernel (`KERNELS_PER_TENSOR` per parameter tensor per pass). Expert
-  FLOPs follow the most loaded rank: ``× imbalance``. Both figures are what one rank gets
-  while every rank of its node computes too: a GPU's own on GPUs; on CPU ranks sharing cores,
-  a share (`moefn.calibrate` measures them with all ranks busy at once).
+  every aten op the step dispatches (`Work.ops`, counted by `moefn.opcount`) at
+  ``op_overhead_s`` each, the bytes those that are not matmuls read and write (recompute's
+  included) at ``op_bytes_per_s``, and per op the checkpointed blocks dispatch forward what
+  their AC adds (its recompute's ops included): ``checkpoint_op_s`` under ``full``/``router``,
+  ``selective_op_s`` under ``selective``. Expert FLOPs follow the most loaded rank: ``× imbalance``. All are
+  what one rank gets while every rank of its node computes too: a GPU's own on GPUs; on CPU
+  ranks sharing cores, a share (`moefn.calibrate` measures them with all ranks busy at once).
 - **communication**: every collective (`moefn.analyse.comm.Comm`) on the group the MeshSpec lays
   out (`placement`): calls × latency plus bytes over bandwidth, per the link it crosses. Bytes to
   peers on the rank's node use the intra-node link, the rest the inter-node link; a ring
@@ -18,7 +22,10 @@
 - **micro-batches**: ``m`` per step; everything runs ``m`` times except the gradient
   reductions (FSDP reduce-scatter, HSDP all-reduce, gradient all-reduce), once per step.
 - **overlap** (`Overlap`, switchable): by default FSDP all-gathers (prefetch) and gradient
-  reductions overlap compute; EP dispatch and CP K/V exchange do not (the next op needs them).
+  reductions may overlap compute; EP dispatch and CP K/V exchange do not (the next op needs
+  them). How much of the shorter of the two the hardware hides is the profile's ``overlap``
+  (1: all, GPUs' assumption; 0: none; `moefn.calibrate` measures it):
+  ``step = compute + overlappable − overlap · min(compute, overlappable) + exposed``.
 
 >>> p = HardwareProfile.from_json(load_profile_json("h100-sxm"))
 >>> p.name, p.calibrated
@@ -46,7 +53,6 @@ from moefn.plan.mesh import AXIS_SPANS, DENSE_DIMS, EXPERT_DIMS, Axis, MeshSpec
 OPS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "send", "recv")
 RING_OPS = ("all_gather", "reduce_scatter", "all_reduce", "send", "recv")
 ONCE_PER_STEP = ("fsdp reduce-scatter", "fsdp all-reduce over replicas", "gradient all-reduce")
-KERNELS_PER_TENSOR = 3  # per parameter tensor and pass: its matmul (or norm) and ~2 elementwise ops
 SHIPPED = ("h100-sxm", "h200", "b200", "mi300x")
 
 
@@ -63,14 +69,18 @@ class Link:
 
 @frozen(kw_only=True)
 class HardwareProfile:
-    """Matmul throughput per dtype, per-op overhead, and per collective its intra- and
-    inter-node `Link` (format ``moefn.hardware`` version 1)."""
+    """Matmul throughput per dtype, per-op costs, how much communication compute hides, and
+    per collective its intra- and inter-node `Link` (format ``moefn.hardware`` version 2)."""
 
     name: str
     calibrated: bool
     source: str
     matmul_flops_per_s: Mapping[str, float]
-    op_overhead_s: float
+    op_overhead_s: float  # per dispatched op
+    op_bytes_per_s: float  # bytes a non-matmul op reads and writes
+    checkpoint_op_s: float  # per forward op of a block AC full/router checkpoints
+    selective_op_s: float  # per forward op of a block AC selective checkpoints
+    overlap: float  # of the shorter of compute and overlappable communication, hidden
     intra_node: Mapping[str, Link]
     inter_node: Mapping[str, Link]
 
@@ -85,13 +95,17 @@ class HardwareProfile:
                                          data[kind][op]["bandwidth_bytes_per_s"]))
                             for op in OPS} for kind in ("intra_node", "inter_node")}
             flops = {str(k): float(v) for k, v in data["matmul_flops_per_s"].items()}
-            if any(v <= 0 for v in flops.values()) or any(
+            costs = {k: float(data[k]) for k in ("op_overhead_s", "op_bytes_per_s",
+                                                 "checkpoint_op_s", "selective_op_s",
+                                                 "overlap")}
+            if any(v <= 0 for v in flops.values()) or costs["op_bytes_per_s"] <= 0 or any(
                     link.bandwidth_bytes_per_s <= 0 or link.latency_s < 0
                     for kind in links.values() for link in kind.values()):
                 raise ValueError("throughputs and bandwidths must be positive")
+            if not 0 <= costs["overlap"] <= 1:
+                raise ValueError(f"overlap {costs['overlap']} is not between 0 and 1")
             return cls(name=str(data["name"]), calibrated=bool(data["calibrated"]),
-                       source=str(data.get("source", "")), matmul_flops_per_s=flops,
-                       op_overhead_s=float(data["op_overhead_s"]),
+                       source=str(data.get("source", "")), matmul_flops_per_s=flops, **costs,
                        intra_node=links["intra_node"], inter_node=links["inter_node"])
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise PlanError.single("--hardware", "not a moefn hardware profile", where,
@@ -217,12 +231,17 @@ def place(comm: Comm, mesh: MeshSpec, gpus_per_node: int, profile: HardwareProfi
 
 @frozen(kw_only=True)
 class Work:
-    """A rank's compute per step: matmul FLOPs (dense and experts apart) and kernels."""
+    """A rank's compute per step: matmul FLOPs (dense and experts apart), aten ops dispatched
+    (recompute's aside), bytes the non-matmul ones move, and the forward ops of checkpointed
+    blocks under each AC mode."""
 
     dense_flops: float
     expert_flops: float
-    kernels: int
     dtype: str
+    ops: int = 0
+    op_bytes: float = 0.0
+    checkpointed_ops: int = 0  # under AC full or router
+    selective_ops: int = 0  # under AC selective
 
 
 @frozen(kw_only=True)
@@ -239,17 +258,20 @@ class StepTime:
 
 def step_time(work: Work, traffic: Iterable[Traffic], profile: HardwareProfile,
               imbalance: float = 1.0, overlap: Overlap = Overlap()) -> StepTime:
-    """``max(compute, overlapped comm) + exposed comm`` (module docstring).
+    """``compute + overlappable − overlap · min(compute, overlappable) + exposed`` (module
+    docstring).
 
     >>> prof = HardwareProfile.from_json(load_profile_json("h100-sxm"))
-    >>> w = Work(dense_flops=989.5e12, expert_flops=0.0, kernels=0, dtype="bfloat16")
+    >>> w = Work(dense_flops=989.5e12, expert_flops=0.0, dtype="bfloat16")
     >>> t = Traffic(collective="ep dispatch + combine", family="ep", calls=0, intra_bytes=450 * 10**9,
     ...             inter_bytes=0, seconds=1.0)
     >>> step_time(w, [t], prof).seconds
     2.0
     """
     compute = ((work.dense_flops + imbalance * work.expert_flops) / profile.flops(work.dtype)
-               + work.kernels * profile.op_overhead_s)
+               + work.ops * profile.op_overhead_s + work.op_bytes / profile.op_bytes_per_s
+               + work.checkpointed_ops * profile.checkpoint_op_s
+               + work.selective_ops * profile.selective_op_s)
     hidden = {"fsdp": overlap.fsdp_gather, "grad": overlap.grad_reduce, "ep": overlap.ep,
               "cp": overlap.cp}
     exposed: dict[str, float] = {}
@@ -262,6 +284,8 @@ def step_time(work: Work, traffic: Iterable[Traffic], profile: HardwareProfile,
             overlapped += t.seconds
         else:
             exposed[t.family] = exposed.get(t.family, 0.0) + t.seconds
-    return StepTime(seconds=max(compute, overlapped) + sum(exposed.values()), compute_s=compute,
+    hidden_s = profile.overlap * min(compute, overlapped)
+    return StepTime(seconds=compute + overlapped - hidden_s + sum(exposed.values()),
+                    compute_s=compute,
                     exposed_s=exposed, overlapped_s=overlapped, bytes_intra_node=intra,
                     bytes_inter_node=inter)
