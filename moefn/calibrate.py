@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from moefn.calibrate_ops import busy, op_costs
 from moefn.launch import run_local
+from moefn.plan.arguments import finite_number, int_at_least
 
 SMALL, LARGE = 1, 1 << 20  # elements per rank (fp32)
 ACTIVATION = 1 << 18  # elements of the add whose bytes per second non-matmul ops get (1 MiB)
@@ -138,10 +139,16 @@ def _measure_rank(rank: int, world: int, matmul_size: int, repeat: int,
     for op in ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "send", "recv"):
         small, _ = _collective("send" if op == "recv" else op, SMALL, world, rank)
         large, moved = _collective("send" if op == "recv" else op, LARGE, world, rank)
-        latency = max(_seconds(lambda s=small: (between(), s()), repeat) - computing, 0.0)
+        latency = max(_seconds(partial(_after, between, small), repeat) - computing, 0.0)
         extra = max(_seconds(large, repeat) - _seconds(small, repeat), 1e-9)
         links[op] = {"latency_s": latency, "bandwidth_bytes_per_s": moved / extra}
     return {"flops": flops, "links": links, **costs}
+
+
+def _after(first: Callable[[], object], then: Callable[[], object]) -> None:
+    """``then()`` reached from ``first()``, as a collective is reached from compute."""
+    first()
+    then()
 
 
 def calibrate(nproc: int = 4, matmul_size: int = 512, repeat: int = 7,
@@ -150,6 +157,10 @@ def calibrate(nproc: int = 4, matmul_size: int = 512, repeat: int = 7,
     rank's figure for each measurement, the median rank's overlap; compute figures over
     ``busy_s`` seconds of every rank busy, collectives the median of ``repeat`` runs of
     `CALLS` calls)."""
+    int_at_least(nproc, "nproc", 2)  # a collective needs a peer
+    int_at_least(matmul_size, "matmul_size")
+    int_at_least(repeat, "repeat")
+    finite_number(busy_s, "busy_s")
     ranks = run_local(nproc, _measure_rank, matmul_size, repeat, busy_s)
     flops = {k: min(r["flops"][k] for r in ranks) for k in ranks[0]["flops"]}
     links = {op: {"latency_s": max(r["links"][op]["latency_s"] for r in ranks),

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
+from moefn import PlanError
 from moefn.analyse.steptime import OPS, load_profile
 from moefn.calibrate import calibrate
 from moefn.cli import main
@@ -28,3 +31,11 @@ def test_cli_writes_the_profile(tmp_path: Path, capsys: object) -> None:
     out = tmp_path / "p.json"
     assert main(["calibrate", "--nproc", "2", "--out", str(out)]) == 0
     assert load_profile(str(out)).calibrated
+
+
+@pytest.mark.parametrize(("given", "path"), [({"nproc": 1}, "nproc"), ({"repeat": 0}, "repeat")])
+def test_calibrate_refuses_before_starting_ranks(given: dict[str, int], path: str) -> None:
+    """One rank has no peer: gloo failed with 'Pair is not connected' after seconds of work."""
+    with pytest.raises(PlanError) as info:
+        calibrate(**{"nproc": 2, **given})
+    assert info.value.problems[0].path == path
