@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,12 @@ def test_calibrated_profile_loads_with_every_collective(tmp_path: Path) -> None:
     assert profile.flops("float32") > 0
 
 
-def test_cli_writes_the_profile(tmp_path: Path, capsys: object) -> None:
+def test_cli_writes_the_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real measurement, shortened (the default spends seconds per figure)."""
+    import moefn.calibrate
+
+    monkeypatch.setattr(moefn.calibrate, "calibrate", partial(
+        calibrate, matmul_size=64, repeat=3, busy_s=0.1))
     out = tmp_path / "p.json"
     assert main(["calibrate", "--nproc", "2", "--out", str(out)]) == 0
     assert load_profile(str(out)).calibrated
