@@ -45,7 +45,7 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
       "c10d::_reduce_scatter_base_", "moefn::reduce_scatter_by_all_to_all", "c10d::allreduce_"),
      ()),
     ("attention", ("scaled_dot_product",), ()),
-    ("expert matmuls", ("grouped_mm", "GroupedMm"), ("moefn/realize/experts.py",
+    ("expert matmuls", ("grouped_mm", "GroupedMm"), ("moefn/grouped_experts.py",
                                                       "transformers/integrations/moe.py")),
     ("EP dispatch compute (incl. host syncs)",
      ("all_to_all", "alltoall", "wait_tensor", "_local_scalar_dense", "aten::item"),

@@ -13,6 +13,7 @@ The best are then planned for real (`compose`, `estimate` on the first and last 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -286,6 +287,16 @@ def _shards(m: ModelSummary, mesh: MeshSpec) -> dict[str, tuple[tuple[tuple[Axis
     return {**out, "outer experts": out["experts"]}
 
 
+@functools.cache
+def _shard_numel(shape: tuple[int, ...], placed: tuple[tuple[Axis, int], ...], unit: FullyShard | None,
+                 mesh: MeshSpec) -> int:
+    """Elements of one rank's shard of a ``shape`` tensor placed as ``placed`` (padded, when
+    an FSDP ``unit`` shards it); shared by the many layouts that differ elsewhere."""
+    layout = ParamLayout(name="", shape=shape, shards=placed, unit=None)
+    return (fsdp_shard_numel(layout, unit, mesh)[0] if unit is not None
+            else math.prod(local_shape(layout, mesh, 0)))
+
+
 def _sharded(m: ModelSummary, mesh: MeshSpec) -> tuple[dict[str, int], dict[str, int],
                                                        dict[str, int]]:
     """Rank 0's params, grads and AdamW states (bytes), and per kind (`_kinds`) the bytes its
@@ -294,16 +305,12 @@ def _sharded(m: ModelSummary, mesh: MeshSpec) -> tuple[dict[str, int], dict[str,
     held: Counter[str] = Counter()
     gathered: Counter[str] = Counter()
     reduced: Counter[str] = Counter()
-    numels: dict[tuple[tuple[int, ...], str], int] = {}
+    replicas_aside = evolve(mesh, dp_replicate=1)  # no shard depends on dp_replicate
     for shape, dtype, grad, kind, gathers_as, reduces_as, count in m.tensors:
         if kind.endswith("experts") and mesh.ep == 1:  # in their blocks' units
             kind = {"experts": "dense", "outer experts": "outer"}[kind]
         placed, unit = shards[kind]
-        if (shape, kind) not in numels:
-            layout = ParamLayout(name="", shape=shape, shards=placed, unit=None)
-            numels[shape, kind] = (fsdp_shard_numel(layout, unit, mesh)[0] if unit is not None
-                                   else math.prod(local_shape(layout, mesh, 0)))
-        numel = numels[shape, kind] * count
+        numel = _shard_numel(shape, placed, unit, replicas_aside) * count
         width = DTYPE_BYTES[dtype]
         held["params"] += numel * width
         if grad:

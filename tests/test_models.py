@@ -26,7 +26,7 @@ from moefn.adapters.reference import (
     make_batch,
     next_token_labels,
 )
-from moefn.realize.experts import ExpertsImpl, grouped_mm_supported, run_grouped_experts
+from moefn.grouped_experts import ExpertsImpl, grouped_mm_supported, run_grouped_experts
 
 TINY = get_preset("tiny")
 TINY_FULL = get_preset("tiny-full")

@@ -26,6 +26,7 @@ from moefn.adapters.reference import (
     make_batch,
     next_token_labels,
 )
+from moefn.grouped_experts import run_grouped_experts
 from moefn.plan.compose import Stage
 from moefn.plan.options import ACOptions, CPOptions, Dispatch, EPOptions, FSDPOptions, StageOptions
 from moefn.plan.stages import stages_from
@@ -33,7 +34,6 @@ from moefn.realize import build_device_meshes, realize
 from moefn.realize.activation_checkpointing import install_checkpoint
 from moefn.realize.dispatch import LocalDispatch
 from moefn.realize.ep_dispatch import AllGatherDispatch, AllToAllDispatch
-from moefn.realize.experts import run_grouped_experts
 from moefn.realize.routing_tape import is_recomputing
 from moefn.train.loop import Batch, global_batch, local_batch
 from tests.parity import Case, assert_parity, build_pair, full_grad, run_parity

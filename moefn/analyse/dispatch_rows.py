@@ -82,6 +82,7 @@ def rows_of_routing(routing: Routing, num_experts: int, ep_rank: int,
                         Fraction(received_in))
 
 
+@functools.cache  # the layout search asks for the same ranges many times
 def hit_probability(num_experts: int, top_k: int, first: int, count: int, n_group: int = 1,
                     topk_group: int = 1) -> Fraction:
     """Probability that a uniformly routed token picks an expert in ``[first, first + count)``.

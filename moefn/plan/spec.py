@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -163,9 +164,9 @@ REALIZED = "_moefn_realized"
 
 
 def _already_parallel(model: nn.Module) -> Iterator[str]:
-    """Modules that moefn, FSDP or checkpointing changed; DTensor parameters when none did."""
-    from torch.distributed.tensor import DTensor
-
+    """Modules that moefn, FSDP or checkpointing changed; DTensor parameters when none did
+    (no DTensor exists before torch.distributed.tensor is imported: planning need not load it)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
     flagged = False
     for path, module in model.named_modules():
         kind = type(module).__name__
@@ -177,9 +178,9 @@ def _already_parallel(model: nn.Module) -> Iterator[str]:
         if signs:
             flagged = True
             yield f"{path or '(root)'}: {', '.join(signs)}"
-    if not flagged:
+    if not flagged and dtensor is not None:
         for name, param in model.named_parameters():
-            if isinstance(param, DTensor):
+            if isinstance(param, dtensor.DTensor):
                 yield f"{name}: DTensor parameter"
 
 

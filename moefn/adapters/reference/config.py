@@ -11,7 +11,7 @@ from typing import Literal
 
 from attrs import Attribute, field, frozen, validators
 
-from moefn.realize.experts import ExpertsImpl
+from moefn.grouped_experts import ExpertsImpl
 
 _positive = validators.ge(1)
 _non_negative = validators.ge(0)

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
 from moefn.adapters.reference.config import MoEConfig
 from moefn.adapters.reference.layers import DenseMLP
+from moefn.grouped_experts import ExpertsImpl, run_grouped_experts
 from moefn.realize.dispatch import Dispatcher, LocalDispatch
-from moefn.realize.experts import ExpertsImpl, run_grouped_experts
 from moefn.realize.routing_tape import is_recomputing, route
 
 
@@ -83,6 +82,14 @@ class Router(nn.Module):
         return grouped.masked_fill(~kept[..., None], float("-inf")).flatten(-2)
 
 
+def _local(weight: Tensor) -> Tensor:
+    """This rank's shard of an expert-parallel DTensor weight, else the weight (DTensors alone
+    have ``to_local``; importing DTensor here would cost every planning run ~0.8 s)."""
+    to_local = getattr(weight, "to_local", None)
+    local: Tensor = to_local() if to_local is not None else weight
+    return local
+
+
 class GroupedExperts(nn.Module):
     """Fused SwiGLU experts ``gate_up[E,H,2I]``, ``down[E,I,H]``, reached via ``dispatcher``.
 
@@ -106,9 +113,8 @@ class GroupedExperts(nn.Module):
 
     def local_fn(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
         """Run this rank's experts; ``counts`` has one entry per local expert."""
-        gate_up = self.gate_up.to_local() if isinstance(self.gate_up, DTensor) else self.gate_up
-        down = self.down.to_local() if isinstance(self.down, DTensor) else self.down
-        return run_grouped_experts(x_sorted, counts, gate_up, down, self.impl)
+        return run_grouped_experts(x_sorted, counts, _local(self.gate_up), _local(self.down),
+                                   self.impl)
 
     def forward(self, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         out: Tensor = self.dispatcher(x, top_k_index, top_k_weights, self.local_fn)

@@ -79,7 +79,9 @@ class MoETransformer(nn.Module):
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.hidden)
+        # filled by init_weights (not nn.Embedding's own normal_: on meta that loads torch._dynamo)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden,
+                                  _weight=torch.empty(config.vocab_size, config.hidden))
         self.layers = nn.ModuleList(Block(config, dense=i < config.n_dense_layers)
                                     for i in range(config.n_layers))
         self.norm = RMSNorm(config.hidden, config.norm_eps)

@@ -25,9 +25,9 @@ from functools import partial
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from moefn.grouped_experts import ExpertsImpl, run_grouped_experts
 from moefn.plan.hf_roles import is_input_scaled
 from moefn.realize.dispatch import Dispatcher, LocalDispatch
-from moefn.realize.experts import ExpertsImpl, run_grouped_experts
 from moefn.realize.routing_tape import replay_topk
 
 IMPLEMENTATION = "moefn"
@@ -65,7 +65,7 @@ def _activate(module: nn.Module, h: Tensor) -> Tensor:
 
 def local_experts(module: nn.Module, x_sorted: Tensor, counts: Tensor, impl: ExpertsImpl = "auto") -> Tensor:
     """This rank's experts on rows grouped by local expert (``counts[e]`` rows for expert ``e``):
-    `moefn.realize.experts.run_grouped_experts` with the module's weights, biases and gate."""
+    `moefn.grouped_experts.run_grouped_experts` with the module's weights, biases and gate."""
     up, up_bias, down, down_bias = _weights(module)
     y = run_grouped_experts(x_sorted.to(up.dtype), counts, up, down, impl,
                             partial(_activate, module), up_bias, down_bias)
