@@ -38,6 +38,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 from moefn.adapters.reference.transformer import causal_lm_loss
 from moefn.plan.spec import inspect_model
 from moefn.realize.activation_checkpointing import SELECTIVE_SAVED
+from moefn.train.loop import Batch, causal_lm_outputs
 
 MATMULS = frozenset(SELECTIVE_SAVED) | {
     torch.ops.aten.baddbmm.default, torch.ops.aten._grouped_mm.default,
@@ -218,7 +219,8 @@ def _run(model: nn.Module, seq_len: int) -> dict[tuple[str, bool, bool], list[in
     ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
     position = torch.arange(seq_len, device="meta")[None]
     with _FusedAttention(counter), counter:
-        loss = causal_lm_loss(model(ids, position), ids, seq_len)
+        batch = Batch(input_ids=ids, position_ids=position, labels=ids)
+        loss = causal_lm_loss(causal_lm_outputs(model, batch), ids, seq_len)
         counter.phase = "backward"
         loss.backward()  # type: ignore[no-untyped-call]
     for h in handles:

@@ -44,3 +44,14 @@ def test_counts_on_meta_are_a_real_runs(preset: str) -> None:
              - sum(v[0] for k, v in real.counts.items() if k[0] == "backward"))
     assert counted.checkpointed.ops <= again <= 2 * counted.checkpointed.ops
     assert count_ops(model, 16) is counted  # memoised
+
+
+def test_a_transformers_model_is_counted_with_its_positions() -> None:
+    """transformers' causal LMs take ``attention_mask`` second and return a ModelOutput: the
+    count calls them as training does (`moefn.train.loop.causal_lm_outputs`); positionally,
+    the search crashed on every transformers model."""
+    pytest.importorskip("transformers")
+    from moefn.adapters.transformers.catalogue import build_tiny
+
+    ops = count_ops(build_tiny("qwen3_moe"), seq_len=16)
+    assert ops.backward.ops > ops.forward.ops > ops.checkpointed.ops > ops.saved.ops > 0

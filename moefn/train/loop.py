@@ -112,7 +112,7 @@ def _step_loss(outputs: tuple[Tensor, ...], labels: Tensor, num_valid: int) -> T
     return whole / replicated.device_mesh.size()
 
 
-def _forward(model: nn.Module, batch: Batch) -> tuple[Tensor, ...]:
+def causal_lm_outputs(model: nn.Module, batch: Batch) -> tuple[Tensor, ...]:
     """The model's logits on ``batch`` (with MTP, the MTP head's after them). Called by keyword:
     a transformers causal LM's second positional argument is ``attention_mask``, not
     ``position_ids``; its cache stays off and its output record gives its ``logits``."""
@@ -139,7 +139,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
     total = torch.zeros((), device=batch.input_ids.device)
     for i, piece in enumerate(pieces):
         with no_gradient_sync(model) if i < len(pieces) - 1 else nullcontext():
-            total += _step_loss(_forward(model, piece), piece.labels, num_valid)
+            total += _step_loss(causal_lm_outputs(model, piece), piece.labels, num_valid)
     optimizer.step()
     if distributed and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total)
