@@ -61,7 +61,10 @@ def _colwise(self: nn.Linear, x: Tensor) -> Tensor:
 def _kv_heads(self: nn.Linear, x: Tensor) -> Tensor:
     """A replicated K/V projection: the rows of the K/V heads this rank's query heads read
     (``_ROWS``); the other rows get no gradient here, and the plan sums the rows' over tp."""
-    rows = torch.tensor(getattr(self, _ROWS), device=x.device)
+    rows: Tensor = getattr(self, _ROWS)
+    if rows.device != x.device:  # once: not a host-to-device copy every forward
+        rows = rows.to(x.device)
+        setattr(self, _ROWS, rows)
     bias = None if self.bias is None else self.bias.index_select(0, rows)
     return F.linear(x, self.weight.index_select(0, rows), bias)
 
@@ -118,7 +121,7 @@ def apply_tensor_parallel(step: TensorParallel, module: nn.Module, mesh: DeviceM
         heads, kv = step.kv_heads
         width = int(getattr(module, "out_features")) // kv
         read = kv_heads_read(heads, kv, mesh.size(), mesh.get_local_rank())
-        setattr(module, _ROWS, [h * width + i for h in read for i in range(width)])
+        setattr(module, _ROWS, torch.tensor([h * width + i for h in read for i in range(width)]))
         setattr(module, "forward", MethodType(_kv_heads, module))
     # other "replicate": runs whole on the gathered input as it is; the plan sums its gradient
 
